@@ -1,0 +1,155 @@
+"""timm adapter: timm's module types, slimmable timm models, and the fixed layers of each architecture.
+
+Importing it registers ``s_mobilenetv1_100``, ``us_mobilenetv1_100``, ``s_mobilenetv2_100``, ``us_mobilenetv2_100``,
+``s_resnet50`` and ``us_resnet50`` with ``timm.create_model`` (widths as in the papers: MobileNet v1 and ResNet-50
+0.25-1.0x, MobileNet v2 0.35-1.0x). Any other timm CNN converts with :func:`create_slim_model` or ``slim.convert``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import timm
+import torch
+from timm.layers import BatchNormAct2d, Conv2dSame
+from timm.layers.padding import pad_same
+from timm.models import register_model
+from torch import nn
+
+import slim_plugins as slim
+from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d
+from slim_plugins.nn.norm import load_bn
+from slim_plugins.registry import register
+from slim_plugins.width import WidthSpec
+
+__all__ = ["SlimBatchNormAct2d", "SlimConv2dSame", "create_slim_model", "spec_from_args", "fixed_layers",
+           "apply_cifar_stem", "PAPER_SWITCHES", "PAPER_RANGES"]
+
+# Widths of the papers (Slimmable Networks Table 3, US-Nets Section 5.1).
+PAPER_SWITCHES = {"mobilenetv1_100": [0.25, 0.5, 0.75, 1.0], "mobilenetv2_100": [0.35, 0.5, 0.75, 1.0],
+                  "resnet50": [0.25, 0.5, 0.75, 1.0]}
+PAPER_RANGES = {"mobilenetv1_100": (0.25, 1.0), "mobilenetv2_100": (0.35, 1.0), "resnet50": (0.25, 1.0)}
+
+
+@register(BatchNormAct2d)
+class SlimBatchNormAct2d(SlimBatchNorm2d):
+    """Width-switchable timm ``BatchNormAct2d`` (BN, then timm's drop and act modules, kept as they are)."""
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+    def to_plain(self, rec, a) -> nn.Module:
+        w, b, mean, var = self.plain_state(rec, a)
+        p = BatchNormAct2d(rec["in"], eps=self.eps, momentum=self.momentum, affine=self.affine,
+                           track_running_stats=self.track_running_stats, act_layer=nn.Identity,
+                           device=self._dev(), dtype=self._dtype())
+        p.drop, p.act = copy.deepcopy(self.drop), copy.deepcopy(self.act)
+        load_bn(p, w, b, mean, var)
+        return p
+
+
+@register(Conv2dSame)
+class SlimConv2dSame(SlimConv2d):
+    """Width-switchable timm ``Conv2dSame`` (TF "SAME" padding computed from the input size)."""
+
+    def forward(self, x):
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return super().forward(x)
+
+    def to_plain(self, rec) -> nn.Module:
+        w, b = self.plain_weights(rec)
+        p = Conv2dSame(rec["in"], rec["out"], self.kernel_size, self.stride, 0, self.dilation, rec["groups"],
+                       b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            p.weight.copy_(w)
+            if b is not None:
+                p.bias.copy_(b)
+        return p
+
+
+def fixed_layers(model: nn.Module) -> list[str]:
+    """Layers that keep their channels besides the auto-fixed input/output layers.
+
+    timm's MobileNetV2 keeps its 1280-channel head below 1.0x (``max(1280, round(1280 * m))``), as the official
+    US-MobileNetV2 does, so ``conv_head`` is fixed for EfficientNet-family models with a 1280 head.
+    """
+    fixed = []
+    head = getattr(model, "conv_head", None)
+    if isinstance(head, nn.Conv2d) and head.out_channels == 1280:
+        fixed.append("conv_head")
+    return fixed
+
+
+def apply_cifar_stem(model: nn.Module) -> nn.Module:
+    """Adapt an ImageNet timm CNN to 32x32 inputs: stride-1 stem (and a 3x3 stride-1 conv1, no max-pool, for
+    ResNets), the usual CIFAR recipe."""
+    if hasattr(model, "conv_stem"):  # EfficientNet family (MobileNet v1/v2/v3, EfficientNet)
+        model.conv_stem.stride = (1, 1)
+    elif hasattr(model, "conv1") and hasattr(model, "maxpool"):  # ResNet family
+        old = model.conv1
+        if isinstance(old, nn.Conv2d):
+            model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=old.bias is not None)
+        model.maxpool = nn.Identity()
+    else:
+        raise ValueError(f"don't know the stem of {type(model).__name__}; adapt it by hand")
+    return model
+
+
+def spec_from_args(widths: Sequence[float] | None = None, width_range: Sequence[float] | None = None,
+                   divisor: int = 8, default_model: str | None = None, kind: str = "range") -> WidthSpec:
+    """A :class:`WidthSpec` from config-style arguments (``widths:`` list or ``width_range: [lo, hi]``)."""
+    if widths is not None and width_range is not None:
+        raise slim.WidthError("give either widths (S-Net switches) or width_range (US-Net), not both")
+    if widths is not None:
+        return WidthSpec.switches(widths, divisor)
+    if width_range is not None:
+        lo, hi = width_range
+        return WidthSpec.range(lo, hi, divisor)
+    base = default_model or ""
+    if kind == "switches":
+        return WidthSpec.switches(PAPER_SWITCHES.get(base, [0.25, 0.5, 0.75, 1.0]), divisor)
+    return WidthSpec.range(*PAPER_RANGES.get(base, (0.25, 1.0)), divisor=divisor)
+
+
+def create_slim_model(model_name: str, widths: Sequence[float] | None = None,
+                      width_range: Sequence[float] | None = None, divisor: int = 8, bn: str = "auto",
+                      output_averaging: bool = False, cifar_stem: bool = False, fixed: Iterable[str] = (),
+                      kind: str = "range", **timm_kwargs) -> nn.Module:
+    """``timm.create_model(model_name, **timm_kwargs)`` converted to a slimmable model.
+
+    Args:
+        widths: S-Net switch list; width_range: US-Net ``[lo, hi]``; neither: the paper's range for the model.
+        cifar_stem: stride-1 stem for 32x32 inputs (see :func:`apply_cifar_stem`).
+        fixed: extra layers to keep fixed besides :func:`fixed_layers`.
+    """
+    spec = spec_from_args(widths, width_range, divisor, model_name, kind)
+    model = timm.create_model(model_name, **timm_kwargs)
+    if cifar_stem:
+        apply_cifar_stem(model)
+    return slim.convert(model, spec, fixed=[*fixed_layers(model), *fixed], bn=bn, output_averaging=output_averaging)
+
+
+def _entry(base: str, kind: str):
+    def fn(pretrained: bool = False, widths=None, width_range=None, divisor: int = 8, bn: str = "auto",
+           output_averaging: bool = False, cifar_stem: bool = False, **kwargs):
+        kwargs.pop("pretrained_cfg", None)
+        kwargs.pop("pretrained_cfg_overlay", None)
+        if kind == "switches" and widths is None and width_range is None:
+            widths = PAPER_SWITCHES[base]
+        return create_slim_model(base, widths=widths, width_range=width_range, divisor=divisor, bn=bn,
+                                 output_averaging=output_averaging, cifar_stem=cifar_stem, kind=kind,
+                                 pretrained=pretrained, **kwargs)
+
+    prefix = "s" if kind == "switches" else "us"
+    fn.__name__ = f"{prefix}_{base}"
+    fn.__qualname__ = fn.__name__
+    fn.__doc__ = (f"Slimmable timm ``{base}`` ({'S-Net, switches' if kind == 'switches' else 'US-Net, range'} "
+                  f"{PAPER_SWITCHES[base] if kind == 'switches' else PAPER_RANGES[base]} by default).")
+    return fn
+
+
+for _base in PAPER_SWITCHES:
+    for _kind in ("switches", "range"):
+        _f = _entry(_base, _kind)
+        globals()[_f.__name__] = register_model(_f)
+        __all__.append(_f.__name__)

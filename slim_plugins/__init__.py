@@ -1,0 +1,35 @@
+"""slim-plugins: make existing vision and RL models slimmable (S-Nets and US-Nets).
+
+Public verbs (DESIGN.md)::
+
+    import slim_plugins as slim
+    spec  = slim.WidthSpec.range(0.25, 1.0)
+    model = slim.convert(model, spec)
+    slim.set_width(model, 0.5)
+    with slim.width(0.5): y = model(x)
+    slim.calibrate_bn(model, batches, widths=[...])
+    plain = slim.export(model, width=0.5)
+    table = slim.profile(model, x, widths=[...])
+    step  = slim.MultiWidthStep(model, spec, num_widths=4, distill="kl")
+"""
+from .calibrate import calibrate_bn
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .context import get_width, set_width, width
+from .convert import channel_groups, convert, slim_layers
+from .errors import (ChannelGroupError, EmptyLoaderError, NotSlimmableError, SlimError, UncalibratedWidthError,
+                     UnsupportedModuleError, WidthError, WidthSpecMismatchError)
+from .export import export, export_onnx
+from .profile import ProfileTable, WidthProfile, count_mflops, profile
+from .registry import register
+from .train import MultiWidthStep, StepResult
+from .width import WidthSpec, make_divisible
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WidthSpec", "make_divisible", "convert", "channel_groups", "slim_layers", "set_width", "get_width", "width",
+    "calibrate_bn", "MultiWidthStep", "StepResult", "export", "export_onnx", "profile", "ProfileTable",
+    "WidthProfile", "count_mflops", "register", "save_checkpoint", "load_checkpoint", "read_checkpoint",
+    "SlimError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",
+    "NotSlimmableError", "UnsupportedModuleError", "ChannelGroupError",
+]

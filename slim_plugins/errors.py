@@ -1,0 +1,37 @@
+"""Typed errors raised by slim_plugins.
+
+Every error names the bad value and what was allowed. Each subclasses a builtin (ValueError, RuntimeError, ...)
+so callers that already catch those keep working.
+"""
+
+
+class SlimError(Exception):
+    """Base class of every slim_plugins error."""
+
+
+class WidthError(SlimError, ValueError):
+    """A width outside the spec's range, or not in its switch list."""
+
+
+class UncalibratedWidthError(SlimError, RuntimeError):
+    """Evaluation at a width that has no BN statistics (run ``calibrate_bn`` first)."""
+
+
+class EmptyLoaderError(SlimError, ValueError):
+    """A data loader/iterable yielded no samples."""
+
+
+class WidthSpecMismatchError(SlimError, ValueError):
+    """A checkpoint was saved with a different width spec than the model's."""
+
+
+class NotSlimmableError(SlimError, TypeError):
+    """A model without slimmable layers was passed where a converted model is required."""
+
+
+class UnsupportedModuleError(SlimError, TypeError):
+    """``convert`` met a module with parameters whose type has no width-switchable counterpart."""
+
+
+class ChannelGroupError(SlimError, RuntimeError):
+    """Channel groups for nonuniform widths could not be derived (torch.fx failed) and none were declared."""

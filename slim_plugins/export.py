@@ -1,0 +1,161 @@
+"""Export a fixed-width plain model (DESIGN rule 6) and its ONNX graph."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from .context import find_state, width as width_ctx
+from .convert import slim_layers
+from .nn.norm import SlimBatchNorm2d
+
+
+def default_example_input(model: nn.Module) -> torch.Tensor:
+    """A ``(1, C, 64, 64)`` (conv input) or ``(1, F)`` (linear input) tensor for the first layer."""
+    first = slim_layers(model)[0][1]
+    p = next(model.parameters())
+    if isinstance(first, nn.Conv2d):
+        return torch.zeros(1, first.in_channels, 64, 64, device=p.device, dtype=p.dtype)
+    return torch.zeros(1, first.in_features, device=p.device, dtype=p.dtype)
+
+
+@torch.no_grad()
+def record_widths(model: nn.Module, w, example_input=None) -> dict:
+    """Run one eval forward at width ``w`` and record each slim layer's active channels.
+
+    Returns ``{layer: record}`` where a record holds ``in``, ``out``, ``groups`` and ``src`` (the layer whose
+    output tensor this layer consumed directly, used for BN fusion).
+    """
+    x = default_example_input(model) if example_input is None else example_input
+    recs: dict = {}
+    produced: dict = {}  # id(output tensor) -> layer; outputs are kept alive in `keep` so ids stay unique
+    keep = []
+
+    def hook(mod, args, out):
+        inp = args[0]
+        r = mod.record(inp, out)
+        r["src"] = produced.get(id(inp))
+        r["src_uses"] = 0
+        recs.setdefault(mod, r)
+        if r["src"] is not None:
+            recs[r["src"]]["src_uses"] += 1
+        produced[id(out)] = mod
+        keep.append(out)
+
+    handles = [m.register_forward_hook(hook) for _, m in slim_layers(model)]
+    was = model.training
+    try:
+        model.eval()
+        with width_ctx(w):
+            model(x) if not isinstance(x, dict) else model(**x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return recs
+
+
+@torch.no_grad()
+def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -> nn.Module:
+    """A plain ``nn.Module`` at ``width``: the framework's own layer classes with sliced weights, no
+    slim_plugins classes inside, the chosen BN statistics copied in.
+
+    Args:
+        model: a converted model.
+        width: a width multiplier (or nonuniform dict) allowed by the model's spec.
+        fuse_bn: fold each BN that directly follows a conv into the conv's weight and bias (Eq. 7 of US-Nets).
+        example_input: an input the model accepts (default ``(1, C, 64, 64)``); only its channels matter for
+            fully convolutional nets; pass the real size for nets with a flatten->linear.
+
+    Returns:
+        the plain model in eval mode; its outputs equal ``model`` at ``width`` (<= 1e-5).
+
+    Raises:
+        WidthError: width not allowed. UncalibratedWidthError: no BN statistics for ``width``.
+    """
+    state = find_state(model)
+    a = state.resolve(width)
+    recs = record_widths(model, width, example_input)
+    plain = copy.deepcopy(model)
+    names = {id(m): n for n, m in slim_layers(model)}
+    rec_by_name = {names[id(m)]: r for m, r in recs.items()}
+    new_mods: dict[str, nn.Module] = {}
+    for name, m in slim_layers(model):
+        r = rec_by_name.get(name)
+        if r is None:  # never called in forward: keep it at the width's channel count with full inputs
+            r = _unused_record(m, a)
+        new_mods[name] = m.to_plain(r, a) if isinstance(m, SlimBatchNorm2d) else m.to_plain(r)
+    if fuse_bn:
+        for bn, r in recs.items():
+            src = r["src"]
+            if isinstance(bn, SlimBatchNorm2d) and isinstance(src, nn.Conv2d) and recs[src]["src_uses"] == 1:
+                cname, bname = names[id(src)], names[id(bn)]
+                new_mods[cname] = _fuse(new_mods[cname], new_mods[bname])
+                new_mods[bname] = _fused_bn_replacement(new_mods[bname])
+    for name, mod in new_mods.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(plain.get_submodule(parent) if parent else plain, leaf, mod)
+    for m in plain.modules():
+        m.__dict__.pop("_slim_state", None)
+    return plain.eval()
+
+
+def _unused_record(m, a):
+    if isinstance(m, SlimBatchNorm2d):
+        c = m.num_features
+        return {"in": c, "out": c, "groups": 1}
+    full_in = m.weight.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1)
+    return {"in": full_in, "out": m.active_out(a, m.weight.shape[0]), "groups": getattr(m, "groups", 1)}
+
+
+def _fuse(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    bn_mod = bn if isinstance(bn, nn.BatchNorm2d) else bn
+    std = (bn_mod.running_var + bn_mod.eps).sqrt()
+    gamma = bn_mod.weight if bn_mod.affine else torch.ones_like(std)
+    beta = bn_mod.bias if bn_mod.affine else torch.zeros_like(std)
+    scale = gamma / std
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, True, conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    b = conv.bias if conv.bias is not None else torch.zeros_like(bn_mod.running_mean)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    fused.bias.copy_((b - bn_mod.running_mean) * scale + beta)
+    if type(conv) is not nn.Conv2d:  # framework subclass (e.g. timm Conv2dSame): keep its class
+        conv = copy.deepcopy(conv)
+        conv.weight, conv.bias = fused.weight, fused.bias
+        return conv
+    return fused
+
+
+def _fused_bn_replacement(bn: nn.Module) -> nn.Module:
+    """What stays of a BN after fusion: nothing, or the activation/dropout of a norm-act layer."""
+    rest = [m for n, m in bn.named_children() if n in ("drop", "act")]
+    if not rest:
+        return nn.Identity()
+    return nn.Sequential(*rest) if len(rest) > 1 else rest[0]
+
+
+def export_onnx(plain: nn.Module, example_input: torch.Tensor, path: str, opset: int = 17,
+                dynamic_batch: bool = True) -> str:
+    """Write the ONNX graph of an exported plain model atomically; returns ``path``.
+
+    Uses ``torch.onnx.export``; check it with onnxruntime (see tests/test_export.py).
+    """
+    plain = plain.eval()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        kwargs = dict(input_names=["input"], output_names=["output"], opset_version=opset)
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+        torch.onnx.export(plain, (example_input,), tmp, dynamo=False, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

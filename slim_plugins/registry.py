@@ -1,0 +1,75 @@
+"""Adapter registry: which module types ``convert`` replaces, and by which width-switchable class.
+
+The core registers ``nn.Conv2d``, ``nn.Linear`` and ``nn.BatchNorm2d``; an adapter registers the module types
+its framework adds (timm's ``BatchNormAct2d`` and ``Conv2dSame``, ...). Like timm's model registry this is a
+registry of classes filled at import time, not run-time state.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from torch import nn
+
+_CONVERTERS: dict[type, type] = {}
+# Module types that carry parameters but never depend on channel width (left untouched by convert).
+_PASSTHROUGH: set[type] = set()
+_ADAPTERS_TRIED: set[str] = set()
+
+
+def register(source_type: type, slim_type: type | None = None):
+    """Register ``slim_type`` as the width-switchable counterpart of ``source_type``.
+
+    ``slim_type`` must provide ``from_module(module, name, state, fixed_out)`` (classmethod) and
+    ``to_plain(record)``. Usable as a decorator on the slim class::
+
+        @register(timm.layers.BatchNormAct2d)
+        class SlimBatchNormAct2d(SlimBatchNorm2d): ...
+    """
+    def deco(cls):
+        _CONVERTERS[source_type] = cls
+        return cls
+
+    return deco(slim_type) if slim_type is not None else deco
+
+
+def register_passthrough(source_type: type) -> None:
+    """Declare a parametric module type that is width-independent (e.g. a scalar gain)."""
+    _PASSTHROUGH.add(source_type)
+
+
+def lookup(module_type: type) -> type | None:
+    """The slim class registered for exactly ``module_type`` (subclasses must be registered on their own)."""
+    if module_type not in _CONVERTERS:
+        _ensure_adapter(module_type)
+    return _CONVERTERS.get(module_type)
+
+
+def is_passthrough(module_type: type) -> bool:
+    return module_type in _PASSTHROUGH
+
+
+def is_slim(module: nn.Module) -> bool:
+    return type(module) in set(_CONVERTERS.values()) or hasattr(module, "slim_name")
+
+
+def _ensure_adapter(module_type: type) -> None:
+    # A timm module type triggers `import slim_plugins.integrations.timm`, so convert() works on any timm model
+    # without the user importing the adapter first.
+    root = module_type.__module__.split(".")[0]
+    if root in ("torch", "slim_plugins", "builtins") or root in _ADAPTERS_TRIED:
+        return
+    _ADAPTERS_TRIED.add(root)
+    try:
+        importlib.import_module(f"slim_plugins.integrations.{root}")
+    except ModuleNotFoundError as e:
+        if e.name not in (f"slim_plugins.integrations.{root}", "slim_plugins.integrations"):
+            raise
+
+
+def converters() -> dict[type, type]:
+    """A copy of the registered ``{source type: slim type}`` table."""
+    return dict(_CONVERTERS)
+
+
+PlainFactory = Callable[..., nn.Module]
