@@ -17,7 +17,7 @@ from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .context import get_width, set_width, width
 from .convert import channel_groups, convert, slim_layers
 from .errors import (ChannelGroupError, EmptyLoaderError, NotSlimmableError, SlimError, UncalibratedWidthError,
-                     UnsupportedModuleError, WidthError, WidthSpecMismatchError)
+                     UnknownLayerError, UnsupportedModuleError, WidthError, WidthSpecMismatchError)
 from .export import export, export_onnx
 from .profile import ProfileTable, WidthProfile, count_mflops, profile
 from .registry import register
@@ -31,5 +31,5 @@ __all__ = [
     "calibrate_bn", "MultiWidthStep", "StepResult", "export", "export_onnx", "profile", "ProfileTable",
     "WidthProfile", "count_mflops", "register", "save_checkpoint", "load_checkpoint", "read_checkpoint",
     "SlimError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",
-    "NotSlimmableError", "UnsupportedModuleError", "ChannelGroupError",
+    "NotSlimmableError", "UnsupportedModuleError", "ChannelGroupError", "UnknownLayerError",
 ]

@@ -10,7 +10,7 @@ import threading
 from contextvars import ContextVar
 from typing import Mapping, Union
 
-from .errors import ChannelGroupError, NotSlimmableError, WidthError
+from .errors import ChannelGroupError, NotSlimmableError, UnknownLayerError, WidthError
 from .width import WidthSpec, _canon
 
 WidthLike = Union[float, Mapping[str, float]]
@@ -88,6 +88,10 @@ class SlimState:
         w = _call_width.get()
         if w is None:
             w = self.default
+        if type(w) is float:  # fast path: every layer calls this once per forward
+            a = self._resolved.get(w)
+            if a is not None:
+                return a
         cache_key = w if not isinstance(w, Mapping) else tuple(sorted(w.items()))
         a = self._resolved.get(cache_key)
         if a is None:
@@ -130,7 +134,7 @@ class SlimState:
             elif name in self.groups:
                 group = self.groups[name]
             else:
-                raise WidthError(f"unknown layer or channel group {name!r}; known groups: {sorted(members)}")
+                raise UnknownLayerError(f"unknown layer or channel group {name!r}; known groups: {sorted(members)}")
             for layer in members[group]:
                 ratios[layer] = r
         vals = set(ratios.values()) | ({rest} if len(ratios) < len(self.groups) else set())
@@ -166,7 +170,7 @@ def set_width(model, w: WidthLike) -> None:
         ChannelGroupError: nonuniform widths on a model that cannot be traced and declared no groups.
     """
     st = find_state(model)
-    if isinstance(w, Mapping):
+    if isinstance(w, Mapping) and not st.spec.is_switches:  # S-Nets reject dicts in resolve, without tracing
         from .convert import channel_groups  # local import: fx analysis only when nonuniform widths are used
 
         channel_groups(model)

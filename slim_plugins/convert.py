@@ -15,7 +15,7 @@ from torch import nn
 
 from . import registry
 from .context import BN_MODES, SlimState, find_state
-from .errors import ChannelGroupError, NotSlimmableError, UnsupportedModuleError, WidthError
+from .errors import ChannelGroupError, NotSlimmableError, UnknownLayerError, UnsupportedModuleError, WidthError
 from .nn.layers import SlimMixin
 from .width import WidthSpec, as_spec
 
@@ -43,9 +43,10 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         the same model object, converted.
 
     Raises:
-        WidthError: bad spec or ``bn`` mode; ``hi > 1`` on a model that cannot be traced.
+        WidthError: bad spec or ``bn`` mode, or the model is already converted.
+        ChannelGroupError: ``hi > 1`` on a model that cannot be traced (names the failing layer).
         UnsupportedModuleError: a module with parameters of an unregistered type (named in the message).
-        ValueError: a ``fixed`` pattern that matches no layer.
+        UnknownLayerError: a ``fixed`` pattern or declared group member that matches no layer.
     The model is unchanged when an error is raised.
     """
     spec = as_spec(spec)
@@ -78,7 +79,8 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     fixed = list(fixed)
     for pat in fixed:
         if not any(fnmatch.fnmatchcase(n, pat) for n in weighted):
-            raise ValueError(f"fixed pattern {pat!r} matches no conv/linear layer; layers are e.g. {weighted[:5]}")
+            raise UnknownLayerError(f"fixed pattern {pat!r} matches no conv/linear layer; layers are e.g. "
+                                    f"{weighted[:5]}")
     fixed_names = {n for n in weighted if any(fnmatch.fnmatchcase(n, p) for p in fixed)}
     if auto_fix:
         fixed_names.add(weighted[-1])
@@ -121,7 +123,8 @@ def _widen(layer, spec: WidthSpec, fixed_out: bool, in_scaled: bool):
     out = w.shape[0] if fixed_out else spec.channels(layer.base_out, spec.max)
     if getattr(layer, "depthwise", False):
         out = spec.channels(layer.base_out, spec.max)
-    fan_in = w.shape[1] if not in_scaled else spec.channels(w.shape[1] * layer.groups, spec.max) // layer.groups
+    groups = getattr(layer, "groups", 1)  # nn.Linear has no groups
+    fan_in = w.shape[1] if not in_scaled else spec.channels(w.shape[1] * groups, spec.max) // groups
     if getattr(layer, "depthwise", False):
         fan_in = 1
         layer.groups = out // layer.dw_multiplier
@@ -168,6 +171,7 @@ class _Tracer(torch.fx.Tracer):
         super().__init__()
         self.leaf_names = leaf_names
         self.stack: list[str] = []
+        self.failed_in: str | None = None  # innermost module whose forward raised (the stack unwinds before we see it)
 
     def is_leaf_module(self, m, qualname):
         return qualname in self.leaf_names or super().is_leaf_module(m, qualname)
@@ -176,6 +180,10 @@ class _Tracer(torch.fx.Tracer):
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.stack[-1]
+            raise
         finally:
             self.stack.pop()
 
@@ -185,7 +193,7 @@ def _trace(model: nn.Module, leaf_names):
     try:
         return tracer.trace(model)
     except Exception as e:  # fx raises many types; re-raise one that names the layer
-        where = tracer.stack[-1] if tracer.stack else "<top level forward>"
+        where = tracer.failed_in or "<top level forward>"
         raise ChannelGroupError(
             f"torch.fx cannot trace {type(model).__name__} (failed inside layer {where!r}: "
             f"{type(e).__name__}: {e}). Declare channel groups instead: "
@@ -293,7 +301,7 @@ def _apply_declared_groups(state: SlimState):
     for g, layers in state.declared_groups.items():
         for layer in layers:
             if layer not in groups:
-                raise WidthError(f"declared group {g!r} names {layer!r}, which is not a slimmable layer; "
-                                 f"layers are e.g. {state.layer_names[:5]}")
+                raise UnknownLayerError(f"declared group {g!r} names {layer!r}, which is not a slimmable layer; "
+                                        f"layers are e.g. {state.layer_names[:5]}")
             groups[layer] = g
     state.groups = groups

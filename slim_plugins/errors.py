@@ -13,6 +13,10 @@ class WidthError(SlimError, ValueError):
     """A width outside the spec's range, or not in its switch list."""
 
 
+class UnknownLayerError(WidthError):
+    """A layer or group name (``fixed=``, ``groups=``, a nonuniform width dict) that matches no slimmable layer."""
+
+
 class UncalibratedWidthError(SlimError, RuntimeError):
     """Evaluation at a width that has no BN statistics (run ``calibrate_bn`` first)."""
 

@@ -7,6 +7,8 @@ import tempfile
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .context import find_state, width as width_ctx
 from .convert import slim_layers
@@ -33,6 +35,10 @@ def record_widths(model: nn.Module, w, example_input=None) -> dict:
     recs: dict = {}
     produced: dict = {}  # id(output tensor) -> layer; outputs are kept alive in `keep` so ids stay unique
     keep = []
+    uses = _OutsideUses(produced)
+
+    def pre_hook(mod, args):
+        uses.depth += 1
 
     def hook(mod, args, out):
         inp = args[0]
@@ -44,18 +50,44 @@ def record_widths(model: nn.Module, w, example_input=None) -> dict:
             recs[r["src"]]["src_uses"] += 1
         produced[id(out)] = mod
         keep.append(out)
+        uses.depth -= 1
 
-    handles = [m.register_forward_hook(hook) for _, m in slim_layers(model)]
+    handles = [h for _, m in slim_layers(model)
+               for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook))]
     was = model.training
     try:
         model.eval()
-        with width_ctx(w):
+        with width_ctx(w), uses:
             model(x) if not isinstance(x, dict) else model(**x)
     finally:
         model.train(was)
         for h in handles:
             h.remove()
+    for mod, r in recs.items():
+        r["outside_uses"] = uses.counts.get(mod, 0)
     return recs
+
+
+# Ops that read only metadata, not values (a shape read must not block BN fusion).
+_METADATA_OPS = {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "type"}
+
+
+class _OutsideUses(TorchFunctionMode):
+    """Counts torch ops outside slim layers that read a slim layer's output (e.g. a pre-activation residual add of
+    a conv output that also feeds a BN): folding that BN into the conv would change what those ops see."""
+
+    def __init__(self, produced: dict):
+        super().__init__()
+        self.produced, self.depth, self.counts = produced, 0, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0 and getattr(func, "__name__", "") not in _METADATA_OPS:
+            for t in tree_leaves((args, kwargs)):
+                mod = self.produced.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if mod is not None:
+                    self.counts[mod] = self.counts.get(mod, 0) + 1
+        return func(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -91,7 +123,8 @@ def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -
     if fuse_bn:
         for bn, r in recs.items():
             src = r["src"]
-            if isinstance(bn, SlimBatchNorm2d) and isinstance(src, nn.Conv2d) and recs[src]["src_uses"] == 1:
+            if isinstance(bn, SlimBatchNorm2d) and isinstance(src, nn.Conv2d) and recs[src]["src_uses"] == 1 \
+                    and recs[src]["outside_uses"] == 0:
                 cname, bname = names[id(src)], names[id(bn)]
                 new_mods[cname] = _fuse(new_mods[cname], new_mods[bname])
                 new_mods[bname] = _fused_bn_replacement(new_mods[bname])

@@ -23,7 +23,7 @@ from slim_plugins.registry import register
 from slim_plugins.width import WidthSpec
 
 __all__ = ["SlimBatchNormAct2d", "SlimConv2dSame", "create_slim_model", "spec_from_args", "fixed_layers",
-           "apply_cifar_stem", "PAPER_SWITCHES", "PAPER_RANGES"]
+           "apply_cifar_stem", "set_expansion_units", "PAPER_SWITCHES", "PAPER_RANGES"]
 
 # Widths of the papers (Slimmable Networks Table 3, US-Nets Section 5.1).
 PAPER_SWITCHES = {"mobilenetv1_100": [0.25, 0.5, 0.75, 1.0], "mobilenetv2_100": [0.35, 0.5, 0.75, 1.0],
@@ -126,7 +126,35 @@ def create_slim_model(model_name: str, widths: Sequence[float] | None = None,
     model = timm.create_model(model_name, **timm_kwargs)
     if cifar_stem:
         apply_cifar_stem(model)
-    return slim.convert(model, spec, fixed=[*fixed_layers(model), *fixed], bn=bn, output_averaging=output_averaging)
+    model = slim.convert(model, spec, fixed=[*fixed_layers(model), *fixed], bn=bn, output_averaging=output_averaging)
+    if spec.max <= 1.0:  # widened (hi > 1) layers are sized per layer; units would outgrow them
+        set_expansion_units(model)
+    return model
+
+
+def set_expansion_units(model: nn.Module) -> None:
+    """Round the expansion conv of each timm ``InvertedResidual`` in units of its expansion ratio.
+
+    timm builds MobileNetV2 at multiplier ``m`` with ``mid = make_divisible(make_divisible(in * m) * 6)``, i.e. 6x
+    the *rounded* input, as the official US-MobileNetV2 does; rounding ``mid * m`` directly gives other counts
+    (e.g. 72 instead of 96 at 0.5x). With the unit the export at 0.35/0.5/0.75 loads into timm's
+    ``mobilenetv2_035/050/075``. The SE ``conv_expand`` (gates the expanded channels) gets the same unit.
+    """
+    from timm.models._efficientnet_blocks import InvertedResidual
+
+    for blk in model.modules():
+        pw = getattr(blk, "conv_pw", None)
+        if not isinstance(blk, InvertedResidual) or not isinstance(pw, SlimConv2d) or pw.fixed_out:
+            continue
+        cin = pw.weight.shape[1] * pw.groups
+        unit = pw.base_out // cin
+        if unit < 2 or unit * cin != pw.base_out:
+            continue
+        convs = [pw, getattr(getattr(blk, "se", None), "conv_expand", None)]
+        for conv in convs:
+            if isinstance(conv, SlimConv2d) and conv.base_out == pw.base_out and not conv.fixed_out:
+                conv.channel_unit = unit
+                conv._out_cache.clear()
 
 
 def _entry(base: str, kind: str):

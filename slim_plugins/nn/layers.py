@@ -24,13 +24,18 @@ class SlimMixin:
 
     slim_name: str
     fixed_out: bool
+    #: Output channels are rounded in units of ``channel_unit``: ``unit * make_divisible(base_out / unit * r)``.
+    #: An adapter sets it on expansion convs whose 1.0x output is ``unit`` x their input (MobileNetV2's 6x), so
+    #: the expansion stays ``unit`` x the rounded input at every width, as timm's channel multiplier and the
+    #: official US-MobileNetV2 (``ratio=[1, expand_ratio]``) compute it.
+    channel_unit: int = 1
 
     def _init_slim(self, name, state, fixed_out, base_out):
         self._slim_state = state
         self.slim_name = name
         self.fixed_out = bool(fixed_out)
         self.base_out = int(base_out)
-        self._out_cache: dict = {}
+        self._out_cache: dict = {}  # ratio -> out channels, and (Active, in_c) -> geometry of a call
         self._w_cache: dict = {}
 
     def active_out(self, active, full: int) -> int:
@@ -40,13 +45,29 @@ class SlimMixin:
         r = active.ratio(self.slim_name)
         c = self._out_cache.get(r)
         if c is None:
-            c = min(full, self._slim_state.spec.channels(self.base_out, r))
-            self._out_cache[r] = c
+            u = self.channel_unit
+            c = min(full, u * self._slim_state.spec.channels(self.base_out // u, r))
+            self._remember(r, c)
         return c
+
+    def _remember(self, key, value):
+        # US-Nets train at ever new random widths: keep the per-width caches bounded.
+        if len(self._out_cache) >= 512:
+            self._out_cache.clear()
+        self._out_cache[key] = value
+
+    def _wb(self):
+        """``(weight, bias)`` read from ``_parameters`` (``self.weight`` goes through ``nn.Module.__getattr__``,
+        which costs more per call than a batch-1 BN kernel); weight-normed layers fall back to the attribute."""
+        p = self._parameters
+        w = p.get("weight")
+        if w is None:
+            return self.weight, self.bias
+        return w, p.get("bias")
 
     def _sliced(self, out_c: int, in_c: int):
         """``(weight[:out_c, :in_c], bias[:out_c])``; contiguous copies cached per shape when no grad is needed."""
-        w, b = self.weight, self.bias
+        w, b = self._wb()
         if out_c == w.shape[0] and in_c == w.shape[1]:
             return w, b
         if torch.is_grad_enabled() and w.requires_grad:
@@ -99,21 +120,36 @@ class SlimConv2d(SlimMixin, nn.Conv2d):
             return in_c * self.dw_multiplier, in_c
         return self.active_out(active, self.weight.shape[0]), self.groups
 
-    def forward(self, x):
-        a = self._slim_state.active()
-        in_c = x.shape[1]
+    def _geometry(self, a, in_c: int):
+        """``(out_c, groups, full, scale)`` of a call at ``a`` with ``in_c`` input channels, cached per call
+        configuration (DESIGN rule 7: per-call Python work stays at a few dict lookups)."""
         out_c, groups = self.channels_for(a, in_c)
         if groups > 1 and not self.depthwise and (in_c % groups or out_c % groups):
             raise ValueError(f"{self.slim_name}: active channels in={in_c}, out={out_c} must be divisible by "
                              f"groups={groups}")
-        w, b = self._sliced(out_c, in_c // groups)
+        w = self._wb()[0]
+        full = out_c == w.shape[0] and in_c // groups == w.shape[1]
+        full_in = w.shape[1] * groups
+        scale = full_in / in_c if self.averaging and in_c != full_in else None
+        geo = (out_c, groups, full, scale)
+        self._remember((a, in_c), geo)
+        return geo
+
+    def forward(self, x):
+        a = self._slim_state.active()
+        in_c = x.shape[1]
+        geo = self._out_cache.get((a, in_c))
+        if geo is None:
+            geo = self._geometry(a, in_c)
+        out_c, groups, full, scale = geo
+        w, b = self._wb() if full else self._sliced(out_c, in_c // groups)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             y = F.conv2d(x, w, b, self.stride, 0, self.dilation, groups)
         else:
             y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
-        if self.averaging and in_c != self.weight.shape[1] * groups:
-            y = y * (self.weight.shape[1] * groups / in_c)
+        if scale is not None:
+            y = y * scale
         return y
 
     def plain_weights(self, rec):
@@ -152,14 +188,26 @@ class SlimLinear(SlimMixin, nn.Linear):
         new.averaging = bool(state.output_averaging)
         return new
 
+    def _geometry(self, a, in_c: int):
+        w = self._wb()[0]
+        out_c = self.active_out(a, w.shape[0])
+        full = out_c == w.shape[0] and in_c == w.shape[1]
+        scale = w.shape[1] / in_c if self.averaging and in_c != w.shape[1] else None
+        geo = (out_c, 1, full, scale)
+        self._remember((a, in_c), geo)
+        return geo
+
     def forward(self, x):
         a = self._slim_state.active()
         in_c = x.shape[-1]
-        out_c = self.active_out(a, self.weight.shape[0])
-        w, b = self._sliced(out_c, in_c)
+        geo = self._out_cache.get((a, in_c))
+        if geo is None:
+            geo = self._geometry(a, in_c)
+        out_c, _, full, scale = geo
+        w, b = self._wb() if full else self._sliced(out_c, in_c)
         y = F.linear(x, w, b)
-        if self.averaging and in_c != self.weight.shape[1]:
-            y = y * (self.weight.shape[1] / in_c)
+        if scale is not None:
+            y = y * scale
         return y
 
     def plain_weights(self, rec):

@@ -1,0 +1,134 @@
+"""convert(): in-place module replacement, width 1.0 == original, fixed layers, channel groups (torch.fx)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import slim_plugins as slim
+from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d, SlimLinear
+
+SPECS = {
+    "switchable": slim.WidthSpec.switches([0.25, 0.5, 1.0]),
+    "switchable_shared": slim.WidthSpec.switches([0.25, 0.5, 1.0]),
+    "us": slim.WidthSpec.range(0.25, 1.0),
+    "naive": slim.WidthSpec.range(0.25, 1.0),
+    "frozen": slim.WidthSpec.range(0.25, 1.0),
+}
+
+
+@pytest.mark.parametrize("bn", list(SPECS))
+def test_width_one_equals_original(bn, make_tiny_cnn, mad):
+    net = make_tiny_cnn()
+    with torch.no_grad():  # non-trivial BN statistics so a wrong statistic choice shows
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    orig = copy.deepcopy(net).eval()
+    model = slim.convert(net, SPECS[bn], bn=bn)
+    assert model is net  # in place
+    model.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert mad(model(x), orig(x)) <= 1e-5
+        with slim.width(1.0):
+            assert mad(model(x), orig(x)) <= 1e-5
+    # train mode too (batch statistics), and the stock state_dict loads into the converted model
+    model2 = slim.convert(copy.deepcopy(orig), SPECS[bn], bn=bn)
+    model2.load_state_dict(orig.state_dict())
+    if bn != "frozen":
+        model2.train()
+        orig.train()
+        assert mad(model2(x), orig(x)) <= 1e-5
+
+
+def test_modules_replaced_and_parameters_shared(make_tiny_cnn):
+    net = make_tiny_cnn()
+    w_before = net.conv2.weight
+    model = slim.convert(net, slim.WidthSpec.range(0.25, 1.0))
+    assert isinstance(model.conv2, SlimConv2d) and isinstance(model.fc, SlimLinear)
+    assert isinstance(model.bn2, SlimBatchNorm2d)
+    assert model.conv2.weight is w_before  # no copy: optimizers built before convert still work
+    assert model.fc.fixed_out and not model.conv2.fixed_out  # last layer auto-fixed (classes)
+    assert [n for n, _ in slim.slim_layers(model)] == ["conv1", "bn1", "conv2", "bn2", "dw", "bn3", "pw", "bn4", "fc"]
+    assert slim.get_width(model) == 1.0
+
+
+def test_fixed_layers_keep_channels(make_tiny_cnn):
+    # conv2 and pw meet in a residual add: a fixed layer's whole channel group must be fixed with it
+    model = slim.convert(make_tiny_cnn(), slim.WidthSpec.range(0.25, 1.0), fixed=["conv2", "p?"])
+    assert model.conv2.fixed_out and model.pw.fixed_out and not model.conv1.fixed_out
+    x = torch.randn(2, 3, 16, 16)
+    seen = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o.shape[1]))
+             for n in ("conv1", "conv2", "pw")]
+    model.eval()
+    with torch.no_grad(), slim.width(0.25):
+        slim.calibrate_bn(model, [x], widths=[0.25])
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert seen == {"conv1": 8, "conv2": 32, "pw": 32}
+
+
+def test_converted_model_pickles_and_deepcopies(make_tiny_cnn, mad):
+    model = slim.convert(make_tiny_cnn(), slim.WidthSpec.range(0.25, 1.0)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    cp = copy.deepcopy(model)
+    with torch.no_grad(), slim.width(1.0):
+        assert mad(loaded(x), model(x)) == 0 and mad(cp(x), model(x)) == 0
+    slim.set_width(cp, 0.25)  # copies carry their own state
+    assert slim.get_width(model) == 1.0
+
+
+def test_channel_groups_tie_residual_adds(make_tiny_cnn):
+    model = slim.convert(make_tiny_cnn(), slim.WidthSpec.range(0.25, 1.0))
+    groups = slim.channel_groups(model)
+    # conv2's output is added to pw's output: one ratio for both. fc (fixed) is excluded.
+    assert groups["conv2"] == ["conv2", "pw"]
+    assert groups["conv1"] == ["conv1"]
+    assert all("fc" not in v for v in groups.values())
+
+
+def test_nonuniform_width_on_tiny_cnn(make_tiny_cnn, mad):
+    model = slim.convert(make_tiny_cnn(), slim.WidthSpec.range(0.25, 1.0))
+    x = torch.randn(4, 3, 16, 16)
+    w = {"conv1": 0.25, "conv2": 0.5}
+    slim.set_width(model, w)
+    assert slim.get_width(model) == w
+    model.eval()
+    slim.calibrate_bn(model, [x], widths=[w])
+    with torch.no_grad():
+        y = model(x)
+    plain = slim.export(model, w, example_input=x[:1])
+    assert plain.conv1.out_channels == 8 and plain.conv2.out_channels == 16 and plain.pw.out_channels == 16
+    assert plain.conv2.in_channels == 8
+    with torch.no_grad():
+        assert mad(plain(x), y) <= 1e-5
+
+
+def test_untraceable_net_with_declared_groups(make_untraceable_net, mad):
+    model = slim.convert(make_untraceable_net(), slim.WidthSpec.range(0.25, 1.0),
+                         groups={"trunk": ["stem", "block.conv"]})  # tied by the residual add in block
+    assert slim.channel_groups(model) == {"trunk": ["stem", "block.conv"]}
+    w = {"trunk": 0.5}
+    slim.set_width(model, w)
+    x = torch.randn(4, 3, 8, 8)
+    model.eval()
+    slim.calibrate_bn(model, [x], widths=[w])
+    with torch.no_grad():
+        y = model(x)
+    plain = slim.export(model, w, example_input=x[:1])
+    assert plain.stem.out_channels == 8 and plain.block.conv.out_channels == 8
+    with torch.no_grad():
+        assert mad(plain(x), y) <= 1e-5
