@@ -159,13 +159,15 @@ class _MovingAcc(_Acc):
 def _all_reduce_accs(accs: dict, seen: int, world: int) -> int:
     if world == 1:
         return seen
-    # One flat all-reduce: [count, then per-layer sums of mean*n and var*n].
+    # One flat all-reduce: [count, then per layer: n, sum of mean*n, sum of var*n]. Moving averages enter with
+    # weight 1, so every rank ends with the mean of the ranks' moving averages.
     parts = [torch.tensor([float(seen)], dtype=torch.float64)]
     layout = []
     for bn, acc in accs.items():
-        if acc.mean is None or isinstance(acc, _MovingAcc):
+        if acc.mean is None:
             continue
-        parts += [torch.tensor([float(acc.n)], dtype=torch.float64), acc.mean.cpu(), acc.var.cpu()]
+        weight = 1.0 if isinstance(acc, _MovingAcc) else float(acc.n)
+        parts += [torch.tensor([weight], dtype=torch.float64), acc.mean.cpu(), acc.var.cpu()]
         layout.append((bn, acc, acc.mean.numel()))
     flat = torch.cat(parts)
     dev = next((acc.mean.device for acc in accs.values() if acc.mean is not None), torch.device("cpu"))
@@ -175,8 +177,12 @@ def _all_reduce_accs(accs: dict, seen: int, world: int) -> int:
     flat = flat.cpu()
     i = 1
     for bn, acc, c in layout:
-        acc.n = int(flat[i].item())
+        n = flat[i].item()
         acc.mean = flat[i + 1: i + 1 + c].to(dev)
         acc.var = flat[i + 1 + c: i + 1 + 2 * c].to(dev)
+        if isinstance(acc, _MovingAcc):
+            acc.mean, acc.var = acc.mean / n, acc.var / n
+        else:
+            acc.n = int(n)
         i += 1 + 2 * c
     return int(flat[0].item())

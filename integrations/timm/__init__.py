@@ -12,12 +12,13 @@ from typing import Iterable, Sequence
 import timm
 import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
+from timm.layers import Linear as TimmLinear
 from timm.layers.padding import pad_same
 from timm.models import register_model
 from torch import nn
 
 import slim_plugins as slim
-from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d
+from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from slim_plugins.nn.norm import load_bn
 from slim_plugins.registry import register
 from slim_plugins.width import WidthSpec
@@ -60,6 +61,20 @@ class SlimConv2dSame(SlimConv2d):
         w, b = self.plain_weights(rec)
         p = Conv2dSame(rec["in"], rec["out"], self.kernel_size, self.stride, 0, self.dilation, rec["groups"],
                        b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            p.weight.copy_(w)
+            if b is not None:
+                p.bias.copy_(b)
+        return p
+
+
+@register(TimmLinear)
+class SlimTimmLinear(SlimLinear):
+    """Width-switchable timm ``Linear`` (MobileNetV3 / EfficientNet heads); exports as timm's ``Linear``."""
+
+    def to_plain(self, rec) -> nn.Module:
+        w, b = self.plain_weights(rec)
+        p = TimmLinear(rec["in"], rec["out"], b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             p.weight.copy_(w)
             if b is not None:

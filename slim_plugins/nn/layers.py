@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import WidthError
 from ..registry import register
 
 
@@ -101,7 +102,8 @@ class SlimConv2d(SlimMixin, nn.Conv2d):
     non-depthwise conv is scaled by ``C_in_full / C_in_active`` (US-Nets paper, "US-MobileNet v1 +").
 
     Raises:
-        ValueError: active channels of a group conv not divisible by its groups.
+        WidthError: active channels of a group conv not divisible by its groups (pick a divisor that is a
+            multiple of the group count).
     """
 
     @classmethod
@@ -125,7 +127,7 @@ class SlimConv2d(SlimMixin, nn.Conv2d):
         configuration (DESIGN rule 7: per-call Python work stays at a few dict lookups)."""
         out_c, groups = self.channels_for(a, in_c)
         if groups > 1 and not self.depthwise and (in_c % groups or out_c % groups):
-            raise ValueError(f"{self.slim_name}: active channels in={in_c}, out={out_c} must be divisible by "
+            raise WidthError(f"{self.slim_name}: active channels in={in_c}, out={out_c} must be divisible by "
                              f"groups={groups}")
         w = self._wb()[0]
         full = out_c == w.shape[0] and in_c // groups == w.shape[1]
