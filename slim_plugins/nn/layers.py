@@ -66,10 +66,11 @@ class SlimMixin:
             return self.weight, self.bias
         return w, p.get("bias")
 
-    def _sliced(self, out_c: int, in_c: int):
-        """``(weight[:out_c, :in_c], bias[:out_c])``; contiguous copies cached per shape when no grad is needed."""
+    def _sliced(self, out_c: int, in_c: int, partial: bool = False):
+        """``(weight[:out_c, :in_c], bias[:out_c])``; contiguous copies cached per shape when no grad is needed.
+        ``partial``: the caller knows the slice is not the whole weight (skips the shape check)."""
         w, b = self._wb()
-        if out_c == w.shape[0] and in_c == w.shape[1]:
+        if not partial and out_c == w.shape[0] and in_c == w.shape[1]:
             return w, b
         if torch.is_grad_enabled() and w.requires_grad:
             return w[:out_c, :in_c], (b[:out_c] if b is not None else None)
@@ -144,7 +145,7 @@ class SlimConv2d(SlimMixin, nn.Conv2d):
         if geo is None:
             geo = self._geometry(a, in_c)
         out_c, groups, full, scale = geo
-        w, b = self._wb() if full else self._sliced(out_c, in_c // groups)
+        w, b = self._wb() if full else self._sliced(out_c, in_c // groups, True)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             y = F.conv2d(x, w, b, self.stride, 0, self.dilation, groups)
@@ -206,7 +207,7 @@ class SlimLinear(SlimMixin, nn.Linear):
         if geo is None:
             geo = self._geometry(a, in_c)
         out_c, _, full, scale = geo
-        w, b = self._wb() if full else self._sliced(out_c, in_c)
+        w, b = self._wb() if full else self._sliced(out_c, in_c, True)
         y = F.linear(x, w, b)
         if scale is not None:
             y = y * scale

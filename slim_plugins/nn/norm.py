@@ -134,23 +134,25 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             return (w, b, *self._stats(a, c, for_update=False)[:2])
         post = self._post.get(a.key) if self._post else None
         p, bufs = self._parameters, self._buffers
-        hit = self._eval_cache.get((a, c))
-        if (hit is not None and hit[0] is post and hit[1] is p["weight"] and hit[2] is p["bias"]
-                and hit[3] is bufs["running_mean"] and hit[4] is bufs["running_var"]):
-            return hit[5]
+        hit = self._eval_cache.get(a)
+        if (hit is not None and hit[0] == c and hit[1] is post and hit[2] is p["weight"] and hit[3] is p["bias"]
+                and hit[4] is bufs["running_mean"] and hit[5] is bufs["running_var"]):
+            return hit[6]
         w, b = self._affine(a, c)
         vals = (w, b, *self._stats(a, c, for_update=False)[:2])
         if len(self._eval_cache) >= 64:
             self._eval_cache.clear()
-        self._eval_cache[(a, c)] = (post, p["weight"], p["bias"], bufs["running_mean"], bufs["running_var"], vals)
+        self._eval_cache[a] = (c, post, p["weight"], p["bias"], bufs["running_mean"], bufs["running_var"], vals)
         return vals
 
     def _calibrate_forward(self, x, w, b, acc):
         c = x.shape[1]
         stats = _batch_stats(x) if x.device.type == "cpu" and x.dim() > 2 and x.numel() > c else None
-        if stats is not None:
-            mean, var_b, var_u = stats
-            y = F.batch_norm(x, mean.to(x.dtype), var_b.to(x.dtype), w, b, False, 0.0, self.eps)
+        if stats is not None:  # normalise by the biased batch variance, as BN in training mode does
+            mean, var_u = stats
+            total = x.numel() // c
+            normed = torch.stack((mean, var_u * ((total - 1) / total))).to(x.dtype)
+            y = F.batch_norm(x, normed[0], normed[1], w, b, False, 0.0, self.eps)
             acc.add(x.shape[0], mean, var_u)
             return y
         # momentum=1 makes F.batch_norm write the batch mean / unbiased var into tmp in the same kernel.
@@ -239,30 +241,26 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
 
 
 def _batch_stats(x: torch.Tensor):
-    """Per-channel batch ``(mean, biased var, unbiased var)`` (float64, shape ``(C,)``) of ``(N, C, ...)`` input,
-    or ``None`` when float32 sums of squares would be too inexact for it.
+    """Per-channel batch ``(mean, unbiased var)`` (float64, shape ``(C,)``) of ``(N, C, ...)`` input, or ``None``
+    when float32 sums of squares would be too inexact for it.
 
-    For calibration on CPU, where the statistics pass of the training-mode BN kernel costs several times a whole
-    eval-mode BN: two vectorised reductions over each sample's feature map (sum, sum of squares), combined across
-    samples in float64 with the pairwise-variance formula (Chan et al.). The float32 sum of squares loses about
+    For calibration on CPU, where the statistics pass of the training-mode BN kernel (scalar double loops) costs
+    several times a whole eval-mode BN: two vectorised reductions over each sample's feature map (sum, sum of
+    squares), added up across samples in float64. The float32 sums of squares lose about
     ``4e-8 * sum(x^2) / sum((x - mean)^2)`` of the variance; above ``_MAX_COND`` that ratio the caller uses the
     exact kernel instead.
     """
     n, c = x.shape[0], x.shape[1]
     rows = x.reshape(n, c, -1)
-    hw = rows.shape[2]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    s1 = rows.sum(2, dtype=dt).double()
-    s2 = torch.linalg.vector_norm(rows, dim=2, dtype=dt).double().square_()
-    m = s1.div_(hw)  # (N, C) row means
-    total_sq = s2.sum(0)
-    centred = s2.sub_(m.square().mul_(hw)).clamp_(min=0).sum(0)
-    mean = m.mean(0)
-    centred += m.sub_(mean).square_().sum(0).mul_(hw)
-    if dt == torch.float32 and bool((total_sq > _MAX_COND * centred).any()):
+    sums = torch.stack((rows.sum(2, dtype=dt), torch.linalg.vector_norm(rows, dim=2, dtype=dt).square_()))
+    s1, s2 = sums.sum(1, dtype=torch.float64)  # (C,) each
+    total = rows.shape[0] * rows.shape[2]
+    mean = s1 / total
+    centred = torch.addcmul(s2, s1, mean, value=-1)
+    if dt == torch.float32 and bool((s2 > centred * _MAX_COND).any()):  # also catches centred < 0
         return None
-    total = n * hw
-    return mean, centred / total, centred / max(total - 1, 1)
+    return mean, centred / max(total - 1, 1)
 
 
 # Largest sum(x^2) / sum((x - mean)^2) of a channel for float32 sums (variance error <= ~3e-6 relative).

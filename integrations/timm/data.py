@@ -1,0 +1,229 @@
+"""Datasets of the timm trainer: timm ImageFolder trees (extracted once from ``<split>.tar.gz``), an optional
+in-memory uint8 image cache, and the embedded scikit-learn digits job.
+
+Every dataset here returns ``(PIL image, class index)`` with no transform; :class:`TransformSubset` applies the
+timm transform of one loader (``timm.data.create_loader`` sets its ``transform``), so the training split can
+feed a training loader (augmentation) and a calibration loader (eval transform) at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["ArrayImageDataset", "TransformSubset", "cache_root", "prepare_split", "load_image_cache",
+           "digits_datasets", "subset_indices", "DIGITS_MEAN", "DIGITS_STD"]
+
+_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def cache_root() -> Path:
+    """``$SLIM_CACHE`` or ``~/.cache/slim_plugins``: extracted archives and decoded image caches live here."""
+    return Path(os.environ.get("SLIM_CACHE") or Path.home() / ".cache" / "slim_plugins")
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """Images held in memory as a uint8 array ``(N, H, W, 3)`` (or a read-only memory map of a ``.npy`` file).
+
+    ``dataset[i]`` is ``(PIL.Image RGB, int target)``: timm's PIL transforms then run unchanged, at a few
+    microseconds per 32x32 image instead of a JPEG decode.
+    """
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, classes: Sequence[str]):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images, self.targets, self.classes = images, np.asarray(targets, dtype=np.int64), list(classes)
+        self.transform = None
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(np.ascontiguousarray(self.images[i]))
+        return (self.transform(img) if self.transform is not None else img), int(self.targets[i])
+
+
+class TransformSubset(torch.utils.data.Dataset):
+    """``base[indices[i]]`` with this view's own ``transform`` (the base dataset must return PIL images).
+
+    ``timm.data.create_loader`` assigns ``.transform``; two views of one base never share a transform.
+    """
+
+    def __init__(self, base, indices: Sequence[int] | None = None, transform=None):
+        self.base = base
+        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, target = self.base[int(self.indices[i])][:2]
+        return (self.transform(img) if self.transform is not None else img), target
+
+
+def subset_indices(n: int, num: int | None, seed: int = 0) -> np.ndarray:
+    """A deterministic random subset of ``range(n)`` of size ``num`` (all of it, in order, when ``num`` is None or
+    >= n), sorted so that the image cache is read in order."""
+    if num is None or num >= n:
+        return np.arange(n)
+    if num <= 0:
+        raise ValueError(f"subset size must be positive, got {num}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n)[:num])
+
+
+# ---- ImageFolder trees from archives ---------------------------------------------------------------------------
+def _archive(data_dir: Path, split: str) -> Path | None:
+    for suf in _TAR_SUFFIXES:
+        p = data_dir / f"{split}{suf}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _cache_dir_for(data_dir: Path) -> Path:
+    key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    return cache_root() / f"{data_dir.resolve().name or 'data'}-{key}"
+
+
+def prepare_split(data_dir: str, split: str) -> Path:
+    """The ImageFolder folder of ``split`` (``<class>/<image>``) under ``data_dir``.
+
+    ``data_dir/<split>/`` is used as it is; otherwise ``data_dir/<split>.tar.gz`` (``.tgz``, ``.tar``) is extracted
+    once into ``cache_root()/<data_dir name>-<hash>/<split>`` (into a temporary folder, then renamed: a crash never
+    leaves a half tree). A changed archive (size or mtime) is extracted again.
+
+    Raises:
+        FileNotFoundError: neither the folder nor an archive exists (the message lists what was looked for).
+    """
+    root = Path(data_dir)
+    folder = root / split
+    if folder.is_dir():
+        return folder
+    arc = _archive(root, split)
+    if arc is None:
+        raise FileNotFoundError(
+            f"no split {split!r} under data_dir {str(root)!r}: expected a folder {split}/<class>/<image> or an "
+            f"archive {split}.tar.gz; set data_dir (or $SLIM_DATA) to the dataset root")
+    dest_root = _cache_dir_for(root)
+    dest = dest_root / split
+    stamp = dest_root / f".{split}.source"
+    st = arc.stat()
+    source = f"{arc.resolve()} {st.st_size} {int(st.st_mtime)}"
+    if dest.is_dir() and stamp.is_file() and stamp.read_text() == source:
+        return dest
+    dest_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest_root, prefix=f".extract-{split}-"))
+    try:
+        with tarfile.open(arc) as tf:
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(tmp, filter="data")
+            else:  # Python < 3.11.4
+                tf.extractall(tmp)  # noqa: S202
+        inner = tmp / split if (tmp / split).is_dir() else tmp
+        if dest.is_dir():  # stale copy of an older archive: replace it and its decoded cache
+            shutil.rmtree(dest, ignore_errors=True)
+            for p in dest_root.glob(f"{split}_*"):
+                p.unlink()
+        try:
+            os.rename(inner, dest)
+        except OSError:
+            if not dest.is_dir():  # another process won the race: use its copy
+                raise
+        _atomic_write_text(stamp, source)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _atomic_write_text(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_image_cache(folder: Path, log=print) -> ArrayImageDataset:
+    """Decode every image of an ImageFolder tree once (through timm's ``ImageDataset``) into a uint8 ``.npy``
+    cache next to the extracted tree (or in :func:`cache_root` for a user folder) and memory-map it.
+
+    Raises:
+        ValueError: the images do not all have the same size (use ``cache_images: false``).
+    """
+    from timm.data import create_dataset
+
+    folder = Path(folder)
+    if cache_root() in folder.resolve().parents:
+        cdir = folder.parent
+    else:
+        key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
+        cdir = cache_root() / f"{folder.parent.name}-{folder.name}-{key}"
+    img_p, tgt_p, cls_p = (cdir / f"{folder.name}_images.npy", cdir / f"{folder.name}_targets.npy",
+                           cdir / f"{folder.name}_classes.json")
+    if not (img_p.is_file() and tgt_p.is_file() and cls_p.is_file()):
+        ds = create_dataset("", root=str(folder), search_split=False, is_training=False)
+        n = len(ds)
+        if n == 0:
+            raise FileNotFoundError(f"no images under {str(folder)!r}")
+        log(f"decoding {n} images of {folder} into {img_p} (once)")
+        first = np.asarray(ds[0][0])
+        images = np.empty((n, *first.shape), dtype=np.uint8)
+        targets = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            img, t = ds[i][:2]
+            a = np.asarray(img)
+            if a.shape != first.shape:
+                raise ValueError(f"image {i} of {str(folder)!r} is {a.shape}, the first is {first.shape}: the "
+                                 "in-memory cache needs equal sizes; set cache_images: false")
+            images[i], targets[i] = a, t
+        classes = sorted(ds.reader.class_to_idx, key=ds.reader.class_to_idx.get)
+        cdir.mkdir(parents=True, exist_ok=True)
+        for path, write in ((img_p, lambda f: np.save(f, images)), (tgt_p, lambda f: np.save(f, targets)),
+                            (cls_p, lambda f: f.write(json.dumps(classes).encode()))):
+            fd, tmp = tempfile.mkstemp(dir=cdir, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+    return ArrayImageDataset(np.load(img_p, mmap_mode="r"), np.load(tgt_p), json.loads(cls_p.read_text()))
+
+
+# ---- the embedded default: scikit-learn digits -----------------------------------------------------------------
+DIGITS_MEAN = (0.2, 0.2, 0.2)  # the upsampled digits are mostly black background
+DIGITS_STD = (0.33, 0.33, 0.33)
+
+
+def digits_datasets(size: int = 16, test_fraction: float = 0.2, seed: int = 0):
+    """scikit-learn's handwritten digits (1797 grey 8x8 images, 10 classes, shipped with the package: no
+    download), upsampled bilinearly to ``size`` x ``size`` RGB uint8, split stratified and deterministically.
+
+    Returns:
+        ``(train, test)`` :class:`ArrayImageDataset` (1437 / 360 images at the default fraction).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    grey = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    up = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR)) for g in grey])
+    rgb = np.repeat(up[..., None], 3, axis=-1)
+    idx = np.arange(len(rgb))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=d.target)
+    classes = [str(c) for c in range(10)]
+    tr, te = np.sort(tr), np.sort(te)
+    return (ArrayImageDataset(rgb[tr], d.target[tr], classes), ArrayImageDataset(rgb[te], d.target[te], classes))

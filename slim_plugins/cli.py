@@ -1,0 +1,393 @@
+"""The ``slim`` command: train / eval / calibrate / export / profile / spectrum.
+
+Framework-free: argument parsing, config files (YAML with ``${ENV}`` expansion), the spectrum CSV and plot, and
+dispatch to an integration's ``train`` module (``slim_plugins.integrations.<framework>.train``), imported only
+when a command needs it. The framework comes from the config's ``framework:`` key or the checkpoint's
+``"framework"`` entry (default ``timm``)::
+
+    slim train configs/timm/cifar10_us_mobilenetv2.yaml      # timm-style YAML + slimmable keys
+    slim train                                               # embedded default: sklearn digits, ~1 min on CPU
+    slim train --resume output/run/last.pth.tar --epochs 20
+    slim eval output/run/last.pth.tar --widths 0.35 0.5 1.0
+    slim calibrate output/run/last.pth.tar --widths 0.6 --num-samples 2000
+    slim export output/run/last.pth.tar --width 0.5 --onnx --fuse-bn
+    slim profile output/run/last.pth.tar --input-size 3 32 32 --csv profile.csv
+    slim spectrum run_a/spectrum.csv run_b/spectrum.csv -o compare.png
+
+Errors of the library (:class:`~slim_plugins.errors.SlimError`), bad configs and missing files print one line
+``error: <Type>: <message>`` on stderr and exit with status 2 (``SLIM_DEBUG=1`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import SlimError
+
+SPECTRUM_FIELDS = ("width", "mflops", "params_m", "top1", "top5")
+
+
+class ConfigError(SlimError, ValueError):
+    """A config file or command-line override is malformed: unknown key, wrong type, unreadable YAML."""
+
+
+# ---- config files ----------------------------------------------------------------------------------------------
+def repo_root() -> Path:
+    """The checkout holding ``slim_plugins`` (editable install), used for the ``../shared/data`` default."""
+    return Path(__file__).resolve().parents[1]
+
+
+def default_data_root() -> str:
+    """``$SLIM_DATA``, else the first existing ``../shared/data`` relative to the CWD or the repository root."""
+    env = os.environ.get("SLIM_DATA")
+    if env:
+        return env
+    for base in (Path.cwd(), repo_root()):
+        cand = (base / ".." / "shared" / "data").resolve()
+        if cand.is_dir():
+            return str(cand)
+    return str((repo_root() / ".." / "shared" / "data").resolve())
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def expand_env(value: str) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``$VAR`` (and ``~``). ``SLIM_DATA`` falls back to
+    :func:`default_data_root`; any other unset variable without a default raises :class:`ConfigError`."""
+
+    def sub(m):
+        name = m.group(1) or m.group(3)
+        if name in os.environ:
+            return os.environ[name]
+        if m.group(2) is not None:
+            return m.group(2)
+        if name == "SLIM_DATA":
+            return default_data_root()
+        raise ConfigError(f"environment variable {name!r} used in the config ({value!r}) is not set")
+
+    return os.path.expanduser(_ENV.sub(sub, value))
+
+
+def _expand_all(obj):
+    if isinstance(obj, str):
+        return expand_env(obj) if ("$" in obj or obj.startswith("~")) else obj
+    if isinstance(obj, dict):
+        return {k: _expand_all(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_expand_all(v) for v in obj]
+    return obj
+
+
+def load_yaml_config(path: str) -> dict:
+    """Read a YAML config file into a dict, expanding environment variables in string values.
+
+    Raises:
+        FileNotFoundError: no such file. ConfigError: not YAML, or not a mapping at the top level.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return _expand_all(data)
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``["lr=0.1", "widths=[0.5, 1.0]"]`` -> ``{"lr": 0.1, "widths": [0.5, 1.0]}`` (values parsed as YAML).
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    import yaml
+
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like KEY=VALUE (e.g. lr=0.05)")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = _expand_all(yaml.safe_load(v))
+        except yaml.YAMLError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+# ---- spectrum CSV / table / plot -------------------------------------------------------------------------------
+def write_spectrum_csv(rows: Sequence[dict], path: str) -> str:
+    """Write rows ``{width, mflops, params_m, top1, top5}`` (MFLOPs = multiply-adds, params in millions, top-k in
+    %) to ``path`` atomically; returns ``path``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".csv.tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(SPECTRUM_FIELDS)
+            for r in rows:
+                w.writerow([f"{r['width']:g}", f"{r['mflops']:.3f}", f"{r['params_m']:.4f}",
+                            f"{r['top1']:.2f}", f"{r['top5']:.2f}"])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_spectrum_csv(path: str) -> list[dict]:
+    """Rows of a spectrum CSV as dicts of floats.
+
+    Raises:
+        FileNotFoundError: no such file. ConfigError: a required column is missing.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"spectrum CSV {path!r} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("width", "mflops", "top1") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ConfigError(f"{path!r} lacks column(s) {missing}; a spectrum CSV has {list(SPECTRUM_FIELDS)} "
+                              "(written by `slim train` and `slim eval --csv`)")
+        return [{k: float(v) for k, v in r.items() if v not in (None, "")} for r in reader]
+
+
+def plot_spectrum(sources: Sequence, out: str, labels: Sequence[str] | None = None, title: str | None = None,
+                  x: str = "mflops") -> str:
+    """Plot top-1 accuracy (%) against MFLOPs (or ``x="width"`` / ``"params_m"``) for one or more runs.
+
+    Args:
+        sources: spectrum CSV paths and/or lists of row dicts.
+        out: PNG path (written atomically with matplotlib's Agg backend).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    xlabel = {"mflops": "MFLOPs (multiply-adds)", "width": "width multiplier", "params_m": "params (M)"}
+    if x not in xlabel:
+        raise ConfigError(f"x axis must be one of {sorted(xlabel)}, got {x!r}")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for i, src in enumerate(sources):
+        rows = read_spectrum_csv(src) if isinstance(src, (str, os.PathLike)) else list(src)
+        rows = sorted(rows, key=lambda r: r[x])
+        if labels and i < len(labels):
+            label = labels[i]
+        elif isinstance(src, (str, os.PathLike)):  # a run's spectrum.csv is named after its run folder
+            label = Path(src).parent.name if Path(src).stem == "spectrum" else Path(src).stem
+        else:
+            label = f"run {i}"
+        ax.plot([r[x] for r in rows], [r["top1"] for r in rows], marker="o", ms=3.5, label=label)
+        if len(rows) <= 16:
+            for r in rows:
+                ax.annotate(f"{r['width']:g}x", (r[x], r["top1"]), textcoords="offset points", xytext=(3, -9),
+                            fontsize=6.5, alpha=0.8)
+    ax.set_xlabel(xlabel[x])
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "FLOPs-accuracy spectrum")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(out))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def print_table(rows: Sequence[dict], title: str = "", columns: Sequence[tuple] | None = None, console=None) -> None:
+    """Print per-width rows as a rich table (columns: ``(key, header, format)``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = columns or (("width", "width", "{:g}"), ("mflops", "MFLOPs", "{:.2f}"),
+                          ("params_m", "params (M)", "{:.3f}"), ("top1", "top-1 %", "{:.2f}"),
+                          ("top5", "top-5 %", "{:.2f}"))
+    table = Table(title=title or None)
+    for _, head, _ in columns:
+        table.add_column(head, justify="right")
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
+        table.add_row(*cells)
+    (console or Console()).print(table)
+
+
+# ---- argument parsing ------------------------------------------------------------------------------------------
+def _width_list(values):
+    out = []
+    for v in values:
+        for part in str(v).replace(",", " ").split():
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"width {part!r} is not a number") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slim", description="Train, evaluate, calibrate, export and profile "
+                                "slimmable networks (S-Nets / US-Nets).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a slimmable classifier from a timm-style YAML config",
+                       description="Train from CONFIG (timm train.py keys + slimmable keys). Without CONFIG (or "
+                       "with --default) runs the embedded default: sklearn handwritten digits, a small US-Net.")
+    t.add_argument("config", nargs="?", help="YAML config (see configs/timm/)")
+    t.add_argument("--default", action="store_true", help="run the embedded digits job (ignores CONFIG's data)")
+    t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by slim train")
+    t.add_argument("--output", help="run directory (default: config 'output', or the resumed checkpoint's folder)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", "-b", type=int, dest="batch_size")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--workers", "-j", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    t.add_argument("--data-dir", dest="data_dir")
+    t.add_argument("--onnx", action="store_true", default=None, help="also export ONNX per width")
+    t.add_argument("--set", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, value parsed as YAML (repeatable)")
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint at several widths")
+    e.add_argument("checkpoint")
+    e.add_argument("--widths", nargs="+", help="widths, or one step for a sweep with --step")
+    e.add_argument("--step", type=float, help="evaluate min..max in this step (US-Nets)")
+    e.add_argument("--data-dir", "--data", dest="data_dir", help="data root (default: the checkpoint's config)")
+    e.add_argument("--batch-size", "-b", type=int, dest="batch_size")
+    e.add_argument("--workers", "-j", type=int)
+    e.add_argument("--calib-samples", type=int, dest="calib_samples",
+                   help="post-statistics samples for uncalibrated widths (default: config calib_samples)")
+    e.add_argument("--no-calibrate", action="store_true", help="fail on uncalibrated widths instead")
+    e.add_argument("--val-num-samples", type=int, dest="val_num_samples", help="evaluate a subset")
+    e.add_argument("--csv", help="write a spectrum CSV here")
+    e.add_argument("--plot", help="write a spectrum PNG here")
+    e.add_argument("--device")
+
+    c = sub.add_parser("calibrate", help="BN post-statistics for widths; writes a new checkpoint atomically")
+    c.add_argument("checkpoint")
+    c.add_argument("--widths", nargs="+", help="widths to calibrate (default: the config's eval widths)")
+    c.add_argument("--step", type=float)
+    c.add_argument("--num-samples", type=int, dest="num_samples", help="training samples per width (default 2000)")
+    c.add_argument("--method", choices=("exact", "moving"), default="exact")
+    c.add_argument("--data-dir", "--data", dest="data_dir")
+    c.add_argument("--batch-size", "-b", type=int, dest="batch_size")
+    c.add_argument("--workers", "-j", type=int)
+    c.add_argument("--out", help="output checkpoint (default: <name>-calibrated.pth.tar next to the input)")
+    c.add_argument("--in-place", action="store_true", help="replace the input checkpoint (atomic)")
+    c.add_argument("--device")
+
+    x = sub.add_parser("export", help="plain fixed-width model (torch.save) and optionally ONNX")
+    x.add_argument("checkpoint")
+    x.add_argument("--width", required=True, type=float)
+    x.add_argument("--onnx", action="store_true", help="also write an ONNX graph (dynamic batch)")
+    x.add_argument("--fuse-bn", action="store_true", dest="fuse_bn", help="fold BN into the preceding conv")
+    x.add_argument("--out", help="output .pth (default: <ckpt dir>/exported/width_<w>.pth)")
+    x.add_argument("--data-dir", "--data", dest="data_dir", help="data for post-statistics if uncalibrated")
+    x.add_argument("--calib-samples", type=int, dest="calib_samples")
+    x.add_argument("--device")
+
+    pr = sub.add_parser("profile", help="MFLOPs, params and latency per width (rich table; CSV)")
+    pr.add_argument("checkpoint")
+    pr.add_argument("--widths", nargs="+")
+    pr.add_argument("--step", type=float)
+    pr.add_argument("--input-size", nargs="+", type=int, dest="input_size",
+                    help="H, H W or C H W (default: the config's input size)")
+    pr.add_argument("--batch-size", "-b", type=int, default=1, dest="batch_size")
+    pr.add_argument("--no-latency", action="store_true", dest="no_latency")
+    pr.add_argument("--repeats", type=int, default=20)
+    pr.add_argument("--csv", help="write the table as CSV (width, mflops, params_m, latency_ms)")
+    pr.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("spectrum", help="plot the FLOPs-accuracy spectrum of one or more spectrum CSVs")
+    s.add_argument("csv", nargs="+")
+    s.add_argument("-o", "--out", default="spectrum.png")
+    s.add_argument("--labels", nargs="+")
+    s.add_argument("--title")
+    s.add_argument("--x", choices=("mflops", "width", "params_m"), default="mflops")
+    return p
+
+
+def _integration(framework: str):
+    name = f"slim_plugins.integrations.{framework}.train"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name in (name, f"slim_plugins.integrations.{framework}"):
+            raise ConfigError(f"no trainer for framework {framework!r} (module {name} not found); "
+                              "supported: 'timm'") from None
+        raise
+
+
+def _dispatch(args) -> int:
+    if args.command == "spectrum":
+        out = plot_spectrum(args.csv, args.out, labels=args.labels, title=args.title, x=args.x)
+        print(f"wrote {out}")
+        return 0
+    for attr in ("widths",):
+        if getattr(args, attr, None) is not None:
+            setattr(args, attr, _width_list(getattr(args, attr)))
+    if args.command == "train":
+        cfg = {}
+        if args.config and not args.default:
+            cfg = load_yaml_config(args.config)
+        elif args.config and args.default:
+            raise ConfigError("give either CONFIG or --default, not both")
+        framework = cfg.get("framework", "timm")
+    else:
+        from .checkpoint import read_checkpoint
+
+        if not os.path.isfile(args.checkpoint):
+            raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+        args.payload = read_checkpoint(args.checkpoint)
+        framework = args.payload.get("framework", "timm")
+        cfg = None
+    mod = _integration(framework)
+    fn = getattr(mod, f"cmd_{args.command}", None)
+    if fn is None:
+        raise ConfigError(f"the {framework!r} integration has no `slim {args.command}` command")
+    return int(fn(args, cfg) or 0) if args.command == "train" else int(fn(args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``slim`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (SlimError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("SLIM_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
