@@ -305,6 +305,13 @@ def resolve_widths(spec: WidthSpec, widths, default_step: float = 0.05) -> list[
     return sorted({spec.validate(w) for w in widths})
 
 
+def _config_widths(spec, cfg, key):
+    try:
+        return resolve_widths(spec, cfg[key])
+    except slim.WidthError as e:
+        raise slim.WidthError(f"{key}: {e}") from None
+
+
 # ---- data ------------------------------------------------------------------------------------------------------
 _SPLIT_ALTERNATIVES = {"validation": ("val", "test"), "val": ("validation", "test"), "test": ("val", "validation")}
 
@@ -707,8 +714,8 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
             if isinstance(m, SlimBatchNorm2d):
                 m.clear_statistics()
     cfg.update(_data_config(cfg, model))
-    eval_widths = resolve_widths(spec, cfg["eval_widths"])
-    export_widths = eval_widths if cfg["export_widths"] is None else resolve_widths(spec, cfg["export_widths"])
+    eval_widths = _config_widths(spec, cfg, "eval_widths")
+    export_widths = eval_widths if cfg["export_widths"] is None else _config_widths(spec, cfg, "export_widths")
     calib_widths = sorted(set(eval_widths) | set(export_widths))
     if not spec.is_switches and not cfg["calib_samples"] and cfg["calib_samples"] is not None:
         missing = [w for w in calib_widths if w not in (spec.min, spec.max)]
