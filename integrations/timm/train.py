@@ -14,6 +14,7 @@ Run directory (``output``)::
     summary.csv        per-epoch loss / lr / top-1  spectrum.csv     width, mflops, params_m, top1, top5
     spectrum.png       FLOPs-accuracy plot          exported/        width_<w>.pth (+ .onnx) plain timm models
     tb/                TensorBoard scalars per width
+    curves.csv         (curve_interval set) every N updates: training-batch and test top-1 per tracked width
 
 Config keys: :data:`DEFAULTS` (timm ``train.py`` names plus the slimmable keys); :data:`DIGITS_JOB` is the
 embedded default job (scikit-learn digits). DDP: launch with ``torchrun --nproc_per_node N -m slim_plugins.cli
@@ -48,7 +49,8 @@ from . import PAPER_SWITCHES, create_slim_model, fixed_layers
 from .data import (ArrayImageDataset, TransformSubset, digits_datasets, load_image_cache, prepare_split,
                    subset_indices, DIGITS_MEAN, DIGITS_STD)
 
-__all__ = ["DEFAULTS", "DIGITS_JOB", "resolve_config", "build_model", "build_datasets", "resolve_widths",
+__all__ = ["DEFAULTS", "DIGITS_JOB", "resolve_config", "build_model", "build_datasets", "make_loader",
+           "resolve_widths",
            "train", "evaluate", "model_from_checkpoint", "cmd_train", "cmd_eval", "cmd_calibrate", "cmd_export",
            "cmd_profile"]
 
@@ -69,6 +71,8 @@ DEFAULTS: dict = {
     "cifar_stem": False, "fixed_layers": [], "num_widths": 4, "sample_rule": None, "inplace_distill": False,
     "distill_temperature": 1.0, "eval_widths": None, "export_widths": None, "calib_samples": 2000,
     "calib_method": "exact", "onnx": False, "fuse_bn": False,
+    # learning curves: every curve_interval updates, top-1 of the tracked widths on curve_samples test images
+    "curve_interval": None, "curve_samples": 2000,
     # input and augmentation
     "input_size": None, "img_size": None, "mean": None, "std": None, "interpolation": "", "crop_pct": None,
     "crop_mode": None, "train_crop_mode": None, "no_aug": False, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333],
@@ -99,7 +103,7 @@ DIGITS_JOB: dict = {
     "workers": 0, "log_interval": 11, "calib_samples": 2000, "seed": 0,
 }
 
-_INT_KEYS = ("seed", "log_interval", "workers", "batch_size", "epochs", "num_widths", "divisor", "recount",
+_INT_KEYS = ("seed", "log_interval", "curve_samples", "workers", "batch_size", "epochs", "num_widths", "divisor", "recount",
              "lr_base_size", "patience_epochs", "cooldown_epochs", "mixup_off_epoch")
 _FLOAT_KEYS = ("drop", "smoothing", "momentum", "weight_decay", "min_lr", "warmup_lr", "decay_rate", "hflip",
                "vflip", "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "lr_base",
@@ -205,6 +209,14 @@ def resolve_config(user: dict | None = None, overrides: dict | None = None, defa
         cfg["export_widths"] = _floats(cfg["export_widths"], "export_widths")
     if cfg["calib_samples"] is not None:
         cfg["calib_samples"] = int(cfg["calib_samples"])
+    if cfg["curve_interval"] is not None:
+        try:
+            cfg["curve_interval"] = int(cfg["curve_interval"])
+            if cfg["curve_interval"] < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"curve_interval must be a positive number of updates, got "
+                              f"{cfg['curve_interval']!r}") from None
     if cfg["data_dir"]:
         cfg["data_dir"] = str(Path(expand_env(str(cfg["data_dir"]))).resolve())
     if cfg["output"]:
@@ -269,9 +281,14 @@ def _build_model(cfg: dict) -> nn.Module:
             from . import apply_cifar_stem
 
             apply_cifar_stem(model)
-        return slim.convert(model, WidthSpec.switches(ws, cfg["divisor"]),
-                            fixed=[*fixed_layers(model), *cfg["fixed_layers"]],
-                            bn="switchable" if cfg["bn"] == "auto" else cfg["bn"])
+        model = slim.convert(model, WidthSpec.switches(ws, cfg["divisor"]),
+                             fixed=[*fixed_layers(model), *cfg["fixed_layers"]],
+                             bn="switchable" if cfg["bn"] == "auto" else cfg["bn"])
+        if ws[0] <= 1.0:  # same channel counts as the slimmable model's switch at this width
+            from . import set_expansion_units
+
+            set_expansion_units(model)
+        return model
     slim_kwargs = dict(widths=cfg["widths"], width_range=cfg["width_range"], divisor=cfg["divisor"], bn=cfg["bn"],
                        output_averaging=cfg["output_averaging"], cifar_stem=cfg["cifar_stem"])
     if kind is not None and not cfg["fixed_layers"]:
@@ -379,6 +396,18 @@ def _data_config(cfg: dict, model) -> dict:
     return {"input_size": [int(x) for x in dc["input_size"]], "interpolation": dc["interpolation"],
             "mean": [float(x) for x in dc["mean"]], "std": [float(x) for x in dc["std"]],
             "crop_pct": float(dc["crop_pct"]), "crop_mode": dc["crop_mode"]}
+
+
+def make_loader(cfg: dict, dataset, indices=None, training: bool = False, batch_size: int | None = None,
+                device="cpu"):
+    """A timm loader over ``dataset[indices]`` (default: all of it) with the resolved config's transforms.
+
+    ``training=True`` gives the training augmentation and shuffling; ``False`` the eval transform in order (what
+    the trainer uses for BN calibration and evaluation). Batches are ``(x: (B, C, H, W) float, y: (B,) int64)``.
+    """
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+    bs = batch_size or cfg["validation_batch_size"] or cfg["batch_size"]
+    return _loader(cfg, dataset, idx, training, bs, torch.device(device))
 
 
 def _loader(cfg, dataset, indices, training: bool, batch_size: int, device, distributed=False, workers=None):
@@ -745,6 +774,10 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
     loader_train = _loader(cfg, datasets["train"], train_idx, True, cfg["batch_size"], device, di.world > 1)
     vbs = cfg["validation_batch_size"] or cfg["batch_size"]
     loader_val = _loader(cfg, datasets["val"], val_idx[di.rank::di.world], False, vbs, device)
+    loader_curve = None
+    if cfg["curve_interval"]:
+        curve_idx = val_idx[subset_indices(len(val_idx), min(cfg["curve_samples"], len(val_idx)), cfg["seed"] + 2)]
+        loader_curve = _loader(cfg, datasets["val"], curve_idx[di.rank::di.world], False, vbs, device)
     calib_n = len(train_idx) if cfg["calib_samples"] is None else min(cfg["calib_samples"], len(train_idx))
     calib_idx = train_idx[subset_indices(len(train_idx), calib_n, cfg["seed"] + 1)] if calib_n else train_idx[:0]
     loader_calib = _loader(cfg, datasets["train"], calib_idx[di.rank::di.world], False, vbs, device)
@@ -782,7 +815,10 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(run / "tb"))
-    epoch_widths = list(spec.widths) if spec.is_switches else [spec.min, spec.max]
+    # widths evaluated during training: every switch, or the US-Net bounds that the rule trains every step (only
+    # those have running BN statistics before calibration)
+    tracked = {"sandwich": (spec.min, spec.max), "min_random": (spec.min,), "max_random": (spec.max,)}.get(rule, ())
+    epoch_widths = list(spec.widths) if spec.is_switches else sorted(set(tracked))
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     log(f"[bold]slim train[/bold] {cfg['model']} ({'S-Net switches' if spec.is_switches else 'US-Net range'} "
         f"{list(spec.widths)}, rule={rule}, n={cfg['num_widths']}, distill={cfg['inplace_distill']}) "
@@ -806,6 +842,8 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
         t0 = time.time()
         ddp.train()
         loss_sum, loss_n, width_loss = 0.0, 0, {}
+        train_hits = {w: [0, 0] for w in epoch_widths}  # top-1 on the (augmented) training batches, per width
+        curve_hits = {w: [0, 0] for w in epoch_widths}
         with log.progress(f"epoch {epoch + 1}/{num_epochs}", len(loader_train)) as advance:
             for i, (x, y) in enumerate(loader_train):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -821,7 +859,14 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
                     with amp():
                         return ddp(x).float()
 
-                res = step(forward, lambda out: criterion(out, y), iteration=iteration)
+                res = step(forward, lambda out: criterion(out, y), iteration=iteration, keep_outputs=True)
+                if mixup_fn is None:
+                    for w, out in res.outputs.items():
+                        if w in train_hits and torch.is_tensor(out):
+                            hit = int((out.argmax(-1) == y).sum())
+                            for acc in (train_hits[w], curve_hits[w]):
+                                acc[0] += hit
+                                acc[1] += len(y)
                 if cfg["clip_grad"] is not None:
                     from timm.utils import dispatch_clip_grad
 
@@ -846,6 +891,16 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
                     scheduler.step_update(num_updates=iteration, metric=loss_sum / loss_n)
                 cur_lr = optimizer.param_groups[-1]["lr"]
                 advance(f"loss {res.loss:.3f} lr {cur_lr:.3g}")
+                if loader_curve is not None and epoch_widths and iteration % cfg["curve_interval"] == 0:
+                    cv = evaluate(model, loader_curve, epoch_widths, device, cfg["channels_last"], amp, di)
+                    if di.main:
+                        _append_summary(run / "curves.csv", {
+                            "iteration": iteration, "epoch": round(iteration / len(loader_train), 4),
+                            "lr": cur_lr,
+                            **{f"train_top1_w{_wkey(w)}": round(100.0 * h / max(1, n), 3)
+                               for w, (h, n) in curve_hits.items()},
+                            **{f"test_top1_w{_wkey(w)}": round(cv[w]["top1"], 3) for w in epoch_widths}})
+                    curve_hits = {w: [0, 0] for w in epoch_widths}
                 if writer is not None and iteration % max(1, cfg["log_interval"]) == 0:
                     writer.add_scalar("train/loss_sum", res.loss, iteration)
                     writer.add_scalar("train/lr", cur_lr, iteration)
@@ -857,13 +912,15 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
         train_time = time.time() - t0
         t1 = time.time()
         # the unwrapped model: shards differ by one batch, and DDP's forward would broadcast buffers per call
-        ev = evaluate(model, loader_val, epoch_widths, device, cfg["channels_last"], amp, di)
+        ev = evaluate(model, loader_val, epoch_widths, device, cfg["channels_last"], amp, di) if epoch_widths else {}
         eval_time = time.time() - t1
-        scheduler.step(epoch + 1, ev[spec.max]["top1"])
+        scheduler.step(epoch + 1, ev[max(ev)]["top1"] if ev else None)
         epoch_metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"],
                          "train_loss": loss_sum / max(1, loss_n), "train_time_s": round(train_time, 2),
                          "eval_time_s": round(eval_time, 2),
-                         **{f"top1_w{_wkey(w)}": round(ev[w]["top1"], 3) for w in epoch_widths}}
+                         **{f"top1_w{_wkey(w)}": round(ev[w]["top1"], 3) for w in epoch_widths},
+                         **{f"train_top1_w{_wkey(w)}": round(100.0 * h / n, 3)
+                            for w, (h, n) in train_hits.items() if n}}
         log(f"epoch {epoch + 1}/{num_epochs}: loss {epoch_metrics['train_loss']:.4f} | "
             + " ".join(f"top-1@{_wkey(w)} {ev[w]['top1']:.2f}%" for w in epoch_widths)
             + f" | train {train_time:.1f}s ({train_time / max(1, len(loader_train)):.2f}s/it), eval {eval_time:.1f}s")
