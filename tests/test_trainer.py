@@ -210,6 +210,34 @@ def test_resume_with_another_width_spec_raises(two_epoch_run, tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "s2").exists()
 
 
+@pytest.mark.parametrize("rule, tracked", [("random", []), ("min_random", ["0.35"]), ("sandwich", ["0.35", "1"])])
+def test_learning_curves_and_tracked_widths(tmp_path, rule, tracked):
+    """curve_interval writes training-batch and test top-1 every N updates for the widths the rule trains every
+    step (a US-Net trained with 'random' has no running statistics at min/max: nothing to track, no error)."""
+    out = tmp_path / "c"
+    T.train(None, {"train_num_samples": 384, "val_num_samples": 120, "eval_widths": [0.35, 1.0], "epochs": 1,
+                   "tensorboard": False, "calib_samples": 256, "sample_rule": rule, "num_widths": 3,
+                   "inplace_distill": rule == "sandwich", "curve_interval": 2, "curve_samples": 60,
+                   "output": str(out)}, default=True)
+    summary = read_csv(out / "summary.csv")[0]
+    assert sorted(k[len("train_top1_w"):] for k in summary if k.startswith("train_top1_w")) == tracked
+    assert sorted(k[len("top1_w"):] for k in summary if k.startswith("top1_w")) == tracked
+    if tracked:
+        curves = read_csv(out / "curves.csv")
+        assert [int(c["iteration"]) for c in curves] == [2, 4, 6]  # 384 / 64 = 6 updates
+        for c in curves:
+            for w in tracked:
+                assert 0 <= float(c[f"train_top1_w{w}"]) <= 100 and 0 <= float(c[f"test_top1_w{w}"]) <= 100
+    else:
+        assert not (out / "curves.csv").exists()
+    assert len(read_csv(out / "spectrum.csv")) == 2  # calibrated and evaluated at the end either way
+
+
+def test_curve_interval_must_be_positive():
+    with pytest.raises(ConfigError, match="curve_interval"):
+        T.resolve_config({"curve_interval": 0})
+
+
 def test_ddp_torchrun_two_ranks(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU): one epoch, DistributedSampler, rank 0 writes the checkpoint."""
     out = tmp_path / "ddp"

@@ -87,6 +87,9 @@ RUNS: dict = {
     "us_k0_005": ("US-Net k0=0.05", _us(width_range=[0.05, 1.0], curve_interval=None)),
     "us_k0_025": ("US-Net k0=0.25", _us(width_range=[0.25, 1.0], curve_interval=None)),
     "us_d1": ("US-Net divisor 1", _us(divisor=1, curve_interval=None)),
+    # seed repeats: the run-to-run spread that a difference between methods must exceed
+    "snet4_seed1": ("S-Net 4-switch (S-BN), seed 1", _snet(SWITCHES4, seed=1, curve_interval=None)),
+    "usnet_seed1": ("US-Net (sandwich n=4, distill), seed 1", _us(seed=1, curve_interval=None)),
 }
 
 #: experiment -> (title, runs it needs)
@@ -100,6 +103,8 @@ EXPERIMENTS: dict = {
              ["us_n3_random", "us_n3_min_random", "us_n3_max_random", "us_n3_sandwich", "usnet", "us_nodistill",
               "us_n3", "us_n5", "us_k0_005", "us_k0_025", "us_d1"]),
     "exp5": ("BN post-statistics: moving vs exact average, all vs 1k vs 2k samples (US-Nets Table 3)", ["usnet"]),
+    "noise": ("Seed-to-seed spread of the S-Net and the US-Net (how large a difference must be to count)",
+              ["snet4", "snet4_seed1", "usnet", "usnet_seed1"]),
 }
 
 #: tiny settings for tests (`--smoke`): every run trains a few updates on a few hundred images
@@ -422,7 +427,15 @@ def exp_rows_exp5(recs, schedule, runs_dir, smoke, log):
     return rows, None
 
 
-ANALYSES = {"exp1": exp_rows_exp1, "exp2": exp_rows_exp2, "exp3": exp_rows_exp3, "exp4": exp_rows_exp4,
+def exp_rows_noise(recs, schedule, runs_dir, smoke, log):
+    rows = []
+    for name in EXPERIMENTS["noise"][1]:
+        rows += [r for r in spectrum_rows("noise", name, recs[name], schedule, runs_dir)
+                 if name.startswith("snet") or any(abs(r["width"] - w) < 1e-9 for w in (*SWITCHES4, 0.6))]
+    return rows, None
+
+
+ANALYSES = {"noise": exp_rows_noise, "exp1": exp_rows_exp1, "exp2": exp_rows_exp2, "exp3": exp_rows_exp3, "exp4": exp_rows_exp4,
             "exp5": exp_rows_exp5}
 
 
