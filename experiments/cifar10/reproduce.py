@@ -119,9 +119,9 @@ CURVE_FIELDS = ["run", "method", "iteration", "epoch", "width", "train_err", "te
 
 
 # ---- configs ---------------------------------------------------------------------------------------------------
-def run_config(name: str, schedule: str, runs_dir: Path, smoke: bool = False) -> dict:
+def run_config(name: str, schedule: str, runs_dir: Path, smoke: bool = False, epochs: int | None = None) -> dict:
     """The ``slim train`` config of run ``name``: base.yaml, then cpu.yaml (``schedule="cpu"``), then the run's
-    keys, then the smoke overrides."""
+    keys, then ``epochs`` (a longer or shorter variant of the schedule), then the smoke overrides."""
     cfg = yaml.safe_load((HERE / "base.yaml").read_text())
     if schedule == "cpu":
         cfg.update(yaml.safe_load((HERE / "cpu.yaml").read_text()))
@@ -132,6 +132,8 @@ def run_config(name: str, schedule: str, runs_dir: Path, smoke: bool = False) ->
         cfg.pop("curve_interval", None)
         keys.pop("curve_interval")
     cfg.update(keys)
+    if epochs is not None:
+        cfg["epochs"] = int(epochs)
     if smoke:
         cfg.update(SMOKE)
         if cfg.get("curve_interval"):
@@ -161,14 +163,14 @@ def hardware() -> str:
 
 # ---- training runs ---------------------------------------------------------------------------------------------
 def train_run(name: str, schedule: str, runs_dir: Path, smoke: bool, threads: int, retrain: bool = False,
-              log=print) -> dict:
+              log=print, epochs: int | None = None) -> dict:
     """Train run ``name`` with ``slim train`` in a subprocess (reused when finished with the same config).
 
     Returns the run record (``done.json``): config, wall time, hardware. Raises RuntimeError when training fails.
     """
     run = runs_dir / name
     run.mkdir(parents=True, exist_ok=True)
-    cfg = run_config(name, schedule, runs_dir, smoke)
+    cfg = run_config(name, schedule, runs_dir, smoke, epochs)
     with open(runs_dir / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another invocation training the same run: wait for it, then reuse
         done = run / "done.json"
@@ -200,15 +202,16 @@ def train_run(name: str, schedule: str, runs_dir: Path, smoke: bool, threads: in
         return rec
 
 
-def train_all(names, schedule, runs_dir, smoke, jobs, threads, retrain=False) -> dict:
+def train_all(names, schedule, runs_dir, smoke, jobs, threads, retrain=False, epochs=None) -> dict:
     """Train ``names`` with ``jobs`` runs at a time; returns ``{name: record}``."""
     out = {}
     if names:  # decode the image cache once, before parallel runs would race to build it
         from slim_plugins.integrations.timm.train import build_datasets, resolve_config
 
-        build_datasets(resolve_config(run_config(names[0], schedule, runs_dir, smoke)), log=lambda *a: None)
+        build_datasets(resolve_config(run_config(names[0], schedule, runs_dir, smoke, epochs)), log=lambda *a: None)
     with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futs = {pool.submit(train_run, n, schedule, runs_dir, smoke, threads, retrain): n for n in names}
+        futs = {pool.submit(train_run, n, schedule, runs_dir, smoke, threads, retrain, print, epochs): n
+                for n in names}
         for f in cf.as_completed(futs):
             out[futs[f]] = f.result()
     return out
@@ -450,14 +453,14 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]):
 
 
 def run_experiment(exp, schedule, runs_dir, results_dir, smoke=False, jobs=1, threads=None, retrain=False,
-                   log=print) -> Path:
+                   log=print, epochs=None) -> Path:
     """Train what ``exp`` needs, evaluate, write ``results_dir/<exp>.csv`` (+ ``exp1_curves.csv``)."""
     import torch
 
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     title, names = EXPERIMENTS[exp]
     log(f"== {exp}: {title} ({schedule} schedule{', smoke' if smoke else ''}) ==")
-    recs = train_all(names, schedule, runs_dir, smoke, jobs, threads, retrain)
+    recs = train_all(names, schedule, runs_dir, smoke, jobs, threads, retrain, epochs)
     torch.set_num_threads(max(1, threads * max(1, jobs)))
     rows, curves = ANALYSES[exp](recs, schedule, runs_dir, smoke, log)
     out = results_dir / f"{exp}.csv"
@@ -478,20 +481,26 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     ap.add_argument("--results", default=None, help="CSV folder (default results/cifar10/<schedule>)")
     ap.add_argument("--runs", default=None, help="run folder (default output/reproduce/cifar10_<schedule>)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="train this many epochs instead of the schedule's (results go to <schedule>_<N>ep)")
     ap.add_argument("--smoke", action="store_true", help="a few updates on a few hundred images (tests)")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train the runs and stop (another invocation evaluates; runs in progress are waited for)")
     ap.add_argument("--retrain", action="store_true", help="train again even if a finished run exists")
     a = ap.parse_args(argv)
     exps = list(EXPERIMENTS) if "all" in a.experiments else list(dict.fromkeys(a.experiments))
-    tag = a.schedule + ("_smoke" if a.smoke else "")
+    tag = a.schedule + (f"_{a.epochs}ep" if a.epochs is not None else "") + ("_smoke" if a.smoke else "")
     results = Path(a.results or ROOT / "results" / "cifar10" / tag)
     runs = Path(a.runs or ROOT / "output" / "reproduce" / f"cifar10_{tag}")
-    if len(exps) > 1 and a.jobs > 1:  # train the union of runs first so that `jobs` stays busy
+    if a.train_only or (len(exps) > 1 and a.jobs > 1):  # train the union of runs first so that `jobs` stays busy
         names = list(dict.fromkeys(n for e in exps for n in EXPERIMENTS[e][1]))
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
-        train_all(names, a.schedule, runs, a.smoke, a.jobs, threads, a.retrain)
+        train_all(names, a.schedule, runs, a.smoke, a.jobs, threads, a.retrain, a.epochs)
         a.retrain = False
+        if a.train_only:
+            return 0
     for e in exps:
-        run_experiment(e, a.schedule, runs, results, a.smoke, a.jobs, a.threads, a.retrain)
+        run_experiment(e, a.schedule, runs, results, a.smoke, a.jobs, a.threads, a.retrain, epochs=a.epochs)
     return 0
 
 
