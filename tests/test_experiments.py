@@ -150,3 +150,11 @@ def test_failed_run_names_its_log(tmp_path, monkeypatch, slim_data):
 def test_verdict_rule():
     assert "holds" in REPORT.verdict(2.0, 1.0) and "does not hold" in REPORT.verdict(-2.0, 1.0)
     assert "not separated" in REPORT.verdict(0.5, 1.0) and REPORT.verdict(None, 1.0) == "not measured"
+    assert "**holds**" in REPORT.at_least(-1.5, 2.0) and "does not hold" in REPORT.at_least(-2.5, 2.0)
+
+
+@pytest.mark.parametrize("schedule", ["cpu", "gpu"])
+def test_lr_scale_is_relative_to_the_schedule(schedule, tmp_path):
+    full, half = (R.run_config(n, schedule, tmp_path) for n in ("snet8", "snet8_lr"))
+    assert "lr_scale" not in half and half["widths"] == full["widths"]
+    assert half["lr"] == pytest.approx(full["lr"] / 2) and half["warmup_lr"] == pytest.approx(full["warmup_lr"] / 2)

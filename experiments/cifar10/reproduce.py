@@ -75,6 +75,8 @@ RUNS: dict = {
     "snet4_shared": ("S-Net 4-switch, shared gamma/beta", _snet(SWITCHES4, bn="switchable_shared",
                                                                 curve_interval=None)),
     "snet8": ("S-Net 8-switch", _snet(SWITCHES8, curve_interval=None)),
+    # diagnostic: 8 summed losses double the shared weights' gradient of the 4-switch net at the same lr
+    "snet8_lr": ("S-Net 8-switch, lr halved", _snet(SWITCHES8, lr_scale=0.5, curve_interval=None)),
     **{f"inet_{int(w * 100):03d}": (f"Individual {w:g}x", _inet(w)) for w in SWITCHES4},
     "usnet": ("US-Net (sandwich n=4, distill)", _us(eval_widths=FINE_STEP)),
     "us_nodistill": ("US-Net without inplace distillation", _us(inplace_distill=False, curve_interval=None)),
@@ -96,7 +98,8 @@ RUNS: dict = {
 EXPERIMENTS: dict = {
     "exp1": ("Naive training vs switchable BN (S-Nets Sec. 3.1, Fig. 2)", ["naive4", "snet4"]),
     "exp2": ("S-Net vs individual nets; private vs shared gamma/beta; 8 switches (S-Nets Tables 3, 4, 6)",
-             ["inet_035", "inet_050", "inet_075", "inet_100", "snet4", "snet4_shared", "snet8"]),
+             ["inet_035", "inet_050", "inet_075", "inet_100", "snet4", "snet4_shared", "snet8",
+              "snet8_lr"]),
     "exp3": ("US-Net vs S-Net vs individual nets at every width, after BN calibration (US-Nets Table 1, Figs. 3, "
              "11)", ["usnet", "snet4", "inet_035", "inet_050", "inet_075", "inet_100"]),
     "exp4": ("Sampling rules, inplace distillation, n, width lower bound, divisor (US-Nets Table 2, Figs. 6-9)",
@@ -131,7 +134,12 @@ def run_config(name: str, schedule: str, runs_dir: Path, smoke: bool = False, ep
     if "curve_interval" in keys and keys["curve_interval"] is None:
         cfg.pop("curve_interval", None)
         keys.pop("curve_interval")
+    scale = keys.pop("lr_scale", None)
     cfg.update(keys)
+    if scale is not None:  # relative to the schedule's lr, so one run key serves both schedules
+        for k in ("lr", "warmup_lr", "min_lr"):
+            if cfg.get(k):
+                cfg[k] = cfg[k] * scale
     if epochs is not None:
         cfg["epochs"] = int(epochs)
     if smoke:
