@@ -213,8 +213,8 @@ def section_exp2(rows, plots, noise):
     out.append(f"\nClaim (S-Nets Table 4): more switches give similar accuracy. Rule: average 8-switch − 4-switch "
                f"error at the shared widths, |d| ≤ {noise:.1f}: "
                f"{'**holds**' if d8 is not None and abs(d8) <= noise else '**does not hold**'} ({fmt(d8)} points).")
-    if has_lr:
-        d8h = pdiff(rows, "snet8_lr", "snet4", (0.35, 0.5, 0.75, 1.0))
+    d8h = pdiff(rows, "snet8_lr", "snet4", (0.35, 0.5, 0.75, 1.0)) if has_lr else None
+    if d8h is not None:
         out.append(f"Diagnostic (not in the paper): the S-Net step sums the switches' losses, so at the same lr 8 "
                    f"switches take twice the 4-switch step on the shared weights. With the lr halved the 8-switch "
                    f"S-Net is {fmt(d8h)} points from the 4-switch one "
@@ -451,12 +451,10 @@ def main(argv=None) -> int:
     scheds = sorted((p.name for p in res.iterdir() if p.is_dir() and not p.name.endswith("_smoke")),
                     key=lambda n: (not n.startswith("gpu"), n)) if res.is_dir() else []
     for sched in scheds:
-        d = res / sched
-        if d.is_dir():
-            sec = schedule_section(sched, d, out.parent / "reproduction" / sched,
-                                   os.path.relpath(out.parent / "reproduction" / sched, out.parent), a.noise)
-            found |= bool(sec)
-            lines += sec
+        sec = schedule_section(sched, res / sched, out.parent / "reproduction" / sched,
+                               os.path.relpath(out.parent / "reproduction" / sched, out.parent), a.noise)
+        found |= bool(sec)
+        lines += sec
     if not found:
         raise SystemExit(f"no results under {res}/<schedule>/exp*.csv; run experiments/cifar10/reproduce.py first")
     out.parent.mkdir(parents=True, exist_ok=True)

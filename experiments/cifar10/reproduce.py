@@ -218,7 +218,7 @@ def train_all(names, schedule, runs_dir, smoke, jobs, threads, retrain=False, ep
 
         build_datasets(resolve_config(run_config(names[0], schedule, runs_dir, smoke, epochs)), log=lambda *a: None)
     with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futs = {pool.submit(train_run, n, schedule, runs_dir, smoke, threads, retrain, print, epochs): n
+        futs = {pool.submit(train_run, n, schedule, runs_dir, smoke, threads, retrain, epochs=epochs): n
                 for n in names}
         for f in cf.as_completed(futs):
             out[futs[f]] = f.result()
