@@ -12,23 +12,25 @@ Public verbs (DESIGN.md)::
     table = slim.profile(model, x, widths=[...])
     step  = slim.MultiWidthStep(model, spec, num_widths=4, distill="kl")
 """
-from .calibrate import calibrate_bn
+from .calibrate import calibrate_bn, calibrated_widths, clear_statistics, freeze_bn
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .context import get_width, set_width, width
+from .context import active_channels, checkpoint, checkpoint_context_fn, get_width, set_width, width
 from .convert import channel_groups, convert, slim_layers
-from .errors import (ChannelGroupError, EmptyLoaderError, NotSlimmableError, SlimError, UncalibratedWidthError,
-                     UnknownLayerError, UnsupportedModuleError, WidthError, WidthSpecMismatchError)
+from .errors import (ChannelGroupError, CheckpointError, EmptyLoaderError, InvalidArgumentError, LossError,
+                     NotExactError, NotSlimmableError, SlimError, UncalibratedWidthError, UnknownLayerError,
+                     UnsupportedModuleError, WidthError, WidthSpecMismatchError)
 from .export import export, export_onnx
 from .profile import ProfileTable, WidthProfile, count_mflops, profile
 from .registry import register
-from .train import MultiWidthStep, StepResult
+from .train import MultiWidthStep, StepResult, WidthPass, WidthResult, reduce_loss
 from .width import WidthSpec, make_divisible
 
 __version__ = "0.1.0"
 
 __all__ = [
     "WidthSpec", "make_divisible", "convert", "channel_groups", "slim_layers", "set_width", "get_width", "width",
-    "calibrate_bn", "MultiWidthStep", "StepResult", "export", "export_onnx", "profile", "ProfileTable",
+    "active_channels", "checkpoint", "checkpoint_context_fn", "NotExactError", "CheckpointError", "LossError", "InvalidArgumentError",
+    "calibrate_bn", "calibrated_widths", "clear_statistics", "freeze_bn", "MultiWidthStep", "StepResult", "WidthPass", "WidthResult", "reduce_loss", "export", "export_onnx", "profile", "ProfileTable",
     "WidthProfile", "count_mflops", "register", "save_checkpoint", "load_checkpoint", "read_checkpoint",
     "SlimError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",
     "NotSlimmableError", "UnsupportedModuleError", "ChannelGroupError", "UnknownLayerError",

@@ -1,52 +1,71 @@
 """Convert an existing model into a slimmable one by module replacement.
 
-``convert(model, spec)`` swaps every registered module type (Conv2d, Linear, BatchNorm2d and adapter types) for
-its width-switchable counterpart, sharing the original parameters, so a stock checkpoint loads and width 1.0
-computes exactly what the original did.
+``convert(model, spec)`` swaps every registered module type (Conv2d, Linear, BatchNorm2d, SyncBatchNorm, PReLU,
+weight-normed convs and adapter types) for its width-switchable counterpart, sharing the original parameters, so a
+stock checkpoint loads and width 1.0 computes exactly what the original did. It then analyses the channels of the
+converted part(s) with torch.fx (:mod:`slim_plugins.graph`), which decides the output layers (DESIGN rule 2), the
+channel groups of nonuniform widths and, at every width, which channels each tensor carries (rule 1).
 """
 from __future__ import annotations
 
 import fnmatch
-import operator
+import math
+import warnings
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from . import registry
 from .context import BN_MODES, SlimState, find_state
-from .errors import ChannelGroupError, NotSlimmableError, UnknownLayerError, UnsupportedModuleError, WidthError
-from .nn.layers import SlimMixin
+from .errors import (ChannelGroupError, NotExactError, NotSlimmableError, UnknownLayerError, UnsupportedModuleError,
+                     WidthError)
+from .graph import ChannelGraph, _Builder, trace
+from .nn.layers import GROUP_MODES, SlimMixin, SlimWeightNormConv2d, is_weight_normed, track_data_writes
 from .width import WidthSpec, as_spec
 
-# Parametric modules whose parameters never depend on channel width.
-_WIDTH_FREE = (nn.PReLU,)
+class SlimWarning(UserWarning):
+    """A conversion that works but whose exactness could not be checked (an untraceable model)."""
 
 
 def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: str = "auto",
             output_averaging: bool = False, groups: Mapping[str, Iterable[str]] | None = None,
-            auto_fix: bool = True) -> nn.Module:
+            auto_fix: bool = True, scope: Iterable[str] | None = None, example_input=None,
+            group_mode: str | Mapping[str, str] = "groups", frozen_bn: bool = False) -> nn.Module:
     """Make ``model`` slimmable in place and return it.
 
     Args:
         model: any ``nn.Module`` built from registered layer types.
         spec: :class:`WidthSpec` (switches -> S-Net, range -> US-Net) or a list of switches.
-        fixed: names (``fnmatch`` patterns) of layers whose output channels never change. The first conv/linear
-            (input layer) reads its in-channels from the input anyway; the last one (output layer) is fixed
-            automatically when ``auto_fix`` is true.
+        fixed: names (``fnmatch`` patterns) of layers whose output channels never change, besides the output
+            layers found from the graph (``auto_fix``): every conv/linear whose output reaches a model output
+            through channel-preserving ops without a norm layer in between (a classifier, each head of a
+            multi-head model; a headless backbone has none). The input layer reads its in-channels from the input.
         bn: ``"auto"`` (switchable for switches, ``"us"`` for a range), or one of ``switchable``,
-            ``switchable_shared``, ``us``, ``naive``, ``frozen``.
+            ``switchable_shared``, ``us``, ``naive``, ``frozen`` (naive layout, frozen).
         output_averaging: scale conv/linear outputs by ``C_in_full / C_in_active`` (US-Nets, "US-MobileNet v1 +").
-        groups: declared channel groups ``{group name: [layer names]}`` for nonuniform widths (else torch.fx).
+        groups: declared channel groups ``{group name: [layer names]}`` for nonuniform widths (else from the graph).
+        scope: names of the submodules to convert (a detector's ``["backbone", "neck.lateral_convs"]``); default
+            the whole model. Each named part is analysed on its own; the model holds one width state.
+        example_input: input for the one analysis forward (``ShapeProp``), a tensor / tuple, or ``{part: input}``
+            with ``scope``. Default ``(2, C, 64, 64)`` (or ``(2, F)``) from the part's first layer; give the real
+            size for nets with a fixed-size flatten -> linear.
+        group_mode: convention for grouped convs (1 < groups < in_channels): ``"groups"`` (default; constant
+            group count, every group slimmed, the official S-ShuffleNet) or ``"width"`` (constant group width,
+            RegNet/ResNeXt), or ``{layer pattern: mode}``. A module attribute ``slim_group_mode`` also sets it.
+        frozen_bn: BN layers keep their statistics and never update them, whatever the mode (DESIGN rule 3).
 
     Returns:
         the same model object, converted.
 
     Raises:
-        WidthError: bad spec or ``bn`` mode, or the model is already converted.
+        WidthError: bad spec, ``bn`` or ``group_mode``, or the model is already converted.
+        NotExactError: a structure that cannot run a width of the spec as an exact sub-network (names the
+            operation): a concatenation / split / shuffle / grouped conv whose channels cannot line up.
         ChannelGroupError: ``hi > 1`` on a model that cannot be traced (names the failing layer).
-        UnsupportedModuleError: a module with parameters of an unregistered type (named in the message).
-        UnknownLayerError: a ``fixed`` pattern or declared group member that matches no layer.
+        UnsupportedModuleError: a module with parameters or per-channel buffers of an unregistered type.
+        UnknownLayerError: a ``fixed`` / ``scope`` / ``group_mode`` pattern or declared group member matching nothing.
     The model is unchanged when an error is raised.
     """
     spec = as_spec(spec)
@@ -56,53 +75,151 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         raise WidthError(f"unknown bn mode {bn!r}; allowed: {['auto', *BN_MODES]}")
     if bn in ("switchable", "switchable_shared") and not spec.is_switches:
         raise WidthError(f"bn={bn!r} needs a switch list; a range spec uses bn='us' (post-statistics)")
+    modes = group_mode if isinstance(group_mode, Mapping) else {"*": group_mode}
+    for pat, mode in modes.items():
+        if mode not in GROUP_MODES:
+            raise WidthError(f"unknown group_mode {mode!r} for {pat!r}; allowed: {list(GROUP_MODES)}")
     if any(isinstance(m, SlimMixin) for m in model.modules()):
         raise WidthError(f"{type(model).__name__} is already slimmable; convert it only once")
+    roots = _scope_roots(model, scope)
 
     # ---- plan (no mutation until every check has passed) ---------------------------------------------------
     plan: list[tuple[str, nn.Module, type]] = []
     for name, m in model.named_modules():
+        if not any(_under(name, r) for r in roots):
+            continue
         if any(name.startswith(p + ".") for p, _, _ in plan):
             continue  # inside a replaced module (e.g. the act of a BatchNormAct2d)
-        cls = registry.lookup(type(m))
+        cls = _slim_class(name, m)
         if cls is not None:
             plan.append((name, m, cls))
-        elif list(m.parameters(recurse=False)) and not isinstance(m, _WIDTH_FREE) \
-                and not registry.is_passthrough(type(m)):
+        elif _has_channel_state(m) and not registry.is_passthrough(type(m)):
             raise UnsupportedModuleError(
-                f"layer {name!r} of type {type(m).__module__}.{type(m).__qualname__} has parameters but no "
-                f"width-switchable counterpart; register one with slim_plugins.registry.register(...) "
-                f"(registered: {sorted(t.__name__ for t in registry.converters())})")
+                f"layer {name!r} of type {type(m).__module__}.{type(m).__qualname__} has parameters or per-channel "
+                f"buffers but no width-switchable counterpart; register one with slim_plugins.registry.register(...)"
+                f" (registered: {sorted(t.__name__ for t in registry.converters())})")
     weighted = [n for n, m, _ in plan if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not weighted:
-        raise NotSlimmableError(f"{type(model).__name__} has no Conv2d/Linear layer to slim")
+        raise NotSlimmableError(f"{type(model).__name__} has no Conv2d/Linear layer to slim"
+                                + (f" in scope {roots}" if scope is not None else ""))
     fixed = list(fixed)
     for pat in fixed:
         if not any(fnmatch.fnmatchcase(n, pat) for n in weighted):
             raise UnknownLayerError(f"fixed pattern {pat!r} matches no conv/linear layer; layers are e.g. "
                                     f"{weighted[:5]}")
+    for pat in modes:
+        if pat != "*" and not any(fnmatch.fnmatchcase(n, pat) for n in weighted):
+            raise UnknownLayerError(f"group_mode pattern {pat!r} matches no layer; layers are e.g. {weighted[:5]}")
     fixed_names = {n for n in weighted if any(fnmatch.fnmatchcase(n, p) for p in fixed)}
-    if auto_fix:
-        fixed_names.add(weighted[-1])
+    planned = {n for n, _, _ in plan}
 
-    state = SlimState(spec, bn, output_averaging)
+    # ---- channel analysis of each part (fx + ShapeProp on the original modules) ------------------------------
+    parts, untraced = [], []
+    for root in _parts(model, roots, planned):
+        try:
+            parts.append((root, _analyse(model, root, planned, example_input)))
+        except ChannelGroupError as e:
+            untraced.append((root, e))
+    if auto_fix:
+        for root, (builder, _) in parts:
+            fixed_names.update(_join(root, n) for n in ChannelGraph(builder.ops, builder.calls, builder.full,
+                                                                     builder.rank).output_layers())
+        if untraced:  # no graph: the last conv/linear in definition order (legacy rule)
+            for root, _ in untraced:
+                inside = [n for n in weighted if _under(n, root)]
+                if inside and scope is None:
+                    fixed_names.add(inside[-1])
+    if spec.max > 1.0 and untraced:
+        raise untraced[0][1]
+    if untraced and groups is None:
+        root, e = untraced[0]
+        warnings.warn(f"slim_plugins: {e} Channels follow the prefix rule there; exactness of concatenations, "
+                      "splits and grouped convs is not checked.", SlimWarning, stacklevel=2)
+
+    state = SlimState(spec, bn, output_averaging, frozen_bn)
+    state.trace_error = str(untraced[0][1]) if untraced else None
     state.layer_names = [n for n in weighted if n not in fixed_names]
     if groups is not None:
         state.declared_groups = {g: list(v) for g, v in groups.items()}
         _apply_declared_groups(state)
-    if spec.max > 1.0:
-        in_scaled = _inputs_scaled(model, {n for n, _, _ in plan}, fixed_names)
 
-    # ---- replace ------------------------------------------------------------------------------------------
+    # ---- replace (rolled back if a later check fails) ------------------------------------------------------
+    new_mods: dict[str, nn.Module] = {}
     for name, m, cls in plan:
         new = cls.from_module(m, name, state, name in fixed_names)
-        if spec.max > 1.0 and isinstance(new, SlimMixin):
-            _widen(new, spec, name in fixed_names, in_scaled.get(name, False))
-        elif spec.max > 1.0 and hasattr(new, "bn_mode"):
-            _widen_bn(new, spec)
-        _set_submodule(model, name, new)
-    model._slim_state = state
+        if isinstance(new, SlimMixin):
+            track_data_writes(new)
+            if getattr(new, "groups", 1) > 1 and not getattr(new, "depthwise", False) and \
+                    getattr(m, "slim_group_mode", None) is None:
+                new.group_mode = _mode_for(name, modes)
+        new_mods[name] = new
+    try:
+        for name, new in new_mods.items():
+            _set_submodule(model, name, new)
+        model._slim_state = state
+        _attach_graphs(model, state, parts, new_mods)
+        if spec.max > 1.0:
+            _widen_all(model, state, new_mods)
+        if groups is None and state.graphs:
+            state.groups = _groups_from_graphs(state)
+        _check_widths(state)
+    except Exception:
+        for name, m, _ in plan:
+            _set_submodule(model, name, m)
+        model.__dict__.pop("_slim_state", None)
+        raise
     return model
+
+
+# ---- helpers: scope, classes ------------------------------------------------------------------------------------
+def _under(name: str, root: str) -> bool:
+    return root == "" or name == root or name.startswith(root + ".")
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root}.{name}" if root and name else (root or name)
+
+
+def _scope_roots(model, scope) -> list[str]:
+    if scope is None:
+        return [""]
+    roots = [scope] if isinstance(scope, str) else list(scope)
+    names = dict(model.named_modules())
+    for r in roots:
+        if r not in names:
+            raise UnknownLayerError(f"scope {r!r} names no submodule; top-level children: "
+                                    f"{[n for n, _ in model.named_children()]}")
+    return roots
+
+
+def _slim_class(name, m):
+    if is_weight_normed(m):
+        base = type(m).__mro__[1]
+        if issubclass(base, nn.Conv2d):
+            return SlimWeightNormConv2d
+        raise UnsupportedModuleError(f"layer {name!r}: weight-normed {base.__name__} cannot be slimmed (conv only)")
+    if hasattr(m, "weight_g") and hasattr(m, "weight_v"):
+        raise UnsupportedModuleError(
+            f"layer {name!r} uses the deprecated hook-based torch.nn.utils.weight_norm; use "
+            "torch.nn.utils.parametrizations.weight_norm, which slim_plugins slices exactly")
+    if isinstance(m, nn.PReLU) and m.num_parameters == 1:
+        return None  # one shared slope: width-free
+    return registry.lookup(type(m))
+
+
+def _has_channel_state(m: nn.Module) -> bool:
+    if isinstance(m, nn.PReLU) and m.num_parameters == 1:
+        return False
+    if list(m.parameters(recurse=False)):
+        return True
+    return any(b is not None and b.is_floating_point() and b.dim() >= 1 for b in m.buffers(recurse=False))
+
+
+def _mode_for(name, modes) -> str:
+    for pat, mode in modes.items():
+        if pat != "*" and fnmatch.fnmatchcase(name, pat):
+            return mode
+    return modes.get("*", "groups")
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -117,179 +234,306 @@ def slim_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "slim_name")]
 
 
-# ---- widening for hi > 1 -----------------------------------------------------------------------------------
-def _widen(layer, spec: WidthSpec, fixed_out: bool, in_scaled: bool):
-    w = layer.weight
-    out = w.shape[0] if fixed_out else spec.channels(layer.base_out, spec.max)
-    if getattr(layer, "depthwise", False):
-        out = spec.channels(layer.base_out, spec.max)
-    groups = getattr(layer, "groups", 1)  # nn.Linear has no groups
-    fan_in = w.shape[1] if not in_scaled else spec.channels(w.shape[1] * groups, spec.max) // groups
-    if getattr(layer, "depthwise", False):
-        fan_in = 1
-        layer.groups = out // layer.dw_multiplier
-        layer.in_channels = out // layer.dw_multiplier
-    big = torch.empty((out, fan_in, *w.shape[2:]), dtype=w.dtype, device=w.device)
-    nn.init.kaiming_normal_(big, mode="fan_out")
-    big[: w.shape[0], : w.shape[1]] = w.detach()
-    layer.weight = nn.Parameter(big)
-    if layer.bias is not None:
-        b = torch.zeros(out, dtype=w.dtype, device=w.device)
-        b[: layer.bias.shape[0]] = layer.bias.detach()
-        layer.bias = nn.Parameter(b)
-    if isinstance(layer, nn.Conv2d):
-        layer.out_channels, layer.in_channels = out, fan_in * layer.groups
-    else:
-        layer.out_features, layer.in_features = out, fan_in
-
-
-def _widen_bn(bn, spec: WidthSpec):
-    c = spec.channels(bn.num_features, spec.max)
-
-    def grow(t, fill):
-        if t is None:
-            return None
-        shape = (*t.shape[:-1], c)
-        g = torch.full(shape, fill, dtype=t.dtype, device=t.device)
-        g[..., : t.shape[-1]] = t.detach()
-        return g
-
-    for pname, fill in (("weight", 1.0), ("bias", 0.0)):
-        if bn._parameters.get(pname) is not None:
-            bn._parameters[pname] = nn.Parameter(grow(bn._parameters[pname], fill))
-    for bname, fill in (("running_mean", 0.0), ("running_var", 1.0), ("min_mean", 0.0), ("min_var", 1.0)):
-        if bn._buffers.get(bname) is not None:
-            bn._buffers[bname] = grow(bn._buffers[bname], fill)
-    bn.num_features = c
-
-
-# ---- torch.fx channel analysis -----------------------------------------------------------------------------
-class _Tracer(torch.fx.Tracer):
-    """Keeps registered / slim layers as leaves and remembers which module was being traced on failure."""
-
-    def __init__(self, leaf_names):
-        super().__init__()
-        self.leaf_names = leaf_names
-        self.stack: list[str] = []
-        self.failed_in: str | None = None  # innermost module whose forward raised (the stack unwinds before we see it)
-
-    def is_leaf_module(self, m, qualname):
-        return qualname in self.leaf_names or super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.stack[-1]
-            raise
-        finally:
-            self.stack.pop()
-
-
-def _trace(model: nn.Module, leaf_names):
-    tracer = _Tracer(set(leaf_names))
-    try:
-        return tracer.trace(model)
-    except Exception as e:  # fx raises many types; re-raise one that names the layer
-        where = tracer.failed_in or "<top level forward>"
-        raise ChannelGroupError(
-            f"torch.fx cannot trace {type(model).__name__} (failed inside layer {where!r}: "
-            f"{type(e).__name__}: {e}). Declare channel groups instead: "
-            "slim.convert(model, spec, groups={'name': ['layer', ...]})") from e
-
-
-_ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, torch.add, torch.mul,
-                torch.sub}
-_ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
-
-
-def _channel_sources(graph, deciders: set[str], modules: dict):
-    """For each fx node, the set of layer names that decide its channel count ("<input>" for the graph input),
-    plus the list of sets that elementwise ops tie together."""
-    src: dict = {}
-    ties: list[set] = []
-    for node in graph.nodes:
-        tensor_args = [a for a in node.all_input_nodes]
-        if node.op == "placeholder":
-            src[node] = {"<input>"}
-        elif node.op == "get_attr":
-            src[node] = set()
-        elif node.op == "call_module" and node.target in deciders:
-            src[node] = {node.target}
-        elif node.op in ("call_function", "call_method") and (
-                node.target in _ELEMENTWISE or node.target in _ELEMENTWISE_METHODS) and len(tensor_args) >= 2:
-            parts = [src.get(a, set()) for a in tensor_args]
-            parts = [p for p in parts if p]
-            if len(parts) >= 2:
-                ties.append(set().union(*parts))
-            src[node] = set().union(*parts) if parts else set()
-        elif tensor_args:
-            src[node] = src.get(tensor_args[0], set())
+# ---- channel analysis --------------------------------------------------------------------------------------------
+def _parts(model, roots, planned):
+    """The modules to trace: each scope root, containers without a forward split into their children."""
+    out = []
+    for r in roots:
+        m = model.get_submodule(r) if r else model
+        if r in planned:
+            continue  # a single layer: nothing to trace
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            out.extend(_parts(model, [_join(r, n) for n, _ in m.named_children()], planned))
         else:
-            src[node] = set()
-    return src, ties
-
-
-def _deciders(model, names) -> set[str]:
-    out = set()
-    for n in names:
-        m = model.get_submodule(n)
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and not (
-                isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels):
-            out.add(n)
+            out.append(r)
     return out
 
 
-def _inputs_scaled(model, leaf_names, fixed_names) -> dict[str, bool]:
-    """Whether each conv/linear receives channels that scale with width (needed to widen for hi > 1)."""
-    gm = _trace(model, leaf_names)
-    deciders = _deciders(model, leaf_names)
-    src, _ = _channel_sources(gm, deciders, dict(model.named_modules()))
-    out = {}
-    for node in gm.nodes:
-        if node.op == "call_module" and node.target in leaf_names and node.all_input_nodes:
-            s = src.get(node.all_input_nodes[0], set())
-            out[node.target] = bool(s) and not (s & ({"<input>"} | set(fixed_names)))
-    return out
+def _default_input(part: nn.Module, planned_rel):
+    for n, m in part.named_modules():
+        if n in planned_rel and isinstance(m, (nn.Conv2d, nn.Linear)):
+            p = next(iter(m.parameters()), None)
+            if p is None:
+                p = next(m.parametrizations.weight.parameters())
+            kw = dict(device=p.device, dtype=p.dtype)
+            if isinstance(m, nn.Conv2d):
+                return (torch.zeros(2, m.in_channels, 64, 64, **kw),)
+            return (torch.zeros(2, m.in_features, **kw),)
+    return None
 
 
+def _analyse(model, root, planned, example_input):
+    """Trace part ``root`` and run it once: returns ``(_Builder, roles)``; raises ChannelGroupError."""
+    part = model.get_submodule(root) if root else model
+    rel = {n[len(root) + 1:] if root else n: n for n in planned if _under(n, root) and n != root}
+    roles = {}
+    for r, full in rel.items():
+        m = part.get_submodule(r)
+        roles[r] = _role_of(m)
+    gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap())
+    x = example_input.get(root) if isinstance(example_input, Mapping) else example_input
+    if x is None:
+        x = _default_input(part, set(rel))
+        if x is None:
+            raise ChannelGroupError(f"no example input for part {root or type(model).__name__!r}; pass example_input")
+    args = x if isinstance(x, tuple) else (x,)
+    was = part.training
+    part.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+    except Exception as e:
+        raise ChannelGroupError(
+            f"the analysis forward of {root or type(model).__name__!r} failed on an example input of shape "
+            f"{[tuple(a.shape) for a in args if torch.is_tensor(a)]} ({type(e).__name__}: {e}); pass "
+            "example_input= with an input the model accepts") from e
+    finally:
+        part.train(was)
+    return _Builder(gm, roles, root).build(), roles
+
+
+def _role_of(m) -> dict:
+    """Channel role of an original module (before replacement)."""
+    if isinstance(m, nn.Conv2d):
+        if m.groups > 1 and m.groups == m.in_channels:
+            return {"role": "dw", "mult": m.out_channels // m.groups}
+        if m.groups > 1:
+            return {"role": "gdecider", "groups": m.groups}
+        return {"role": "decider"}
+    if isinstance(m, nn.Linear):
+        return {"role": "decider"}
+    return {"role": "norm"}
+
+
+def _attach_graphs(model, state: SlimState, parts, new_mods):
+    """Build each part's ChannelGraph with the roles of the converted layers and assign layer slots."""
+    for root, (builder, _) in parts:
+        for call in builder.calls:
+            full = _join(root, call.name)
+            role = new_mods[full].channel_role()
+            call.name = full
+            call.role = role["role"]
+            call.groups = role.get("groups", 1)
+            call.mult = role.get("mult", 1)
+            call.gw = role.get("gw", (1, 1))
+        g = ChannelGraph(builder.ops, builder.calls, builder.full, builder.rank, root)
+        state.graphs.append(g)
+        for call in builder.calls:
+            if call.name not in state.slots:
+                state.slots[call.name] = len(state.layers)
+                layer = new_mods[call.name]
+                layer._slim_slot = len(state.layers)
+                state.layers.append(layer)
+        units = g.class_units()
+        for c_id, u in units.items():
+            if u <= 1:
+                continue
+            for i in g.deciders.get(c_id, []):
+                layer = new_mods[g.calls[i].name]
+                if isinstance(layer, SlimMixin) and not layer.fixed_out:
+                    layer.channel_multiple = math.lcm(layer.channel_multiple, u)
+        bad = [op for op in g.ops if op.kind == "opaque"]
+        state.opaque = getattr(state, "opaque", []) + [(g, op) for op in bad]
+
+
+def _check_widths(state: SlimState):
+    """Plan the switches (or a grid of the range) once: a structure that cannot be sliced exactly raises here,
+    at convert time, naming the op (never a shape error at the first narrow forward)."""
+    if not state.graphs:
+        return
+    spec = state.spec
+    if spec.is_switches:
+        widths = list(spec.widths)
+    else:
+        n = 8
+        widths = sorted({round(spec.min + (spec.max - spec.min) * i / n, 6) for i in range(n + 1)})
+    for w in widths:
+        a = state.resolve(w)
+        for g in state.graphs:
+            for op in g.ops:
+                if op.kind != "opaque":
+                    continue
+                fixed = g.fixed_classes
+                if any(g.cls[t] not in fixed for t in op.ins):
+                    raise NotExactError(
+                        f"{op.where}: {op.arg}; its input carries fewer channels at width {a.key}, so the narrow "
+                        "net would not be a sub-network of the wide one. Keep the layers feeding it fixed "
+                        "(convert(..., fixed=[...])) or restructure the op")
+
+
+def _groups_from_graphs(state: SlimState) -> dict[str, str]:
+    """Channel groups: free layers whose outputs are one class (tied by adds / gating) share a ratio; each group
+    is named after its first layer in definition order."""
+    order = {n: i for i, n in enumerate(state.layer_names)}
+    groups = {n: n for n in state.layer_names}
+    for g in state.graphs:
+        for c_id, dec in g.deciders.items():
+            names = sorted({g.calls[i].name for i in dec if g.calls[i].name in order}, key=order.get)
+            for n in names:
+                groups[n] = names[0]
+    return groups
+
+
+# ---- widening for hi > 1 -----------------------------------------------------------------------------------
+def _widen_all(model, state: SlimState, new_mods):
+    """Grow every non-fixed layer to its channels at the spec's max width; the original weights go where the
+    width-1.0 sub-network reads them (the channel plan at 1.0), so width 1.0 equals the original model."""
+    spec = state.spec
+    if not spec.min <= 1.0 <= spec.max:
+        raise WidthError(f"a spec above 1.0 must contain 1.0 (the original model), got {spec.to_dict()}")
+    outside = [n for n in new_mods if n not in state.slots]
+    if outside:
+        raise ChannelGroupError(f"widening above 1.0 needs every converted layer in a traced part; {outside[:3]} "
+                                "are not (convert the enclosing module)")
+    old = {n: _snapshot(m) for n, m in new_mods.items()}
+    new_out = {}
+    for n, m in new_mods.items():
+        if isinstance(m, SlimMixin):
+            u, k = m.channel_unit, m.channel_multiple
+            new_out[n] = m.base_out if m.fixed_out else u * spec.channels(m.base_out // u, spec.max,
+                                                                           k // math.gcd(k, u))
+    for g in state.graphs:
+        g.refresh_full(lambda name: (None, new_out.get(name)))
+    for g in state.graphs:
+        for call in g.calls:
+            _resize(new_mods[call.name], g.full[call.t_in], g.full[call.t_out])
+    a = state.resolve(1.0)
+    for n, m in new_mods.items():
+        _place(m, old[n], a.geo[m._slim_slot])
+    state._resolved = {}
+
+
+def _snapshot(m) -> dict:
+    d = {k: v.detach().clone() for k, v in list(m._parameters.items()) + list(m._buffers.items()) if v is not None}
+    if isinstance(m, SlimWeightNormConv2d):
+        pl = m.parametrizations.weight
+        d["weight"], d["g"] = pl.original1.detach().clone(), pl.original0.detach().clone()
+    return d
+
+
+def _resize(m, full_in: int, full_out: int):
+    """Allocate new (randomly initialised) parameters of the widened shape."""
+    def new_param(name, shape, fill=None, init=None):
+        t = m._parameters.get(name) if name in m._parameters else m._buffers.get(name)
+        if t is None:
+            return
+        big = torch.empty(shape, dtype=t.dtype, device=t.device)
+        if init is not None:
+            init(big)
+        elif fill is not None:
+            big.fill_(fill)
+        if name in m._parameters:
+            m._parameters[name] = nn.Parameter(big, requires_grad=t.requires_grad)
+        else:
+            m._buffers[name] = big
+
+    kaiming = lambda t: nn.init.kaiming_normal_(t, mode="fan_out")  # noqa: E731
+    if isinstance(m, nn.Conv2d):
+        if m.depthwise:
+            m.groups = full_in
+            fan_in = 1
+            full_out = full_in * m.dw_multiplier
+        elif m.groups > 1 and m.group_mode == "width":
+            gw, go = m.in_channels // m.groups, m.out_channels // m.groups
+            m.groups = full_in // gw
+            fan_in, full_out = gw, m.groups * go
+        else:
+            fan_in = full_in // m.groups
+        k = tuple(m.kernel_size)
+        if isinstance(m, SlimWeightNormConv2d):
+            pl = m.parametrizations.weight
+            v = torch.empty((full_out, fan_in, *k), dtype=pl.original1.dtype, device=pl.original1.device)
+            kaiming(v)
+            pl.original1 = nn.Parameter(v)
+            pl.original0 = nn.Parameter(torch.linalg.vector_norm(v.flatten(1), dim=1).view(-1, 1, 1, 1))
+        else:
+            new_param("weight", (full_out, fan_in, *k), init=kaiming)
+        new_param("bias", (full_out,), fill=0.0)
+        m.in_channels, m.out_channels = full_in, full_out
+    elif isinstance(m, nn.Linear):
+        new_param("weight", (full_out, full_in), init=kaiming)
+        new_param("bias", (full_out,), fill=0.0)
+        m.in_features, m.out_features = full_in, full_out
+    else:  # norm / per-channel: leading dims (switches) kept
+        c = full_in
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0),
+                           ("min_mean", 0.0), ("min_var", 1.0)):
+            t = m._parameters.get(name, m._buffers.get(name))
+            if t is not None and t.dim() >= 1 and t.shape[-1] != c:
+                new_param(name, (*t.shape[:-1], c), fill=fill)
+        for attr in ("num_features", "num_parameters"):
+            if hasattr(m, attr):
+                setattr(m, attr, c)
+    if hasattr(m, "_w_cache"):
+        m._w_cache.clear()
+        m._out_cache.clear()
+    track_data_writes(m)
+
+
+def _place(m, old: dict, geo):
+    """Copy the original tensors into the widened ones where the width-1.0 plan reads them."""
+    with torch.no_grad():
+        if isinstance(m, SlimMixin):
+            if isinstance(m, SlimWeightNormConv2d):
+                pl = m.parametrizations.weight
+                targets = {"weight": pl.original1, "g": pl.original0}
+            else:
+                targets = {"weight": m._parameters.get("weight")}
+            targets["bias"] = m._parameters.get("bias")
+            for k, dst in targets.items():
+                src = old.get(k)
+                if src is None or dst is None:
+                    continue
+                rows = torch.as_tensor(geo.out_idx) if geo.out_idx is not None else torch.arange(src.shape[0])
+                rows = rows.to(dst.device)
+                if k == "weight":
+                    block = dst.index_select(0, rows)
+                    if geo.in_idx is None:
+                        block[:, :src.shape[1]] = src
+                    elif geo.in_idx.ndim == 1:
+                        block[:, torch.as_tensor(geo.in_idx)] = src
+                    else:  # constant group count: each output row's columns within its own group
+                        g = geo.in_idx.shape[0]
+                        per_rows = block.shape[0] // g
+                        for gi in range(g):
+                            sl = slice(gi * per_rows, (gi + 1) * per_rows)
+                            block[sl, torch.as_tensor(geo.in_idx[gi])] = src[sl]
+                    dst.index_copy_(0, rows, block)
+                else:
+                    dst.index_copy_(0, rows, src)
+        else:
+            idx = torch.as_tensor(geo.idx) if geo.idx is not None else None
+            for k, src in old.items():
+                dst = m._parameters.get(k, m._buffers.get(k))
+                if dst is None or src.dim() == 0:
+                    continue
+                if dst.shape == src.shape:
+                    dst.copy_(src)
+                    continue
+                cols = torch.arange(src.shape[-1]) if idx is None else idx
+                dst.index_copy_(dst.dim() - 1, cols.to(dst.device), src)
+
+
+# ---- channel groups (nonuniform widths) --------------------------------------------------------------------
 def channel_groups(model: nn.Module) -> dict[str, list[str]]:
     """Channel groups of a converted model: layers tied by residual adds / gating share one ratio.
 
-    Derived once with torch.fx (cached on the model) unless groups were declared at ``convert``. Each group is
-    named after its first layer (definition order); a layer not tied to others is its own group.
+    Derived from the channel graph at convert time unless groups were declared. Each group is named after its
+    first layer (definition order); a layer not tied to others is its own group.
 
     Returns:
         ``{group name: [layer names]}`` (fixed layers excluded).
 
     Raises:
-        ChannelGroupError: the model cannot be traced and no groups were declared (names the failing layer).
+        ChannelGroupError: the model could not be traced and no groups were declared (names the failing layer).
     """
     state = find_state(model)
     if state.groups is None:
-        leaf = {n for n, _ in slim_layers(model)}
-        gm = _trace(model, leaf)
-        names = state.layer_names
-        deciders = _deciders(model, leaf) & set(names)
-        _, ties = _channel_sources(gm, deciders, dict(model.named_modules()))
-        parent = {n: n for n in names}
-
-        def find(x):
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        order = {n: i for i, n in enumerate(names)}
-        for tie in ties:
-            members = sorted((t for t in tie if t in parent), key=order.get)
-            for other in members[1:]:
-                ra, rb = find(members[0]), find(other)
-                if ra != rb:
-                    parent[max(ra, rb, key=order.get)] = min(ra, rb, key=order.get)
-        state.groups = {n: find(n) for n in names}
+        if state.graphs:
+            state.groups = _groups_from_graphs(state)
+        else:
+            why = getattr(state, "trace_error", None) or "this model could not be traced at convert time"
+            raise ChannelGroupError(f"nonuniform widths need channel groups: {why}")
     out: dict[str, list[str]] = {}
     for layer, g in state.groups.items():
         out.setdefault(g, []).append(layer)

@@ -39,3 +39,20 @@ class UnsupportedModuleError(SlimError, TypeError):
 
 class ChannelGroupError(SlimError, RuntimeError):
     """Channel groups for nonuniform widths could not be derived (torch.fx failed) and none were declared."""
+
+
+class NotExactError(WidthError):
+    """A width at which the narrow net would not be a sub-network of the wide one with the model's own ops
+    (DESIGN rule 1): names the operation (concatenation, split, shuffle, grouped conv) and the width."""
+
+
+class CheckpointError(SlimError, RuntimeError):
+    """A checkpoint file that cannot be read (truncated, not a checkpoint) or does not fit the model."""
+
+
+class LossError(SlimError, ValueError):
+    """A loss returned to ``MultiWidthStep`` that it cannot reduce to one scalar (e.g. a dict without loss keys)."""
+
+
+class InvalidArgumentError(SlimError, ValueError):
+    """An argument outside its allowed values (names the value and what was allowed)."""

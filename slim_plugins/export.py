@@ -12,25 +12,33 @@ from torch.utils._pytree import tree_leaves
 
 from .context import find_state, width as width_ctx
 from .convert import slim_layers
-from .nn.norm import SlimBatchNorm2d
+from .nn.layers import Geo, SlimMixin
+from .nn.norm import BNGeo, SlimBatchNorm2d
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """A ``(1, C, 64, 64)`` (conv input) or ``(1, F)`` (linear input) tensor for the first layer."""
-    first = slim_layers(model)[0][1]
+    first = next(m for _, m in slim_layers(model) if isinstance(m, (nn.Conv2d, nn.Linear)))
     p = next(model.parameters())
     if isinstance(first, nn.Conv2d):
         return torch.zeros(1, first.in_channels, 64, 64, device=p.device, dtype=p.dtype)
     return torch.zeros(1, first.in_features, device=p.device, dtype=p.dtype)
 
 
+def layer_geometry(mod, a, inp) -> Geo | BNGeo:
+    """The geometry layer ``mod`` uses for input ``inp`` at configuration ``a``."""
+    c = inp.shape[-1] if isinstance(mod, nn.Linear) else inp.shape[1]
+    return mod.geometry(a, c)
+
+
 @torch.no_grad()
 def record_widths(model: nn.Module, w, example_input=None) -> dict:
     """Run one eval forward at width ``w`` and record each slim layer's active channels.
 
-    Returns ``{layer: record}`` where a record holds ``in``, ``out``, ``groups`` and ``src`` (the layer whose
-    output tensor this layer consumed directly, used for BN fusion).
+    Returns ``{layer: record}`` where a record holds ``geo`` (the layer's geometry), ``in``, ``out``, ``groups``
+    and ``src`` (the layer whose output tensor this layer consumed directly, used for BN fusion).
     """
+    a = find_state(model).resolve(w)
     x = default_example_input(model) if example_input is None else example_input
     recs: dict = {}
     produced: dict = {}  # id(output tensor) -> layer; outputs are kept alive in `keep` so ids stay unique
@@ -42,7 +50,10 @@ def record_widths(model: nn.Module, w, example_input=None) -> dict:
 
     def hook(mod, args, out):
         inp = args[0]
-        r = mod.record(inp, out)
+        geo = layer_geometry(mod, a, inp)
+        r = {"geo": geo, "in": inp.shape[-1] if isinstance(mod, nn.Linear) else inp.shape[1],
+             "out": out.shape[-1] if isinstance(mod, nn.Linear) else out.shape[1],
+             "groups": getattr(geo, "groups", 1)}
         r["src"] = produced.get(id(inp))
         r["src_uses"] = 0
         recs.setdefault(mod, r)
@@ -117,9 +128,8 @@ def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -
     new_mods: dict[str, nn.Module] = {}
     for name, m in slim_layers(model):
         r = rec_by_name.get(name)
-        if r is None:  # never called in forward: keep it at the width's channel count with full inputs
-            r = _unused_record(m, a)
-        new_mods[name] = m.to_plain(r, a) if isinstance(m, SlimBatchNorm2d) else m.to_plain(r)
+        geo = r["geo"] if r is not None else _unused_geo(m, a)  # never called: the width's count, full inputs
+        new_mods[name] = m.to_plain(geo, a)
     if fuse_bn:
         for bn, r in recs.items():
             src = r["src"]
@@ -136,12 +146,14 @@ def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -
     return plain.eval()
 
 
-def _unused_record(m, a):
-    if isinstance(m, SlimBatchNorm2d):
-        c = m.num_features
-        return {"in": c, "out": c, "groups": 1}
-    full_in = m.weight.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1)
-    return {"in": full_in, "out": m.active_out(a, m.weight.shape[0]), "groups": getattr(m, "groups", 1)}
+def _unused_geo(m, a):
+    if not isinstance(m, SlimMixin):
+        return BNGeo(m.num_features if hasattr(m, "num_features") else m.weight.shape[-1])
+    w = m._wb()[0]
+    groups = getattr(m, "groups", 1)
+    full_in = w.shape[1] * groups
+    out = m.active_out(a, w.shape[0])
+    return Geo(out, full_in, groups, out == w.shape[0])
 
 
 def _fuse(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:

@@ -12,8 +12,11 @@ from typing import Callable
 from torch import nn
 
 _CONVERTERS: dict[type, type] = {}
-# Module types that carry parameters but never depend on channel width (left untouched by convert).
+# Module types that carry parameters or buffers but never depend on channel width (left untouched by convert).
 _PASSTHROUGH: set[type] = set()
+# Module types torch.fx should not trace into (their forward is not traceable) and functions it should wrap.
+_FX_LEAVES: set[type] = set()
+_FX_AUTOWRAP: set = set()
 _ADAPTERS_TRIED: set[str] = set()
 
 
@@ -34,8 +37,27 @@ def register(source_type: type, slim_type: type | None = None):
 
 
 def register_passthrough(source_type: type) -> None:
-    """Declare a parametric module type that is width-independent (e.g. a scalar gain)."""
+    """Declare a module type with parameters or buffers that is width-independent (e.g. a scalar gain)."""
     _PASSTHROUGH.add(source_type)
+
+
+def register_fx_leaf(module_type: type) -> None:
+    """Declare a module type that the channel analysis treats as one op (not traced into). It must keep the
+    channel dim (``(N, C, ...)`` in and out), like a pooling layer whose forward fx cannot trace."""
+    _FX_LEAVES.add(module_type)
+
+
+def register_fx_autowrap(fn) -> None:
+    """Declare a function that fx records as one call instead of tracing into it (e.g. timm's ``pad_same``)."""
+    _FX_AUTOWRAP.add(fn)
+
+
+def fx_leaves() -> tuple:
+    return tuple(_FX_LEAVES)
+
+
+def fx_autowrap() -> tuple:
+    return tuple(_FX_AUTOWRAP)
 
 
 def lookup(module_type: type) -> type | None:

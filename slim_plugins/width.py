@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import random
 from typing import Iterable, Sequence
 
@@ -37,6 +38,17 @@ def _canon(w: float) -> float:
     return round(float(w), 6)
 
 
+def _number(w, what: str = "width") -> float:
+    """``w`` as a canonical float; strings, booleans and non-numbers raise :class:`WidthError`."""
+    if isinstance(w, (bool, str, bytes)) or not isinstance(w, numbers.Real):
+        if not (hasattr(w, "item") and getattr(w, "ndim", 1) == 0 and not isinstance(w, (bool, str))):
+            raise WidthError(f"{what} must be a number (a width multiplier such as 0.5), got {w!r}")
+        w = w.item()
+        if isinstance(w, bool):
+            raise WidthError(f"{what} must be a number (a width multiplier such as 0.5), got {w!r}")
+    return _canon(w)
+
+
 @dataclasses.dataclass(frozen=True)
 class WidthSpec:
     """The set of widths a slimmable model can run at.
@@ -63,7 +75,10 @@ class WidthSpec:
         Raises:
             WidthError: empty list, duplicates, or a non-positive width.
         """
-        ws = [float(w) for w in widths]
+        try:
+            ws = [_number(w, "switch width") for w in widths]
+        except TypeError:
+            raise WidthError(f"switches must be a list of width multipliers, got {widths!r}") from None
         if not ws:
             raise WidthError("switch list is empty; give at least one width multiplier, e.g. [0.25, 0.5, 1.0]")
         bad = [w for w in ws if not (w > 0 and math.isfinite(w))]
@@ -84,7 +99,7 @@ class WidthSpec:
         Raises:
             WidthError: ``lo`` not in ``(0, hi]``.
         """
-        lo, hi = _canon(lo), _canon(hi)
+        lo, hi = _number(lo, "range lower bound"), _number(hi, "range upper bound")
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise WidthError(f"width range must satisfy 0 < lo <= hi, got lo={lo}, hi={hi}")
         _check_divisor(divisor)
@@ -122,10 +137,7 @@ class WidthSpec:
         Raises:
             WidthError: ``w`` is not in the switch list / outside the range.
         """
-        try:
-            c = _canon(w)
-        except (TypeError, ValueError):
-            raise WidthError(f"width must be a number, got {w!r}") from None
+        c = _number(w)
         if self.is_switches:
             if c not in self.widths:
                 raise WidthError(f"width {w} is not a switch of this S-Net; allowed switches: {list(self.widths)}")
@@ -137,15 +149,16 @@ class WidthSpec:
         """Index of switch ``w`` (S-Nets); raises :class:`WidthError` for a width not in the list."""
         return self.widths.index(self.validate(w))
 
-    def channels(self, base: int, w: float) -> int:
-        """Active channels of a layer with ``base`` channels at 1.0x, at width ``w``.
+    def channels(self, base: int, w: float, multiple: int = 1) -> int:
+        """Active channels of a layer with ``base`` channels at 1.0x, at width ``w``: ``make_divisible(base * w)``
+        with the spec's divisor, or ``lcm(divisor, multiple)`` where the count must split into equal runs.
 
         ``w == 1.0`` returns ``base`` exactly, so the 1.0x network equals the original even when ``base`` is not
         a multiple of ``divisor``.
         """
         if w == 1.0:
             return base
-        return make_divisible(base * w, self.divisor)
+        return make_divisible(base * w, math.lcm(self.divisor, int(multiple)))
 
     def grid(self, step: float) -> list[float]:
         """Evenly spaced widths from min to max (inclusive) for evaluation sweeps (US paper, Fig. 3)."""

@@ -165,3 +165,38 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def mad():
     return max_abs_diff
+
+
+def masked_reference(model, w, x):
+    """Output of the *full-width* model whose every conv/linear reads only the input channels the width-``w``
+    sub-network uses (the others zeroed), from ``slim.active_channels``. If the narrow net is an exact
+    sub-network (DESIGN rule 1), its output equals this. Needs a BN mode whose statistics are shared across
+    widths (``naive``), so both see the same normalisation."""
+    import copy
+
+    import slim_plugins as slim
+
+    chans = slim.active_channels(model, w)
+    ref = copy.deepcopy(model).eval()
+    mods = dict(ref.named_modules())
+    for name, (cin, _) in chans.items():
+        m = mods[name]
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        full_in = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+        mask = torch.zeros(full_in, dtype=x.dtype)
+        mask[cin] = 1
+
+        def pre(mod, args, mask=mask):
+            t = args[0]
+            return (t * mask.view(1, -1, *([1] * (t.dim() - 2))),)
+
+        m.register_forward_pre_hook(pre)
+    spec = slim.context.find_state(ref).spec
+    with torch.no_grad(), slim.width(spec.max):
+        return ref(x)
+
+
+@pytest.fixture
+def masked_ref():
+    return masked_reference

@@ -61,17 +61,25 @@ def test_depthwise_follows_input(mad):
     assert mad(y, F.conv2d(x, dw.weight[:24], dw.bias[:24], padding=1, groups=12)) <= 1e-6
 
 
-def test_group_conv_keeps_groups(mad):
-    g = nn.Conv2d(32, 64, 3, padding=1, groups=4)
-    model = _convert_pair(g, nn.Conv2d(64, 4, 1), slim.WidthSpec.range(0.25, 1.0))
-    layer = model[0]
-    x = torch.randn(2, 16, 8, 8)
-    with slim.width(0.5):
-        y = layer(x)
-    assert y.shape[1] == 32
-    assert mad(y, F.conv2d(x, g.weight[:32, :4], g.bias[:32], padding=1, groups=4)) <= 1e-6
-    with slim.width(0.5), pytest.raises(ValueError, match="divisible by groups=4"):
-        layer(torch.randn(1, 18, 8, 8))
+def test_group_conv_slims_every_group(mad):
+    """Constant group count (the default, the official S-ShuffleNet): each of the G=4 groups keeps its own first
+    channels, so every output channel meets the same weights as at full width (not W[:out, :in/G])."""
+    c0, g = nn.Conv2d(3, 32, 1), nn.Conv2d(32, 64, 3, padding=1, groups=4)
+    model = slim.convert(nn.Sequential(c0, g, nn.Conv2d(64, 4, 1)), slim.WidthSpec.range(0.25, 1.0))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), slim.width(0.5):
+        h = model[1](model[0](x))
+    assert h.shape[1] == 32
+    sel0 = torch.cat([torch.arange(4) + 8 * k for k in range(4)])     # 4 of each input group of 8
+    sel1 = torch.cat([torch.arange(8) + 16 * k for k in range(4)])    # 8 of each output group of 16
+    ref = F.conv2d(F.conv2d(x, c0.weight[sel0], c0.bias[sel0]), g.weight[sel1][:, :4], g.bias[sel1], padding=1,
+                   groups=4)
+    assert mad(h, ref) <= 1e-5
+    # the same channels of the full conv, fed the full input with the inactive channels zeroed
+    mask = torch.zeros(32)
+    mask[sel0] = 1
+    full = F.conv2d(F.conv2d(x, c0.weight, c0.bias) * mask.view(1, -1, 1, 1), g.weight, g.bias, padding=1, groups=4)
+    assert mad(h, full[:, sel1]) <= 1e-5
 
 
 @pytest.mark.parametrize("w", [0.25, 0.5, 1.0])

@@ -39,9 +39,9 @@ class SlimBatchNormAct2d(SlimBatchNorm2d):
     def forward(self, x):
         return self.act(self.drop(super().forward(x)))
 
-    def to_plain(self, rec, a) -> nn.Module:
-        w, b, mean, var = self.plain_state(rec, a)
-        p = BatchNormAct2d(rec["in"], eps=self.eps, momentum=self.momentum, affine=self.affine,
+    def to_plain(self, g, a) -> nn.Module:
+        w, b, mean, var = self.plain_state(g, a)
+        p = BatchNormAct2d(g.c, eps=self.eps, momentum=self.momentum, affine=self.affine,
                            track_running_stats=self.track_running_stats, act_layer=nn.Identity,
                            device=self._dev(), dtype=self._dtype())
         p.drop, p.act = copy.deepcopy(self.drop), copy.deepcopy(self.act)
@@ -57,9 +57,9 @@ class SlimConv2dSame(SlimConv2d):
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         return super().forward(x)
 
-    def to_plain(self, rec) -> nn.Module:
-        w, b = self.plain_weights(rec)
-        p = Conv2dSame(rec["in"], rec["out"], self.kernel_size, self.stride, 0, self.dilation, rec["groups"],
+    def to_plain(self, geo, a=None) -> nn.Module:
+        w, b = self.plain_weights(geo)
+        p = Conv2dSame(geo.in_c, geo.out_c, self.kernel_size, self.stride, 0, self.dilation, geo.groups,
                        b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             p.weight.copy_(w)
@@ -72,9 +72,9 @@ class SlimConv2dSame(SlimConv2d):
 class SlimTimmLinear(SlimLinear):
     """Width-switchable timm ``Linear`` (MobileNetV3 / EfficientNet heads); exports as timm's ``Linear``."""
 
-    def to_plain(self, rec) -> nn.Module:
-        w, b = self.plain_weights(rec)
-        p = TimmLinear(rec["in"], rec["out"], b is not None, device=w.device, dtype=w.dtype)
+    def to_plain(self, geo, a=None) -> nn.Module:
+        w, b = self.plain_weights(geo)
+        p = TimmLinear(geo.in_c, geo.out_c, b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             p.weight.copy_(w)
             if b is not None:
@@ -196,3 +196,8 @@ for _base in PAPER_SWITCHES:
         _f = _entry(_base, _kind)
         globals()[_f.__name__] = register_model(_f)
         __all__.append(_f.__name__)
+
+from . import shufflenet  # noqa: E402,F401  (registers shufflenet_v1_g3 and s_shufflenet_g3 with timm)
+from .shufflenet import ShuffleNetV1, s_shufflenet_g3, shufflenet_v1_g3  # noqa: E402,F401
+
+__all__ += ["ShuffleNetV1", "s_shufflenet_g3", "shufflenet_v1_g3"]

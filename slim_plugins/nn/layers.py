@@ -1,21 +1,71 @@
 """Width-switchable Conv2d / Linear.
 
-Rule (DESIGN.md, rule 1): a layer reads its active *input* channels from the tensor it receives and computes its
-active *output* channels as ``make_divisible(base_out * ratio)``; fixed layers keep all output channels. Weights
-are sliced as ``W[:out, :in]`` (the first channels are the slim sub-network, Slimmable Networks Section 3).
+Rule (DESIGN.md, rule 1): at a width every tensor carries a known selection of its full-width channels and a
+layer uses exactly the weights connecting its input selection to its output selection. For traced models the
+selections come from the channel plan (:mod:`slim_plugins.graph`): a prefix is sliced (``W[:out, :in]``, the fast
+path), any other selection is gathered by index. For untraced layers the legacy prefix rule applies: the input
+tensor decides the in-channels, ``make_divisible(base_out * ratio)`` the out-channels.
+
+Grouped convolutions (1 < groups < in_channels) follow one of two conventions (``group_mode``):
+
+- ``"groups"`` (default): constant group count, every group slimmed by the same ratio (the official S-ShuffleNet,
+  Slimmable Networks Table 3): group ``g`` uses its own first channels (per-group prefix).
+- ``"width"``: constant group width, the group count scales with the width (RegNet / ResNeXt). Depthwise
+  convolutions are this convention with group width 1.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from ..errors import WidthError
+from ..context import CarriesWidth
+from ..errors import NotExactError, WidthError
 from ..registry import register
 
+GROUP_MODES = ("groups", "width")
 
-class SlimMixin:
-    """State shared by all width-switchable layers.
+
+class Geo:
+    """Geometry of one layer call at one width (from the channel plan or the legacy prefix rule).
+
+    Attributes:
+        out_c / in_c: active output / input channels. groups: runtime group count. full: the whole weight is used.
+        scale: output-averaging factor or ``None``. out_idx / in_idx: numpy index arrays where the selection is not
+        a prefix (``in_idx`` is ``(G, in_c // G)`` for a conv with constant group count), else ``None``.
+        in_sel / out_sel: full selections (numpy) for export and BN statistics, ``None`` for a prefix.
+    """
+
+    __slots__ = ("out_c", "in_c", "groups", "full", "scale", "out_idx", "in_idx", "_dev")
+
+    def __init__(self, out_c, in_c, groups, full, scale=None, out_idx=None, in_idx=None):
+        self.out_c, self.in_c, self.groups, self.full, self.scale = out_c, in_c, groups, full, scale
+        self.out_idx, self.in_idx = out_idx, in_idx
+        self._dev: dict = {}
+
+    def index(self, which: str, device) -> torch.Tensor | None:
+        """``out_idx`` / ``in_idx`` as a LongTensor on ``device`` (cached)."""
+        arr = self.out_idx if which == "out" else self.in_idx
+        if arr is None:
+            return None
+        key = (which, device)
+        t = self._dev.get(key)
+        if t is None:
+            t = torch.as_tensor(arr, dtype=torch.long, device=device)
+            self._dev[key] = t
+        return t
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.out_idx is None and self.in_idx is None
+
+
+class SlimMixin(CarriesWidth):
+    """State shared by all width-switchable conv/linear layers.
 
     Attributes:
         slim_name: qualified name of the layer in the converted model.
@@ -25,19 +75,23 @@ class SlimMixin:
 
     slim_name: str
     fixed_out: bool
+    _slim_slot: int = -1
     #: Output channels are rounded in units of ``channel_unit``: ``unit * make_divisible(base_out / unit * r)``.
     #: An adapter sets it on expansion convs whose 1.0x output is ``unit`` x their input (MobileNetV2's 6x), so
-    #: the expansion stays ``unit`` x the rounded input at every width, as timm's channel multiplier and the
-    #: official US-MobileNetV2 (``ratio=[1, expand_ratio]``) compute it.
+    #: the expansion stays ``unit`` x the rounded input at every width.
     channel_unit: int = 1
+    #: The output count is a multiple of ``channel_multiple``: the channel analysis sets it where a grouped conv,
+    #: a shuffle or a ``chunk`` needs equal runs (rounding with divisor ``lcm(divisor, multiple)``).
+    channel_multiple: int = 1
 
     def _init_slim(self, name, state, fixed_out, base_out):
         self._slim_state = state
         self.slim_name = name
         self.fixed_out = bool(fixed_out)
         self.base_out = int(base_out)
-        self._out_cache: dict = {}  # ratio -> out channels, and (Active, in_c) -> geometry of a call
+        self._out_cache: dict = {}  # ratio -> out channels, and (Active, in_c) -> legacy geometry
         self._w_cache: dict = {}
+        self._slim_slot = -1
 
     def active_out(self, active, full: int) -> int:
         """Active output channels for configuration ``active`` (capped at the stored ``full``)."""
@@ -46,10 +100,15 @@ class SlimMixin:
         r = active.ratio(self.slim_name)
         c = self._out_cache.get(r)
         if c is None:
-            u = self.channel_unit
-            c = min(full, u * self._slim_state.spec.channels(self.base_out // u, r))
+            u, m = self.channel_unit, self.channel_multiple
+            c = min(full, u * self._slim_state.spec.channels(self.base_out // u, r, m // math.gcd(m, u)))
             self._remember(r, c)
         return c
+
+    def count_step(self) -> int:
+        """The rounding step of this layer's output count (for the planner's fallback to the next count)."""
+        u, m = self.channel_unit, self.channel_multiple
+        return u * math.lcm(self._slim_state.spec.divisor, m // math.gcd(m, u))
 
     def _remember(self, key, value):
         # US-Nets train at ever new random widths: keep the per-width caches bounded.
@@ -59,38 +118,118 @@ class SlimMixin:
 
     def _wb(self):
         """``(weight, bias)`` read from ``_parameters`` (``self.weight`` goes through ``nn.Module.__getattr__``,
-        which costs more per call than a batch-1 BN kernel); weight-normed layers fall back to the attribute."""
+        which costs more per call than a batch-1 BN kernel); weight-normed layers compute theirs."""
         p = self._parameters
         w = p.get("weight")
         if w is None:
             return self.weight, self.bias
         return w, p.get("bias")
 
-    def _sliced(self, out_c: int, in_c: int, partial: bool = False):
-        """``(weight[:out_c, :in_c], bias[:out_c])``; contiguous copies cached per shape when no grad is needed.
-        ``partial``: the caller knows the slice is not the whole weight (skips the shape check)."""
+    def geometry(self, a, in_c: int) -> Geo:
+        """The geometry of a call at configuration ``a`` with an input of ``in_c`` channels."""
+        geos = a.geo
+        if geos is not None and self._slim_slot >= 0:
+            g = geos[self._slim_slot]
+            if g is not None:
+                if g.in_c == in_c:
+                    return g
+                if not g.is_prefix:
+                    raise NotExactError(
+                        f"{self.slim_name}: at width {a.key} the channel plan expects {g.in_c} input channels, "
+                        f"got {in_c}: the forward took a path that was not traced at convert time")
+        geo = self._out_cache.get((a, in_c))
+        if geo is None:
+            geo = self._legacy_geometry(a, in_c)
+            self._remember((a, in_c), geo)
+        return geo
+
+    def _weights(self, geo: Geo):
+        """``(weight, bias)`` for ``geo``; contiguous copies cached per geometry when no grad is needed."""
         w, b = self._wb()
-        if not partial and out_c == w.shape[0] and in_c == w.shape[1]:
+        if geo.full:
             return w, b
         if torch.is_grad_enabled() and w.requires_grad:
-            return w[:out_c, :in_c], (b[:out_c] if b is not None else None)
+            return self._select(w, b, geo)
         # Fast dynamic inference (DESIGN rule 7): reuse the contiguous slice until the parameters change.
+        # Parameters of converted layers report `.data` writes on their own version counter (SlimParameter).
         version = (w._version, w.data_ptr(), None if b is None else b._version)
-        hit = self._w_cache.get((out_c, in_c))
+        hit = self._w_cache.get(geo)
         if hit is not None and hit[0] == version:
             return hit[1], hit[2]
-        ws = w[:out_c, :in_c].contiguous()
-        bs = b[:out_c].contiguous() if b is not None else None
+        with torch.no_grad():
+            ws, bs = self._select(w, b, geo)
+            ws = ws.contiguous()
+            bs = bs.contiguous() if bs is not None else None
         if len(self._w_cache) >= 8:
             self._w_cache.clear()
-        self._w_cache[(out_c, in_c)] = (version, ws, bs)
+        self._w_cache[geo] = (version, ws, bs)
         return ws, bs
+
+    def _select(self, w, b, geo: Geo):
+        """The weight rows/columns of ``geo`` (views where prefixes, index gathers elsewhere)."""
+        oi = geo.index("out", w.device)
+        ws = w[:geo.out_c] if oi is None else w.index_select(0, oi)
+        bs = None if b is None else (b[:geo.out_c] if oi is None else b.index_select(0, oi))
+        ii = geo.index("in", w.device)
+        if ii is None:
+            per = geo.in_c // geo.groups
+            if per != ws.shape[1]:
+                ws = ws[:, :per]
+        elif ii.dim() == 1:
+            ws = ws.index_select(1, ii)
+        else:  # constant group count: each output row reads the columns of its own group
+            g, per = ii.shape
+            rows = ws.shape[0] // g
+            idx = ii.repeat_interleave(rows, 0).view(ws.shape[0], per, *([1] * (ws.dim() - 2)))
+            ws = torch.gather(ws, 1, idx.expand(-1, -1, *ws.shape[2:]))
+        return ws, bs
+
+    def geometry_from_plan(self, ls, full_in: int) -> Geo:
+        """Build a :class:`Geo` from a plan entry (``slim_plugins.graph.LayerSel``)."""
+        si, so = ls.sel_in, ls.sel_out
+        w = self._wb()[0]
+        groups = ls.groups
+        out_idx = None if so.prefix else so.idx
+        in_idx = None
+        role = ls.call.role
+        if role == "gdecider":
+            g = groups
+            per_full = w.shape[1]
+            local = si.idx.reshape(g, -1) - (np.arange(g, dtype=np.int64) * per_full)[:, None]
+            if not np.all(local == np.arange(local.shape[1], dtype=np.int64)[None, :]):
+                in_idx = local
+        elif role in ("decider", "fixed"):
+            if not si.prefix:
+                in_idx = si.idx
+        # dw / gwidth: the columns are each group's own channels in order (the plan checks it)
+        full = so.n == w.shape[0] and si.n == full_in and out_idx is None and in_idx is None
+        scale = None
+        if getattr(self, "averaging", False) and si.n != full_in:
+            scale = full_in / si.n
+        return Geo(so.n, si.n, groups, full, scale, out_idx, in_idx)
 
     def __getstate__(self):
         d = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
         d = dict(d)
         d["_w_cache"] = {}
+        d["_out_cache"] = {}
         return d
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        track_data_writes(self)  # unpickled parameters are plain Parameters again
+
+    # -- export -----------------------------------------------------------------------------------------------
+    def plain_weights(self, geo: Geo):
+        """Selected ``(weight, bias)`` of the plain layer (output averaging folded in)."""
+        with torch.no_grad():
+            w, b = self._wb()
+            ws, bs = self._select(w.detach(), None if b is None else b.detach(), geo)
+            ws = ws.clone()
+            bs = bs.clone() if bs is not None else None
+            if geo.scale is not None:
+                ws, bs = ws * geo.scale, (bs * geo.scale if bs is not None else None)
+        return ws, bs
 
 
 @register(nn.Conv2d)
@@ -98,138 +237,220 @@ class SlimConv2d(SlimMixin, nn.Conv2d):
     """Width-switchable ``nn.Conv2d``: normal, group, depthwise and dilated convolutions.
 
     Input ``(N, C_in_active, H, W)`` -> output ``(N, C_out_active, H', W')``. Depthwise convolutions
-    (``groups == in_channels``) follow their input (``C_out = multiplier * C_in_active``); group convolutions keep
-    their group count and slice ``W[:out, :in/groups]``. With ``output_averaging`` the output of a
-    non-depthwise conv is scaled by ``C_in_full / C_in_active`` (US-Nets paper, "US-MobileNet v1 +").
+    (``groups == in_channels``) follow their input (``C_out = multiplier * C_in_active``); grouped convolutions
+    follow ``group_mode`` (module docstring). With ``output_averaging`` the output of a non-depthwise conv is
+    scaled by ``C_in_full / C_in_active`` (US-Nets paper, "US-MobileNet v1 +").
 
     Raises:
-        WidthError: active channels of a group conv not divisible by its groups (pick a divisor that is a
-            multiple of the group count).
+        WidthError: active channels of a grouped conv not divisible by its groups (untraced models; traced models
+            get whole groups from the channel plan).
     """
+
+    group_mode: str = "groups"
 
     @classmethod
     def from_module(cls, m: nn.Conv2d, name, state, fixed_out):
         new = cls.__new__(cls)
-        new.__dict__.update(m.__dict__)  # shares parameters, buffers and hooks: no copy
+        _share(new, m)
         new._init_slim(name, state, fixed_out, m.out_channels)
         new.depthwise = m.groups > 1 and m.groups == m.in_channels
         new.dw_multiplier = m.out_channels // m.groups if new.depthwise else 1
         new.averaging = bool(state.output_averaging) and not new.depthwise
+        new.group_mode = getattr(m, "slim_group_mode", "groups")
         return new
 
-    def channels_for(self, active, in_c: int):
-        """``(out_channels, groups)`` at ``active`` for an input with ``in_c`` channels."""
+    def channel_role(self) -> dict:
+        """How the channel analysis treats this conv (see :mod:`slim_plugins.graph`)."""
         if self.depthwise:
-            return in_c * self.dw_multiplier, in_c
-        return self.active_out(active, self.weight.shape[0]), self.groups
+            return {"role": "dw", "mult": self.dw_multiplier}
+        if self.groups > 1:
+            if self.group_mode == "width":
+                return {"role": "gwidth", "gw": (self.in_channels // self.groups, self.out_channels // self.groups)}
+            return {"role": "fixed" if self.fixed_out else "gdecider", "groups": self.groups}
+        return {"role": "fixed" if self.fixed_out else "decider"}
 
-    def _geometry(self, a, in_c: int):
-        """``(out_c, groups, full, scale)`` of a call at ``a`` with ``in_c`` input channels, cached per call
-        configuration (DESIGN rule 7: per-call Python work stays at a few dict lookups)."""
-        out_c, groups = self.channels_for(a, in_c)
+    def _legacy_geometry(self, a, in_c: int) -> Geo:
+        """Prefix rule for calls outside the channel plan (untraced models)."""
+        w = self._wb()[0]
+        if self.depthwise:
+            out_c, groups = in_c * self.dw_multiplier, in_c
+        elif self.groups > 1 and self.group_mode == "width":
+            out_c, groups = in_c // w.shape[1] * (self.out_channels // self.groups), in_c // w.shape[1]
+        else:
+            out_c, groups = self.active_out(a, w.shape[0]), self.groups
         if groups > 1 and not self.depthwise and (in_c % groups or out_c % groups):
             raise WidthError(f"{self.slim_name}: active channels in={in_c}, out={out_c} must be divisible by "
                              f"groups={groups}")
-        w = self._wb()[0]
         full = out_c == w.shape[0] and in_c // groups == w.shape[1]
-        full_in = w.shape[1] * groups
+        full_in = w.shape[1] * self.groups
         scale = full_in / in_c if self.averaging and in_c != full_in else None
-        geo = (out_c, groups, full, scale)
-        self._remember((a, in_c), geo)
-        return geo
+        return Geo(out_c, in_c, groups, full, scale)
 
     def forward(self, x):
-        a = self._slim_state.active()
-        in_c = x.shape[1]
-        geo = self._out_cache.get((a, in_c))
-        if geo is None:
-            geo = self._geometry(a, in_c)
-        out_c, groups, full, scale = geo
-        w, b = self._wb() if full else self._sliced(out_c, in_c // groups, True)
+        a = self._slim_state.active(self._dp_width)
+        geo = self.geometry(a, x.shape[1])
+        w, b = self._weights(geo)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            y = F.conv2d(x, w, b, self.stride, 0, self.dilation, groups)
+            y = F.conv2d(x, w, b, self.stride, 0, self.dilation, geo.groups)
         else:
-            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
-        if scale is not None:
-            y = y * scale
+            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, geo.groups)
+        if geo.scale is not None:
+            y = y * geo.scale
         return y
 
-    def plain_weights(self, rec):
-        """Sliced ``(weight, bias)`` of the plain layer for a recorded call (averaging folded in)."""
-        in_c, out_c, groups = rec["in"], rec["out"], rec["groups"]
-        w = self.weight.detach()[:out_c, : in_c // groups].clone()
-        b = self.bias.detach()[:out_c].clone() if self.bias is not None else None
-        if self.averaging and in_c != self.weight.shape[1] * groups:
-            s = self.weight.shape[1] * groups / in_c
-            w, b = w * s, (b * s if b is not None else None)
-        return w, b
-
-    def to_plain(self, rec) -> nn.Module:
-        w, b = self.plain_weights(rec)
-        p = nn.Conv2d(rec["in"], rec["out"], self.kernel_size, self.stride, self.padding, self.dilation,
-                      rec["groups"], b is not None, self.padding_mode, device=w.device, dtype=w.dtype)
+    def to_plain(self, geo: Geo, a=None) -> nn.Module:
+        w, b = self.plain_weights(geo)
+        p = nn.Conv2d(geo.in_c, geo.out_c, self.kernel_size, self.stride, self.padding, self.dilation,
+                      geo.groups, b is not None, self.padding_mode, device=w.device, dtype=w.dtype)
         _assign(p, w, b)
         return p
-
-    def record(self, x, y):
-        return {"in": x.shape[1], "out": y.shape[1], "groups": x.shape[1] if self.depthwise else self.groups}
 
 
 @register(nn.Linear)
 class SlimLinear(SlimMixin, nn.Linear):
     """Width-switchable ``nn.Linear``: input ``(..., F_in_active)`` -> output ``(..., F_out_active)``.
 
-    A flatten of ``(N, C, H, W)`` keeps channel-major order, so ``W[:, :C_active*H*W]`` is the right slice.
+    A flatten of ``(N, C, H, W)`` keeps channel-major order; the channel plan expands the input selection by
+    ``H*W`` (legacy rule: ``W[:, :C_active*H*W]``).
     """
 
     @classmethod
     def from_module(cls, m: nn.Linear, name, state, fixed_out):
         new = cls.__new__(cls)
-        new.__dict__.update(m.__dict__)
+        _share(new, m)
         new._init_slim(name, state, fixed_out, m.out_features)
         new.averaging = bool(state.output_averaging)
         return new
 
-    def _geometry(self, a, in_c: int):
+    def channel_role(self) -> dict:
+        return {"role": "fixed" if self.fixed_out else "decider"}
+
+    def _legacy_geometry(self, a, in_c: int) -> Geo:
         w = self._wb()[0]
         out_c = self.active_out(a, w.shape[0])
         full = out_c == w.shape[0] and in_c == w.shape[1]
         scale = w.shape[1] / in_c if self.averaging and in_c != w.shape[1] else None
-        geo = (out_c, 1, full, scale)
-        self._remember((a, in_c), geo)
-        return geo
+        return Geo(out_c, in_c, 1, full, scale)
 
     def forward(self, x):
-        a = self._slim_state.active()
-        in_c = x.shape[-1]
-        geo = self._out_cache.get((a, in_c))
-        if geo is None:
-            geo = self._geometry(a, in_c)
-        out_c, _, full, scale = geo
-        w, b = self._wb() if full else self._sliced(out_c, in_c, True)
+        a = self._slim_state.active(self._dp_width)
+        geo = self.geometry(a, x.shape[-1])
+        w, b = self._weights(geo)
         y = F.linear(x, w, b)
-        if scale is not None:
-            y = y * scale
+        if geo.scale is not None:
+            y = y * geo.scale
         return y
 
-    def plain_weights(self, rec):
-        in_c, out_c = rec["in"], rec["out"]
-        w = self.weight.detach()[:out_c, :in_c].clone()
-        b = self.bias.detach()[:out_c].clone() if self.bias is not None else None
-        if self.averaging and in_c != self.weight.shape[1]:
-            s = self.weight.shape[1] / in_c
-            w, b = w * s, (b * s if b is not None else None)
-        return w, b
-
-    def to_plain(self, rec) -> nn.Module:
-        w, b = self.plain_weights(rec)
-        p = nn.Linear(rec["in"], rec["out"], b is not None, device=w.device, dtype=w.dtype)
+    def to_plain(self, geo: Geo, a=None) -> nn.Module:
+        w, b = self.plain_weights(geo)
+        p = nn.Linear(geo.in_c, geo.out_c, b is not None, device=w.device, dtype=w.dtype)
         _assign(p, w, b)
         return p
 
-    def record(self, x, y):
-        return {"in": x.shape[-1], "out": y.shape[-1], "groups": 1}
+
+class SlimWeightNormConv2d(SlimConv2d):
+    """A ``torch.nn.utils.parametrizations.weight_norm`` conv (BasicSR's WDSR): ``w = g * v / ||v||``.
+
+    At a width ``g`` is selected per output channel, ``v`` by rows and columns, and the norm is recomputed over the
+    active inputs, so the narrow layer is itself a weight-normed conv of the selected ``(g, v)``; exports as one.
+    The parameters stay where ``weight_norm`` put them (``parametrizations.weight.original0/1``), so
+    checkpoints keep their keys.
+    """
+
+    @classmethod
+    def from_module(cls, m, name, state, fixed_out):
+        plist = m.parametrizations["weight"]
+        wn = plist[0]
+        if len(plist) != 1 or type(wn).__name__ != "_WeightNorm" or getattr(wn, "dim", 0) != 0:
+            raise WidthError(f"layer {name!r}: only weight_norm(dim=0) parametrizations can be slimmed, got "
+                             f"{[type(p).__name__ for p in plist]}")
+        new = cls.__new__(cls)
+        _share(new, m)
+        new._init_slim(name, state, fixed_out, m.out_channels)
+        new.depthwise = m.groups > 1 and m.groups == m.in_channels
+        new.dw_multiplier = m.out_channels // m.groups if new.depthwise else 1
+        new.averaging = bool(state.output_averaging) and not new.depthwise
+        new.group_mode = getattr(m, "slim_group_mode", "groups")
+        return new
+
+    @property
+    def weight(self):
+        p = self._modules["parametrizations"]["weight"]
+        return torch._weight_norm(p.original1, p.original0, 0)
+
+    def _gv(self):
+        p = self._modules["parametrizations"]["weight"]
+        return p.original0, p.original1
+
+    def _wb(self):
+        return self.weight, self._parameters.get("bias")
+
+    def _weights(self, geo: Geo):
+        g, v = self._gv()
+        b = self._parameters.get("bias")
+        if geo.full:
+            return torch._weight_norm(v, g, 0), b
+        vs, bs = self._select(v, b, geo)
+        oi = geo.index("out", g.device)
+        gs = g[:geo.out_c] if oi is None else g.index_select(0, oi)
+        return torch._weight_norm(vs, gs, 0), bs
+
+    def plain_weights(self, geo: Geo):
+        raise NotImplementedError  # exported as a weight-normed conv (to_plain)
+
+    def to_plain(self, geo: Geo, a=None) -> nn.Module:
+        with torch.no_grad():
+            g, v = self._gv()
+            b = self._parameters.get("bias")
+            vs, bs = self._select(v.detach(), None if b is None else b.detach(), geo)
+            oi = geo.index("out", g.device)
+            gs = g.detach()[:geo.out_c] if oi is None else g.detach().index_select(0, oi)
+            if geo.scale is not None:  # averaging scales the whole output: fold it into g and the bias
+                gs, bs = gs * geo.scale, (bs * geo.scale if bs is not None else None)
+            p = nn.Conv2d(geo.in_c, geo.out_c, self.kernel_size, self.stride, self.padding, self.dilation,
+                          geo.groups, bs is not None, self.padding_mode, device=v.device, dtype=v.dtype)
+            if bs is not None:
+                p.bias.copy_(bs)
+            p = nn.utils.parametrizations.weight_norm(p)
+            p.parametrizations.weight.original0.copy_(gs)
+            p.parametrizations.weight.original1.copy_(vs)
+        return p
+
+
+class SlimParameter(nn.Parameter):
+    """A ``Parameter`` whose ``.data`` shares its version counter (``.detach()`` semantics).
+
+    ``p.data.mul_()`` (BasicSR's EMA, SB3's Polyak update) otherwise writes the storage through a tensor with a
+    version counter of its own, which the eval weight cache (DESIGN rule 7) cannot see. Converted layers switch
+    their parameters to this class in place (same object, same storage, optimizers unaffected).
+    """
+
+    @property
+    def data(self):
+        return self.detach()
+
+    @data.setter
+    def data(self, value):
+        torch._C.TensorBase.data.__set__(self, value)
+
+
+def track_data_writes(module: nn.Module) -> None:
+    """Switch the direct parameters of ``module`` to :class:`SlimParameter` (same objects)."""
+    for p in module._parameters.values():
+        if p is not None and type(p) is nn.Parameter:
+            p.__class__ = SlimParameter
+
+
+def _share(new: nn.Module, m: nn.Module) -> None:
+    """Let ``new`` use ``m``'s parameters, buffers, children and hooks without mutating ``m``'s containers."""
+    new.__dict__.update(m.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[key] = type(m.__dict__[key])(m.__dict__[key])
+
+
+def is_weight_normed(m: nn.Module) -> bool:
+    return parametrize.is_parametrized(m, "weight")
 
 
 def _assign(p: nn.Module, w, b):
@@ -237,3 +458,7 @@ def _assign(p: nn.Module, w, b):
         p.weight.copy_(w)
         if b is not None:
             p.bias.copy_(b)
+
+
+__all__ = ["Geo", "SlimMixin", "SlimConv2d", "SlimLinear", "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES",
+           "track_data_writes", "is_weight_normed"]

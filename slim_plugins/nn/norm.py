@@ -1,14 +1,23 @@
-"""Width-switchable BatchNorm2d in the forms of both papers.
+"""Width-switchable BatchNorm2d (and SyncBatchNorm) in the forms of both papers.
 
 Modes (DESIGN rule 3):
 
 - ``"switchable"``: S-BN, private ``gamma, beta, mean, var`` per switch, keyed by switch index (Slimmable Networks
-  Section 3.2). ``"switchable_shared"``: private statistics, shared ``gamma, beta`` (Table 6 ablation).
-- ``"us"``: shared ``gamma, beta`` sliced ``[:C]``; running statistics tracked during training for the max width
-  (the stock ``running_mean/var``) and the min width only; any other width uses post-statistics from
-  ``calibrate_bn`` (US-Nets Section 3.2), kept in a per-width cache saved with the model.
+  Section 3.2), with a private ``num_batches_tracked`` per switch. ``"switchable_shared"``: private statistics,
+  shared ``gamma, beta`` (Table 6 ablation).
+- ``"us"``: shared ``gamma, beta``; running statistics tracked during training for the max width (the stock
+  ``running_mean/var``) and the min width only; any other width uses post-statistics from ``calibrate_bn``
+  (US-Nets Section 3.2), kept per width in buffers (``post_keys``, ``post_mean``, ``post_var``) that
+  ``torch.save`` and safetensors both hold.
 - ``"naive"``: one shared BN, statistics updated at every width (Slimmable Networks Section 3.1 ablation).
-- ``"frozen"``: slices and never updates (mmdet ``norm_eval`` / frozen BN).
+
+**Frozen** (``frozen=True``, mmdet ``norm_eval`` / detection fine-tuning) is orthogonal to the mode: the layer
+normalises with the statistics it has (per switch, per width) in training mode too and never updates them. US +
+frozen at a width without its own statistics uses the max width's running statistics restricted to its active
+channels (the statistics a pretrained checkpoint carries). ``bn="frozen"`` is the naive layout, frozen.
+
+Every statistic and affine parameter is selected with the layer's channel selection at the width (a prefix is a
+slice; the channel plan may give an index set, e.g. behind a concatenation). Statistics live in the model's dtype.
 """
 from __future__ import annotations
 
@@ -16,36 +25,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import _calibration
+from ..context import CarriesWidth, _calibration
 from ..errors import UncalibratedWidthError
 from ..registry import register
+from .layers import Geo, _share, track_data_writes
 
 _SWITCHABLE = ("switchable", "switchable_shared")
 
 
+class BNGeo:
+    """Channels of a norm layer at one width: ``c`` active, ``idx`` (numpy) where not a prefix."""
+
+    __slots__ = ("c", "idx", "_dev")
+
+    def __init__(self, c: int, idx=None):
+        self.c, self.idx, self._dev = c, idx, {}
+
+    def index(self, device):
+        if self.idx is None:
+            return None
+        t = self._dev.get(device)
+        if t is None:
+            t = torch.as_tensor(self.idx, dtype=torch.long, device=device)
+            self._dev[device] = t
+        return t
+
+    def pick(self, t):
+        """``t[..., selection]``: a view for a prefix, a gathered copy otherwise."""
+        if t is None:
+            return None
+        i = self.index(t.device)
+        return t[..., :self.c] if i is None else t.index_select(-1, i)
+
+
 @register(nn.BatchNorm2d)
-class SlimBatchNorm2d(nn.BatchNorm2d):
-    """Width-switchable ``nn.BatchNorm2d``: input and output ``(N, C_active, H, W)``, ``C_active`` read from input.
+class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
+    """Width-switchable ``nn.BatchNorm2d``: input and output ``(N, C_active, H, W)``.
 
     Raises:
-        UncalibratedWidthError: evaluation (or export) at a width with no statistics ("us" mode).
+        UncalibratedWidthError: evaluation (or export) at a width with no statistics ("us" mode, not frozen).
     """
+
+    _slim_slot: int = -1
+    frozen: bool = False
 
     @classmethod
     def from_module(cls, m: nn.BatchNorm2d, name, state, fixed_out=False):
         new = cls.__new__(cls)
-        new.__dict__.update(m.__dict__)
+        _share(new, m)
         new._slim_state = state
         new.slim_name = name
-        new.bn_mode = state.bn_mode
+        new._slim_slot = -1
+        mode = state.bn_mode
+        new.frozen = bool(state.frozen_bn) or mode == "frozen"
+        new.bn_mode = "naive" if mode == "frozen" else mode
         new._post = {}
         new._eval_cache = {}
+        new._geo_cache = {}
         c = m.num_features
         if new.bn_mode in _SWITCHABLE:
             s = len(state.spec.widths)
             if new.track_running_stats:
                 new._buffers["running_mean"] = m.running_mean.detach().expand(s, c).clone()
                 new._buffers["running_var"] = m.running_var.detach().expand(s, c).clone()
+                new._buffers["num_batches_tracked"] = m.num_batches_tracked.detach().expand(s).clone()
             if new.affine and new.bn_mode == "switchable":
                 new._parameters["weight"] = nn.Parameter(m.weight.detach().expand(s, c).clone())
                 new._parameters["bias"] = nn.Parameter(m.bias.detach().expand(s, c).clone())
@@ -53,37 +96,66 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             ref = m.running_mean if m.running_mean is not None else torch.zeros(c)
             new.register_buffer("min_mean", torch.zeros_like(ref))
             new.register_buffer("min_var", torch.ones_like(ref))
-            new.register_buffer("min_tracked", torch.zeros((), dtype=torch.long))
+            new.register_buffer("min_tracked", torch.zeros((), dtype=torch.long, device=ref.device))
+        track_data_writes(new)
         return new
 
+    def channel_role(self) -> dict:
+        return {"role": "norm"}
+
+    # ---- channel selection ---------------------------------------------------------------------------------
+    def geometry(self, a, c: int) -> BNGeo:
+        geos = a.geo
+        if geos is not None and self._slim_slot >= 0:
+            g = geos[self._slim_slot]
+            if g is not None and g.c == c:
+                return g
+        g = self._geo_cache.get(c)
+        if g is None:
+            g = BNGeo(c)
+            if len(self._geo_cache) > 256:
+                self._geo_cache.clear()
+            self._geo_cache[c] = g
+        return g
+
+    def geometry_from_plan(self, ls, full_in: int) -> BNGeo:
+        s = ls.sel_in
+        return BNGeo(s.n, None if s.prefix else s.idx)
+
     # ---- parameter / statistic selection ------------------------------------------------------------------
-    def _affine(self, a, c):
+    def _affine(self, a, g: BNGeo | int):
+        if isinstance(g, int):
+            g = self.geometry(a, g)
         if not self.affine:
             return None, None
         if self.bn_mode == "switchable":
-            return self.weight[a.switch, :c], self.bias[a.switch, :c]
-        return self.weight[:c], self.bias[:c]
+            return g.pick(self.weight[a.switch]), g.pick(self.bias[a.switch])
+        return g.pick(self.weight), g.pick(self.bias)
 
-    def _stats(self, a, c, for_update: bool):
-        """``(mean, var, num_tracked)`` views for configuration ``a``; ``None`` where there are none."""
+    def _full_stats(self, a, for_update: bool):
+        """``(mean, var, num_tracked)`` full-size tensors for ``a``; ``(None, None, None)`` where there are none
+        (``for_update``: the ones training mode would update)."""
         mode = self.bn_mode
         if not self.track_running_stats:
             return None, None, None
         if mode in _SWITCHABLE:
-            return self.running_mean[a.switch, :c], self.running_var[a.switch, :c], self.num_batches_tracked
-        if mode in ("naive", "frozen"):
-            return self.running_mean[:c], self.running_var[:c], self.num_batches_tracked
+            s = a.switch
+            return self.running_mean[s], self.running_var[s], self.num_batches_tracked[s:s + 1]
+        if mode == "naive":
+            return self.running_mean, self.running_var, self.num_batches_tracked
         # US mode
         if not for_update:
             hit = self._post.get(a.key)
             if hit is not None:
-                return hit[0][:c], hit[1][:c], None
+                return hit[0], hit[1], None
         if a.is_max:
-            return self.running_mean[:c], self.running_var[:c], self.num_batches_tracked
+            return self.running_mean, self.running_var, self.num_batches_tracked
         if a.is_min and (for_update or int(self.min_tracked) > 0):
-            return self.min_mean[:c], self.min_var[:c], self.min_tracked
+            return self.min_mean, self.min_var, self.min_tracked
         if for_update:
             return None, None, None
+        if self.frozen:  # documented policy: the pretrained (max width) statistics on the active channels
+            return self.running_mean, self.running_var, None
         raise UncalibratedWidthError(
             f"layer {self.slim_name!r} has no BN statistics for width {a.key}; statistics exist for "
             f"{self.calibrated_widths()}. Run slim.calibrate_bn(model, batches, widths=[...]) first "
@@ -96,115 +168,159 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             keys = ["max"] + (["min"] if int(self.min_tracked) > 0 else []) + keys
         return keys
 
-    def bn_params(self, a, c):
-        """Eval-mode ``(weight, bias, mean, var)`` at configuration ``a`` for ``c`` channels (for export)."""
-        w, b = self._affine(a, c)
-        mean, var, _ = self._stats(a, c, for_update=False)
-        return w, b, mean, var
+    def bn_params(self, a, g: BNGeo):
+        """Eval-mode ``(weight, bias, mean, var)`` at configuration ``a`` (for export); ``g``: a geometry or the
+        active channel count."""
+        if isinstance(g, int):
+            g = self.geometry(a, g)
+        w, b = self._affine(a, g)
+        mean, var, _ = self._full_stats(a, for_update=False)
+        return w, b, g.pick(mean), g.pick(var)
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, x):
-        a = self._slim_state.active()
-        c = x.shape[1]
+        a = self._slim_state.active(self._dp_width)
+        g = self.geometry(a, x.shape[1])
         calib = _calibration.get()
         if calib is not None and self in calib:
-            return self._calibrate_forward(x, *self._affine(a, c), calib[self])
-        use_batch = self.training and self.bn_mode != "frozen"
-        if not use_batch:
-            w, b, mean, var = self._eval_params(a, c)
+            return self._calibrate_forward(x, *self._affine(a, g), calib[self])
+        if not self.training or self.frozen:
+            w, b, mean, var = self._eval_params(a, g)
             return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
-        w, b = self._affine(a, c)
-        mean, var, tracked = self._stats(a, c, for_update=True)
-        momentum = 0.0
-        if mean is not None:
-            tracked.add_(1)
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+        w, b = self._affine(a, g)
+        mean_f, var_f, tracked = self._full_stats(a, for_update=True)
+        if mean_f is None:
+            return self._norm_train(x, None, None, w, b, 0.0)
+        tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+        i = g.index(mean_f.device)
+        if i is None:  # prefix views: F.batch_norm updates the stored statistics in place
+            return self._norm_train(x, mean_f[:g.c], var_f[:g.c], w, b, momentum)
+        mean, var = mean_f.index_select(0, i), var_f.index_select(0, i)
+        y = self._norm_train(x, mean, var, w, b, momentum)
+        with torch.no_grad():
+            mean_f.index_copy_(0, i, mean)
+            var_f.index_copy_(0, i, var)
+        return y
+
+    def _norm_train(self, x, mean, var, w, b, momentum):
+        """Batch-statistics normalisation (training mode); SyncBatchNorm overrides it."""
         return F.batch_norm(x, mean, var, w, b, True, momentum, self.eps)
 
-    def _eval_params(self, a, c):
-        """``(weight, bias, mean, var)`` for normalising with stored statistics at ``a``, ``c`` channels.
+    def _eval_params(self, a, g: BNGeo):
+        """``(weight, bias, mean, var)`` for normalising with stored statistics.
 
-        Without autograd the sliced views are cached per configuration (DESIGN rule 7: four slices cost more
-        than the BN kernel itself at batch 1). A hit is used only while the same statistics entry and the same
-        parameter / buffer objects are in place; ``.to()``-style casts and ``load_state_dict`` drop the cache
-        (in-place updates need nothing: the views share storage).
+        Without autograd the selections are cached per configuration (DESIGN rule 7: four slices cost more
+        than the BN kernel itself at batch 1). Prefix selections are views, so a hit is valid while the same
+        tensors are in place; gathered selections also check the tensors' versions.
         """
         if torch.is_grad_enabled():
-            w, b = self._affine(a, c)
-            return (w, b, *self._stats(a, c, for_update=False)[:2])
+            w, b = self._affine(a, g)
+            mean, var, _ = self._full_stats(a, for_update=False)
+            return w, b, g.pick(mean), g.pick(var)
         post = self._post.get(a.key) if self._post else None
         p, bufs = self._parameters, self._buffers
+        ident = (g, post, p.get("weight"), p.get("bias"), bufs.get("running_mean"), bufs.get("running_var"))
+        version = None if g.idx is None else tuple(
+            t._version for t in (*ident[2:], *(post or ())) if t is not None)
         hit = self._eval_cache.get(a)
-        if (hit is not None and hit[0] == c and hit[1] is post and hit[2] is p["weight"] and hit[3] is p["bias"]
-                and hit[4] is bufs["running_mean"] and hit[5] is bufs["running_var"]):
-            return hit[6]
-        w, b = self._affine(a, c)
-        vals = (w, b, *self._stats(a, c, for_update=False)[:2])
+        if hit is not None and all(x is y for x, y in zip(hit[0], ident)) and hit[1] == version:
+            return hit[2]
+        w, b = self._affine(a, g)
+        mean, var, _ = self._full_stats(a, for_update=False)
+        vals = (w, b, g.pick(mean), g.pick(var))
         if len(self._eval_cache) >= 64:
             self._eval_cache.clear()
-        self._eval_cache[a] = (c, post, p["weight"], p["bias"], bufs["running_mean"], bufs["running_var"], vals)
+        self._eval_cache[a] = (ident, version, vals)
         return vals
 
     def _calibrate_forward(self, x, w, b, acc):
         c = x.shape[1]
-        stats = _batch_stats(x) if x.device.type == "cpu" and x.dim() > 2 and x.numel() > c else None
+        # Statistics of low-precision activations (a float16 model, autocast) are taken in float32.
+        dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        xs = x.to(dt)
+        w = w.to(dt) if w is not None else None
+        b = b.to(dt) if b is not None else None
+        stats = _batch_stats(xs) if x.device.type == "cpu" and x.dim() > 2 and x.numel() > c else None
         if stats is not None:  # normalise by the biased batch variance, as BN in training mode does
             mean, var_u = stats
             total = x.numel() // c
-            normed = torch.stack((mean, var_u * ((total - 1) / total))).to(x.dtype)
-            y = F.batch_norm(x, normed[0], normed[1], w, b, False, 0.0, self.eps)
+            normed = torch.stack((mean, var_u * ((total - 1) / total))).to(dt)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.batch_norm(xs, normed[0], normed[1], w, b, False, 0.0, self.eps)
             acc.add(x.shape[0], mean, var_u)
-            return y
+            return y.to(x.dtype)
         # momentum=1 makes F.batch_norm write the batch mean / unbiased var into tmp in the same kernel.
-        tmp_m = torch.zeros(c, dtype=x.dtype, device=x.device)
-        tmp_v = torch.zeros(c, dtype=x.dtype, device=x.device)
-        y = F.batch_norm(x, tmp_m, tmp_v, w, b, True, 1.0, self.eps)
+        tmp_m = torch.zeros(c, dtype=dt, device=x.device)
+        tmp_v = torch.zeros(c, dtype=dt, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.batch_norm(xs, tmp_m, tmp_v, w, b, True, 1.0, self.eps)
         acc.add(x.shape[0], tmp_m, tmp_v)
-        return y
+        return y.to(x.dtype)
 
     def store_statistics(self, a, mean, var):
-        """Write calibrated statistics for configuration ``a`` (called by ``calibrate_bn``)."""
-        c = mean.shape[0]
-        if self.bn_mode == "frozen" or not self.track_running_stats:
+        """Write calibrated statistics ``(C_active,)`` for configuration ``a`` (called by ``calibrate_bn``)."""
+        if self.frozen or not self.track_running_stats:
             return
+        ref = self.running_mean
+        g = self.geometry(a, mean.shape[0])
+        mean, var = mean.detach().to(ref.dtype), var.detach().to(ref.dtype)
         if self.bn_mode == "us":
-            self._post[a.key] = (mean.detach().clone(), var.detach().clone())
+            full = ref.shape[-1]
+            fm = torch.zeros(full, dtype=ref.dtype, device=ref.device)
+            fv = torch.ones(full, dtype=ref.dtype, device=ref.device)
+            self._scatter(fm, g, mean)
+            self._scatter(fv, g, var)
+            self._post[a.key] = (fm, fv)
             return
-        m, v, _ = self._stats(a, c, for_update=True)
+        m, v, _ = self._full_stats(a, for_update=True)
+        self._scatter(m, g, mean)
+        self._scatter(v, g, var)
+
+    @staticmethod
+    def _scatter(dst, g: BNGeo, src):
         with torch.no_grad():
-            m.copy_(mean)
-            v.copy_(var)
+            i = g.index(dst.device)
+            if i is None:
+                dst[:g.c].copy_(src)
+            else:
+                dst.index_copy_(0, i, src.to(dst.device))
 
     def _apply(self, fn, *args, **kwargs):
-        # The post-statistics cache is a plain dict: move/cast it with the module (.to(device), .half(), ...).
+        # The post-statistics are a plain dict: move/cast them with the module (.to(device), .half(), ...).
         out = super()._apply(fn, *args, **kwargs)
         self._post = {k: (fn(m), fn(v)) for k, (m, v) in self._post.items()}
-        self._eval_cache = {}  # parameters may have been changed through `.data`: drop views of the old storage
+        self._eval_cache = {}  # parameters may have been swapped: drop views of the old storage
         return out
 
     def clear_statistics(self):
-        """Drop every calibrated width ("us" mode)."""
+        """Drop every calibrated width ("us" mode; other modes keep their statistics in their buffers)."""
         self._post.clear()
+        self._eval_cache = {}
 
-    def __getstate__(self):  # copies and pickles drop the view cache
+    def __getstate__(self):  # copies and pickles drop the view caches
         d = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         d["_eval_cache"] = {}
+        d["_geo_cache"] = {}
         return d
 
-    # ---- export -------------------------------------------------------------------------------------------
-    def record(self, x, y):
-        return {"in": x.shape[1], "out": x.shape[1]}
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        track_data_writes(self)
 
-    def plain_state(self, rec, a):
-        c = rec["in"]
-        w, b, mean, var = self.bn_params(a, c)
+    # ---- export -------------------------------------------------------------------------------------------
+    def plain_state(self, g: BNGeo, a):
+        w, b, mean, var = self.bn_params(a, g)
         clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
         return clone(w), clone(b), clone(mean), clone(var)
 
-    def to_plain(self, rec, a) -> nn.Module:
-        w, b, mean, var = self.plain_state(rec, a)
-        p = nn.BatchNorm2d(rec["in"], self.eps, self.momentum, self.affine, self.track_running_stats,
-                           device=self._dev(), dtype=self._dtype())
+    #: the class a plain export of this layer gets
+    plain_class = nn.BatchNorm2d
+
+    def to_plain(self, g: BNGeo, a) -> nn.Module:
+        w, b, mean, var = self.plain_state(g, a)
+        p = self.plain_class(g.c, self.eps, self.momentum, self.affine, self.track_running_stats,
+                             device=self._dev(), dtype=self._dtype())
         load_bn(p, w, b, mean, var)
         return p
 
@@ -216,28 +332,142 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         t = self.weight if self.affine else self.running_mean
         return t.dtype if t is not None else None
 
-    # ---- state dict: per-width cache + loading stock checkpoints ------------------------------------------
-    def get_extra_state(self):
-        return {"post": {k: (m.cpu(), v.cpu()) for k, (m, v) in self._post.items()}, "mode": self.bn_mode}
-
-    def set_extra_state(self, state):
-        dev = self.running_mean.device if self.running_mean is not None else None
-        self._post = {k: (m.to(dev), v.to(dev)) for k, (m, v) in state.get("post", {}).items()}
+    # ---- state dict: per-width statistics as tensors + loading stock checkpoints --------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.bn_mode == "us" and self.track_running_stats:
+            keys = sorted(self._post)
+            ref = self.running_mean
+            enc = [k.encode() for k in keys]
+            width = max([len(e) for e in enc] + [1])
+            kt = torch.zeros(len(keys), width, dtype=torch.uint8)
+            for i, e in enumerate(enc):
+                kt[i, :len(e)] = torch.tensor(list(e), dtype=torch.uint8)
+            c = ref.shape[-1]
+            means = [self._post[k][0].to(ref.device) for k in keys]
+            varis = [self._post[k][1].to(ref.device) for k in keys]
+            destination[prefix + "post_keys"] = kt
+            destination[prefix + "post_mean"] = torch.stack(means) if means else ref.new_zeros(0, c)
+            destination[prefix + "post_var"] = torch.stack(varis) if varis else ref.new_zeros(0, c)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # A stock BN checkpoint (1-D weights/statistics) loads into S-BN by broadcasting to every switch.
-        for name in ("weight", "bias", "running_mean", "running_var"):
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             key = prefix + name
             own = self._parameters.get(name, self._buffers.get(name))
-            if key in state_dict and own is not None and own.dim() == 2 and state_dict[key].dim() == 1:
+            if key in state_dict and own is not None and own.dim() == state_dict[key].dim() + 1:
                 state_dict[key] = state_dict[key].expand_as(own)
+        legacy = state_dict.pop(prefix + "_extra_state", None)
+        pk, pm, pv = (state_dict.pop(prefix + k, None) for k in ("post_keys", "post_mean", "post_var"))
         before = set(missing_keys)
         self._eval_cache = {}  # load_state_dict(assign=True) swaps the tensors
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        optional = {prefix + k for k in ("_extra_state", "min_mean", "min_var", "min_tracked")}
+        optional = {prefix + k for k in ("min_mean", "min_var", "min_tracked")}
         missing_keys[:] = [k for k in missing_keys if k in before or k not in optional]
+        ref = self.running_mean
+        if pk is not None and pm is not None and pv is not None and ref is not None:
+            if pm.shape[-1] != ref.shape[-1] or pv.shape != pm.shape or pk.shape[0] != pm.shape[0]:
+                error_msgs.append(f"size mismatch for {prefix}post_mean: checkpoint {tuple(pm.shape)}, layer has "
+                                  f"{ref.shape[-1]} channels")
+                return
+            keys = [bytes(row.tolist()).rstrip(b"\0").decode() for row in pk]
+            self._post = {k: (pm[i].to(ref), pv[i].to(ref)) for i, k in enumerate(keys)}
+        elif isinstance(legacy, dict) and ref is not None:  # checkpoints written before post_* buffers existed
+            post = {}
+            for k, (m, v) in legacy.get("post", {}).items():
+                fm = torch.zeros_like(ref)
+                fv = torch.ones_like(ref)
+                fm[:m.shape[0]] = m.to(ref)
+                fv[:v.shape[0]] = v.to(ref)
+                post[k] = (fm, fv)
+            self._post = post
+
+
+@register(nn.SyncBatchNorm)
+class SlimSyncBatchNorm(SlimBatchNorm2d):
+    """Width-switchable ``nn.SyncBatchNorm`` (mmdet's ``SyncBN``): batch statistics are synchronised across the
+    process group in training mode under ``torch.distributed`` (CUDA), as ``nn.SyncBatchNorm`` does; otherwise it
+    behaves like :class:`SlimBatchNorm2d`. Exports as ``nn.SyncBatchNorm``."""
+
+    plain_class = nn.SyncBatchNorm
+
+    def _norm_train(self, x, mean, var, w, b, momentum):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and x.device.type != "cpu":
+            from torch.nn.modules._functions import SyncBatchNorm as _SyncBN
+
+            group = self.process_group or dist.group.WORLD
+            world = dist.get_world_size(group)
+            if world > 1:
+                return _SyncBN.apply(x, w, b, mean, var, self.eps, momentum, group, world)
+        return F.batch_norm(x, mean, var, w, b, True, momentum, self.eps)
+
+    def to_plain(self, g: BNGeo, a) -> nn.Module:
+        w, b, mean, var = self.plain_state(g, a)
+        p = nn.SyncBatchNorm(g.c, self.eps, self.momentum, self.affine, self.track_running_stats,
+                             process_group=self.process_group, device=self._dev(), dtype=self._dtype())
+        load_bn(p, w, b, mean, var)
+        return p
+
+
+class SlimPerChannel(CarriesWidth, nn.Module):
+    """Base for per-channel layers that only select their parameters (PReLU, frozen BN): input and output
+    ``(N, C_active, ...)``."""
+
+    _slim_slot: int = -1
+
+    def channel_role(self) -> dict:
+        return {"role": "norm"}
+
+    def geometry(self, a, c):
+        geos = a.geo
+        if geos is not None and self._slim_slot >= 0:
+            g = geos[self._slim_slot]
+            if g is not None and g.c == c:
+                return g
+        return BNGeo(c)
+
+    def geometry_from_plan(self, ls, full_in):
+        s = ls.sel_in
+        return BNGeo(s.n, None if s.prefix else s.idx)
+
+
+@register(nn.PReLU)
+class SlimPReLU(SlimPerChannel, nn.PReLU):
+    """Per-channel ``nn.PReLU(num_parameters=C)``: the slopes of the active channels. (``num_parameters=1`` is
+    width-free and left unconverted.)"""
+
+    @classmethod
+    def from_module(cls, m: nn.PReLU, name, state, fixed_out=False):
+        new = cls.__new__(cls)
+        _share(new, m)
+        new._slim_state, new.slim_name, new._slim_slot = state, name, -1
+        track_data_writes(new)
+        return new
+
+    def forward(self, x):
+        g = self.geometry(self._slim_state.active(self._dp_width), x.shape[1])
+        return F.prelu(x, g.pick(self.weight))
+
+    def to_plain(self, g: BNGeo, a) -> nn.Module:
+        w = g.pick(self.weight).detach().clone()
+        p = nn.PReLU(g.c, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            p.weight.copy_(w)
+        return p
+
+
+def load_bn(p: nn.Module, w, b, mean, var):
+    with torch.no_grad():
+        if w is not None:
+            p.weight.copy_(w)
+            p.bias.copy_(b)
+        if mean is not None and getattr(p, "running_mean", None) is not None:
+            p.running_mean.copy_(mean)
+            p.running_var.copy_(var)
 
 
 def _batch_stats(x: torch.Tensor):
@@ -248,8 +478,10 @@ def _batch_stats(x: torch.Tensor):
     several times a whole eval-mode BN: two vectorised reductions over each sample's feature map (sum, sum of
     squares), added up across samples in float64. The float32 sums of squares lose about
     ``4e-8 * sum(x^2) / sum((x - mean)^2)`` of the variance; above ``_MAX_COND`` that ratio the caller uses the
-    exact kernel instead.
+    exact kernel instead. Low-precision inputs (float16/bfloat16) always use the kernel.
     """
+    if x.dtype not in (torch.float32, torch.float64):
+        return None
     n, c = x.shape[0], x.shape[1]
     rows = x.reshape(n, c, -1)
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -266,12 +498,4 @@ def _batch_stats(x: torch.Tensor):
 # Largest sum(x^2) / sum((x - mean)^2) of a channel for float32 sums (variance error <= ~3e-6 relative).
 _MAX_COND = 64.0
 
-
-def load_bn(p: nn.BatchNorm2d, w, b, mean, var):
-    with torch.no_grad():
-        if w is not None:
-            p.weight.copy_(w)
-            p.bias.copy_(b)
-        if mean is not None and p.running_mean is not None:
-            p.running_mean.copy_(mean)
-            p.running_var.copy_(var)
+__all__ = ["SlimBatchNorm2d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "BNGeo", "load_bn", "Geo"]

@@ -1,0 +1,1181 @@
+"""Channel analysis (DESIGN rule 1): which channels of its full-width self every tensor carries at a width.
+
+``convert`` traces the model once with torch.fx (width-switchable layers are leaves) and runs the traced graph on
+an example input (``ShapeProp``), so every tensor's full shape is known. From the fx graph it builds a small
+*channel IR*: layer calls and the channel-moving operations between them (concatenation, ``chunk``/``split``,
+channel shuffle, channel slices, flatten, residual adds). Per width, :meth:`ChannelGraph.plan` computes the
+*selection* of every tensor: for each channel position of the narrow runtime tensor, the index of the full-width
+channel it is. A layer then uses exactly the weights that connect its input selection to its output selection
+(gathered by index where a selection is not a prefix, sliced where it is).
+
+The runtime operations are the model's own (``torch.cat``, ``chunk``, ``view``...). They act on positions, so a
+selection is exact only if every operation, applied to the narrow tensor, does to its channels what it does at
+full width. The planner guarantees it:
+
+* a *free* tensor (the output of a slimmable conv/linear) may carry any subset of its channels in any order; its
+  count is the layer's rounded width, its members are chosen by a matching (Glover's algorithm) so that every
+  consumer's position constraint holds (a grouped conv, a shuffle or a ``chunk`` needs the ``k``-th run of
+  positions to lie in the ``k``-th group of the full tensor), preferring the first channels (prefix, or
+  per-group prefix);
+* a *derived* tensor (concatenation, split piece, shuffle, slice, depthwise output, the model input) has the
+  selection the runtime op produces from its inputs;
+* tensors tied by an elementwise op (residual add, SE gating) are one *class* with one selection: free layers in
+  a class adopt the selection of its derived member, or of its first layer.
+
+Where no selection satisfies every constraint (a structure whose narrow net cannot be a sub-network of the wide
+one with the model's own ops), the plan raises :class:`~slim_plugins.errors.NotExactError` naming the operation;
+``convert`` checks the spec's switches (or a grid of a range) so this happens at convert time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import operator
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ChannelGroupError, NotExactError
+
+# ---- the channel IR ----------------------------------------------------------------------------------------------
+# Op kinds. Layer roles: "decider" (conv/linear choosing its output channels), "gdecider" (grouped conv, constant
+# group count), "norm" (BN and other per-channel layers: output = input selection), "dw" (group width 1,
+# multiplier m: depthwise), "gwidth" (grouped conv keeping its group width), "fixed" (decider with fixed outputs).
+LAYER, INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, EXPAND, GROUPMAP, TIE, PASS, OPAQUE, OUTPUT = (
+    "layer", "input", "const", "cat", "split", "shuffle", "slice", "flatten", "expand", "groupmap", "tie", "pass",
+    "opaque", "output")
+_DERIVED = (INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, EXPAND, GROUPMAP, OPAQUE)
+
+
+@dataclasses.dataclass
+class Op:
+    kind: str
+    ins: tuple
+    outs: tuple
+    where: str                    # fx node / layer name, for messages
+    arg: Any = None
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """One call of a slim layer in the traced forward."""
+
+    name: str
+    role: str
+    t_in: int
+    t_out: int
+    groups: int = 1               # gdecider: group count; gwidth: (in, out) group widths
+    mult: int = 1                 # dw: channel multiplier
+    gw: tuple = (1, 1)
+
+
+class Sel:
+    """A selection in a plan: ``idx[p]`` = full channel at runtime position ``p`` (numpy int64)."""
+
+    __slots__ = ("idx", "full", "prefix")
+
+    def __init__(self, idx: np.ndarray, full: int):
+        self.idx, self.full = idx, int(full)
+        n = len(idx)
+        self.prefix = bool(n == 0 or (idx[0] == 0 and idx[-1] == n - 1 and np.all(np.diff(idx) == 1)))
+
+    @property
+    def n(self) -> int:
+        return len(self.idx)
+
+    def __eq__(self, other):
+        return isinstance(other, Sel) and self.full == other.full and np.array_equal(self.idx, other.idx)
+
+    def __repr__(self):
+        return f"Sel(n={self.n}/{self.full}{', prefix' if self.prefix else ''})"
+
+
+def _ar(n) -> np.ndarray:
+    return np.arange(int(n), dtype=np.int64)
+
+
+# ---- building the IR from torch.fx ----------------------------------------------------------------------------
+_ELEMENTWISE_FN = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                   operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+                   torch.minimum, torch.where, torch.addcmul, torch.lerp}
+_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+                        "addcmul", "addcmul_", "lerp", "lerp_", "where", "masked_fill", "masked_fill_"}
+_CAT_FN = {torch.cat, torch.concat, torch.concatenate}
+_SPLIT = {"chunk", "split", "tensor_split"}
+# Ops that mix or move channels when their `dim` is the channel dim (1).
+_DIM_OPS = {"softmax", "log_softmax", "normalize", "cumsum", "cumprod", "flip", "roll", "sort", "argsort", "topk",
+            "max", "min", "amax", "amin", "mean", "sum", "std", "var", "norm", "prod", "logsumexp", "any", "all",
+            "argmax", "argmin", "gather", "index_select", "narrow", "select", "unbind", "median", "count_nonzero"}
+# Functional ops that mix channels with weights of their own: the channels cannot be followed through them.
+_MIXING = {"conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear", "matmul", "mm", "bmm", "einsum", "bilinear",
+           "group_norm", "layer_norm", "instance_norm", "batch_norm", "embedding", "scaled_dot_product_attention"}
+_MAX_GRID = 12
+
+
+def _fname(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps slim layers (and modules adapters mark as fx leaves) as leaves; remembers where tracing failed."""
+
+    def __init__(self, leaf_names, leaf_types=(), autowrap=()):
+        super().__init__(autowrap_functions=tuple(autowrap))
+        self.leaf_names, self.leaf_types = leaf_names, tuple(leaf_types)
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m, qualname):
+        return (qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types))
+                or super().is_leaf_module(m, qualname))
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=()) -> torch.fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with the given leaves.
+
+    Raises:
+        ChannelGroupError: fx cannot trace the model (names the layer whose forward failed).
+    """
+    tracer = _Tracer(set(leaf_names), leaf_types, autowrap)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types; re-raise one that names the layer
+        where = tracer.failed_in or "<top level forward>"
+        raise ChannelGroupError(
+            f"torch.fx cannot trace {type(model).__name__} (failed inside layer {where!r}: {type(e).__name__}: "
+            f"{e}). Declare channel groups instead: slim.convert(model, spec, groups={{'name': ['layer', ...]}}) "
+            "(exactness of concatenations and splits is then not checked)") from e
+    return torch.fx.GraphModule(model, graph)
+
+
+def _shape(node):
+    tm = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+class _Builder:
+    """Walks an fx graph (with ``tensor_meta`` from ShapeProp) and emits channel IR ops."""
+
+    def __init__(self, gm: torch.fx.GraphModule, roles: dict, prefix: str, passthrough_types=()):
+        self.gm, self.roles, self.prefix = gm, roles, prefix
+        self.passthrough_types = tuple(passthrough_types)
+        self.ops: list[Op] = []
+        self.calls: list[LayerCall] = []
+        self.full: list[int] = []       # full channel count of each tensor id (at trace time)
+        self.rank: list[int] = []
+        self.val: dict = {}             # fx node -> tensor id / tuple of ids / _Factored / python value
+        self.mods = dict(gm.named_modules())
+
+    def new(self, shape) -> int:
+        self.full.append(int(shape[1]) if shape is not None and len(shape) >= 2 else 1)
+        self.rank.append(len(shape) if shape is not None else 0)
+        return len(self.full) - 1
+
+    def emit(self, kind, ins, outs, where, arg=None):
+        self.ops.append(Op(kind, tuple(ins), tuple(outs), where, arg))
+
+    def tensor_ids(self, a) -> list[int]:
+        if isinstance(a, torch.fx.Node):
+            v = self.val.get(a)
+            if isinstance(v, int) and not isinstance(v, bool) and self._is_tid(a):
+                return [v]
+            if isinstance(v, tuple) and v and v[0] == "tuple":
+                return [t for t in v[1] if t is not None]
+            return []
+        if isinstance(a, (list, tuple)):
+            return [t for x in a for t in self.tensor_ids(x)]
+        if isinstance(a, dict):
+            return [t for x in a.values() for t in self.tensor_ids(x)]
+        return []
+
+    def _is_tid(self, node):
+        return node in self._tids
+
+    def build(self):
+        self._tids = set()
+        for node in self.gm.graph.nodes:
+            self.visit(node)
+        return self
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def out_tensor(self, node, kind, ins, arg=None):
+        t = self.new(_shape(node))
+        self._tids.add(node)
+        self.val[node] = t
+        self.emit(kind, ins, (t,), node.name, arg)
+        return t
+
+    def alias(self, node, src: int):
+        t = self.new(_shape(node))
+        self._tids.add(node)
+        self.val[node] = t
+        self.emit(PASS, (src,), (t,), node.name)
+        return t
+
+    def channel_inputs(self, node):
+        """Tensor-id inputs of ``node`` that carry channels (rank >= 2, more than one channel)."""
+        ids = self.tensor_ids(list(node.args) + list(node.kwargs.values()))
+        return [t for t in ids if self.rank[t] >= 2]
+
+    def opaque(self, node, why):
+        ins = self.tensor_ids(list(node.args) + list(node.kwargs.values()))
+        shape = _shape(node)
+        if shape is not None:
+            self.out_tensor(node, OPAQUE, ins, why)
+        else:
+            self.val[node] = None
+            self.emit(OPAQUE, ins, (), node.name, why)
+
+    # -- the visitor -------------------------------------------------------------------------------------------
+    def visit(self, node):
+        op = node.op
+        if op == "placeholder":
+            if _shape(node) is not None:
+                self.out_tensor(node, INPUT, ())
+            else:
+                self.val[node] = None
+            return
+        if op == "get_attr":
+            if _shape(node) is not None:
+                self.out_tensor(node, CONST, ())
+            else:
+                self.val[node] = None
+            return
+        if op == "output":
+            self.emit(OUTPUT, self.tensor_ids(node.args), (), "output")
+            return
+        if op == "call_module":
+            return self.visit_module(node)
+        name = _fname(node.target)
+        if name == "getitem":
+            return self.visit_getitem(node)
+        shape = _shape(node)
+        if node.args and isinstance(self.val.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node)
+                                    else None, _Factored):
+            return self.visit_layout(node, name)
+        ins = self.channel_inputs(node)
+        if op == "call_method" and name in ("size", "dim", "numel", "type", "is_contiguous", "__len__") or \
+                name in ("getattr", "len") or (shape is None and not self._is_tuple_result(node)):
+            self.val[node] = None  # metadata: not a tensor
+            return
+        if not ins:  # no channel-carrying input: a new tensor (zeros, arange, ...) or one derived from scalars
+            if self._is_tuple_result(node):
+                self.val[node] = ("tuple", [self.new(s) if s is not None else None for s in self._tuple_shapes(node)])
+                for t in self.val[node][1]:
+                    if t is not None:
+                        self.emit(CONST, (), (t,), node.name)
+                return
+            self.out_tensor(node, CONST, ())
+            return
+        if name in _MIXING:
+            return self.opaque(node, f"{name} mixes channels")
+        if node.target in _CAT_FN or name in ("cat", "concat", "concatenate"):
+            return self.visit_cat(node)
+        if name in _SPLIT:
+            return self.visit_split(node)
+        if name in ("view", "reshape", "flatten", "transpose", "permute", "swapaxes", "contiguous", "unflatten",
+                    "squeeze", "unsqueeze", "movedim", "channel_shuffle", "pixel_shuffle", "pixel_unshuffle",
+                    "expand", "expand_as", "repeat"):
+            return self.visit_layout(node, name)
+        if (node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS or len(ins) >= 2):
+            return self.visit_tie(node, ins)
+        if name in _DIM_OPS and self._dim_hits_channels(node):
+            return self.opaque(node, f"{name} over the channel dim")
+        return self.visit_unary(node, ins[0])
+
+    def _is_tuple_result(self, node):
+        tm = node.meta.get("tensor_meta")
+        return isinstance(tm, (tuple, list))
+
+    def _tuple_shapes(self, node):
+        tm = node.meta.get("tensor_meta")
+        return [tuple(t.shape) if hasattr(t, "shape") else None for t in tm]
+
+    def _dim_hits_channels(self, node) -> bool:
+        src = node.args[0] if node.args else None
+        rank = len(_shape(src)) if isinstance(src, torch.fx.Node) and _shape(src) else 0
+        dims = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else None))
+        if dims is None:
+            # a full reduction / no dim: channels are mixed unless the op keeps the shape (e.g. flip needs dims)
+            return True
+        if isinstance(dims, torch.fx.Node):
+            return True
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        if not all(isinstance(d, int) for d in dims):
+            return True
+        return any((d % rank if rank else d) == 1 for d in dims)
+
+    def visit_unary(self, node, src):
+        """An op with one channel input: channel-preserving if the channel dim keeps its size and place."""
+        shape, sshape = _shape(node), None
+        for a in node.all_input_nodes:
+            if self.val.get(a) == src and a in self._tids:
+                sshape = _shape(a)
+        if shape is not None and sshape is not None and len(shape) >= 2 and len(sshape) >= 2 and \
+                shape[1] == sshape[1] and shape[0] == sshape[0]:
+            return self.alias(node, src)
+        if shape is not None and sshape is not None and shape[1] == 1 and len(shape) >= 2 and sshape[1] > 1:
+            return self.opaque(node, f"{_fname(node.target)} reduces the channel dim")
+        return self.opaque(node, f"{_fname(node.target)} changes the channel dim "
+                                 f"({list(sshape) if sshape else '?'} -> {list(shape) if shape else '?'})")
+
+    def visit_module(self, node):
+        target = node.target
+        src_ids = self.channel_inputs(node)
+        role = self.roles.get(target)
+        if role is not None:
+            t_in = src_ids[0] if src_ids else None
+            if t_in is None:
+                t_in = self.new(None)
+                self.emit(CONST, (), (t_in,), node.name)
+            t_out = self.new(_shape(node))
+            self._tids.add(node)
+            self.val[node] = t_out
+            call = LayerCall(target, role["role"], t_in, t_out, role.get("groups", 1), role.get("mult", 1),
+                             role.get("gw", (1, 1)))
+            self.calls.append(call)
+            self.emit(LAYER, (t_in,), (t_out,), target, len(self.calls) - 1)
+            return
+        m = self.mods[target]
+        if not src_ids:
+            shape = _shape(node)
+            if shape is not None:
+                self.out_tensor(node, CONST, ())
+            else:
+                self.val[node] = None
+            return
+        if isinstance(m, nn.Flatten):
+            return self.visit_flatten(node, src_ids[0], m.start_dim, m.end_dim)
+        if isinstance(m, nn.ChannelShuffle):
+            return self.out_tensor(node, SHUFFLE, (src_ids[0],), m.groups)
+        if isinstance(m, nn.PixelShuffle):
+            r2 = m.upscale_factor ** 2
+            return self.out_tensor(node, GROUPMAP, (src_ids[0],), (r2, 1))
+        if isinstance(m, nn.PixelUnshuffle):
+            r2 = m.downscale_factor ** 2
+            return self.out_tensor(node, GROUPMAP, (src_ids[0],), (1, r2))
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)) and m.dim in (1, -3):
+            shape = _shape(node)
+            if m.dim == 1 or (shape is not None and len(shape) == 4):
+                return self.opaque(node, f"{type(m).__name__} over the channel dim")
+        if len(src_ids) >= 2:
+            return self.visit_tie(node, src_ids)
+        return self.visit_unary(node, src_ids[0])
+
+    def visit_getitem(self, node):
+        base, idx = node.args[0], node.args[1]
+        v = self.val.get(base)
+        if isinstance(v, tuple) and v and v[0] == "tuple":
+            if isinstance(idx, int):
+                t = v[1][idx]
+                self.val[node] = t
+                if t is not None:
+                    self._tids.add(node)
+                return
+            if isinstance(idx, slice):
+                self.val[node] = ("tuple", v[1][idx])
+                return
+            self.val[node] = None
+            return
+        if not (base in self._tids):
+            self.val[node] = None  # size()[i], python containers
+            return
+        src = v
+        shape, sshape = _shape(node), _shape(base)
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        if any(isinstance(i, torch.fx.Node) for i in idx) or any(i is None for i in idx) or Ellipsis in idx[:2]:
+            if shape is not None and sshape is not None and len(shape) == len(sshape) and shape[:2] == sshape[:2]:
+                return self.alias(node, src)
+            return self.opaque(node, "tensor indexing on the batch or channel dim")
+        if len(idx) >= 1 and idx[0] != slice(None):
+            return self.opaque(node, "indexing the batch dim")
+        if len(idx) < 2 or idx[1] == slice(None):
+            return self.alias(node, src)
+        ci = idx[1]
+        if isinstance(ci, slice) and ci.step in (None, 1):
+            f = self.full[src]
+            a, b, _ = ci.indices(f)
+            return self.out_tensor(node, SLICE, (src,), (a, b))
+        return self.opaque(node, f"channel index {ci!r}")
+
+    def visit_cat(self, node):
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        ids = self.tensor_ids(tensors)
+        shape = _shape(node)
+        rank = len(shape) if shape else 0
+        if not isinstance(dim, int):
+            return self.opaque(node, "cat along a computed dim")
+        if rank and dim % rank == 1:
+            return self.out_tensor(node, CAT, ids)
+        return self.visit_tie(node, [t for t in ids if self.rank[t] >= 2])
+
+    def visit_split(self, node):
+        name = _fname(node.target)
+        src = node.args[0]
+        sid = self.val.get(src) if src in self._tids else None
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        shapes = self._tuple_shapes(node) if self._is_tuple_result(node) else None
+        rank = self.rank[sid] if sid is not None else 0
+        if sid is None or shapes is None:
+            return self.opaque(node, f"{name} of a non-tensor")
+        if not isinstance(dim, int) or rank == 0 or dim % rank != 1:
+            outs = []
+            for s in shapes:
+                t = self.new(s)
+                outs.append(t)
+                self.emit(PASS, (sid,), (t,), node.name)
+            self.val[node] = ("tuple", outs)
+            return
+        arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get(
+            "split_size_or_sections", node.kwargs.get("split_size")))
+        sizes = [s[1] for s in shapes]
+        equal = len(set(sizes)) == 1 and sum(sizes) == self.full[sid]
+        # chunk(k) splits the runtime tensor in k equal runs; split(n) with a literal n does not follow the width.
+        dynamic = name == "chunk" or isinstance(arg, torch.fx.Node)
+        if not (equal and dynamic):
+            return self.opaque(node, f"{name} with literal sizes {arg!r} (only chunk(k) or split(x.size(1)//k) "
+                                     "follow the width)")
+        outs = [self.new(s) for s in shapes]
+        self.emit(SPLIT, (sid,), outs, node.name, len(outs))
+        self.val[node] = ("tuple", outs)
+
+    def visit_tie(self, node, ins):
+        shape = _shape(node)
+        if shape is None:
+            return self.opaque(node, "elementwise op without a tensor result")
+        c = shape[1] if len(shape) >= 2 else 1
+        members = [t for t in ins if self.rank[t] == len(shape) and self.full[t] == c and c > 1]
+        others = [t for t in ins if t not in members and self.full[t] > 1 and self.rank[t] >= 2]
+        if others and any(not (self.full[t] == 1) for t in others):
+            return self.opaque(node, f"{_fname(node.target)} broadcasts tensors of different channel counts")
+        if not members:
+            return self.out_tensor(node, CONST, ())
+        return self.out_tensor(node, TIE, members)
+
+    def visit_flatten(self, node, src, start=1, end=-1):
+        shape, sshape = _shape(node), None
+        for a in node.all_input_nodes:
+            if a in self._tids and self.val[a] == src:
+                sshape = _shape(a)
+        if sshape is None or shape is None:
+            return self.opaque(node, "flatten of unknown shape")
+        r = len(sshape)
+        start, end = start % r, end % r
+        if start >= 2 or r <= 2:
+            return self.alias(node, src)
+        if start == 1 and end == r - 1:
+            hw = int(np.prod(sshape[2:])) if r > 2 else 1
+            return self.out_tensor(node, FLATTEN, (src,), hw)
+        return self.opaque(node, f"flatten({start}, {end}) merges the channel dim")
+
+    def visit_layout(self, node, name):
+        src_node = node.args[0] if node.args else None
+        v = self.val.get(src_node)
+        shape = _shape(node)
+        sshape = _shape(src_node) if isinstance(src_node, torch.fx.Node) else None
+        if isinstance(v, _Factored):
+            return self.visit_factored(node, name, v, shape)
+        if src_node not in self._tids:
+            return self.opaque(node, f"{name} of a non-tensor")
+        src = v
+        if name == "channel_shuffle":
+            g = node.args[1] if len(node.args) > 1 else node.kwargs.get("groups")
+            return self.out_tensor(node, SHUFFLE, (src,), int(g))
+        if name in ("pixel_shuffle", "pixel_unshuffle"):
+            r = node.args[1] if len(node.args) > 1 else node.kwargs.get("upscale_factor",
+                                                                          node.kwargs.get("downscale_factor"))
+            r2 = int(r) ** 2
+            return self.out_tensor(node, GROUPMAP, (src,), (r2, 1) if name == "pixel_shuffle" else (1, r2))
+        if name == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            if start == 0:
+                return self.opaque(node, "flatten over the batch dim")
+            return self.visit_flatten(node, src, start, end)
+        if shape is None or sshape is None:
+            return self.opaque(node, f"{name} of unknown shape")
+        if shape == sshape:
+            return self.alias(node, src)
+        if len(sshape) >= 3 and len(shape) == len(sshape) + 1 and shape[0] == sshape[0] and \
+                shape[1] * shape[2] == sshape[1] and tuple(shape[3:]) == tuple(sshape[2:]) and \
+                name in ("view", "reshape", "unflatten"):
+            dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) > 1 else ())
+            if name == "unflatten":
+                dims = (None, *node.args[2]) if len(node.args) > 2 else ()
+            outer_literal = len(dims) > 1 and isinstance(dims[1], int) and dims[1] > 0 and \
+                not isinstance(dims[2] if len(dims) > 2 else None, int)
+            self.val[node] = _Factored(src, int(shape[1]), int(shape[2]), False, self.full[src], outer_literal)
+            return
+        if len(shape) >= 2 and len(sshape) >= 2 and shape[0] == sshape[0] and shape[1] == sshape[1] and \
+                name in ("view", "reshape", "squeeze", "unsqueeze", "flatten", "unflatten", "expand", "expand_as"):
+            return self.alias(node, src)  # spatial reshape: (N, C, H, W) <-> (N, C, HW)
+        if len(shape) == 2 and len(sshape) > 2 and shape[0] == sshape[0] and name in ("view", "reshape"):
+            return self.visit_flatten(node, src, 1, -1)
+        return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} moves the channel dim")
+
+    def visit_factored(self, node, name, f: "_Factored", shape):
+        if name in ("transpose", "swapaxes"):
+            dims = [d % 5 for d in node.args[1:3]] if len(node.args) >= 3 else None
+            if dims is not None and sorted(dims) == [1, 2]:
+                self.val[node] = dataclasses.replace(f, a=f.b, b=f.a, swapped=not f.swapped)
+                return
+        elif name == "permute":
+            perm = node.args[1:] if len(node.args) > 2 else node.args[1]
+            perm = [p % 5 for p in perm] if all(isinstance(p, int) for p in perm) else None
+            if perm == [0, 2, 1, 3, 4]:
+                self.val[node] = dataclasses.replace(f, a=f.b, b=f.a, swapped=not f.swapped)
+                return
+            if perm == [0, 1, 2, 3, 4]:
+                self.val[node] = f
+                return
+        elif name == "contiguous":
+            self.val[node] = f
+            return
+        elif name in ("view", "reshape", "flatten"):
+            if shape is not None and len(shape) == 4 and shape[1] == f.a * f.b:
+                src = f.src
+                if not f.swapped:
+                    return self.alias(node, src)
+                if f.outer_literal:  # view(N, g, C//g, ...) with a literal g: g groups at every width
+                    return self.out_tensor(node, SHUFFLE, (src,), f.b)
+                return self.opaque(node, "channel shuffle with a constant group size (view(N, C//g, g, ...)): its "
+                                         "group count changes with the width; use view(N, g, C//g, ...)")
+        return self.opaque(node, f"{name} of a channel-factored tensor")
+
+
+@dataclasses.dataclass
+class _Factored:
+    """A channel tensor viewed as ``(N, a, b, H, W)``; ``swapped`` after a transpose of dims 1 and 2."""
+
+    src: int
+    a: int
+    b: int
+    swapped: bool
+    full: int
+    outer_literal: bool = False   # the first factor is a literal (constant group count)
+
+
+# ---- the graph and its per-width plans ------------------------------------------------------------------------
+@dataclasses.dataclass
+class LayerSel:
+    """The selections one layer uses at one width: runtime input / output positions -> full channel indices."""
+
+    sel_in: Sel
+    sel_out: Sel
+    groups: int               # runtime group count of a conv
+    call: LayerCall
+
+
+class ChannelGraph:
+    """The channel IR of one traced part of a model, with union-find classes and per-width planning.
+
+    Args:
+        ops: IR ops in topological order. calls: the slim layer calls. full: full channel count per tensor
+            (at trace time; :meth:`refresh_full` recomputes them after widening).
+    """
+
+    def __init__(self, ops, calls, full, rank, part: str = ""):
+        self.ops, self.calls, self.rank, self.part = ops, calls, rank, part
+        self.full0 = list(full)
+        self.full = list(full)
+        self.ntensors = len(full)
+        self.producer: dict[int, tuple] = {}
+        for i, op in enumerate(ops):
+            for t in op.outs:
+                self.producer[t] = (i, op)
+        self._classes()
+
+    # -- classes -----------------------------------------------------------------------------------------------
+    def _classes(self):
+        parent = list(range(self.ntensors))
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        def union(a, b):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+
+        for op in self.ops:
+            if op.kind in (PASS, TIE):
+                for t in op.ins:
+                    union(t, op.outs[0])
+            elif op.kind == LAYER:
+                c = self.calls[op.arg]
+                if c.role == "norm" or (c.role == "dw" and c.mult == 1):
+                    union(c.t_in, c.t_out)
+        self.cls = [find(t) for t in range(self.ntensors)]
+        members: dict[int, list[int]] = {}
+        for t in range(self.ntensors):
+            members.setdefault(self.cls[t], []).append(t)
+        self.members = members
+        # Sources of each class: derived ops and free / fixed layers producing a member.
+        self.derived: dict[int, list[int]] = {}     # class -> indices of derived ops producing a member
+        self.deciders: dict[int, list[int]] = {}    # class -> call indices of layers deciding a member
+        for i, op in enumerate(self.ops):
+            if op.kind in _DERIVED:
+                for t in op.outs:
+                    self.derived.setdefault(self.cls[t], []).append(i)
+            elif op.kind == LAYER:
+                c = self.calls[op.arg]
+                if c.role in ("decider", "gdecider", "fixed"):
+                    self.deciders.setdefault(self.cls[c.t_out], []).append(op.arg)
+                elif c.role in ("dw", "gwidth") and not (c.role == "dw" and c.mult == 1):
+                    self.derived.setdefault(self.cls[c.t_out], []).append(i)
+
+    def refresh_full(self, layer_full: Callable[[str], tuple]):
+        """Recompute full channel counts from the layers' current weights (after widening).
+
+        ``layer_full(name) -> (full_in, full_out)``."""
+        full = list(self.full0)
+        for _ in range(3):
+            for op in self.ops:
+                if op.kind == LAYER:
+                    c = self.calls[op.arg]
+                    fi, fo = layer_full(c.name)
+                    if c.role in ("norm",) or (c.role == "dw"):
+                        full[c.t_out] = full[c.t_in] * (c.mult if c.role == "dw" else 1)
+                    elif c.role == "gwidth":
+                        full[c.t_out] = full[c.t_in] // c.gw[0] * c.gw[1]
+                    else:
+                        full[c.t_out] = fo
+                elif op.kind in (PASS, TIE):
+                    for t in op.outs:
+                        full[t] = full[op.ins[0]] if op.ins else full[t]
+                elif op.kind == CAT:
+                    full[op.outs[0]] = sum(full[t] for t in op.ins)
+                elif op.kind == SPLIT:
+                    for t in op.outs:
+                        full[t] = full[op.ins[0]] // op.arg
+                elif op.kind == SHUFFLE:
+                    full[op.outs[0]] = full[op.ins[0]]
+                elif op.kind == SLICE:
+                    a, b = op.arg
+                    f0 = self.full0[op.ins[0]]
+                    # a slice [:k] of a grown tensor keeps the part that grew with it (scale k like the input)
+                    scale = full[op.ins[0]] / f0 if f0 else 1
+                    full[op.outs[0]] = min(full[op.ins[0]], int(round(b * scale))) - int(round(a * scale))
+                elif op.kind == FLATTEN:
+                    full[op.outs[0]] = full[op.ins[0]] * op.arg
+                elif op.kind == EXPAND:
+                    full[op.outs[0]] = full[op.ins[0]] * op.arg
+                elif op.kind == GROUPMAP:
+                    gi, go = op.arg
+                    full[op.outs[0]] = full[op.ins[0]] // gi * go
+        self.full = full
+
+    def width_dependent_opaque(self, fixed_classes: set) -> list[Op]:
+        """Opaque ops whose input classes are not fixed at full width (checked after the first plan)."""
+        return [op for op in self.ops if op.kind == OPAQUE and any(self.cls[t] not in fixed_classes
+                                                                     for t in op.ins)]
+
+    def output_layers(self) -> list[str]:
+        """Layers whose outputs reach a graph output through channel-preserving ops only (DESIGN rule 2).
+
+        The walk goes back from each output through aliases, elementwise ties, concatenations, splits and
+        shuffles; it stops at a norm layer (a model ending in a norm is a feature extractor: a headless backbone
+        has no output layers) and marks every conv/linear it reaches."""
+        found, seen = [], set()
+        stack = [t for op in self.ops if op.kind == OUTPUT for t in op.ins]
+        while stack:
+            t = stack.pop()
+            if t in seen or t not in self.producer:
+                continue
+            seen.add(t)
+            _, op = self.producer[t]
+            if op.kind == LAYER:
+                c = self.calls[op.arg]
+                if c.role in ("decider", "gdecider", "fixed"):
+                    if c.name not in found:
+                        found.append(c.name)
+                elif c.role in ("dw", "gwidth"):
+                    stack.append(c.t_in)
+                continue
+            if op.kind in (PASS, TIE, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, EXPAND, GROUPMAP):
+                stack.extend(op.ins)
+        return found
+
+    # -- static channel units ----------------------------------------------------------------------------------
+    def class_units(self) -> dict[int, int]:
+        """Count multiples each class needs so its runs can line up (grouped convs, shuffles, chunks).
+
+        Propagated back through derived ops (a concatenation passes its unit to every part)."""
+        unit: dict[int, int] = {}
+
+        def need(t, u):
+            c = self.cls[t]
+            unit[c] = math.lcm(unit.get(c, 1), int(u))
+
+        for op in self.ops:
+            if op.kind == LAYER:
+                c = self.calls[op.arg]
+                if c.role == "gdecider":
+                    need(c.t_in, c.groups)
+                    need(c.t_out, c.groups)
+                elif c.role == "gwidth":
+                    need(c.t_in, c.gw[0])
+            elif op.kind in (SHUFFLE, SPLIT):
+                need(op.ins[0], op.arg)
+            elif op.kind == GROUPMAP:
+                need(op.ins[0], op.arg[0])
+        # A concatenation passes its unit to every part, a shuffle or slice to its input (sufficient, and the
+        # units of the papers' models); a split does not pass it on: its pieces' counts follow its input.
+        for op in reversed(self.ops):
+            if not op.outs:
+                continue
+            u = unit.get(self.cls[op.outs[0]], 1)
+            if u == 1:
+                continue
+            if op.kind == CAT:
+                for t in op.ins:
+                    need(t, u)
+            elif op.kind in (SHUFFLE, SLICE):
+                need(op.ins[0], u)
+        return unit
+
+    # -- planning ----------------------------------------------------------------------------------------------
+    def plan(self, count_of: Callable[[LayerCall], int], width_key: str,
+             step_of: Callable[[LayerCall], int] | None = None) -> list[LayerSel]:
+        """Selections of every layer call at one width.
+
+        ``count_of(call)`` gives the output count a free layer chooses at this width, ``step_of(call)`` its
+        rounding step. Where no selection makes the model's ops exact at those counts (a ShuffleNet v2 stage at
+        some widths), the free layers coupled to the failing op (through concatenations, splits, shuffles,
+        grouped convs) grow by one step at a time, up to their full width, which is always exact. Returns one
+        :class:`LayerSel` per layer call (same order as ``self.calls``).
+
+        Raises:
+            NotExactError: no selection makes every runtime op exact (names the op and the width).
+        """
+        bumps: dict[int, int] = {}
+        for _ in range(4096):
+            try:
+                return self._plan_once(count_of, width_key, bumps, step_of)
+            except NotExactError as e:
+                c = getattr(e, "cls", None)
+                if c is None or step_of is None:
+                    raise
+                grown = False
+                for fc in self._component(c):
+                    if self._last_count.get(fc, 0) < self.full[self.members[fc][0]]:
+                        bumps[fc] = bumps.get(fc, 0) + 1
+                        grown = True
+                if not grown:
+                    raise
+        raise NotExactError(f"no exact channel plan found at width {width_key}")
+
+    def _component(self, c_id) -> list[int]:
+        """Free (layer-decided, not fixed) classes coupled to class ``c_id`` through derived ops."""
+        comp = getattr(self, "_comp", None)
+        if comp is None:
+            parent = {}
+
+            def find(x):
+                parent.setdefault(x, x)
+                while parent[x] != x:
+                    parent[x] = parent[parent[x]]
+                    x = parent[x]
+                return x
+
+            def union(a, b):
+                parent[find(a)] = find(b)
+
+            for op in self.ops:
+                if op.kind in (CAT, SPLIT, SHUFFLE, SLICE, GROUPMAP, FLATTEN, EXPAND):
+                    for t in (*op.ins, *op.outs):
+                        union(self.cls[t], self.cls[op.outs[0]])
+                elif op.kind == LAYER:
+                    c = self.calls[op.arg]
+                    if c.role in ("gdecider", "dw", "gwidth"):
+                        union(self.cls[c.t_in], self.cls[c.t_out])
+            free = [c for c in self.deciders if c not in self.derived and not any(
+                self.calls[i].role == "fixed" for i in self.deciders[c])]
+            comp = {}
+            for c in set(self.cls):
+                comp.setdefault(find(c), [])
+            for c in free:
+                comp[find(c)].append(c)
+            self._comp = comp = {c: comp[find(c)] for c in set(self.cls)}
+        return comp.get(c_id, [])
+
+    def _plan_once(self, count_of, width_key, bumps, step_of) -> list[LayerSel]:
+        cls, full, ops, calls = self.cls, self.full, self.ops, self.calls
+        # 1. counts per class: free classes from their first deciding layer, derived ones from their inputs.
+        count: dict[int, int] = {}
+        fixed: set[int] = set()
+        for c_id, dec in self.deciders.items():
+            if c_id in self.derived:
+                continue
+            fixed_calls = [i for i in dec if calls[i].role == "fixed"]
+            if fixed_calls:
+                count[c_id] = full[calls[fixed_calls[0]].t_out]
+                fixed.add(c_id)
+            else:
+                step = step_of(calls[dec[0]]) if bumps.get(c_id) else 0
+                count[c_id] = min(count_of(calls[dec[0]]) + bumps.get(c_id, 0) * step, full[calls[dec[0]].t_out])
+        for _ in range(len(ops)):
+            changed = False
+            for i, op in enumerate(ops):
+                if not op.outs:
+                    continue
+                n = self._derived_count(op, count, full)
+                if n is None:
+                    continue
+                for k, t in enumerate(op.outs):
+                    c = cls[t]
+                    nk = n[k] if isinstance(n, list) else n
+                    if c not in count:
+                        count[c] = nk
+                        changed = True
+            if not changed:
+                break
+        missing = [t for t in range(self.ntensors) if cls[t] not in count]
+        for t in missing:  # tensors never fed by anything we follow (unused outputs): full
+            count[cls[t]] = full[t]
+        self._last_count = count
+        # 2. position constraints, pushed back through derived ops.
+        lo = {c: np.zeros(n, dtype=np.int64) for c, n in count.items()}
+        hi = {c: np.full(n, np.iinfo(np.int64).max, dtype=np.int64) for c, n in count.items()}
+        align: dict[int, int] = {}
+
+        def runs(t, k, where):
+            c, n, f = cls[t], count[cls[t]], full[t]
+            if n % k or f % k:
+                raise _tag(NotExactError(f"{where}: {n} active of {f} channels cannot be split into {k} equal "
+                                         f"runs at width {width_key}"), c)
+            g = np.repeat(_ar(k), n // k)
+            np.maximum(lo[c], g * (f // k), out=lo[c])
+            np.minimum(hi[c], (g + 1) * (f // k), out=hi[c])
+
+        for op in ops:
+            if op.kind == LAYER:
+                c = calls[op.arg]
+                if c.role == "gdecider":
+                    runs(c.t_in, c.groups, c.name)
+                    runs(c.t_out, c.groups, c.name)
+                elif c.role == "gwidth" and c.gw[0] > 1:
+                    align[cls[c.t_in]] = math.lcm(align.get(cls[c.t_in], 1), c.gw[0])
+            elif op.kind in (SHUFFLE, SPLIT):
+                runs(op.ins[0], op.arg, op.where)
+            elif op.kind == GROUPMAP and op.arg[0] > 1:
+                align[cls[op.ins[0]]] = math.lcm(align.get(cls[op.ins[0]], 1), op.arg[0])
+            elif op.kind == SLICE:
+                t = op.ins[0]
+                c, n, f = cls[t], count[cls[t]], full[t]
+                a, b = op.arg
+                p = _ar(n)
+                kept = (p >= a) & (p < b)
+                np.maximum(lo[c], np.where(kept, a, np.where(p < a, 0, b)), out=lo[c])
+                np.minimum(hi[c], np.where(kept, b, np.where(p < a, a, f)), out=hi[c])
+        for op in reversed(ops):
+            self._push_back(op, count, lo, hi, full)
+        # 3. selections: free classes by matching, derived ones from their inputs (topological order).
+        sel: dict[int, Sel] = {}
+        for c_id in count:
+            if c_id in self.derived:
+                continue
+            t0 = self.members[c_id][0]
+            f = full[t0]
+            if c_id in fixed:
+                sel[c_id] = Sel(_ar(f), f)
+                continue
+            try:
+                sel[c_id] = Sel(_match(lo[c_id], hi[c_id], f, align.get(c_id, 1), self._where_class(c_id),
+                                       width_key), f)
+            except NotExactError as e:
+                raise _tag(e, c_id) from None
+        for _ in range(3):
+            progress = False
+            for op in ops:
+                if not op.outs or op.kind not in _DERIVED and not (
+                        op.kind == LAYER and calls[op.arg].role in ("dw", "gwidth")):
+                    continue
+                if op.kind == LAYER and calls[op.arg].role == "dw" and calls[op.arg].mult == 1:
+                    continue
+                ins = op.ins if op.kind != LAYER else (calls[op.arg].t_in,)
+                if not all(cls[t] in sel for t in ins):
+                    continue
+                try:
+                    outs = self._derived_sel(op, [sel[cls[t]] for t in ins], full, width_key)
+                except NotExactError as e:
+                    raise _tag(e, cls[ins[0]]) from None
+                for t, s in zip(op.outs, outs):
+                    c = cls[t]
+                    if c not in sel:
+                        sel[c] = s
+                        progress = True
+                    elif sel[c] != s:
+                        raise _tag(NotExactError(
+                            f"{op.where}: at width {width_key} this tensor is tied (residual add / gating) to "
+                            f"{self._where_class(c)}, which carries other channels; the narrow net is not a "
+                            "sub-network of the wide one"), c)
+            if not progress:
+                break
+        for c_id in count:
+            if c_id not in sel:
+                f = full[self.members[c_id][0]]
+                sel[c_id] = Sel(_ar(f), f)
+        # 4. verify every class against its constraints.
+        for c_id, s in sel.items():
+            if s.n != count[c_id]:
+                raise _tag(NotExactError(f"{self._where_class(c_id)}: {s.n} channels where {count[c_id]} are "
+                                         f"needed at width {width_key}"), c_id)
+            if s.n and (np.any(s.idx < lo[c_id]) or np.any(s.idx >= hi[c_id])):
+                bad = int(np.argmax((s.idx < lo[c_id]) | (s.idx >= hi[c_id])))
+                raise _tag(NotExactError(
+                    f"{self._where_class(c_id)}: at width {width_key} runtime channel {bad} is full channel "
+                    f"{int(s.idx[bad])}, but a consumer (grouped conv, shuffle, chunk or slice) needs it in "
+                    f"[{int(lo[c_id][bad])}, {int(min(hi[c_id][bad], s.full))}); the model's own ops cannot run "
+                    "this width as a sub-network of the full one"), c_id)
+            a = align.get(c_id, 1)
+            if a > 1 and s.n and (s.n % a or np.any(s.idx.reshape(-1, a) // a != (s.idx.reshape(-1, a)[:, :1] // a))
+                                  or np.any(s.idx.reshape(-1, a) % a != _ar(a))):
+                raise _tag(NotExactError(f"{self._where_class(c_id)}: at width {width_key} the active channels "
+                                         f"are not whole groups of {a} in order (needed by a grouped conv / pixel "
+                                         "shuffle)"), c_id)
+        self.fixed_classes = {c for c, s in sel.items() if s.n == s.full}
+        out = []
+        for c in calls:
+            si, so = sel[cls[c.t_in]], sel[cls[c.t_out]]
+            groups = c.groups if c.role == "gdecider" else (si.n // c.gw[0] if c.role == "gwidth" else
+                                                           si.n if c.role == "dw" else 1)
+            out.append(LayerSel(si, so, groups, c))
+        return out
+
+    def _where_class(self, c_id) -> str:
+        for i in self.derived.get(c_id, []):
+            return self.ops[i].where
+        for i in self.deciders.get(c_id, []):
+            return f"layer {self.calls[i].name!r}"
+        return f"tensor {self.members[c_id][0]}"
+
+    def _derived_count(self, op, count, full):
+        cls = self.cls
+
+        def cnt(t):
+            return count.get(cls[t])
+
+        k = op.kind
+        if k in (INPUT, CONST):
+            return full[op.outs[0]]
+        if k == OPAQUE:
+            return full[op.outs[0]] if op.outs else None
+        if k == LAYER:
+            c = self.calls[op.arg]
+            n = cnt(c.t_in)
+            if n is None:
+                return None
+            if c.role == "dw":
+                return n * c.mult
+            if c.role == "gwidth":
+                return n // c.gw[0] * c.gw[1]
+            return None
+        if k == CAT:
+            ns = [cnt(t) for t in op.ins]
+            return None if any(n is None for n in ns) else sum(ns)
+        n = cnt(op.ins[0]) if op.ins else None
+        if n is None:
+            return None
+        if k == SPLIT:
+            return [n // op.arg] * op.arg
+        if k == SHUFFLE:
+            return n
+        if k == SLICE:
+            a, b = op.arg
+            return max(0, min(n, b) - a)
+        if k in (FLATTEN, EXPAND):
+            return n * op.arg
+        if k == GROUPMAP:
+            gi, go = op.arg
+            return n // gi * go
+        return None
+
+    def _push_back(self, op, count, lo, hi, full):
+        """Translate the position constraints on a derived op's output into constraints on its inputs."""
+        cls = self.cls
+        k = op.kind
+        if k == CAT:
+            c_out = cls[op.outs[0]]
+            off_p, off_v = 0, 0
+            for t in op.ins:
+                c, n = cls[t], count[cls[t]]
+                np.maximum(lo[c], lo[c_out][off_p:off_p + n] - off_v, out=lo[c])
+                np.minimum(hi[c], hi[c_out][off_p:off_p + n] - off_v, out=hi[c])
+                off_p += n
+                off_v += full[t]
+        elif k == SPLIT:
+            c_in, n = cls[op.ins[0]], count[cls[op.ins[0]]]
+            f = full[op.ins[0]]
+            kk = op.arg
+            for j, t in enumerate(op.outs):
+                c = cls[t]
+                sl = slice(j * n // kk, (j + 1) * n // kk)
+                np.maximum(lo[c_in][sl], lo[c] + j * f // kk, out=lo[c_in][sl])
+                np.minimum(hi[c_in][sl], _sat_add(hi[c], j * f // kk), out=hi[c_in][sl])
+        elif k == SHUFFLE:
+            g = op.arg
+            c_in, c_out = cls[op.ins[0]], cls[op.outs[0]]
+            n, f = count[c_in], full[op.ins[0]]
+            if n % g or f % g:
+                return
+            m, fg = n // g, f // g
+            q = _ar(n)
+            tt, gg = q // g, q % g  # output position q = t*g + gi reads input position gi*m + t
+            src = gg * m + tt
+            lo_v = -((-(lo[c_out] - gg)) // g) + gg * fg
+            hi_v = np.where(hi[c_out] >= np.iinfo(np.int64).max // 2, hi[c_in][src],
+                            -((-(np.minimum(hi[c_out], np.iinfo(np.int64).max // 2) - gg)) // g) + gg * fg)
+            np.maximum.at(lo[c_in], src, lo_v)
+            np.minimum.at(hi[c_in], src, hi_v)
+        elif k == SLICE:
+            a, _ = op.arg
+            c_in, c_out = cls[op.ins[0]], cls[op.outs[0]]
+            n_out = count[c_out]
+            sl = slice(a, a + n_out)
+            np.maximum(lo[c_in][sl], lo[c_out] + a, out=lo[c_in][sl])
+            np.minimum(hi[c_in][sl], _sat_add(hi[c_out], a), out=hi[c_in][sl])
+
+    def _derived_sel(self, op, ins: list[Sel], full, width_key) -> list[Sel]:
+        k = op.kind
+        where = op.where
+        if k in (INPUT, CONST, OPAQUE):
+            return [Sel(_ar(full[t]), full[t]) for t in op.outs]
+        if k == LAYER:
+            c = self.calls[op.arg]
+            s = ins[0]
+            if c.role == "dw":
+                m = c.mult
+                return [Sel((s.idx[:, None] * m + _ar(m)[None, :]).ravel(), full[c.t_out])]
+            gi, go = c.gw
+            return [Sel(_groupmap(s, gi, go, c.name, width_key), full[c.t_out])]
+        if k == CAT:
+            off, parts = 0, []
+            for t, s in zip(op.ins, ins):
+                parts.append(s.idx + off)
+                off += full[t]
+            return [Sel(np.concatenate(parts) if parts else _ar(0), full[op.outs[0]])]
+        s = ins[0]
+        f_in = full[op.ins[0]]
+        if k == SPLIT:
+            kk = op.arg
+            n = s.n
+            out = []
+            for j, t in enumerate(op.outs):
+                piece = s.idx[j * n // kk:(j + 1) * n // kk] - j * (f_in // kk)
+                if np.any(piece < 0) or np.any(piece >= f_in // kk):
+                    raise NotExactError(f"{where}: at width {width_key} chunk {j} of the narrow tensor holds "
+                                        "channels of another chunk of the full tensor")
+                out.append(Sel(piece, full[t]))
+            return out
+        if k == SHUFFLE:
+            g, n = op.arg, s.n
+            if n % g:
+                raise NotExactError(f"{where}: {n} active channels cannot be shuffled in {g} groups at width "
+                                    f"{width_key}")
+            m, fg = n // g, f_in // g
+            grid = s.idx.reshape(g, m)  # runtime group gi = positions [gi*m, (gi+1)*m)
+            base = (_ar(g) * fg)[:, None]
+            if np.any(grid < base) or np.any(grid >= base + fg):
+                raise NotExactError(f"{where}: at width {width_key} a runtime shuffle group holds channels of "
+                                    "another full group")
+            out = ((grid - base) * g + _ar(g)[:, None]).T.ravel()
+            return [Sel(out, full[op.outs[0]])]
+        if k == SLICE:
+            a, b = op.arg
+            n = s.n
+            kept = s.idx[a:min(b, n)]
+            dropped = np.concatenate([s.idx[:a], s.idx[min(b, n):]])
+            if np.any(kept < a) or np.any(kept >= b) or np.any((dropped >= a) & (dropped < b)):
+                raise NotExactError(f"{where}: at width {width_key} the channel slice [{a}:{b}] of the narrow "
+                                    "tensor keeps other channels than at full width")
+            return [Sel(kept - a, full[op.outs[0]])]
+        if k in (FLATTEN, EXPAND):
+            hw = op.arg
+            return [Sel((s.idx[:, None] * hw + _ar(hw)[None, :]).ravel(), full[op.outs[0]])]
+        if k == GROUPMAP:
+            gi, go = op.arg
+            return [Sel(_groupmap(s, gi, go, where, width_key), full[op.outs[0]])]
+        raise AssertionError(k)
+
+
+def _tag(e: NotExactError, c_id) -> NotExactError:
+    """Attach the class an infeasibility concerns (the planner grows the layers coupled to it)."""
+    if getattr(e, "cls", None) is None:
+        e.cls = c_id
+    return e
+
+
+def _sat_add(a: np.ndarray, v: int) -> np.ndarray:
+    big = np.iinfo(np.int64).max // 2
+    return np.where(a >= big, a, a + v)
+
+
+def _groupmap(s: Sel, gi: int, go: int, where, width_key) -> np.ndarray:
+    """Selection after an op that maps each whole group of ``gi`` input channels to ``go`` output channels."""
+    n = s.n
+    if n % gi:
+        raise NotExactError(f"{where}: {n} active channels are not whole groups of {gi} at width {width_key}")
+    blocks = s.idx.reshape(-1, gi)
+    g = blocks[:, 0] // gi
+    if np.any(blocks != g[:, None] * gi + _ar(gi)[None, :]):
+        raise NotExactError(f"{where}: at width {width_key} the active channels are not whole groups of {gi}")
+    return (g[:, None] * go + _ar(go)[None, :]).ravel()
+
+
+def _match(lo: np.ndarray, hi: np.ndarray, full: int, align: int, where: str, width_key: str) -> np.ndarray:
+    """Assign distinct full channels to runtime positions within ``[lo, hi)`` each (Glover's algorithm: sweep the
+    channels upwards, give each to the waiting position with the earliest deadline), in whole aligned blocks of
+    ``align``; unconstrained positions get the first channels (a prefix)."""
+    n = len(lo)
+    if n == 0:
+        return _ar(0)
+    top = np.minimum(hi, full)
+    if np.all(lo == 0) and np.all(top >= full) and align == 1:
+        return _ar(n)
+    if align > 1:
+        if n % align or full % align:
+            raise NotExactError(f"{where}: {n} of {full} channels are not whole groups of {align} at width {width_key}")
+        k = _ar(align)
+        blo = (-(-(lo.reshape(-1, align) - k) // align)).max(1)
+        bhi = (-(-(top.reshape(-1, align) - k) // align)).min(1)
+        blocks = _match(blo, bhi, full // align, 1, where, width_key)
+        return (blocks[:, None] * align + k[None, :]).ravel()
+    order = np.lexsort((np.arange(n), lo))
+    out = np.full(n, -1, dtype=np.int64)
+    heap: list = []
+    i, v = 0, 0
+    while i < n or heap:
+        if not heap and i < n:
+            v = max(v, int(lo[order[i]]))
+        while i < n and lo[order[i]] <= v:
+            p = int(order[i])
+            heapq.heappush(heap, (int(top[p]), p))
+            i += 1
+        deadline, p = heapq.heappop(heap)
+        if v >= deadline or v >= full:
+            raise NotExactError(f"{where}: no choice of {n} of its {full} channels satisfies every consumer at "
+                                f"width {width_key} (runtime position {p} needs a channel in "
+                                f"[{int(lo[p])}, {int(top[p])}))")
+        out[p] = v
+        v += 1
+    return out
