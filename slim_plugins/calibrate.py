@@ -1,14 +1,13 @@
 """BN post-statistics (US-Nets, Section 3.2, Eq. 8): statistics of every width computed after training."""
 from __future__ import annotations
 
-import itertools
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .context import _calibration, find_state, width as width_ctx
-from .errors import EmptyLoaderError
+from .errors import EmptyLoaderError, InvalidArgumentError
 from .nn.norm import SlimBatchNorm2d
 
 
@@ -29,7 +28,7 @@ class _Acc:
         self.n += n
 
     def result(self):
-        return (self.mean / self.n).float(), (self.var / self.n).float()
+        return self.mean / self.n, self.var / self.n
 
 
 def _default_forward(model, batch):
@@ -39,8 +38,8 @@ def _default_forward(model, batch):
 
 def _batch_size(batch) -> int:
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if isinstance(x, dict):
-        x = next(iter(x.values()))
+    if isinstance(x, Mapping):  # mmengine style: {"inputs": ..., "data_samples": [...]}
+        x = x.get("inputs", next(iter(x.values())))
     return len(x)
 
 
@@ -50,18 +49,22 @@ def calibrate_bn(model: torch.nn.Module, batches: Iterable, widths: Sequence | N
                  method: str = "exact", momentum: float = 0.1) -> dict:
     """Compute BN statistics of each width after training (post-statistics).
 
-    For every width, runs the model in eval mode (dropout off) with BN layers normalising by batch statistics and
-    accumulating them; ``method="exact"`` stores the exact (sample-weighted) average of the per-batch means and
-    unbiased variances (US-Nets Eq. 8, ``m = (t-1)/t``), ``method="moving"`` the momentum average of Eq. 5.
-    Under ``torch.distributed`` the sums are all-reduced so every rank stores identical statistics.
+    One pass over ``batches`` feeds every width: for each batch the model runs once per width in eval mode
+    (dropout off) with BN layers normalising by batch statistics and accumulating them; ``method="exact"`` stores
+    the exact (sample-weighted) average of the per-batch means and unbiased variances (US-Nets Eq. 8,
+    ``m = (t-1)/t``), ``method="moving"`` the momentum average of Eq. 5. Under ``torch.distributed`` the sums are
+    all-reduced so every rank stores identical statistics. Accumulation is in float64; statistics are stored in
+    the BN layer's dtype; it runs under ``torch.autocast`` too.
 
     Args:
         model: a converted model (DDP wrappers are looked through).
-        batches: an iterable of input tensors ``(N, C, H, W)`` or ``(inputs, targets)`` tuples, or anything
-            ``forward(model, batch)`` accepts. Re-iterated once per width; a one-shot iterator is cached.
+        batches: an iterable (a DataLoader, a list, a generator) of input tensors ``(N, C, H, W)``,
+            ``(inputs, targets)`` tuples or mmengine-style dicts, or anything ``forward(model, batch)`` accepts.
+            Read once, however many widths.
         widths: widths to calibrate (default: every switch for S-Nets, ``[min, max]`` for US-Nets). Dict widths
             (nonuniform) are allowed.
-        num_samples: samples per width in total across ranks (the paper's 2k subset); ``None`` = all.
+        num_samples: samples per width in total across ranks (the paper's 2k subset); ``None`` = all. The last
+            batch is truncated to it (tensors, tuples, and lists/tensors inside dicts).
         forward: ``forward(model, batch)`` for frameworks whose batches are not plain tensors.
 
     Returns:
@@ -69,73 +72,74 @@ def calibrate_bn(model: torch.nn.Module, batches: Iterable, widths: Sequence | N
 
     Raises:
         EmptyLoaderError: ``batches`` yields nothing. WidthError: a width not allowed by the spec.
+        InvalidArgumentError: ``num_samples`` not a positive integer or ``None``; unknown ``method``.
     The model's statistics are only written after every width succeeded.
     """
     state = find_state(model)
     spec = state.spec
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples <= 0):
+        raise InvalidArgumentError(f"num_samples must be a positive integer or None (all), got {num_samples!r}")
+    if method not in ("exact", "moving"):
+        raise InvalidArgumentError(f"method must be 'exact' or 'moving', got {method!r}")
     widths = list(widths) if widths is not None else (list(spec.widths) if spec.is_switches else [spec.min, spec.max])
     actives = [state.resolve(w) for w in widths]  # validates every width before any work
-    if method not in ("exact", "moving"):
-        raise ValueError(f"method must be 'exact' or 'moving', got {method!r}")
     forward = forward or _default_forward
-    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d) and m.bn_mode != "frozen"]
+    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d) and not m.frozen]
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     local_target = None if num_samples is None else -(-int(num_samples) // world)
-    if iter(batches) is batches:
-        batches = list(itertools.islice(batches, 10 ** 9)) if local_target is None else _take(batches, local_target)
     was_training = model.training
-    results: dict = {}
-    pending = []
+    accs = [{bn: _MovingAcc(momentum) if method == "moving" else _Acc() for bn in bns} for _ in widths]
+    seen = 0
     try:
         model.eval()
-        for w, a in zip(widths, actives):
-            accs = {bn: _MovingAcc(momentum) if method == "moving" else _Acc() for bn in bns}
-            token = _calibration.set(accs)
-            seen = 0
-            try:
-                with width_ctx(w):
-                    for batch in batches:
-                        n = _batch_size(batch)
-                        if local_target is not None and seen + n > local_target:
-                            batch = _truncate(batch, local_target - seen)
-                            n = local_target - seen
-                        if n <= 0:
-                            break
+        for batch in batches:
+            n = _batch_size(batch)
+            if local_target is not None and seen + n > local_target:
+                batch = _truncate(batch, n, local_target - seen)
+                n = local_target - seen
+            if n <= 0:
+                break
+            for w, acc in zip(widths, accs):
+                token = _calibration.set(acc)
+                try:
+                    with width_ctx(w):
                         forward(model, batch)
-                        seen += n
-                        if local_target is not None and seen >= local_target:
-                            break
-            finally:
-                _calibration.reset(token)
-            total = _all_reduce_accs(accs, seen, world)
-            if total == 0:
-                raise EmptyLoaderError(f"calibration data yielded no samples for width {a.key}; give a "
-                                       "non-empty loader of training images")
-            pending.append((a, accs))
-            results[a.key] = total
+                finally:
+                    _calibration.reset(token)
+            seen += n
+            if local_target is not None and seen >= local_target:
+                break
     finally:
         model.train(was_training)
-    for a, accs in pending:
-        for bn, acc in accs.items():
-            if acc.mean is not None:
-                bn.store_statistics(a, *acc.result())
+    results: dict = {}
+    pending = []
+    for a, acc in zip(actives, accs):
+        total = _all_reduce_accs(acc, seen, world)
+        if total == 0:
+            raise EmptyLoaderError(f"calibration data yielded no samples for width {a.key}; give a "
+                                   "non-empty loader of training images")
+        pending.append((a, acc))
+        results[a.key] = total
+    for a, acc in pending:
+        for bn, ac in acc.items():
+            if ac.mean is not None:
+                bn.store_statistics(a, *ac.result())
     return results
 
 
-def _take(it, n):
-    out, seen = [], 0
-    for b in it:
-        out.append(b)
-        seen += _batch_size(b)
-        if seen >= n:
-            break
-    return out
-
-
-def _truncate(batch, n):
+def _truncate(batch, n_total: int, n: int):
+    """The first ``n`` samples of a batch of ``n_total``: tensors and lists of that length are cut."""
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _truncate(v, n_total, n) for k, v in batch.items()})
+    if torch.is_tensor(batch):
+        return batch[:n] if batch.dim() and batch.shape[0] == n_total else batch
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_truncate(b, n) if torch.is_tensor(b) else b for b in batch)
-    return batch[:n] if torch.is_tensor(batch) else batch
+        if len(batch) == n_total and not any(torch.is_tensor(b) and b.dim() and b.shape[0] == n_total
+                                             for b in batch):
+            return type(batch)(batch[:n])  # a list of per-sample items (mmengine data samples, images)
+        return type(batch)(_truncate(b, n_total, n) for b in batch)
+    return batch
 
 
 class _MovingAcc(_Acc):
@@ -153,7 +157,7 @@ class _MovingAcc(_Acc):
         self.n += n
 
     def result(self):
-        return self.mean.float(), self.var.float()
+        return self.mean, self.var
 
 
 def _all_reduce_accs(accs: dict, seen: int, world: int) -> int:
@@ -186,3 +190,96 @@ def _all_reduce_accs(accs: dict, seen: int, world: int) -> int:
             acc.n = int(n)
         i += 1 + 2 * c
     return int(flat[0].item())
+
+
+def _us_bns(model):
+    return [m for m in model.modules() if isinstance(m, SlimBatchNorm2d) and m.bn_mode == "us"
+            and m.track_running_stats and not m.frozen]
+
+
+def calibrated_widths(model, widths: Sequence | None = None) -> list:
+    """The widths at which every BN layer has statistics (evaluation runs there without ``calibrate_bn``).
+
+    Args:
+        widths: widths to check; default: report the stored ones.
+
+    Returns:
+        With ``widths``: the subset of ``widths`` that has statistics, in order. Without: the width keys with
+        statistics (US-Nets: the max width, the min width once tracked in training, and every calibrated width;
+        S-Nets and other BN modes: every switch / the whole spec, since their statistics live in their buffers).
+
+    Raises:
+        WidthError: a width not allowed by the spec.
+    """
+    state = find_state(model)
+    bns = _us_bns(model)
+    spec = state.spec
+    if widths is not None:
+        out = []
+        for w in widths:
+            a = state.resolve(w)
+            if all(a.key in bn._post or a.is_max or (a.is_min and int(bn.min_tracked) > 0) for bn in bns):
+                out.append(w)
+        return out
+    if not bns:
+        from .context import width_key
+
+        return [width_key(w) for w in spec.widths]
+    keys = None
+    for bn in bns:
+        k = set(bn._post)
+        k.add(width_key_of(spec.max))
+        if int(bn.min_tracked) > 0:
+            k.add(width_key_of(spec.min))
+        keys = k if keys is None else keys & k
+    return sorted(keys, key=lambda k: (not k[0].isdigit(), float(k) if k[0].isdigit() else 0, k))
+
+
+def width_key_of(w) -> str:
+    from .context import width_key
+
+    return width_key(w)
+
+
+def clear_statistics(model) -> int:
+    """Drop every width's BN post-statistics (US-Nets; e.g. after further training made them stale).
+
+    Returns:
+        the number of BN layers cleared. The max / min running statistics of training are kept.
+    """
+    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d)]
+    for bn in bns:
+        bn.clear_statistics()
+    return len(bns)
+
+
+def freeze_bn(model, frozen: bool = True, layers: str | Iterable[str] = "*") -> int:
+    """Freeze (or unfreeze) BN layers: a frozen layer normalises with its stored statistics (per switch / per
+    width) in training mode too and never updates them (mmdet ``norm_eval``, detection fine-tuning; DESIGN
+    rule 3). Orthogonal to the BN mode: an S-Net keeps its per-switch statistics.
+
+    Args:
+        layers: ``fnmatch`` pattern(s) of BN layer names (default all).
+
+    Returns:
+        the number of layers set.
+
+    Raises:
+        UnknownLayerError: a pattern matching no BN layer.
+    """
+    import fnmatch
+
+    from .errors import UnknownLayerError
+
+    pats = [layers] if isinstance(layers, str) else list(layers)
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, SlimBatchNorm2d)]
+    for p in pats:
+        if not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
+            raise UnknownLayerError(f"BN pattern {p!r} matches no slimmable BN layer; e.g. {[n for n, _ in named[:5]]}")
+    count = 0
+    for n, m in named:
+        if any(fnmatch.fnmatchcase(n, p) for p in pats):
+            m.frozen = bool(frozen)
+            m._eval_cache = {}
+            count += 1
+    return count

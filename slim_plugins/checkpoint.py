@@ -7,7 +7,7 @@ import tempfile
 import torch
 
 from .context import find_state
-from .errors import WidthSpecMismatchError
+from .errors import CheckpointError, WidthError, WidthSpecMismatchError
 from .width import WidthSpec
 
 
@@ -33,8 +33,22 @@ def save_checkpoint(path: str, model, **extra) -> str:
 
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint file written by :func:`save_checkpoint` (trusted files only: it holds Python objects)."""
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """Load a checkpoint file written by :func:`save_checkpoint` (trusted files only: it holds Python objects).
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointError: truncated, corrupt or not a slim_plugins checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, pickle errors, ...: one typed error naming the file
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {e}); the file is "
+                              "truncated or not a torch checkpoint") from None
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise CheckpointError(f"{str(path)!r} is not a slim_plugins checkpoint (no 'model' entry); write one with "
+                              "slim.save_checkpoint")
+    return ck
 
 
 def load_checkpoint(path_or_payload, model, strict: bool = True) -> dict:
@@ -44,14 +58,45 @@ def load_checkpoint(path_or_payload, model, strict: bool = True) -> dict:
         the checkpoint payload (for optimizer state, epoch, ...).
 
     Raises:
-        WidthSpecMismatchError: the checkpoint's spec or BN mode differs from the model's (model unchanged).
+        WidthSpecMismatchError: the checkpoint's spec or BN mode differs from the model's.
+        CheckpointError: a tensor's shape differs (e.g. another classifier head), or keys are missing /
+            unexpected with ``strict``; every mismatch is named.
+    The model is unchanged when an error is raised (shapes and keys are checked before anything is copied).
     """
     ck = read_checkpoint(path_or_payload) if isinstance(path_or_payload, (str, os.PathLike)) else path_or_payload
     state = find_state(model)
     saved = ck.get("width_spec")
-    if saved is None or WidthSpec.from_dict(saved) != state.spec or ck.get("bn_mode", state.bn_mode) != state.bn_mode:
+    try:
+        saved_spec = WidthSpec.from_dict(saved) if saved is not None else None
+    except (WidthError, KeyError, TypeError):
+        saved_spec = None
+    if saved_spec is None or saved_spec != state.spec or ck.get("bn_mode", state.bn_mode) != state.bn_mode:
         raise WidthSpecMismatchError(
             f"checkpoint width spec {saved} (bn={ck.get('bn_mode')}) does not match the model's "
             f"{state.spec.to_dict()} (bn={state.bn_mode}); build the model with the checkpoint's spec")
-    getattr(model, "module", model).load_state_dict(ck["model"], strict=strict)
+    module = getattr(model, "module", model)
+    _check_loadable(module, ck["model"], strict)
+    module.load_state_dict(ck["model"], strict=strict)
     return ck
+
+
+# Entries a slimmable layer reshapes itself when loading (broadcast stock BN, per-width statistics).
+_FLEXIBLE = ("post_keys", "post_mean", "post_var", "_extra_state")
+
+
+def _check_loadable(module, sd: dict, strict: bool) -> None:
+    own = module.state_dict()
+    bad = []
+    for k, v in sd.items():
+        if k.endswith(_FLEXIBLE) or k not in own or not torch.is_tensor(v):
+            continue
+        mine = own[k]
+        if v.shape != mine.shape and not (mine.dim() == v.dim() + 1 and mine.shape[1:] == v.shape):
+            bad.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(mine.shape)}")
+    if strict:
+        missing = [k for k in own if k not in sd and not k.endswith(_FLEXIBLE + ("min_mean", "min_var", "min_tracked"))]
+        unexpected = [k for k in sd if k not in own and not k.endswith(_FLEXIBLE)]
+        bad += [f"missing {k}" for k in missing[:10]] + [f"unexpected {k}" for k in unexpected[:10]]
+    if bad:
+        raise CheckpointError(f"checkpoint does not fit the model ({len(bad)} mismatch(es), nothing loaded): "
+                              + "; ".join(bad[:10]))

@@ -1,9 +1,9 @@
 """The ``slim`` command: train / eval / calibrate / export / profile / spectrum.
 
 Framework-free: argument parsing, config files (YAML with ``${ENV}`` expansion), the spectrum CSV and plot, and
-dispatch to an integration's ``train`` module (``slim_plugins.integrations.<framework>.train``), imported only
-when a command needs it. The framework comes from the config's ``framework:`` key or the checkpoint's
-``"framework"`` entry (default ``timm``)::
+dispatch to the commands module each adapter registers under the entry-point group ``slim_plugins.frameworks``,
+imported only when a command needs it. The framework comes from the config (its ``framework:`` key, or the
+adapter that claims the file, e.g. by suffix) or the checkpoint's ``"framework"`` entry (default ``timm``)::
 
     slim train configs/timm/cifar10_us_mobilenetv2.yaml      # timm-style YAML + slimmable keys
     slim train                                               # embedded default: sklearn digits, ~1 min on CPU
@@ -240,13 +240,16 @@ def print_table(rows: Sequence[dict], title: str = "", columns: Sequence[tuple] 
 
 # ---- argument parsing ------------------------------------------------------------------------------------------
 def _width_list(values):
+    from .errors import WidthError
+
     out = []
     for v in values:
         for part in str(v).replace(",", " ").split():
             try:
                 out.append(float(part))
             except ValueError:
-                raise argparse.ArgumentTypeError(f"width {part!r} is not a number") from None
+                raise WidthError(f"--widths: {part!r} is not a number (give width multipliers such as 0.5 1.0)") \
+                    from None
     return out
 
 
@@ -333,15 +336,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Entry-point group through which each framework adapter registers its commands module: a module with
+#: ``cmd_train(args, cfg)``, ``cmd_eval(args)``, ... and optionally ``CONFIG_SUFFIXES`` (file suffixes it reads,
+#: e.g. ``(".py",)`` for mmengine configs) and ``claims_config(path, cfg) -> bool``.
+ENTRY_POINT_GROUP = "slim_plugins.frameworks"
+
+
+def frameworks() -> dict:
+    """``{framework name: entry point}`` of the installed adapters (``slim_plugins.frameworks`` group)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def _integration(framework: str):
-    name = f"slim_plugins.integrations.{framework}.train"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name in (name, f"slim_plugins.integrations.{framework}"):
-            raise ConfigError(f"no trainer for framework {framework!r} (module {name} not found); "
-                              "supported: 'timm'") from None
-        raise
+    eps = frameworks()
+    ep = eps.get(framework)
+    if ep is None:
+        raise ConfigError(f"no trainer for framework {framework!r}; installed: {sorted(eps) or ['(none)']} "
+                          f"(adapters register under the entry-point group {ENTRY_POINT_GROUP!r})")
+    return ep.load()
+
+
+def framework_of_config(path: str, cfg: dict | None) -> str:
+    """The framework a config file belongs to: its ``framework:`` key, else the first adapter claiming the file
+    (by suffix / ``claims_config``), else ``timm`` for YAML."""
+    if cfg and cfg.get("framework"):
+        return str(cfg["framework"])
+    suffix = Path(path).suffix.lower()
+    for name, ep in sorted(frameworks().items()):
+        try:
+            mod = ep.load()
+        except ImportError:
+            continue  # an adapter whose framework is not installed cannot claim anything
+        suffixes = tuple(getattr(mod, "CONFIG_SUFFIXES", ()))
+        claims = getattr(mod, "claims_config", None)
+        if suffix in suffixes and (claims is None or claims(path, cfg)):
+            return name
+    if suffix in (".yaml", ".yml") or cfg is not None:
+        return "timm"
+    raise ConfigError(f"no installed adapter reads {path!r} (suffix {suffix!r}); installed: {sorted(frameworks())}")
 
 
 def _dispatch(args) -> int:
@@ -354,11 +388,14 @@ def _dispatch(args) -> int:
             setattr(args, attr, _width_list(getattr(args, attr)))
     if args.command == "train":
         cfg = {}
-        if args.config and not args.default:
-            cfg = load_yaml_config(args.config)
-        elif args.config and args.default:
+        framework = "timm"
+        if args.config and args.default:
             raise ConfigError("give either CONFIG or --default, not both")
-        framework = cfg.get("framework", "timm")
+        if args.config:
+            if not os.path.isfile(args.config):
+                raise FileNotFoundError(f"config file {str(args.config)!r} does not exist")
+            cfg = load_yaml_config(args.config) if Path(args.config).suffix.lower() in (".yaml", ".yml") else None
+            framework = framework_of_config(args.config, cfg)
     else:
         from .checkpoint import read_checkpoint
 

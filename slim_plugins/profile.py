@@ -78,14 +78,23 @@ def count_mflops(model, example_input) -> float:
 
 
 @torch.no_grad()
-def measure_latency(fn, warmup: int = 3, repeats: int = 20) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
+def measure_latency(fn, warmup: int = 3, repeats: int = 20, device=None) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    On a CUDA ``device`` (default: CUDA whenever it is initialised) the device is synchronised before the clock
+    starts and before it stops, so the time is that of the kernels, not of their launch.
+    """
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() and torch.cuda.is_initialized() else torch.device("cpu"))
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -116,7 +125,8 @@ def profile(model, example_input: torch.Tensor, widths: Sequence | None = None, 
             w = spec.validate(w)
             with width_ctx(w):
                 mflops = count_mflops(model, example_input)
-                lat = measure_latency(lambda: model(example_input), warmup, repeats) if latency else float("nan")
+                lat = measure_latency(lambda: model(example_input), warmup, repeats, example_input.device) \
+                    if latency else float("nan")
             plain = export(model, w, example_input=example_input)
             params = sum(p.numel() for p in plain.parameters()) / 1e6
             rows.append(WidthProfile(w, mflops, params, lat))
