@@ -24,7 +24,17 @@ import slim_plugins as slim
 import slim_plugins.integrations.timm  # noqa: F401  registers us_/s_ timm models
 
 WIDTHS = [1.0, 0.75, 0.5, 0.25]
-MODELS = {"mobilenetv2": "mobilenetv2_100", "resnet50": "resnet50"}
+MODELS = {"mobilenetv2": "mobilenetv2_100", "resnet50": "resnet50",
+          # index-gathered channel selections (concatenations, grouped convs + shuffles): `--models densenet121
+          # s_shufflenet` (not in the default set; S-ShuffleNet is an S-Net with switches 0.5/1.0/2.0)
+          "densenet121": "densenet121", "s_shufflenet": "s_shufflenet_g3"}
+DEFAULT_MODELS = ["mobilenetv2", "resnet50"]
+MODEL_WIDTHS = {"s_shufflenet": [2.0, 1.0, 0.5]}
+
+
+def widths_of(arch: str, default=None) -> list:
+    """The widths a benchmark sweeps for ``arch`` (S-ShuffleNet: its three switches)."""
+    return MODEL_WIDTHS.get(arch, default if default is not None else WIDTHS)
 
 
 # ---- environment ------------------------------------------------------------------------------------------
@@ -57,7 +67,7 @@ def now() -> float:
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     p.add_argument("--kind", default="us", choices=["us", "s"], help="US-Net (range) or S-Net (switches)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +91,12 @@ def setup(args) -> None:
 def slim_model(arch: str, kind: str = "us", num_classes: int = 1000) -> nn.Module:
     """``us_<arch>`` with widths 0.25-1.0 (US-Net) or ``s_<arch>`` with switches [0.25, 0.5, 0.75, 1.0]."""
     name = MODELS[arch]
+    if arch == "s_shufflenet":
+        return timm.create_model(name, num_classes=num_classes)
+    if arch == "densenet121":
+        net = timm.create_model(name, num_classes=num_classes)
+        spec = slim.WidthSpec.range(0.25, 1.0) if kind == "us" else slim.WidthSpec.switches(WIDTHS)
+        return slim.convert(net, spec)
     if kind == "us":
         return timm.create_model(f"us_{name}", width_range=[0.25, 1.0], num_classes=num_classes)
     return timm.create_model(f"s_{name}", widths=[0.25, 0.5, 0.75, 1.0], num_classes=num_classes)
@@ -110,6 +126,14 @@ def stock_timm(arch: str, width: float, num_classes: int = 1000) -> nn.Module:
 
         return _gen_mobilenet_v2(f"mobilenetv2_{int(width * 100):03d}", width, num_classes=num_classes,
                                  pretrained_cfg=timm.models.get_pretrained_cfg("mobilenetv2_100"))
+    if arch == "s_shufflenet":
+        return timm.create_model("shufflenet_v1_g3", width_mult=width, num_classes=num_classes)
+    if arch == "densenet121":  # DenseNet-121 at a width: growth, stem and bottleneck scale together
+        from timm.models.densenet import DenseNet
+
+        g = slim.WidthSpec.range(0.25, 1.0).channels(32, width)
+        return DenseNet(growth_rate=g, block_config=(6, 12, 24, 16), num_init_features=2 * g,
+                        num_classes=num_classes)
     if arch == "resnet50":
         from timm.models.resnet import Bottleneck, ResNet, make_blocks
 

@@ -5,6 +5,7 @@ the exported weights), ``slim.export(model, w)`` and the dynamic slimmable model
 run interleaved under ``torch.inference_mode()`` in eval mode. Ratios are medians of per-round paired ratios.
 
     python benchmarks/bench_latency.py [--models mobilenetv2 resnet50] [--batches 1 32] [--size 224]
+    python benchmarks/bench_latency.py --models s_shufflenet densenet121    # index-gathered selections
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import gc
 import torch
 
 import slim_plugins as slim
-from _common import (WIDTHS, base_parser, calibrate, interleaved, med, min_ratio, now, paired_ratio, plain_pair,
-                     setup, slim_model, table, verdict)
+from _common import (base_parser, calibrate, interleaved, med, min_ratio, now, paired_ratio, plain_pair, setup,
+                     slim_model, table, verdict, widths_of)
 
 
 def main():
     p = base_parser(__doc__)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--widths", nargs="+", type=float, default=WIDTHS)
+    p.add_argument("--widths", nargs="+", type=float, default=None,
+                   help="default: 1.0 0.75 0.5 0.25 (S-ShuffleNet: its switches 2.0 1.0 0.5)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=None, help="default: 21 (batch 1), 7 (larger batches)")
     p.add_argument("--sample-s", type=float, default=0.15, help="min. seconds per timed sample (sets inner calls)")
@@ -30,7 +32,7 @@ def main():
     for arch in args.models:
         model = slim_model(arch, args.kind).eval()
         calibrate(model)
-        for w in args.widths:
+        for w in args.widths or widths_of(arch):
             for bs in args.batches:
                 x = torch.randn(bs, 3, args.size, args.size)
                 stock, exported = plain_pair(model, arch, w, x)

@@ -42,7 +42,6 @@ import slim_plugins as slim
 from slim_plugins.cli import (ConfigError, default_data_root, expand_env, parse_overrides, plot_spectrum,
                               print_table, write_spectrum_csv)
 from slim_plugins.context import find_state
-from slim_plugins.nn import SlimBatchNorm2d
 from slim_plugins.width import SAMPLING_RULES, WidthSpec
 
 from . import PAPER_SWITCHES, create_slim_model, fixed_layers
@@ -565,18 +564,8 @@ def evaluate(model, loader, widths: Sequence[float], device, channels_last=False
 
 def uncalibrated_widths(model, widths) -> list[float]:
     """The widths of ``widths`` that have no BN statistics yet (US-Nets; always empty for S-Nets)."""
-    state = find_state(model)
-    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d) and m.bn_mode == "us"
-           and m.track_running_stats]
-    if not bns:
-        return []
-    keys = set(bns[0].calibrated_widths())
-    out = []
-    for w in widths:
-        a = state.resolve(w)
-        if not (a.key in keys or (a.is_max and "max" in keys) or (a.is_min and "min" in keys)):
-            out.append(w)
-    return out
+    have = slim.calibrated_widths(model, widths)
+    return [w for w in widths if w not in have]
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
@@ -739,9 +728,7 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
         except slim.WidthSpecMismatchError as e:
             raise slim.WidthSpecMismatchError(f"cannot resume from {resume_name or 'the checkpoint'}: "
                                               f"{e}") from None
-        for m in model.modules():  # post-statistics of the previous weights are stale once training goes on
-            if isinstance(m, SlimBatchNorm2d):
-                m.clear_statistics()
+        slim.clear_statistics(model)  # post-statistics of the previous weights are stale once training goes on
     cfg.update(_data_config(cfg, model))
     eval_widths = _config_widths(spec, cfg, "eval_widths")
     export_widths = eval_widths if cfg["export_widths"] is None else _config_widths(spec, cfg, "export_widths")
@@ -879,9 +866,10 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
                 else:
                     optimizer.step()
                 iteration += 1
-                loss_sum += res.loss
+                step_losses = res.log_vars()  # one host sync per step, after every width ran
+                loss_sum += step_losses["loss"]
                 loss_n += 1
-                for w, lv in res.losses.items():
+                for w, lv in ((w, float(v)) for w, v in res.losses.items()):
                     tag = "max" if w == spec.max else "min" if w == spec.min else None
                     if spec.is_switches:
                         tag = _wkey(w)
@@ -890,7 +878,7 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
                 if cfg["sched_on_updates"]:
                     scheduler.step_update(num_updates=iteration, metric=loss_sum / loss_n)
                 cur_lr = optimizer.param_groups[-1]["lr"]
-                advance(f"loss {res.loss:.3f} lr {cur_lr:.3g}")
+                advance(f"loss {step_losses['loss']:.3f} lr {cur_lr:.3g}")
                 if loader_curve is not None and epoch_widths and iteration % cfg["curve_interval"] == 0:
                     cv = evaluate(model, loader_curve, epoch_widths, device, cfg["channels_last"], amp, di)
                     if di.main:
@@ -902,7 +890,7 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
                             **{f"test_top1_w{_wkey(w)}": round(cv[w]["top1"], 3) for w in epoch_widths}})
                     curve_hits = {w: [0, 0] for w in epoch_widths}
                 if writer is not None and iteration % max(1, cfg["log_interval"]) == 0:
-                    writer.add_scalar("train/loss_sum", res.loss, iteration)
+                    writer.add_scalar("train/loss_sum", step_losses["loss"], iteration)
                     writer.add_scalar("train/lr", cur_lr, iteration)
                     for tag, vals in width_loss.items():
                         writer.add_scalar(f"train/loss_w{tag}", vals[-1], iteration)
