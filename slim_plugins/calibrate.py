@@ -14,17 +14,21 @@ from .nn.norm import SlimBatchNorm2d
 class _Acc:
     """Sample-weighted sums of per-batch means and unbiased variances of one BN layer."""
 
-    __slots__ = ("n", "mean", "var", "momentum")
+    __slots__ = ("n", "mean", "var", "momentum", "_mv")
 
     def __init__(self):
-        self.n, self.mean, self.var = 0, None, None
+        self.n, self.mean, self.var, self._mv = 0, None, None, None
 
     def add(self, n, m, v):
-        if self.mean is None:
-            self.mean, self.var = m.double() * n, v.double() * n
+        self.add_stacked(n, torch.stack((m.double(), v.double())))
+
+    def add_stacked(self, n, mv):
+        """Add one batch's ``(2, C)`` float64 ``[mean, unbiased var]`` weighted by its ``n`` samples."""
+        if self._mv is None:
+            self._mv = mv * n
+            self.mean, self.var = self._mv[0], self._mv[1]
         else:
-            self.mean += m.double() * n
-            self.var += v.double() * n
+            self._mv.add_(mv, alpha=n)
         self.n += n
 
     def result(self):
@@ -148,6 +152,9 @@ class _MovingAcc(_Acc):
     def __init__(self, momentum):
         super().__init__()
         self.momentum = momentum
+
+    def add_stacked(self, n, mv):
+        self.add(n, mv[0], mv[1])
 
     def add(self, n, m, v):
         if self.mean is None:

@@ -181,8 +181,13 @@ class SlimState:
             full = g.full
             plan = g.plan(lambda call: layers[slots[call.name]].active_out(a, full[call.t_out]), a.key,
                           lambda call: layers[slots[call.name]].count_step())
-            for ls in plan:
-                slot = slots[ls.call.name]
+            if plan.geo is None:  # a plan is shared by every width with the same counts: build its geometry once
+                part = []
+                for ls in plan:
+                    slot = slots[ls.call.name]
+                    part.append((slot, ls, layers[slot].geometry_from_plan(ls, full[ls.call.t_in])))
+                plan.geo = part
+            for slot, ls, gl in plan.geo:
                 prev = seen.get(slot)
                 if prev is not None:
                     if not (prev[0] == ls.sel_in and prev[1] == ls.sel_out):
@@ -192,7 +197,7 @@ class SlimState:
                 seen[slot] = (ls.sel_in, ls.sel_out)
                 if sels is not None:
                     sels[ls.call.name] = (ls.sel_in.idx, ls.sel_out.idx)
-                geo[slot] = layers[slot].geometry_from_plan(ls, full[ls.call.t_in])
+                geo[slot] = gl
         return geo
 
 

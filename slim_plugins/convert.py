@@ -332,8 +332,6 @@ def _attach_graphs(model, state: SlimState, parts, new_mods):
                 layer = new_mods[g.calls[i].name]
                 if isinstance(layer, SlimMixin) and not layer.fixed_out:
                     layer.channel_multiple = math.lcm(layer.channel_multiple, u)
-        bad = [op for op in g.ops if op.kind == "opaque"]
-        state.opaque = getattr(state, "opaque", []) + [(g, op) for op in bad]
 
 
 def _check_widths(state: SlimState):
@@ -348,17 +346,7 @@ def _check_widths(state: SlimState):
         n = 8
         widths = sorted({round(spec.min + (spec.max - spec.min) * i / n, 6) for i in range(n + 1)})
     for w in widths:
-        a = state.resolve(w)
-        for g in state.graphs:
-            for op in g.ops:
-                if op.kind != "opaque":
-                    continue
-                fixed = g.fixed_classes
-                if any(g.cls[t] not in fixed for t in op.ins):
-                    raise NotExactError(
-                        f"{op.where}: {op.arg}; its input carries fewer channels at width {a.key}, so the narrow "
-                        "net would not be a sub-network of the wide one. Keep the layers feeding it fixed "
-                        "(convert(..., fixed=[...])) or restructure the op")
+        state.resolve(w)  # plans every part; raises NotExactError naming the op
 
 
 def _groups_from_graphs(state: SlimState) -> dict[str, str]:

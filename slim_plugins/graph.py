@@ -582,6 +582,13 @@ class LayerSel:
     call: LayerCall
 
 
+class PlanResult(list):
+    """The :class:`LayerSel` of every layer call at one set of channel counts (cached; the state caches the
+    layers' geometries on it)."""
+
+    geo = None
+
+
 class ChannelGraph:
     """The channel IR of one traced part of a model, with union-find classes and per-width planning.
 
@@ -602,6 +609,11 @@ class ChannelGraph:
         self._classes()
 
     # -- classes -----------------------------------------------------------------------------------------------
+    def __getstate__(self):  # copies drop the plan cache
+        d = dict(self.__dict__)
+        d.pop("_plans", None)
+        return d
+
     def _classes(self):
         parent = list(range(self.ntensors))
 
@@ -684,11 +696,6 @@ class ChannelGraph:
                     full[op.outs[0]] = full[op.ins[0]] // gi * go
         self.full = full
 
-    def width_dependent_opaque(self, fixed_classes: set) -> list[Op]:
-        """Opaque ops whose input classes are not fixed at full width (checked after the first plan)."""
-        return [op for op in self.ops if op.kind == OPAQUE and any(self.cls[t] not in fixed_classes
-                                                                     for t in op.ins)]
-
     def output_layers(self) -> list[str]:
         """Layers whose outputs reach a graph output through channel-preserving ops only (DESIGN rule 2).
 
@@ -767,17 +774,39 @@ class ChannelGraph:
         Raises:
             NotExactError: no selection makes every runtime op exact (names the op and the width).
         """
+        key = tuple(min(count_of(self.calls[i]), self.full[self.calls[i].t_out]) for i in self._free_refs())
+        cache = self.__dict__.setdefault("_plans", {})
+        hit = cache.get(key)
+        if hit is not None:  # many widths round to the same counts (US-Nets sample new widths every step)
+            return hit
+        out = self._plan_search(count_of, width_key, step_of)
+        if len(cache) >= 256:
+            cache.clear()
+        cache[key] = out
+        return out
+
+    def _free_refs(self) -> list[int]:
+        """The deciding call of each free class (the one whose count the class takes)."""
+        refs = self.__dict__.get("_refs")
+        if refs is None:
+            refs = [dec[0] for c, dec in sorted(self.deciders.items()) if c not in self.derived and not any(
+                self.calls[i].role == "fixed" for i in dec)]
+            self._refs = refs
+        return refs
+
+    def _plan_search(self, count_of, width_key, step_of) -> "PlanResult":
         bumps: dict[int, int] = {}
         for _ in range(4096):
+            counts: dict = {}
             try:
-                return self._plan_once(count_of, width_key, bumps, step_of)
+                return self._plan_once(count_of, width_key, bumps, step_of, counts)
             except NotExactError as e:
                 c = getattr(e, "cls", None)
                 if c is None or step_of is None:
                     raise
                 grown = False
                 for fc in self._component(c):
-                    if self._last_count.get(fc, 0) < self.full[self.members[fc][0]]:
+                    if counts.get(fc, 0) < self.full[self.members[fc][0]]:
                         bumps[fc] = bumps.get(fc, 0) + 1
                         grown = True
                 if not grown:
@@ -818,10 +847,9 @@ class ChannelGraph:
             self._comp = comp = {c: comp[find(c)] for c in set(self.cls)}
         return comp.get(c_id, [])
 
-    def _plan_once(self, count_of, width_key, bumps, step_of) -> list[LayerSel]:
+    def _plan_once(self, count_of, width_key, bumps, step_of, count: dict) -> list[LayerSel]:
         cls, full, ops, calls = self.cls, self.full, self.ops, self.calls
         # 1. counts per class: free classes from their first deciding layer, derived ones from their inputs.
-        count: dict[int, int] = {}
         fixed: set[int] = set()
         for c_id, dec in self.deciders.items():
             if c_id in self.derived:
@@ -852,7 +880,6 @@ class ChannelGraph:
         missing = [t for t in range(self.ntensors) if cls[t] not in count]
         for t in missing:  # tensors never fed by anything we follow (unused outputs): full
             count[cls[t]] = full[t]
-        self._last_count = count
         # 2. position constraints, pushed back through derived ops.
         lo = {c: np.zeros(n, dtype=np.int64) for c, n in count.items()}
         hi = {c: np.full(n, np.iinfo(np.int64).max, dtype=np.int64) for c, n in count.items()}
@@ -953,14 +980,19 @@ class ChannelGraph:
                 raise _tag(NotExactError(f"{self._where_class(c_id)}: at width {width_key} the active channels "
                                          f"are not whole groups of {a} in order (needed by a grouped conv / pixel "
                                          "shuffle)"), c_id)
-        self.fixed_classes = {c for c, s in sel.items() if s.n == s.full}
+        for op in ops:  # an op whose channels cannot be followed must only ever see full tensors
+            if op.kind == OPAQUE and any(sel[cls[t]].n != sel[cls[t]].full for t in op.ins):
+                raise NotExactError(
+                    f"{op.where}: {op.arg}; its input carries fewer channels at width {width_key}, so the narrow "
+                    "net would not be a sub-network of the wide one. Keep the layers feeding it fixed "
+                    "(convert(..., fixed=[...])) or restructure the op")
         out = []
         for c in calls:
             si, so = sel[cls[c.t_in]], sel[cls[c.t_out]]
             groups = c.groups if c.role == "gdecider" else (si.n // c.gw[0] if c.role == "gwidth" else
                                                            si.n if c.role == "dw" else 1)
             out.append(LayerSel(si, so, groups, c))
-        return out
+        return PlanResult(out)
 
     def _where_class(self, c_id) -> str:
         for i in self.derived.get(c_id, []):

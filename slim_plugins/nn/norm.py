@@ -21,6 +21,8 @@ slice; the channel plan may give an index set, e.g. behind a concatenation). Sta
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -220,43 +222,44 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
             return w, b, g.pick(mean), g.pick(var)
         post = self._post.get(a.key) if self._post else None
         p, bufs = self._parameters, self._buffers
-        ident = (g, post, p.get("weight"), p.get("bias"), bufs.get("running_mean"), bufs.get("running_var"))
-        version = None if g.idx is None else tuple(
-            t._version for t in (*ident[2:], *(post or ())) if t is not None)
+        w0, b0, m0, v0 = p.get("weight"), p.get("bias"), bufs.get("running_mean"), bufs.get("running_var")
         hit = self._eval_cache.get(a)
-        if hit is not None and all(x is y for x, y in zip(hit[0], ident)) and hit[1] == version:
-            return hit[2]
+        if hit is not None and hit[0] is g and hit[1] is post and hit[2] is w0 and hit[3] is b0 and \
+                hit[4] is m0 and hit[5] is v0 and (hit[6] is None or hit[6] == _versions(w0, b0, m0, v0, post)):
+            return hit[7]
         w, b = self._affine(a, g)
         mean, var, _ = self._full_stats(a, for_update=False)
         vals = (w, b, g.pick(mean), g.pick(var))
         if len(self._eval_cache) >= 64:
             self._eval_cache.clear()
-        self._eval_cache[a] = (ident, version, vals)
+        version = None if g.idx is None else _versions(w0, b0, m0, v0, post)
+        self._eval_cache[a] = (g, post, w0, b0, m0, v0, version, vals)
         return vals
 
     def _calibrate_forward(self, x, w, b, acc):
         c = x.shape[1]
         # Statistics of low-precision activations (a float16 model, autocast) are taken in float32.
-        dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        xs = x.to(dt)
-        w = w.to(dt) if w is not None else None
-        b = b.to(dt) if b is not None else None
+        if x.dtype not in (torch.float32, torch.float64):
+            xs = x.float()
+            w = w.float() if w is not None else None
+            b = b.float() if b is not None else None
+        else:
+            xs = x
+        auto = torch.is_autocast_enabled(x.device.type)
         stats = _batch_stats(xs) if x.device.type == "cpu" and x.dim() > 2 and x.numel() > c else None
         if stats is not None:  # normalise by the biased batch variance, as BN in training mode does
-            mean, var_u = stats
-            total = x.numel() // c
-            normed = torch.stack((mean, var_u * ((total - 1) / total))).to(dt)
-            with torch.autocast(x.device.type, enabled=False):
+            mv, normed = stats
+            with torch.autocast(x.device.type, enabled=False) if auto else contextlib.nullcontext():
                 y = F.batch_norm(xs, normed[0], normed[1], w, b, False, 0.0, self.eps)
-            acc.add(x.shape[0], mean, var_u)
-            return y.to(x.dtype)
+            acc.add_stacked(x.shape[0], mv)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         # momentum=1 makes F.batch_norm write the batch mean / unbiased var into tmp in the same kernel.
-        tmp_m = torch.zeros(c, dtype=dt, device=x.device)
-        tmp_v = torch.zeros(c, dtype=dt, device=x.device)
-        with torch.autocast(x.device.type, enabled=False):
+        tmp_m = torch.zeros(c, dtype=xs.dtype, device=x.device)
+        tmp_v = torch.zeros(c, dtype=xs.dtype, device=x.device)
+        with torch.autocast(x.device.type, enabled=False) if auto else contextlib.nullcontext():
             y = F.batch_norm(xs, tmp_m, tmp_v, w, b, True, 1.0, self.eps)
         acc.add(x.shape[0], tmp_m, tmp_v)
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def store_statistics(self, a, mean, var):
         """Write calibrated statistics ``(C_active,)`` for configuration ``a`` (called by ``calibrate_bn``)."""
@@ -460,6 +463,14 @@ class SlimPReLU(SlimPerChannel, nn.PReLU):
         return p
 
 
+def _versions(w, b, m, v, post):
+    """In-place write counters of the tensors a gathered selection was copied from (a copy must be redone
+    after any of them changed)."""
+    return (w._version if w is not None else 0, b._version if b is not None else 0,
+            m._version if m is not None else 0, v._version if v is not None else 0,
+            post[0]._version if post is not None else 0)
+
+
 def load_bn(p: nn.Module, w, b, mean, var):
     with torch.no_grad():
         if w is not None:
@@ -471,28 +482,35 @@ def load_bn(p: nn.Module, w, b, mean, var):
 
 
 def _batch_stats(x: torch.Tensor):
-    """Per-channel batch ``(mean, unbiased var)`` (float64, shape ``(C,)``) of ``(N, C, ...)`` input, or ``None``
-    when float32 sums of squares would be too inexact for it.
+    """Per-channel batch ``[mean, unbiased var]`` (float64, shape ``(2, C)``) of ``(N, C, ...)`` input and the
+    ``(2, C)`` mean / biased variance to normalise with (input dtype), or ``None`` when float32 sums of squares
+    would be too inexact for it.
 
     For calibration on CPU, where the statistics pass of the training-mode BN kernel (scalar double loops) costs
     several times a whole eval-mode BN: two vectorised reductions over each sample's feature map (sum, sum of
-    squares), added up across samples in float64. The float32 sums of squares lose about
+    squares; as matrix products for maps of <= 16 pixels, where reductions over a short last dim are slow),
+    added up across samples in float64. The float32 sums of squares lose about
     ``4e-8 * sum(x^2) / sum((x - mean)^2)`` of the variance; above ``_MAX_COND`` that ratio the caller uses the
-    exact kernel instead. Low-precision inputs (float16/bfloat16) always use the kernel.
+    exact kernel instead.
     """
-    if x.dtype not in (torch.float32, torch.float64):
-        return None
     n, c = x.shape[0], x.shape[1]
     rows = x.reshape(n, c, -1)
+    hw = rows.shape[2]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sums = torch.stack((rows.sum(2, dtype=dt), torch.linalg.vector_norm(rows, dim=2, dtype=dt).square_()))
+    if hw <= 16 and dt == torch.float32:
+        ones = rows.new_ones(hw, 1)
+        sums = torch.stack((torch.matmul(rows, ones), torch.matmul(rows.square(), ones)))[..., 0]
+    else:
+        sums = torch.stack((rows.sum(2, dtype=dt), torch.linalg.vector_norm(rows, dim=2, dtype=dt).square_()))
     s1, s2 = sums.sum(1, dtype=torch.float64)  # (C,) each
-    total = rows.shape[0] * rows.shape[2]
+    total = n * hw
     mean = s1 / total
     centred = torch.addcmul(s2, s1, mean, value=-1)
     if dt == torch.float32 and bool((s2 > centred * _MAX_COND).any()):  # also catches centred < 0
         return None
-    return mean, centred / max(total - 1, 1)
+    var_b = centred / total
+    mv = torch.stack((mean, var_b * (total / max(total - 1, 1))))  # (2, C) float64: mean, unbiased var
+    return mv, torch.stack((mean, var_b)).to(x.dtype)
 
 
 # Largest sum(x^2) / sum((x - mean)^2) of a channel for float32 sums (variance error <= ~3e-6 relative).
