@@ -132,7 +132,7 @@ def stock_timm(arch: str, width: float, num_classes: int = 1000) -> nn.Module:
         from timm.models.densenet import DenseNet
 
         g = slim.WidthSpec.range(0.25, 1.0).channels(32, width)
-        return DenseNet(growth_rate=g, block_config=(6, 12, 24, 16), num_init_features=2 * g,
+        return DenseNet(growth_rate=g, block_config=(6, 12, 24, 16),  # stem: 2 x growth, as timm builds it
                         num_classes=num_classes)
     if arch == "resnet50":
         from timm.models.resnet import Bottleneck, ResNet, make_blocks

@@ -102,6 +102,10 @@ class SlimState:
             a = self._resolved.get(w)
             if a is not None:
                 return a
+        return self.lookup(w)
+
+    def lookup(self, w: WidthLike) -> Active:
+        """:meth:`resolve` through the bounded cache of resolved configurations (plans included)."""
         cache_key = w if not isinstance(w, Mapping) else tuple(sorted(w.items()))
         a = self._resolved.get(cache_key)
         if a is None:
@@ -232,8 +236,8 @@ def set_width(model, w: WidthLike) -> None:
         from .convert import channel_groups  # local import: fx analysis only when nonuniform widths are used
 
         channel_groups(model)
-    st.resolve(w)  # validate before mutating
-    st.default = dict(w) if isinstance(w, Mapping) else st.spec.validate(w)
+    a = st.lookup(w if isinstance(w, Mapping) else st.spec.validate(w))  # validate before mutating
+    st.default = dict(w) if isinstance(w, Mapping) else a.uniform
 
 
 def active_channels(model, w: WidthLike) -> dict:
@@ -307,7 +311,7 @@ def width(w: WidthLike):
         with slim.width(0.5):
             y = model(x)
     """
-    if not isinstance(w, Mapping):
+    if type(w) is not float and not isinstance(w, Mapping):
         from .width import _number
 
         _number(w)  # None, strings and booleans are rejected here, not at the first forward

@@ -44,10 +44,10 @@ from .errors import ChannelGroupError, NotExactError
 # Op kinds. Layer roles: "decider" (conv/linear choosing its output channels), "gdecider" (grouped conv, constant
 # group count), "norm" (BN and other per-channel layers: output = input selection), "dw" (group width 1,
 # multiplier m: depthwise), "gwidth" (grouped conv keeping its group width), "fixed" (decider with fixed outputs).
-LAYER, INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, EXPAND, GROUPMAP, TIE, PASS, OPAQUE, OUTPUT = (
-    "layer", "input", "const", "cat", "split", "shuffle", "slice", "flatten", "expand", "groupmap", "tie", "pass",
-    "opaque", "output")
-_DERIVED = (INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, EXPAND, GROUPMAP, OPAQUE)
+LAYER, INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TIE, PASS, OPAQUE, OUTPUT = (
+    "layer", "input", "const", "cat", "split", "shuffle", "slice", "flatten", "groupmap", "tie", "pass", "opaque",
+    "output")
+_DERIVED = (INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, OPAQUE)
 
 
 @dataclasses.dataclass
@@ -112,7 +112,6 @@ _DIM_OPS = {"softmax", "log_softmax", "normalize", "cumsum", "cumprod", "flip", 
 # Functional ops that mix channels with weights of their own: the channels cannot be followed through them.
 _MIXING = {"conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear", "matmul", "mm", "bmm", "einsum", "bilinear",
            "group_norm", "layer_norm", "instance_norm", "batch_norm", "embedding", "scaled_dot_product_attention"}
-_MAX_GRID = 12
 
 
 def _fname(target) -> str:
@@ -243,15 +242,9 @@ class _Builder:
     # -- the visitor -------------------------------------------------------------------------------------------
     def visit(self, node):
         op = node.op
-        if op == "placeholder":
+        if op in ("placeholder", "get_attr"):  # the model input / a constant: all channels, always
             if _shape(node) is not None:
-                self.out_tensor(node, INPUT, ())
-            else:
-                self.val[node] = None
-            return
-        if op == "get_attr":
-            if _shape(node) is not None:
-                self.out_tensor(node, CONST, ())
+                self.out_tensor(node, INPUT if op == "placeholder" else CONST, ())
             else:
                 self.val[node] = None
             return
@@ -689,8 +682,6 @@ class ChannelGraph:
                     full[op.outs[0]] = min(full[op.ins[0]], int(round(b * scale))) - int(round(a * scale))
                 elif op.kind == FLATTEN:
                     full[op.outs[0]] = full[op.ins[0]] * op.arg
-                elif op.kind == EXPAND:
-                    full[op.outs[0]] = full[op.ins[0]] * op.arg
                 elif op.kind == GROUPMAP:
                     gi, go = op.arg
                     full[op.outs[0]] = full[op.ins[0]] // gi * go
@@ -718,7 +709,7 @@ class ChannelGraph:
                 elif c.role in ("dw", "gwidth"):
                     stack.append(c.t_in)
                 continue
-            if op.kind in (PASS, TIE, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, EXPAND, GROUPMAP):
+            if op.kind in (PASS, TIE, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP):
                 stack.extend(op.ins)
         return found
 
@@ -830,7 +821,7 @@ class ChannelGraph:
                 parent[find(a)] = find(b)
 
             for op in self.ops:
-                if op.kind in (CAT, SPLIT, SHUFFLE, SLICE, GROUPMAP, FLATTEN, EXPAND):
+                if op.kind in (CAT, SPLIT, SHUFFLE, SLICE, GROUPMAP, FLATTEN):
                     for t in (*op.ins, *op.outs):
                         union(self.cls[t], self.cls[op.outs[0]])
                 elif op.kind == LAYER:
@@ -1035,7 +1026,7 @@ class ChannelGraph:
         if k == SLICE:
             a, b = op.arg
             return max(0, min(n, b) - a)
-        if k in (FLATTEN, EXPAND):
+        if k == FLATTEN:
             return n * op.arg
         if k == GROUPMAP:
             gi, go = op.arg
@@ -1141,7 +1132,7 @@ class ChannelGraph:
                 raise NotExactError(f"{where}: at width {width_key} the channel slice [{a}:{b}] of the narrow "
                                     "tensor keeps other channels than at full width")
             return [Sel(kept - a, full[op.outs[0]])]
-        if k in (FLATTEN, EXPAND):
+        if k == FLATTEN:
             hw = op.arg
             return [Sel((s.idx[:, None] * hw + _ar(hw)[None, :]).ravel(), full[op.outs[0]])]
         if k == GROUPMAP:

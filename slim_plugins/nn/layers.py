@@ -145,25 +145,36 @@ class SlimMixin(CarriesWidth):
 
     def _weights(self, geo: Geo):
         """``(weight, bias)`` for ``geo``; contiguous copies cached per geometry when no grad is needed."""
-        w, b = self._wb()
+        if not geo.full and not torch.is_grad_enabled():
+            # Fast dynamic inference (DESIGN rule 7): reuse the contiguous selection while the tensors it was
+            # copied from keep their in-place write counters (SlimParameter makes `.data` writes count too);
+            # assigning a new parameter drops the cache (__setattr__).
+            hit = self._w_cache.get(geo)
+            if hit is not None and hit[0]._version == hit[1] and (hit[2] is None or hit[2]._version == hit[3]):
+                return hit[4], hit[5]
+        p = self._parameters
+        w = p.get("weight")
+        if w is None:  # weight computed by the layer (weight norm)
+            w, b = self._wb()
+        else:
+            b = p.get("bias")
         if geo.full:
             return w, b
-        if torch.is_grad_enabled() and w.requires_grad:
+        if w.requires_grad and torch.is_grad_enabled():
             return self._select(w, b, geo)
-        # Fast dynamic inference (DESIGN rule 7): reuse the contiguous slice until the parameters change.
-        # Parameters of converted layers report `.data` writes on their own version counter (SlimParameter).
-        version = (w._version, w.data_ptr(), None if b is None else b._version)
-        hit = self._w_cache.get(geo)
-        if hit is not None and hit[0] == version:
-            return hit[1], hit[2]
         with torch.no_grad():
             ws, bs = self._select(w, b, geo)
             ws = ws.contiguous()
             bs = bs.contiguous() if bs is not None else None
         if len(self._w_cache) >= 8:
             self._w_cache.clear()
-        self._w_cache[geo] = (version, ws, bs)
+        self._w_cache[geo] = (w, w._version, b, None if b is None else b._version, ws, bs)
         return ws, bs
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("weight", "bias") and "_w_cache" in self.__dict__:
+            self._w_cache = {}  # a new tensor object: selections of the old one are stale
 
     def _select(self, w, b, geo: Geo):
         """The weight rows/columns of ``geo`` (views where prefixes, index gathers elsewhere)."""
@@ -288,7 +299,10 @@ class SlimConv2d(SlimMixin, nn.Conv2d):
 
     def forward(self, x):
         a = self._slim_state.active(self._dp_width)
-        geo = self.geometry(a, x.shape[1])
+        geos, slot = a.geo, self._slim_slot
+        geo = geos[slot] if geos is not None and slot >= 0 else None
+        if geo is None or geo.in_c != x.shape[1]:
+            geo = self.geometry(a, x.shape[1])
         w, b = self._weights(geo)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -365,14 +379,7 @@ class SlimWeightNormConv2d(SlimConv2d):
         if len(plist) != 1 or type(wn).__name__ != "_WeightNorm" or getattr(wn, "dim", 0) != 0:
             raise WidthError(f"layer {name!r}: only weight_norm(dim=0) parametrizations can be slimmed, got "
                              f"{[type(p).__name__ for p in plist]}")
-        new = cls.__new__(cls)
-        _share(new, m)
-        new._init_slim(name, state, fixed_out, m.out_channels)
-        new.depthwise = m.groups > 1 and m.groups == m.in_channels
-        new.dw_multiplier = m.out_channels // m.groups if new.depthwise else 1
-        new.averaging = bool(state.output_averaging) and not new.depthwise
-        new.group_mode = getattr(m, "slim_group_mode", "groups")
-        return new
+        return super().from_module(m, name, state, fixed_out)
 
     @property
     def weight(self):
@@ -433,6 +440,8 @@ class SlimParameter(nn.Parameter):
     @data.setter
     def data(self, value):
         torch._C.TensorBase.data.__set__(self, value)
+        with torch.no_grad():
+            self.detach().mul_(1)  # count the swap as a write: caches of the old storage are stale
 
 
 def track_data_writes(module: nn.Module) -> None:

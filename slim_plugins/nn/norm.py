@@ -22,6 +22,7 @@ slice; the channel plan may give an index set, e.g. behind a concatenation). Sta
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +183,10 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, x):
         a = self._slim_state.active(self._dp_width)
-        g = self.geometry(a, x.shape[1])
+        geos, slot = a.geo, self._slim_slot
+        g = geos[slot] if geos is not None and slot >= 0 else None
+        if g is None or g.c != x.shape[1]:
+            g = self.geometry(a, x.shape[1])
         calib = _calibration.get()
         if calib is not None and self in calib:
             return self._calibrate_forward(x, *self._affine(a, g), calib[self])
@@ -213,28 +217,35 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         """``(weight, bias, mean, var)`` for normalising with stored statistics.
 
         Without autograd the selections are cached per configuration (DESIGN rule 7: four slices cost more
-        than the BN kernel itself at batch 1). Prefix selections are views, so a hit is valid while the same
-        tensors are in place; gathered selections also check the tensors' versions.
+        than the BN kernel itself at batch 1). Prefix selections are views of the stored tensors; gathered ones
+        are copies, valid while the tensors they were copied from have the same in-place write counters.
+        Assigning a parameter / buffer, loading a state dict, moving the module and calibrating drop the cache.
         """
         if torch.is_grad_enabled():
             w, b = self._affine(a, g)
             mean, var, _ = self._full_stats(a, for_update=False)
             return w, b, g.pick(mean), g.pick(var)
-        post = self._post.get(a.key) if self._post else None
-        p, bufs = self._parameters, self._buffers
-        w0, b0, m0, v0 = p.get("weight"), p.get("bias"), bufs.get("running_mean"), bufs.get("running_var")
         hit = self._eval_cache.get(a)
-        if hit is not None and hit[0] is g and hit[1] is post and hit[2] is w0 and hit[3] is b0 and \
-                hit[4] is m0 and hit[5] is v0 and (hit[6] is None or hit[6] == _versions(w0, b0, m0, v0, post)):
-            return hit[7]
+        if hit is not None and hit[0] is g and (hit[1] is None or tuple(map(_VERSION, hit[1])) == hit[2]):
+            return hit[3]
         w, b = self._affine(a, g)
         mean, var, _ = self._full_stats(a, for_update=False)
         vals = (w, b, g.pick(mean), g.pick(var))
+        srcs = None
+        if g.idx is not None:
+            p, bufs = self._parameters, self._buffers
+            post = self._post.get(a.key)
+            srcs = tuple(t for t in (p.get("weight"), p.get("bias"), bufs.get("running_mean"),
+                                     bufs.get("running_var"), *(post or ())) if t is not None)
         if len(self._eval_cache) >= 64:
             self._eval_cache.clear()
-        version = None if g.idx is None else _versions(w0, b0, m0, v0, post)
-        self._eval_cache[a] = (g, post, w0, b0, m0, v0, version, vals)
+        self._eval_cache[a] = (g, srcs, None if srcs is None else tuple(map(_VERSION, srcs)), vals)
         return vals
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _CACHED and "_eval_cache" in self.__dict__:
+            self._eval_cache = {}  # a new tensor object: selections of the old one are stale
 
     def _calibrate_forward(self, x, w, b, acc):
         c = x.shape[1]
@@ -268,6 +279,7 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         ref = self.running_mean
         g = self.geometry(a, mean.shape[0])
         mean, var = mean.detach().to(ref.dtype), var.detach().to(ref.dtype)
+        self._eval_cache = {}
         if self.bn_mode == "us":
             full = ref.shape[-1]
             fm = torch.zeros(full, dtype=ref.dtype, device=ref.device)
@@ -463,12 +475,8 @@ class SlimPReLU(SlimPerChannel, nn.PReLU):
         return p
 
 
-def _versions(w, b, m, v, post):
-    """In-place write counters of the tensors a gathered selection was copied from (a copy must be redone
-    after any of them changed)."""
-    return (w._version if w is not None else 0, b._version if b is not None else 0,
-            m._version if m is not None else 0, v._version if v is not None else 0,
-            post[0]._version if post is not None else 0)
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
+_CACHED = ("weight", "bias", "running_mean", "running_var")
 
 
 def load_bn(p: nn.Module, w, b, mean, var):
