@@ -128,8 +128,18 @@ class _Tracer(torch.fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m, qualname):
-        return (qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types))
-                or super().is_leaf_module(m, qualname))
+        if qualname in self.leaf_names:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            # an adapter's untraceable module is one op, unless slim layers inside must be seen
+            return not any(n.startswith(qualname + ".") for n in self.leaf_names)
+        return super().is_leaf_module(m, qualname)
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if self.stack:
+            node.meta["slim_module"] = self.stack[-1]  # the module whose forward made it, for messages
+        return node
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -187,6 +197,12 @@ class _Builder:
     def emit(self, kind, ins, outs, where, arg=None):
         self.ops.append(Op(kind, tuple(ins), tuple(outs), where, arg))
 
+    def where(self, node) -> str:
+        """``'<op> in <module>'`` for messages (the fx node name alone says little)."""
+        mod = node.meta.get("slim_module")
+        full = f"{self.prefix}.{mod}" if self.prefix and mod else (mod or self.prefix)
+        return f"{_fname(node.target)} ({node.name}) in {full!r}" if full else f"{_fname(node.target)} ({node.name})"
+
     def tensor_ids(self, a) -> list[int]:
         if isinstance(a, torch.fx.Node):
             v = self.val.get(a)
@@ -215,7 +231,7 @@ class _Builder:
         t = self.new(_shape(node))
         self._tids.add(node)
         self.val[node] = t
-        self.emit(kind, ins, (t,), node.name, arg)
+        self.emit(kind, ins, (t,), self.where(node), arg)
         return t
 
     def alias(self, node, src: int):
@@ -237,7 +253,7 @@ class _Builder:
             self.out_tensor(node, OPAQUE, ins, why)
         else:
             self.val[node] = None
-            self.emit(OPAQUE, ins, (), node.name, why)
+            self.emit(OPAQUE, ins, (), self.where(node), why)
 
     # -- the visitor -------------------------------------------------------------------------------------------
     def visit(self, node):
@@ -445,7 +461,7 @@ class _Builder:
             return self.opaque(node, f"{name} with literal sizes {arg!r} (only chunk(k) or split(x.size(1)//k) "
                                      "follow the width)")
         outs = [self.new(s) for s in shapes]
-        self.emit(SPLIT, (sid,), outs, node.name, len(outs))
+        self.emit(SPLIT, (sid,), outs, self.where(node), len(outs))
         self.val[node] = ("tuple", outs)
 
     def visit_tie(self, node, ins):
@@ -857,7 +873,7 @@ class ChannelGraph:
             for i, op in enumerate(ops):
                 if not op.outs:
                     continue
-                n = self._derived_count(op, count, full)
+                n = self._derived_count(op, count, full, width_key)
                 if n is None:
                     continue
                 for k, t in enumerate(op.outs):
@@ -866,6 +882,10 @@ class ChannelGraph:
                     if c not in count:
                         count[c] = nk
                         changed = True
+                    elif count[c] != nk and c in self.derived:
+                        raise _tag(NotExactError(
+                            f"{op.where}: at width {width_key} this tensor has {nk} channels but is tied (residual "
+                            f"add / gating) to {self._where_class(c)}, which has {count[c]}"), c)
             if not changed:
                 break
         missing = [t for t in range(self.ntensors) if cls[t] not in count]
@@ -992,7 +1012,7 @@ class ChannelGraph:
             return f"layer {self.calls[i].name!r}"
         return f"tensor {self.members[c_id][0]}"
 
-    def _derived_count(self, op, count, full):
+    def _derived_count(self, op, count, full, width_key="?"):
         cls = self.cls
 
         def cnt(t):
@@ -1025,6 +1045,11 @@ class ChannelGraph:
             return n
         if k == SLICE:
             a, b = op.arg
+            if a > 0 and n < min(b, full[op.ins[0]]):
+                raise NotExactError(
+                    f"{op.where}: the channel slice [{a}:{b}] has literal bounds: at width {width_key} the narrow "
+                    f"tensor has {n} of {full[op.ins[0]]} channels, so the slice does not hold the channels it holds "
+                    "at full width (keep the layer producing it fixed, or slice by x.size(1))")
             return max(0, min(n, b) - a)
         if k == FLATTEN:
             return n * op.arg

@@ -20,7 +20,7 @@ from torch import nn
 import slim_plugins as slim
 from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from slim_plugins.nn.norm import load_bn
-from slim_plugins.registry import register
+from slim_plugins.registry import register, register_fx_autowrap, register_fx_leaf
 from slim_plugins.width import WidthSpec
 
 __all__ = ["SlimBatchNormAct2d", "SlimConv2dSame", "create_slim_model", "spec_from_args", "fixed_layers",
@@ -80,6 +80,23 @@ class SlimTimmLinear(SlimLinear):
             if b is not None:
                 p.bias.copy_(b)
         return p
+
+
+def _register_fx_notrace() -> None:
+    """timm's own list of modules and functions torch.fx cannot trace (``timm.layers._fx``): the channel analysis
+    treats such a module as one op (unless slim layers inside need to be seen) and records such a function as one
+    call (e.g. ``pad_same``)."""
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # older timm: nothing registered, models that fx cannot trace fall back to the prefix rule
+        return
+    for t in timm_fx.get_notrace_modules():
+        register_fx_leaf(t)
+    for f in timm_fx.get_notrace_functions():
+        register_fx_autowrap(f)
+
+
+_register_fx_notrace()
 
 
 def fixed_layers(model: nn.Module) -> list[str]:
