@@ -148,7 +148,6 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     for name, m, cls in plan:
         new = cls.from_module(m, name, state, name in fixed_names)
         if isinstance(new, SlimMixin):
-            track_data_writes(new)
             if getattr(new, "groups", 1) > 1 and not getattr(new, "depthwise", False) and \
                     getattr(m, "slim_group_mode", None) is None:
                 new.group_mode = _mode_for(name, modes)
@@ -168,6 +167,8 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
             _set_submodule(model, name, m)
         model.__dict__.pop("_slim_state", None)
         raise
+    for new in new_mods.values():  # only now: the parameters are shared with the caller's modules
+        track_data_writes(new)
     return model
 
 

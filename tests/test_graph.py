@@ -133,7 +133,7 @@ def test_untraceable_literal_split_raises_at_convert():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(slim.NotExactError, match=r"split.*literal"):
         slim.convert(net, slim.WidthSpec.range(0.25, 1.0))
-    assert type(net.a) is nn.Conv2d and not hasattr(net, "_slim_state")  # unchanged
+    assert type(net.a) is nn.Conv2d and type(net.a.weight) is nn.Parameter and not hasattr(net, "_slim_state")
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
 
 

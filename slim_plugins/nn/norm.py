@@ -100,7 +100,6 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
             new.register_buffer("min_mean", torch.zeros_like(ref))
             new.register_buffer("min_var", torch.ones_like(ref))
             new.register_buffer("min_tracked", torch.zeros((), dtype=torch.long, device=ref.device))
-        track_data_writes(new)
         return new
 
     def channel_role(self) -> dict:
@@ -460,7 +459,6 @@ class SlimPReLU(SlimPerChannel, nn.PReLU):
         new = cls.__new__(cls)
         _share(new, m)
         new._slim_state, new.slim_name, new._slim_slot = state, name, -1
-        track_data_writes(new)
         return new
 
     def forward(self, x):
