@@ -14,13 +14,14 @@ Public verbs (DESIGN.md)::
 """
 from .calibrate import calibrate_bn, calibrated_widths, clear_statistics, freeze_bn
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .context import active_channels, checkpoint, checkpoint_context_fn, get_width, set_width, width
+from .context import (active_channels, checkpoint, checkpoint_context_fn, get_width, set_width, width,
+                      width_spec)
 from .convert import channel_groups, convert, slim_layers
 from .errors import (ChannelGroupError, CheckpointError, EmptyLoaderError, InvalidArgumentError, LossError,
                      NotExactError, NotSlimmableError, SlimError, UncalibratedWidthError, UnknownLayerError,
                      UnsupportedModuleError, WidthError, WidthSpecMismatchError)
 from .export import export, export_onnx
-from .profile import ProfileTable, WidthProfile, count_mflops, profile
+from .profile import ProfileTable, WidthProfile, count_mflops, measure_latency, profile
 from .registry import register
 from .train import MultiWidthStep, StepResult, WidthPass, WidthResult, reduce_loss
 from .width import WidthSpec, make_divisible
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "WidthSpec", "make_divisible", "convert", "channel_groups", "slim_layers", "set_width", "get_width", "width",
-    "active_channels", "checkpoint", "checkpoint_context_fn", "NotExactError", "CheckpointError", "LossError", "InvalidArgumentError",
+    "active_channels", "width_spec", "measure_latency", "checkpoint", "checkpoint_context_fn", "NotExactError", "CheckpointError", "LossError", "InvalidArgumentError",
     "calibrate_bn", "calibrated_widths", "clear_statistics", "freeze_bn", "MultiWidthStep", "StepResult", "WidthPass", "WidthResult", "reduce_loss", "export", "export_onnx", "profile", "ProfileTable",
     "WidthProfile", "count_mflops", "register", "save_checkpoint", "load_checkpoint", "read_checkpoint",
     "SlimError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",

@@ -261,6 +261,15 @@ def active_channels(model, w: WidthLike) -> dict:
     return {n: (torch.as_tensor(i), torch.as_tensor(o)) for n, (i, o) in a.sels.items()}
 
 
+def width_spec(model) -> WidthSpec:
+    """The :class:`WidthSpec` a converted model runs at.
+
+    Raises:
+        NotSlimmableError: the model has no slimmable layers.
+    """
+    return find_state(model).spec
+
+
 def get_width(model) -> WidthLike:
     """The model's default width."""
     return find_state(model).default

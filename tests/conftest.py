@@ -192,8 +192,7 @@ def masked_reference(model, w, x):
             return (t * mask.view(1, -1, *([1] * (t.dim() - 2))),)
 
         m.register_forward_pre_hook(pre)
-    spec = slim.context.find_state(ref).spec
-    with torch.no_grad(), slim.width(spec.max):
+    with torch.no_grad(), slim.width(slim.width_spec(ref).max):
         return ref(x)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import slim_plugins as slim
-from slim_plugins.profile import measure_latency
+from slim_plugins import measure_latency
 
 from conftest import REPO
 

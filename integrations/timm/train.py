@@ -41,7 +41,6 @@ from torch import nn
 import slim_plugins as slim
 from slim_plugins.cli import (ConfigError, default_data_root, expand_env, parse_overrides, plot_spectrum,
                               print_table, write_spectrum_csv)
-from slim_plugins.context import find_state
 from slim_plugins.width import SAMPLING_RULES, WidthSpec
 
 from . import PAPER_SWITCHES, create_slim_model, fixed_layers
@@ -721,7 +720,7 @@ def _train(cfg, ck, di: _Dist, device, log: _Log, t_start, resume_name=None) -> 
         if cfg["num_classes"] is None:
             raise ConfigError("num_classes is not set and cannot be read from the dataset; set num_classes")
     model = build_model(cfg)
-    spec = find_state(model).spec
+    spec = slim.width_spec(model)
     if ck is not None:
         try:
             slim.load_checkpoint(ck, model)  # before anything is written
@@ -1098,7 +1097,7 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device)
     model, cfg = model_from_checkpoint(args.payload, device)
     cfg = _cmd_cfg(cfg, args)
-    spec = find_state(model).spec
+    spec = slim.width_spec(model)
     widths = _cmd_widths(args, spec, cfg)
     missing = uncalibrated_widths(model, widths)
     if missing:
@@ -1140,7 +1139,7 @@ def cmd_calibrate(args) -> int:
     payload = args.payload
     model, cfg = model_from_checkpoint(payload, device)
     cfg = _cmd_cfg(cfg, args)
-    spec = find_state(model).spec
+    spec = slim.width_spec(model)
     widths = _cmd_widths(args, spec, cfg)
     n = args.num_samples if args.num_samples is not None else (cfg["calib_samples"] or 2000)
     if n <= 0:
@@ -1167,7 +1166,7 @@ def cmd_export(args) -> int:
     device = resolve_device(args.device)
     model, cfg = model_from_checkpoint(args.payload, device)
     cfg = _cmd_cfg(cfg, args)
-    spec = find_state(model).spec
+    spec = slim.width_spec(model)
     w = spec.validate(args.width)
     if uncalibrated_widths(model, [w]):
         n = args.calib_samples if args.calib_samples is not None else cfg["calib_samples"]
@@ -1205,7 +1204,7 @@ def cmd_profile(args) -> int:
     log = _Log(True)
     device = resolve_device(args.device)
     model, cfg = model_from_checkpoint(args.payload, device)
-    spec = find_state(model).spec
+    spec = slim.width_spec(model)
     widths = _cmd_widths(args, spec, cfg)
     size = list(cfg["input_size"])
     if args.input_size:
