@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from slim_plugins.nn.layers import _share
 from slim_plugins.nn.norm import BNGeo, SlimPerChannel
 from slim_plugins.registry import register
 
@@ -21,13 +20,6 @@ __all__ = ["SlimFrozenBatchNorm2d"]
 class SlimFrozenBatchNorm2d(SlimPerChannel, FrozenBatchNorm2d):
     """Width-switchable ``torchvision.ops.FrozenBatchNorm2d``: ``(N, C_active, H, W)`` in and out, the fixed
     statistics and affine parameters of the active channels. Exports as ``FrozenBatchNorm2d``."""
-
-    @classmethod
-    def from_module(cls, m: FrozenBatchNorm2d, name, state, fixed_out=False):
-        new = cls.__new__(cls)
-        _share(new, m)
-        new._slim_state, new.slim_name, new._slim_slot = state, name, -1
-        return new
 
     def forward(self, x):
         g = self.geometry(self._slim_state.active(self._dp_width), x.shape[1])

@@ -433,6 +433,13 @@ class SlimPerChannel(CarriesWidth, nn.Module):
 
     _slim_slot: int = -1
 
+    @classmethod
+    def from_module(cls, m, name, state, fixed_out=False):
+        new = cls.__new__(cls)
+        _share(new, m)
+        new._slim_state, new.slim_name, new._slim_slot = state, name, -1
+        return new
+
     def channel_role(self) -> dict:
         return {"role": "norm"}
 
@@ -453,13 +460,6 @@ class SlimPerChannel(CarriesWidth, nn.Module):
 class SlimPReLU(SlimPerChannel, nn.PReLU):
     """Per-channel ``nn.PReLU(num_parameters=C)``: the slopes of the active channels. (``num_parameters=1`` is
     width-free and left unconverted.)"""
-
-    @classmethod
-    def from_module(cls, m: nn.PReLU, name, state, fixed_out=False):
-        new = cls.__new__(cls)
-        _share(new, m)
-        new._slim_state, new.slim_name, new._slim_slot = state, name, -1
-        return new
 
     def forward(self, x):
         g = self.geometry(self._slim_state.active(self._dp_width), x.shape[1])
