@@ -149,7 +149,10 @@ def test_s_shufflenet_flops_equal_the_paper():
     for w in (0.5, 1.0, 2.0):
         with slim.width(w):
             got[w] = slim.count_mflops(model, x)
-    assert {w: round(v) for w, v in got.items()} == {0.5: 38, 1.0: 137, 2.0: 524}  # paper: 38 / 138 / 524 M
+    # The paper's Table 3 rounds to whole MFLOPs (38 / 138 / 524 M); conv + linear multiply-adds here are
+    # 37.6 / 137.5 / 524.0 (the official profiler also counts pooling inputs: +0.2 / +0.4 / +0.8 M).
+    paper = {0.5: 38, 1.0: 138, 2.0: 524}
+    assert all(abs(got[w] - paper[w]) < 0.6 for w in paper), got
     for w in (0.5, 1.0, 2.0):  # each switch has exactly the channels of the individual ShuffleNet 0.5x/1x/2x
         plain = timm.create_model("shufflenet_v1_g3", width_mult=w)
         assert slim.count_mflops(plain, x) == pytest.approx(got[w])
