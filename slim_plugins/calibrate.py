@@ -6,7 +6,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from .context import _calibration, find_state, width as width_ctx
+from .context import _calibration, find_state, width as width_ctx, width_key
 from .errors import EmptyLoaderError, InvalidArgumentError
 from .nn.norm import SlimBatchNorm2d
 
@@ -229,23 +229,15 @@ def calibrated_widths(model, widths: Sequence | None = None) -> list:
                 out.append(w)
         return out
     if not bns:
-        from .context import width_key
-
         return [width_key(w) for w in spec.widths]
     keys = None
     for bn in bns:
         k = set(bn._post)
-        k.add(width_key_of(spec.max))
+        k.add(width_key(spec.max))
         if int(bn.min_tracked) > 0:
-            k.add(width_key_of(spec.min))
+            k.add(width_key(spec.min))
         keys = k if keys is None else keys & k
     return sorted(keys, key=lambda k: (not k[0].isdigit(), float(k) if k[0].isdigit() else 0, k))
-
-
-def width_key_of(w) -> str:
-    from .context import width_key
-
-    return width_key(w)
 
 
 def clear_statistics(model) -> int:

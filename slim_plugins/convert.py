@@ -121,7 +121,7 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         except ChannelGroupError as e:
             untraced.append((root, e))
     if auto_fix:
-        for root, (builder, _) in parts:
+        for root, builder in parts:
             fixed_names.update(_join(root, n) for n in ChannelGraph(builder.ops, builder.calls, builder.full,
                                                                      builder.rank).output_layers())
         if untraced:  # no graph: the last conv/linear in definition order (legacy rule)
@@ -264,7 +264,7 @@ def _default_input(part: nn.Module, planned_rel):
 
 
 def _analyse(model, root, planned, example_input):
-    """Trace part ``root`` and run it once: returns ``(_Builder, roles)``; raises ChannelGroupError."""
+    """Trace part ``root`` and run it once: returns its built :class:`_Builder`; raises ChannelGroupError."""
     part = model.get_submodule(root) if root else model
     rel = {n[len(root) + 1:] if root else n: n for n in planned if _under(n, root) and n != root}
     roles = {}
@@ -290,7 +290,7 @@ def _analyse(model, root, planned, example_input):
             "example_input= with an input the model accepts") from e
     finally:
         part.train(was)
-    return _Builder(gm, roles, root).build(), roles
+    return _Builder(gm, roles, root).build()
 
 
 def _role_of(m) -> dict:
@@ -308,7 +308,7 @@ def _role_of(m) -> dict:
 
 def _attach_graphs(model, state: SlimState, parts, new_mods):
     """Build each part's ChannelGraph with the roles of the converted layers and assign layer slots."""
-    for root, (builder, _) in parts:
+    for root, builder in parts:
         for call in builder.calls:
             full = _join(root, call.name)
             role = new_mods[full].channel_role()
