@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 
 from .errors import SlimError
 
-SPECTRUM_FIELDS = ("width", "mflops", "params_m", "top1", "top5")
+SPECTRUM_FIELDS = ("width", "mflops", "params_m", "top1", "top5")  # the classification columns
 
 
 class ConfigError(SlimError, ValueError):
@@ -131,18 +131,23 @@ def parse_overrides(items: Iterable[str]) -> dict:
 
 # ---- spectrum CSV / table / plot -------------------------------------------------------------------------------
 def write_spectrum_csv(rows: Sequence[dict], path: str) -> str:
-    """Write rows ``{width, mflops, params_m, top1, top5}`` (MFLOPs = multiply-adds, params in millions, top-k in
-    %) to ``path`` atomically; returns ``path``."""
+    """Write per-width rows to ``path`` atomically; returns ``path``.
+
+    Columns: ``width, mflops, params_m`` (MFLOPs = multiply-adds, params in millions), then the metrics of the
+    first row in its order: ``top1, top5`` (%) for classifiers, ``bbox_AP, bbox_AP50, ...`` (%) for detectors,
+    ``psnr, ssim`` for SR, ... A metric a row lacks is left empty.
+    """
+    metrics = [k for k in (rows[0] if rows else {}) if k not in ("width", "mflops", "params_m")]
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".csv.tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(SPECTRUM_FIELDS)
+            w.writerow(["width", "mflops", "params_m", *metrics])
             for r in rows:
                 w.writerow([f"{r['width']:g}", f"{r['mflops']:.3f}", f"{r['params_m']:.4f}",
-                            f"{r['top1']:.2f}", f"{r['top5']:.2f}"])
+                            *("" if r.get(k) is None else f"{r[k]:.4f}" for k in metrics)])
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -150,30 +155,45 @@ def write_spectrum_csv(rows: Sequence[dict], path: str) -> str:
     return path
 
 
+def spectrum_metrics(rows: Sequence[dict]) -> list[str]:
+    """The metric columns of spectrum rows (all but ``width, mflops, params_m``, and latency)."""
+    skip = {"width", "mflops", "params_m", "latency_ms"}
+    return [k for k in (rows[0] if rows else {}) if k not in skip]
+
+
 def read_spectrum_csv(path: str) -> list[dict]:
     """Rows of a spectrum CSV as dicts of floats.
 
     Raises:
-        FileNotFoundError: no such file. ConfigError: a required column is missing.
+        FileNotFoundError: no such file. ConfigError: ``width`` / ``mflops`` or every metric column is missing.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"spectrum CSV {path!r} does not exist")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in ("width", "mflops", "top1") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ConfigError(f"{path!r} lacks column(s) {missing}; a spectrum CSV has {list(SPECTRUM_FIELDS)} "
-                              "(written by `slim train` and `slim eval --csv`)")
+        names = list(reader.fieldnames or [])
+        missing = [c for c in ("width", "mflops") if c not in names]
+        if missing or not [c for c in names if c not in ("width", "mflops", "params_m", "latency_ms")]:
+            raise ConfigError(f"{path!r} lacks column(s) {missing or ['<a metric>']}; a spectrum CSV has width, "
+                              "mflops, params_m and metric columns (top1, bbox_AP, psnr, ...), written by "
+                              "`slim train` and `slim eval --csv`")
         return [{k: float(v) for k, v in r.items() if v not in (None, "")} for r in reader]
 
 
+_METRIC_LABELS = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "bbox_AP": "box AP (%)",
+                  "segm_AP": "mask AP (%)", "keypoints_AP": "keypoint AP (%)", "psnr": "PSNR (dB)"}
+
+
 def plot_spectrum(sources: Sequence, out: str, labels: Sequence[str] | None = None, title: str | None = None,
-                  x: str = "mflops") -> str:
-    """Plot top-1 accuracy (%) against MFLOPs (or ``x="width"`` / ``"params_m"``) for one or more runs.
+                  x: str = "mflops", metric: str | None = None) -> str:
+    """Plot a metric (default: the first metric column, e.g. top-1 %, box AP %) against MFLOPs (or ``x="width"``
+    / ``"params_m"``) for one or more runs.
 
     Args:
         sources: spectrum CSV paths and/or lists of row dicts.
         out: PNG path (written atomically with matplotlib's Agg backend).
+    Raises:
+        ConfigError: an unknown axis, or ``metric`` missing from a source.
     """
     import matplotlib
 
@@ -187,19 +207,23 @@ def plot_spectrum(sources: Sequence, out: str, labels: Sequence[str] | None = No
     for i, src in enumerate(sources):
         rows = read_spectrum_csv(src) if isinstance(src, (str, os.PathLike)) else list(src)
         rows = sorted(rows, key=lambda r: r[x])
+        metric = metric or spectrum_metrics(rows)[0]
+        if any(metric not in r for r in rows):
+            raise ConfigError(f"metric {metric!r} is not in {src if isinstance(src, str) else 'the rows'}; it has "
+                              f"{spectrum_metrics(rows)}")
         if labels and i < len(labels):
             label = labels[i]
         elif isinstance(src, (str, os.PathLike)):  # a run's spectrum.csv is named after its run folder
             label = Path(src).parent.name if Path(src).stem == "spectrum" else Path(src).stem
         else:
             label = f"run {i}"
-        ax.plot([r[x] for r in rows], [r["top1"] for r in rows], marker="o", ms=3.5, label=label)
+        ax.plot([r[x] for r in rows], [r[metric] for r in rows], marker="o", ms=3.5, label=label)
         if len(rows) <= 16:
             for r in rows:
-                ax.annotate(f"{r['width']:g}x", (r[x], r["top1"]), textcoords="offset points", xytext=(3, -9),
+                ax.annotate(f"{r['width']:g}x", (r[x], r[metric]), textcoords="offset points", xytext=(3, -9),
                             fontsize=6.5, alpha=0.8)
     ax.set_xlabel(xlabel[x])
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
     ax.set_title(title or "FLOPs-accuracy spectrum")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -291,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--csv", help="write a spectrum CSV here")
     e.add_argument("--plot", help="write a spectrum PNG here")
     e.add_argument("--device")
+    e.add_argument("--config", help="framework config when the checkpoint does not carry one (mmengine)")
 
     c = sub.add_parser("calibrate", help="BN post-statistics for widths; writes a new checkpoint atomically")
     c.add_argument("checkpoint")
@@ -314,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data-dir", "--data", dest="data_dir", help="data for post-statistics if uncalibrated")
     x.add_argument("--calib-samples", type=int, dest="calib_samples")
     x.add_argument("--device")
+    x.add_argument("--config", help="framework config when the checkpoint does not carry one (mmengine)")
 
     pr = sub.add_parser("profile", help="MFLOPs, params and latency per width (rich table; CSV)")
     pr.add_argument("checkpoint")
@@ -326,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeats", type=int, default=20)
     pr.add_argument("--csv", help="write the table as CSV (width, mflops, params_m, latency_ms)")
     pr.add_argument("--device", default="cpu")
+    pr.add_argument("--config", help="framework config when the checkpoint does not carry one (mmengine)")
 
     s = sub.add_parser("spectrum", help="plot the FLOPs-accuracy spectrum of one or more spectrum CSVs")
     s.add_argument("csv", nargs="+")
@@ -333,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", nargs="+")
     s.add_argument("--title")
     s.add_argument("--x", choices=("mflops", "width", "params_m"), default="mflops")
+    s.add_argument("--metric", help="metric column to plot (default: the first: top1, bbox_AP, psnr, ...)")
     return p
 
 
@@ -378,9 +406,23 @@ def framework_of_config(path: str, cfg: dict | None) -> str:
     raise ConfigError(f"no installed adapter reads {path!r} (suffix {suffix!r}); installed: {sorted(frameworks())}")
 
 
+def _checkpoint_claimed(path: str) -> str | None:
+    """The adapter whose ``claims_checkpoint(path)`` accepts a checkpoint in its framework's own format (an
+    mmengine checkpoint), or ``None``."""
+    for name, ep in sorted(frameworks().items()):
+        try:
+            mod = ep.load()
+        except ImportError:
+            continue
+        claims = getattr(mod, "claims_checkpoint", None)
+        if claims is not None and claims(path):
+            return name
+    return None
+
+
 def _dispatch(args) -> int:
     if args.command == "spectrum":
-        out = plot_spectrum(args.csv, args.out, labels=args.labels, title=args.title, x=args.x)
+        out = plot_spectrum(args.csv, args.out, labels=args.labels, title=args.title, x=args.x, metric=args.metric)
         print(f"wrote {out}")
         return 0
     for attr in ("widths",):
@@ -398,11 +440,18 @@ def _dispatch(args) -> int:
             framework = framework_of_config(args.config, cfg)
     else:
         from .checkpoint import read_checkpoint
+        from .errors import CheckpointError
 
         if not os.path.isfile(args.checkpoint):
             raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
-        args.payload = read_checkpoint(args.checkpoint)
-        framework = args.payload.get("framework", "timm")
+        try:
+            args.payload = read_checkpoint(args.checkpoint)
+            framework = args.payload.get("framework", "timm")
+        except CheckpointError:
+            framework = _checkpoint_claimed(args.checkpoint)  # another framework's checkpoint format
+            if framework is None:
+                raise
+            args.payload = None
         cfg = None
     mod = _integration(framework)
     fn = getattr(mod, f"cmd_{args.command}", None)

@@ -120,17 +120,24 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
             parts.append((root, _analyse(model, root, planned, example_input)))
         except ChannelGroupError as e:
             untraced.append((root, e))
+    # An untraceable part holding one conv/linear (mmcv's ConvModule: conv, norm, act) is a chain: the prefix rule
+    # is exact there, and its layer is an output layer unless a norm follows it (the graph's rule).
+    chains = [(r, e) for r, e in untraced if len([n for n in weighted if _under(n, r)]) == 1]
+    untraced = [(r, e) for r, e in untraced if (r, e) not in chains]
     if auto_fix:
         for root, builder in parts:
             fixed_names.update(_join(root, n) for n in ChannelGraph(builder.ops, builder.calls, builder.full,
                                                                      builder.rank).output_layers())
+        for root, _ in chains:
+            if not any(_under(n, root) and n not in weighted for n in planned):
+                fixed_names.update(n for n in weighted if _under(n, root))
         if untraced:  # no graph: the last conv/linear in definition order (legacy rule)
             for root, _ in untraced:
                 inside = [n for n in weighted if _under(n, root)]
                 if inside and scope is None:
                     fixed_names.add(inside[-1])
-    if spec.max > 1.0 and untraced:
-        raise untraced[0][1]
+    if spec.max > 1.0 and (untraced or chains):
+        raise (untraced or chains)[0][1]
     if untraced and groups is None:
         root, e = untraced[0]
         warnings.warn(f"slim_plugins: {e} Channels follow the prefix rule there; exactness of concatenations, "

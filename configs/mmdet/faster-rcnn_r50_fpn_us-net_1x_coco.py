@@ -1,0 +1,16 @@
+# Slimmable Faster R-CNN R50-FPN 1x on full COCO 2017 (US-Net, any width in 0.25-1.0x, sandwich rule, BN post-statistics): Slimmable Networks Table 5 / Appendix B.
+# The backbone starts from a slimmable ImageNet ResNet-50 written by `slim train` (timm us_resnet50) with the same
+# widths; its per-switch BN statistics stay frozen (norm_eval=True, as in the paper).
+#   COCO_ROOT=/data/coco/ SLIM_BACKBONE=output/us_resnet50/last.pth.tar python $(mmdet tools)/train.py THIS_FILE
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['slim_plugins.integrations.mmdet'], allow_failed_imports=False)
+runner_type = 'SlimRunner'
+slimmable = dict(width_range=[0.25, 1.0], num_widths=4)
+
+data_root = '{{$COCO_ROOT:data/coco/}}'
+model = dict(backbone=dict(init_cfg=dict(type='SlimPretrained', checkpoint='{{$SLIM_BACKBONE:us_resnet50.pth.tar}}')))
+train_dataloader = dict(dataset=dict(data_root=data_root))
+val_dataloader = dict(dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+test_evaluator = val_evaluator

@@ -1,0 +1,140 @@
+"""Export one width of a slimmable detector as a plain mmdet config + checkpoint (DESIGN rule 6).
+
+The result is what an individually trained detector of that width looks like: mmdet's own ``ResNet`` with
+``base_channels`` / ``stem_channels`` of that width, an ``FPN`` whose ``in_channels`` follow it, the shared heads,
+and the switch's (or the calibrated width's) BN statistics. ``mmdet.apis.init_detector`` loads it with no
+slim_plugins import.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import torch
+from mmengine.config import Config
+from torch import nn
+
+import slim_plugins as slim
+from slim_plugins.errors import InvalidArgumentError
+
+from .model import slim_settings
+
+__all__ = ["export_detector", "plain_config"]
+
+_OUR_IMPORT = "slim_plugins.integrations.mmdet"
+_STOCK_LOOPS = {"SlimEpochBasedTrainLoop": "EpochBasedTrainLoop", "SlimIterBasedTrainLoop": "IterBasedTrainLoop",
+                "SlimValLoop": "ValLoop", "SlimTestLoop": "TestLoop"}
+
+
+def _example_input(module: nn.Module, size: int = 64) -> dict:
+    """Keyword arguments of one ``mode='tensor'`` forward of a detector on a blank ``(1, 3, size, size)`` image."""
+    from mmdet.structures import DetDataSample
+
+    p = next(module.parameters())
+    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
+                batch_input_shape=(size, size), scale_factor=(1.0, 1.0))
+    return {"inputs": torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype),
+            "data_samples": [DetDataSample(metainfo=meta)], "mode": "tensor"}
+
+
+def _resnet_channels(backbone: nn.Module, w: float) -> dict:
+    """``stem_channels``, ``base_channels`` and the stage output channels of an exported (plain) ResNet.
+
+    Raises:
+        InvalidArgumentError: the width's channel counts are not those of an mmdet ResNet (stage ``i`` must have
+            ``base * 2**i`` bottleneck channels): only widths whose ``64 * w`` is a multiple of the divisor export.
+    """
+    stem = backbone.conv1.out_channels
+    layers = [getattr(backbone, n) for n in backbone.res_layers]
+    base = layers[0][0].conv1.out_channels
+    outs = []
+    for i, layer in enumerate(layers):
+        planes = base * 2 ** i
+        for blk in layer:
+            convs = [blk.conv1, blk.conv2] + ([blk.conv3] if hasattr(blk, "conv3") else [])
+            mids = {c.out_channels for c in convs[:-1]}
+            if mids != {planes} or convs[-1].out_channels != planes * blk.expansion:
+                raise InvalidArgumentError(
+                    f"width {w:g} cannot be written as an mmdet ResNet config: stage {i + 1} has "
+                    f"{sorted(mids)}/{convs[-1].out_channels} channels, a ResNet with base_channels={base} has "
+                    f"{planes}/{planes * blk.expansion}; export a width whose 64*w is a multiple of 8 "
+                    "(0.25, 0.375, 0.5, ..., 1.0)")
+        outs.append(layer[-1].conv3.out_channels if hasattr(layer[-1], "conv3") else layer[-1].conv2.out_channels)
+    return {"stem_channels": stem, "base_channels": base, "stage_channels": outs}
+
+
+def plain_config(cfg: Config, channels: dict, out_indices) -> Config:
+    """``cfg`` with the slimmable parts replaced by mmdet's plain ones at the exported channel counts."""
+    new = copy.deepcopy(cfg)
+    bb = new.model.backbone
+    for k in ("widths", "width_range", "num_widths"):
+        bb.pop(k, None)
+    if bb.get("type") in ("SlimResNet", "USResNet", "mmdet.SlimResNet", "mmdet.USResNet"):
+        bb["type"] = "ResNet"
+    bb["stem_channels"] = channels["stem_channels"]
+    bb["base_channels"] = channels["base_channels"]
+    bb["init_cfg"] = None
+    new.model.neck["in_channels"] = [channels["stage_channels"][i] for i in out_indices]
+    for k in ("slimmable", "runner_type"):
+        new.pop(k, None)
+    ci = new.get("custom_imports")
+    if ci and "CocoDatasetUniqueIds" not in new.pretty_text:  # the data type is ours too; the model is plain
+        imports = [m for m in ci.get("imports", []) if m != _OUR_IMPORT and not m.startswith(_OUR_IMPORT + ".")]
+        if imports:
+            new.custom_imports = dict(ci, imports=imports)
+        else:
+            new.pop("custom_imports")
+    for loop in ("train_cfg", "val_cfg", "test_cfg"):
+        lc = new.get(loop)
+        if isinstance(lc, dict) and lc.get("type") in _STOCK_LOOPS:
+            lc["type"] = _STOCK_LOOPS[lc["type"]]
+    new.load_from = None
+    new.resume = False
+    return new
+
+
+def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, dataset_meta: dict | None = None
+                    ) -> dict:
+    """Write ``out_dir/config.py`` and ``out_dir/model.pth``: the detector at ``width`` as a plain mmdet model.
+
+    Args:
+        model: a slimmable detector (DDP wrapper allowed) with statistics for ``width`` (a switch, or a US width
+            after calibration).
+        cfg: the config it was built from.
+        dataset_meta: class names / palette stored in the checkpoint's meta for ``init_detector``.
+
+    Returns:
+        ``{"config": path, "checkpoint": path, "width": w, "channels": {...}}``.
+
+    Raises:
+        WidthError: ``width`` not allowed. InvalidArgumentError: the width's channels are not a ResNet config.
+        UncalibratedWidthError: a US width without BN statistics.
+    Both files are written atomically; nothing is written when an error is raised.
+    """
+    module = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    w = slim_settings(module).spec.validate(width)
+    plain = slim.export(module, w, example_input=_example_input(module))
+    channels = _resnet_channels(plain.backbone, w)
+    new_cfg = plain_config(cfg, channels, plain.backbone.out_indices)
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"dataset_meta": dataset_meta or getattr(module, "dataset_meta", None) or {},
+            "slim_export": {"width": w, "spec": slim.width_spec(module).to_dict(), **channels}}
+    ck_path, cfg_path = os.path.join(out_dir, "model.pth"), os.path.join(out_dir, "config.py")
+    _atomic(ck_path, lambda f: torch.save({"meta": meta, "state_dict": plain.state_dict()}, f), "wb")
+    _atomic(cfg_path, lambda f: f.write(new_cfg.pretty_text), "w")
+    return {"config": cfg_path, "checkpoint": ck_path, "width": w, "channels": channels}
+
+
+def _atomic(path: str, write, mode: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

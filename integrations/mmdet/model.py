@@ -1,0 +1,314 @@
+"""Which parts of an mmdet detector are slimmed, and the conversion itself.
+
+Slimmable Networks Section 4.3 / Appendix B: the ResNet backbone is slimmable; the FPN's lateral convs read the
+slimmed backbone outputs (their in-channels follow the width) while their outputs, the rest of the FPN, the RPN and
+the RoI heads are shared and fixed, so every width has exactly the architecture and FLOPs of a detector built on a
+ResNet of that width. BN statistics are frozen when the backbone has ``norm_eval=True`` (the paper fixes them after
+ImageNet training).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from mmdet.models.backbones import ResNet
+from mmdet.registry import MODELS
+from mmengine.registry import WEIGHT_INITIALIZERS
+from torch import nn
+
+import slim_plugins as slim
+from slim_plugins.errors import InvalidArgumentError, NotSlimmableError, WidthSpecMismatchError
+from slim_plugins.nn.layers import SlimMixin
+from slim_plugins.width import SAMPLING_RULES, WidthSpec
+
+__all__ = ["SlimSettings", "parse_slimmable", "make_slimmable", "init_slim_detector", "is_slimmable", "slim_settings", "SlimResNet",
+           "USResNet", "SlimPretrainedInit", "DEFAULT_SCOPE"]
+
+#: Converted parts of a detector: the backbone and the FPN lateral convs (their inputs are the backbone outputs).
+DEFAULT_SCOPE = ("backbone", "neck.lateral_convs")
+#: Their outputs stay fixed (the FPN's 256 channels, shared by every width).
+DEFAULT_FIXED = ("neck.lateral_convs.*",)
+
+_KEYS = ("widths", "width_range", "divisor", "num_widths", "rule", "distill", "distill_weight", "eval_widths",
+         "calib_samples", "seed", "scope", "fixed")
+_DISTILL = (None, "l1", "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimSettings:
+    """The ``slimmable`` config dict, checked.
+
+    Attributes:
+        spec: switches (S-Net, switchable BN) or a range (US-Net, post-statistics).
+        num_widths: widths per iteration for a range (the sandwich rule's n; ignored by ``rule="all"``).
+        rule: width sampling rule (``"all"`` for switches, ``"sandwich"`` for a range by default).
+        distill: ``None`` (every width trained on the ground truth; the paper's detection setting) or ``"l1"`` /
+            ``"l2"``: inplace distillation of the FPN outputs, the widest width's (detached) features as the target
+            of the others, added to their detection loss with weight ``distill_weight``.
+        eval_widths: widths the val/test loops evaluate (default: the switches, or min, 0.5, 0.75, max of a range).
+        calib_samples: images for BN post-statistics of US widths before evaluation (US-Nets: 2,000).
+        seed: width sampling seed (every DDP rank draws the same widths from ``(seed, iteration)``).
+        scope / fixed: what is converted and which of its layers keep their output channels.
+    """
+
+    spec: WidthSpec
+    num_widths: int = 4
+    rule: str | None = None
+    distill: str | None = None
+    distill_weight: float = 1.0
+    eval_widths: tuple = ()
+    calib_samples: int = 2000
+    seed: int = 0
+    scope: tuple = DEFAULT_SCOPE
+    fixed: tuple = DEFAULT_FIXED
+
+    def to_dict(self) -> dict:
+        d = {("widths" if self.spec.is_switches else "width_range"): list(self.spec.widths),
+             "divisor": self.spec.divisor}
+        d.update(num_widths=self.num_widths, rule=self.rule, distill=self.distill, distill_weight=self.distill_weight,
+                 eval_widths=list(self.eval_widths), calib_samples=self.calib_samples, seed=self.seed,
+                 scope=list(self.scope), fixed=list(self.fixed))
+        return d
+
+
+def parse_slimmable(cfg: Mapping[str, Any] | bool | None) -> SlimSettings:
+    """Check a ``slimmable`` config entry and return its :class:`SlimSettings`.
+
+    Accepted: ``True`` (the paper's S-Net switches ``[0.25, 0.5, 0.75, 1.0]``), ``dict(widths=[...])`` (S-Net) or
+    ``dict(width_range=[lo, hi], num_widths=4)`` (US-Net), plus the optional keys of :class:`SlimSettings`.
+
+    Raises:
+        InvalidArgumentError: an unknown key, both or neither of ``widths`` / ``width_range``, a bad rule,
+            distillation or number (each names the bad value and what is allowed).
+        WidthError: a bad width list or range.
+    """
+    if cfg is True:
+        cfg = {"widths": [0.25, 0.5, 0.75, 1.0]}
+    if not isinstance(cfg, Mapping):
+        raise InvalidArgumentError(f"slimmable must be True or a dict, got {cfg!r}")
+    unknown = sorted(set(cfg) - set(_KEYS))
+    if unknown:
+        raise InvalidArgumentError(f"unknown slimmable key(s) {unknown}; allowed: {list(_KEYS)}")
+    if ("widths" in cfg) == ("width_range" in cfg):
+        raise InvalidArgumentError("slimmable needs exactly one of widths=[...] (S-Net switches) or "
+                                   f"width_range=[lo, hi] (US-Net), got keys {sorted(cfg)}")
+    divisor = int(cfg.get("divisor", 8))
+    if "widths" in cfg:
+        spec = WidthSpec.switches(cfg["widths"], divisor)
+    else:
+        rng = cfg["width_range"]
+        if not isinstance(rng, Sequence) or len(rng) != 2:
+            raise InvalidArgumentError(f"width_range must be [lo, hi], got {rng!r}")
+        spec = WidthSpec.range(rng[0], rng[1], divisor)
+    rule = cfg.get("rule")
+    if rule is not None and rule not in SAMPLING_RULES:
+        raise InvalidArgumentError(f"unknown sampling rule {rule!r}; allowed: {list(SAMPLING_RULES)}")
+    distill = cfg.get("distill")
+    if distill not in _DISTILL:
+        raise InvalidArgumentError(f"distill must be one of {list(_DISTILL)} (feature distillation of the FPN "
+                                   f"outputs), got {distill!r}")
+    num_widths = cfg.get("num_widths", 4)
+    if isinstance(num_widths, bool) or not isinstance(num_widths, int) or num_widths < 1:
+        raise InvalidArgumentError(f"num_widths must be a positive integer, got {num_widths!r}")
+    calib = cfg.get("calib_samples", 2000)
+    if isinstance(calib, bool) or not isinstance(calib, int) or calib <= 0:
+        raise InvalidArgumentError(f"calib_samples must be a positive integer, got {calib!r}")
+    if "eval_widths" in cfg and cfg["eval_widths"] is not None:
+        eval_widths = tuple(spec.validate(w) for w in cfg["eval_widths"])
+    elif spec.is_switches:
+        eval_widths = tuple(spec.widths)
+    else:
+        eval_widths = tuple(sorted({spec.min, spec.max, *[w for w in (0.5, 0.75) if spec.min < w < spec.max]}))
+    weight = float(cfg.get("distill_weight", 1.0))
+    if not (math.isfinite(weight) and weight >= 0):
+        raise InvalidArgumentError(f"distill_weight must be a finite number >= 0, got {weight!r}")
+    return SlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_weight=weight,
+                        eval_widths=eval_widths, calib_samples=calib, seed=int(cfg.get("seed", 0)),
+                        scope=tuple(cfg.get("scope", DEFAULT_SCOPE)), fixed=tuple(cfg.get("fixed", DEFAULT_FIXED)))
+
+
+def is_slimmable(model: nn.Module) -> bool:
+    """The detector (or a wrapper of it) has been converted."""
+    return getattr(_unwrap(model), "slim_settings", None) is not None
+
+
+def slim_settings(model: nn.Module) -> SlimSettings:
+    """The :class:`SlimSettings` a detector was converted with.
+
+    Raises:
+        NotSlimmableError: the detector is not slimmable.
+    """
+    s = getattr(_unwrap(model), "slim_settings", None)
+    if s is None:
+        raise NotSlimmableError(f"{type(_unwrap(model)).__name__} is not slimmable: build it with "
+                                "runner_type='SlimRunner' and a `slimmable` config entry (or a SlimResNet/USResNet "
+                                "backbone), or call make_slimmable(model, slimmable)")
+    return s
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+
+
+def make_slimmable(detector: nn.Module, slimmable: Mapping | SlimSettings | bool | None = None) -> nn.Module:
+    """Convert an mmdet detector in place: backbone and FPN lateral inputs slimmable, heads shared and fixed.
+
+    Args:
+        detector: a built mmdet detector (``MODELS.build(cfg.model)``), before DDP wrapping.
+        slimmable: the ``slimmable`` config entry (see :func:`parse_slimmable`); ``None`` takes the widths
+            declared by a :class:`SlimResNet` / :class:`USResNet` backbone.
+
+    Returns:
+        the same detector, with ``detector.slim_settings`` set.
+
+    Raises:
+        InvalidArgumentError: neither a ``slimmable`` entry nor a slimmable backbone, or both with different
+            widths. WidthError / NotExactError / UnknownLayerError: from :func:`slim_plugins.convert` (the
+            detector is unchanged then).
+    """
+    declared = getattr(getattr(detector, "backbone", None), "slimmable", None)
+    if isinstance(slimmable, SlimSettings):
+        settings = slimmable
+    elif slimmable is None or slimmable is False:
+        if declared is None:
+            raise InvalidArgumentError(
+                "nothing to make slimmable: add `slimmable = dict(widths=[0.25, 0.5, 0.75, 1.0])` (or "
+                "width_range=[0.25, 1.0]) to the config, or use a SlimResNet / USResNet backbone")
+        settings = parse_slimmable(declared)
+    else:
+        settings = parse_slimmable(slimmable)
+        if declared is not None and parse_slimmable(declared).spec != settings.spec:
+            raise InvalidArgumentError(
+                f"the backbone declares widths {parse_slimmable(declared).spec.to_dict()} but `slimmable` says "
+                f"{settings.spec.to_dict()}; name the widths in one place")
+    if is_slimmable(detector):
+        raise InvalidArgumentError(f"{type(detector).__name__} is already slimmable")
+    backbone = getattr(detector, "backbone", None)
+    frozen = bool(getattr(backbone, "norm_eval", False))
+    size = 64 * 2 ** max(0, len(getattr(backbone, "res_layers", ())) - 2)  # every stage keeps >= 2x2 pixels
+    example = {"backbone": torch.zeros(2, 3, size, size, device=_device(detector))}
+    slim.convert(detector, settings.spec, scope=list(settings.scope), fixed=list(settings.fixed),
+                 example_input=example, frozen_bn=frozen)
+    detector.slim_settings = settings
+    return detector
+
+
+def _device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _DeclaresWidths:
+    """A ResNet that declares its detector's widths; the detector is converted as a whole by ``SlimRunner``
+    (or :func:`make_slimmable`), because the FPN's lateral convs must follow the backbone's width."""
+
+    slimmable: dict
+
+    def forward(self, x):
+        from torch.fx._symbolic_trace import is_fx_tracing
+
+        if not is_fx_tracing() and not any(isinstance(m, SlimMixin) for m in self.modules()):
+            raise NotSlimmableError(
+                f"{type(self).__name__} declares widths {self.slimmable} but its detector was not converted: set "
+                "runner_type = 'SlimRunner' in the config (tools/train.py, tools/test.py) or call "
+                "slim_plugins.integrations.mmdet.make_slimmable(detector)")
+        return super().forward(x)
+
+
+@MODELS.register_module()
+class SlimResNet(_DeclaresWidths, ResNet):
+    """mmdet ``ResNet`` of a switchable detector (S-Net, switchable BN): ``widths`` are the switches; every other
+    argument is ``ResNet``'s. Same effect as ``slimmable = dict(widths=...)`` in the config; needs
+    ``runner_type = 'SlimRunner'``. Input ``(N, 3, H, W)``; outputs as ``ResNet`` with the active channels."""
+
+    def __init__(self, widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0), **kwargs):
+        super().__init__(**kwargs)
+        self.slimmable = {"widths": list(widths)}
+
+
+@MODELS.register_module()
+class USResNet(_DeclaresWidths, ResNet):
+    """mmdet ``ResNet`` of a universally slimmable detector (US-Net): any width in ``width_range``; every other
+    argument is ``ResNet``'s. Same effect as ``slimmable = dict(width_range=...)``; needs
+    ``runner_type = 'SlimRunner'``."""
+
+    def __init__(self, width_range: Sequence[float] = (0.25, 1.0), num_widths: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.slimmable = {"width_range": list(width_range), "num_widths": int(num_widths)}
+
+
+@WEIGHT_INITIALIZERS.register_module(name="SlimPretrained")
+class SlimPretrainedInit:
+    """``init_cfg=dict(type='SlimPretrained', checkpoint=PATH)``: initialise a slimmable backbone from a checkpoint
+    written by ``slim train`` (timm ``s_resnet50`` / ``us_resnet50``), per-switch BN statistics included (the
+    paper's ImageNet -> COCO pipeline). The classifier head (``fc``) is dropped; the width spec must match.
+
+    Raises:
+        WidthSpecMismatchError: the checkpoint was trained with other widths or another BN mode.
+        CheckpointError: a tensor does not fit (another depth), or a backbone weight is missing.
+    """
+
+    def __init__(self, checkpoint: str, prefix: str | None = None, map_location: str = "cpu"):
+        self.checkpoint, self.prefix, self.map_location = checkpoint, prefix, map_location
+
+    def __call__(self, module: nn.Module) -> None:
+        from mmengine.logging import print_log
+
+        from slim_plugins.checkpoint import _check_loadable, read_checkpoint
+
+        ck = read_checkpoint(self.checkpoint, self.map_location)
+        state = slim.width_spec(module) if any(isinstance(m, SlimMixin) for m in module.modules()) else None
+        saved = WidthSpec.from_dict(ck["width_spec"]) if ck.get("width_spec") else None
+        if state is None:
+            raise NotSlimmableError("SlimPretrained initialises a converted backbone; use it with SlimRunner")
+        if saved != state:
+            raise WidthSpecMismatchError(f"checkpoint {self.checkpoint!r} has widths {ck.get('width_spec')}, the "
+                                         f"detector {state.to_dict()}; train the backbone with the same widths")
+        sd = ck["model"]
+        if self.prefix:
+            p = self.prefix if self.prefix.endswith(".") else self.prefix + "."
+            sd = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+        own = module.state_dict()
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        dropped = sorted(k for k in sd if k not in own)
+        sd = {k: v for k, v in sd.items() if k in own}
+        _check_loadable(module, sd, strict=True)
+        module.load_state_dict(sd, strict=True)
+        print_log(f"SlimPretrained: loaded {len(sd)} tensors from {self.checkpoint} (dropped {len(dropped)} not in "
+                  f"the backbone, e.g. {dropped[:3]})", logger="current")
+
+    def __repr__(self):
+        return f"SlimPretrained(checkpoint={self.checkpoint!r})"
+
+
+def init_slim_detector(config, checkpoint: str | None = None, device: str = "cpu",
+                       cfg_options: dict | None = None) -> nn.Module:
+    """``mmdet.apis.init_detector`` for a slimmable config: the detector converted, the checkpoint (an mmengine
+    checkpoint of a slimmable run) loaded with ``weights_only=True``, ``model.cfg`` and ``dataset_meta`` set, in
+    eval mode. ``mmdet.apis.inference_detector(model, img)`` then runs it; wrap the call in ``slim.width(w)``.
+
+    Raises:
+        InvalidArgumentError: the config names no widths. WidthError: a bad ``slimmable`` entry.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+
+    from .runner import safe_checkpoint_globals
+
+    cfg = Config.fromfile(config) if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__") else config
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    model = MODELS.build(cfg.model)
+    make_slimmable(model, cfg.get("slimmable", None))
+    if checkpoint is not None:
+        with torch.serialization.safe_globals(safe_checkpoint_globals()):
+            ck = load_checkpoint(model, checkpoint, map_location="cpu")
+        meta = ck.get("meta", {}) if isinstance(ck, dict) else {}
+        if meta.get("dataset_meta"):
+            model.dataset_meta = dict(meta["dataset_meta"])
+    model.cfg = cfg
+    return model.to(device).eval()

@@ -1,0 +1,377 @@
+"""MMDetection adapter on real coco128 images: conversion (exact architecture per width), multi-width training
+through mmengine's Runner, per-width COCO evaluation, export loaded by ``init_detector``, initialisation from a
+``slim train`` checkpoint, resume under ``weights_only=True``, AMP/accumulation glue, errors."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mmdet")
+pytest.importorskip("mmcv.ops")
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
+
+import slim_plugins as slim  # noqa: E402
+from slim_plugins.cli import read_spectrum_csv  # noqa: E402
+from slim_plugins.errors import InvalidArgumentError, WidthError  # noqa: E402
+from slim_plugins.integrations import mmdet as smd  # noqa: E402
+from mmdet_utils import CONFIGS, REPO, small_cfg  # noqa: E402
+
+SWITCHES = [0.25, 0.5, 0.75, 1.0]
+
+
+def _build(cfg):
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmdet")
+    return MODELS.build(copy.deepcopy(cfg.model))
+
+
+def _image(slim_data):
+    return str(sorted((slim_data / "coco128" / "val2017").glob("*.jpg"))[0])
+
+
+# ---- config parsing -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, match", [
+    (dict(widths=[0.5, 1.0], width_range=[0.25, 1.0]), "exactly one"),
+    (dict(), "exactly one"),
+    (dict(widths=[0.5, 1.0], rule="most"), "unknown sampling rule 'most'"),
+    (dict(widths=[0.5, 1.0], distill="kl"), "distill must be one of"),
+    (dict(widths=[0.5, 1.0], num_widths=0), "num_widths must be a positive integer"),
+    (dict(widths=[0.5, 1.0], switches=[1.0]), r"unknown slimmable key\(s\) \['switches'\]"),
+    (dict(width_range=[0.25]), "width_range must be"),
+    ("yes", "slimmable must be True or a dict"),
+])
+def test_bad_slimmable_config_names_the_value(bad, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        smd.parse_slimmable(bad)
+
+
+def test_bad_widths_raise_width_error():
+    with pytest.raises(WidthError):
+        smd.parse_slimmable(dict(widths=[0.5, -1.0]))
+    with pytest.raises(WidthError, match="outside the range"):
+        smd.parse_slimmable(dict(width_range=[0.25, 1.0], eval_widths=[0.1]))
+
+
+# ---- conversion ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def faster_cfg():
+    return Config.fromfile(str(CONFIGS / "faster-rcnn_r50_fpn_s-net_coco128.py"))
+
+
+def test_each_width_is_the_detector_of_that_width(faster_cfg):
+    """Backbone and lateral inputs follow the width, FPN outputs and heads stay: at every switch the slimmable
+    detector has the FLOPs and parameter count of a plain mmdet detector with ResNet base_channels = 64 w."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    det = smd.make_slimmable(_build(faster_cfg), faster_cfg.slimmable).eval()
+    x = torch.randn(1, 3, 128, 160)
+    for w in SWITCHES:
+        c = int(64 * w)
+        plain_cfg = copy.deepcopy(faster_cfg.model)
+        plain_cfg.backbone.base_channels = c
+        plain_cfg.neck.in_channels = [4 * c, 8 * c, 16 * c, 32 * c]
+        plain = _build(Config(dict(model=plain_cfg))).eval()
+        with torch.no_grad(), slim.width(w):
+            with FlopCounterMode(display=False) as f1:
+                feats = det.extract_feat(x)
+        with torch.no_grad(), FlopCounterMode(display=False) as f2:
+            ref = plain.extract_feat(x)
+        assert f1.get_total_flops() == f2.get_total_flops(), w
+        assert [t.shape for t in feats] == [t.shape for t in ref]  # FPN outputs: 256 channels at every width
+        exported = slim.export(det, w, example_input=smd.export._example_input(det))
+        assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+def test_registered_backbone_type_has_the_same_effect(faster_cfg, tmp_path):
+    cfg = copy.deepcopy(faster_cfg)
+    cfg.pop("slimmable")
+    cfg.model.backbone.type = "SlimResNet"
+    cfg.model.backbone.widths = SWITCHES
+    det = _build(cfg)
+    with pytest.raises(slim.NotSlimmableError, match="SlimRunner"):
+        det.backbone(torch.zeros(1, 3, 64, 64))
+    smd.make_slimmable(det)
+    assert slim.width_spec(det) == slim.WidthSpec.switches(SWITCHES)
+    assert smd.slim_settings(det).spec == smd.parse_slimmable(faster_cfg.slimmable).spec
+    with pytest.raises(InvalidArgumentError, match="name the widths in one place"):
+        smd.make_slimmable(_build(cfg), dict(widths=[0.5, 1.0]))
+
+
+def test_make_slimmable_needs_widths(faster_cfg):
+    det = _build(faster_cfg)
+    with pytest.raises(InvalidArgumentError, match="nothing to make slimmable"):
+        smd.make_slimmable(det, None)
+    assert not any(isinstance(m, slim.nn.SlimConv2d) for m in det.modules())  # unchanged
+
+
+# ---- training and evaluation through mmengine's Runner ----------------------------------------------------------
+def _run(cfg):
+    runner = RUNNERS.build(cfg)
+    runner.train()
+    return runner
+
+
+@pytest.mark.parametrize("name", ["faster-rcnn_r50_fpn_s-net_coco128.py", "mask-rcnn_r50_fpn_s-net_coco128.py"])
+def test_runner_trains_every_switch_and_evaluates_each(name, tmp_path):
+    cfg = small_cfg(name, tmp_path, iters=2)
+    runner = _run(cfg)
+    log = _scalars(tmp_path)
+    train = [r for r in log if "loss" in r]
+    assert len(train) == 2
+    for w in SWITCHES:  # S-Nets Algorithm 1: every switch at every iteration
+        assert all(f"w{w:g}/loss_cls" in r for r in train), train[0].keys()
+    assert all(abs(r["loss"] - sum(r[f"w{w:g}/loss"] for w in SWITCHES)) < 1e-3 * abs(r["loss"]) for r in train)
+    metrics = runner.test()
+    kinds = ["bbox", "segm"] if name.startswith("mask") else ["bbox"]
+    for w in SWITCHES:
+        for k in kinds:
+            assert f"w{w:g}/coco/{k}_mAP" in metrics
+    assert metrics["coco/bbox_mAP"] == metrics["w1/coco/bbox_mAP"]
+    rows = read_spectrum_csv(str(tmp_path / "spectrum.csv"))
+    assert [r["width"] for r in rows] == SWITCHES
+    assert all(a["mflops"] < b["mflops"] and a["params_m"] < b["params_m"] for a, b in zip(rows, rows[1:]))
+    assert all(f"{k}_AP" in r for r in rows for k in kinds)
+
+
+def _scalars(work_dir: Path) -> list[dict]:
+    files = sorted(work_dir.glob("*/vis_data/scalars.json"))
+    assert files, list(work_dir.iterdir())
+    return [json.loads(line) for line in files[-1].read_text().splitlines()]
+
+
+def test_us_net_sandwich_and_post_statistics(tmp_path):
+    cfg = small_cfg("faster-rcnn_r50_fpn_us-net_coco128.py", tmp_path, iters=2, calib_samples=4,
+                    eval_widths=[0.25, 0.6, 1.0])
+    runner = _run(cfg)
+    train = [r for r in _scalars(tmp_path) if "loss" in r]
+    assert len(train) == 2
+    for r in train:  # sandwich: max, min and 2 random widths, logged by role
+        assert {"max/loss", "min/loss", "rand/loss", "max/loss_cls"} <= set(r)
+        assert not any(re.match(r"w[0-9.]+/", k) for k in r)
+    assert runner.message_hub.get_info("slim_widths") == runner.train_loop.slim_step.widths(1)
+    metrics = runner.test()
+    assert {"w0.25/coco/bbox_mAP", "w0.6/coco/bbox_mAP", "w1/coco/bbox_mAP"} <= set(metrics)
+    assert slim.calibrated_widths(runner.model, [0.6]) == [0.6]  # post-statistics before evaluation
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+def test_export_is_a_plain_mmdet_detector_with_equal_outputs(tmp_path, slim_data):
+    from mmdet.apis import inference_detector, init_detector
+
+    cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path, iters=1)
+    runner = _run(cfg)
+    model = smd.init_slim_detector(runner.cfg, str(tmp_path / "iter_1.pth"))
+    torch.testing.assert_close(model.backbone.conv1.weight, runner.model.backbone.conv1.weight)
+    out = smd.export_detector(model, runner.cfg, 0.5, str(tmp_path / "w0.5"))
+    text = Path(out["config"]).read_text()
+    assert not any(k in text for k in ("SlimRunner", "slimmable", "SlimResNet", "SlimTestLoop", "SlimPretrained"))
+    plain = init_detector(out["config"], out["checkpoint"], device="cpu")
+    assert not any("slim_plugins" in type(m).__module__ for m in plain.modules())
+    assert plain.backbone.base_channels == 32 and plain.neck.in_channels == [128, 256, 512, 1024]
+    img = _image(slim_data)
+    ref = inference_detector(plain, img).pred_instances
+    with slim.width(0.5):
+        got = inference_detector(model, img).pred_instances
+    assert len(ref) == len(got)
+    torch.testing.assert_close(got.bboxes, ref.bboxes, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(got.scores, ref.scores, atol=1e-5, rtol=1e-4)
+
+
+def test_export_of_a_width_no_resnet_config_can_hold_is_refused(tmp_path):
+    cfg = small_cfg("faster-rcnn_r50_fpn_us-net_coco128.py", tmp_path)
+    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    slim.calibrate_bn(det, [torch.randn(2, 3, 64, 64)], widths=[0.3], forward=lambda m, x: m.extract_feat(x))
+    with pytest.raises(InvalidArgumentError, match="cannot be written as an mmdet ResNet"):
+        smd.export_detector(det, cfg, 0.3, str(tmp_path / "x"))
+    assert not (tmp_path / "x" / "model.pth").exists()
+
+
+# ---- from classification to detection -----------------------------------------------------------------------------
+def test_slim_train_resnet50_checkpoint_initialises_the_backbone(tmp_path):
+    """A timm s_resnet50 written by ``slim.save_checkpoint`` (what ``slim train`` writes) loads into the detector's
+    backbone through ``init_cfg=dict(type='SlimPretrained')``, per-switch BN statistics included."""
+    import timm
+
+    import slim_plugins.integrations.timm  # noqa: F401  registers s_resnet50
+
+    cls = timm.create_model("s_resnet50", num_classes=10)
+    with torch.no_grad():
+        for m in cls.modules():
+            if isinstance(m, slim.nn.SlimBatchNorm2d):
+                for t in m.buffers():
+                    if t.is_floating_point():
+                        t.uniform_(0.5, 1.5)
+    path = slim.save_checkpoint(str(tmp_path / "s_resnet50.pth.tar"), cls)
+    cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path)
+    cfg.model.backbone.init_cfg = dict(type="SlimPretrained", checkpoint=path)
+    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    det.init_weights()
+    src = cls.state_dict()
+    dst = det.backbone.state_dict()
+    assert set(dst) <= set(src)
+    for k in dst:
+        torch.testing.assert_close(dst[k], src[k], msg=k)
+    other = timm.create_model("us_resnet50", num_classes=10)
+    bad = slim.save_checkpoint(str(tmp_path / "us.pth.tar"), other)
+    cfg.model.backbone.init_cfg = dict(type="SlimPretrained", checkpoint=bad)
+    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    with pytest.raises(slim.WidthSpecMismatchError):
+        det.init_weights()
+
+
+# ---- resume -------------------------------------------------------------------------------------------------------
+def test_resume_continues_training_under_weights_only(tmp_path):
+    cfg = small_cfg("faster-rcnn_r50_fpn_us-net_coco128.py", tmp_path, iters=2, depth=18)
+    first = _run(cfg)
+    w_first = first.model.backbone.conv1.weight.detach().clone()
+    assert (tmp_path / "iter_2.pth").exists()
+    cfg2 = small_cfg("faster-rcnn_r50_fpn_us-net_coco128.py", tmp_path, iters=3, depth=18)
+    cfg2.resume = True
+    runner = RUNNERS.build(cfg2)
+    seen = []
+    orig = smd.runner.multi_width_train_step
+
+    def spy(model, data, ow, step, iteration):
+        seen.append((iteration, step.widths(iteration)))
+        if not seen[1:]:
+            torch.testing.assert_close(model.backbone.conv1.weight, w_first)
+        return orig(model, data, ow, step, iteration)
+
+    smd.runner.multi_width_train_step = spy
+    try:
+        runner.train()
+    finally:
+        smd.runner.multi_width_train_step = orig
+    assert [i for i, _ in seen] == [2]  # iterations 0 and 1 were done; the width sequence continues at 2
+    assert seen[0][1] == first.train_loop.slim_step.widths(2)
+
+
+# ---- optim wrapper glue -------------------------------------------------------------------------------------------
+def test_gradient_accumulation_counts_one_micro_step_per_iteration(tmp_path):
+    cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path, iters=4, depth=18)
+    cfg.optim_wrapper.accumulative_counts = 2
+    steps = []
+    runner = RUNNERS.build(cfg)
+    orig = torch.optim.SGD.step
+
+    def count(self, *a, **k):
+        steps.append(1)
+        return orig(self, *a, **k)
+
+    torch.optim.SGD.step = count
+    try:
+        runner.train()
+    finally:
+        torch.optim.SGD.step = orig
+    assert len(steps) == 2  # 4 iterations x 4 widths, accumulating 2 iterations per optimizer step
+
+
+def test_amp_optim_wrapper_scales_every_width(tmp_path):
+    """AmpOptimWrapper's loss scaling reaches every width and counts one micro-step. Its constructor asserts CUDA,
+    so it is bypassed here, and so is its CPU autocast (bfloat16 only, which mmcv's CPU NMS has no kernel for):
+    what is tested is the loss scaler on every width and the one scaler step."""
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
+
+    cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path)
+    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    opt = torch.optim.SGD(det.parameters(), lr=0.0)
+    ow = AmpOptimWrapper.__new__(AmpOptimWrapper)
+    OptimWrapper.__init__(ow, opt)
+    ow.loss_scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    ow.cast_dtype, ow._scale_update_param = torch.bfloat16, None
+    ow.optim_context = lambda model: OptimWrapper.optim_context(ow, model)
+    ow.initialize_count_status(det, 0, 1)
+    from mmengine.runner import Runner  # noqa: F401
+
+    runner = RUNNERS.build(cfg)
+    batch = next(iter(runner.build_dataloader(cfg.train_dataloader)))
+    step = smd.build_step(det, smd.slim_settings(det))
+    scaled = []
+    orig = ow.loss_scaler.scale
+    ow.loss_scaler.scale = lambda t: scaled.append(float(t)) or orig(t)
+    stepped = []
+    orig_step = ow.loss_scaler.step
+    ow.loss_scaler.step = lambda o, *a, **k: stepped.append(1) or orig_step(o, *a, **k)
+    logs = smd.multi_width_train_step(det, batch, ow, step, 0)
+    assert len(scaled) == 4 and "w0.25/loss" in logs
+    assert ow.inner_count == 1 and stepped == [1]
+
+
+def test_unsupported_optim_wrapper_is_named(tmp_path):
+    from mmengine.optim import OptimWrapperDict
+
+    cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path)
+    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    with pytest.raises(InvalidArgumentError, match="OptimWrapperDict"):
+        smd.multi_width_train_step(det, {}, OptimWrapperDict(), smd.build_step(det, smd.slim_settings(det)), 0)
+
+
+# ---- DDP ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_ranks_draw_the_same_widths_and_stay_in_sync(tmp_path):
+    """2 gloo processes under torchrun (mmengine launcher='pytorch'): same sandwich widths on both ranks at every
+    iteration, identical parameters after the optimizer steps."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(REPO / "tests" / "mmdet_ddp_worker.py"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    assert a["wrapper"] == "MMDistributedDataParallel"
+    assert len(a["widths"]) == 3 and a["widths"] == b["widths"]
+    assert all(len(set(ws)) >= 2 and min(ws) == 0.25 and max(ws) == 1.0 for ws in a["widths"])
+    assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-9)
+
+
+# ---- the commands a user runs -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_mmdet_tools_train_and_slim_commands(tmp_path, slim_data):
+    """mmdet's own tools/train.py and tools/test.py, then `slim train / eval / export` on the same config file."""
+    import mmdet
+
+    cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path / "unused", iters=1)
+    path = tmp_path / "tiny_s-net.py"
+    cfg.dump(str(path))
+    tools = Path(mmdet.__file__).parent / ".mim" / "tools"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(tools / "train.py"), str(path), "--work-dir", str(tmp_path / "tools")],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "w0.25/loss" in (r.stdout + r.stderr)
+    ckpt = tmp_path / "tools" / "iter_1.pth"
+    r = subprocess.run([sys.executable, str(tools / "test.py"), str(path), str(ckpt), "--work-dir",
+                        str(tmp_path / "tools")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "w0.25/coco/bbox_mAP" in (r.stdout + r.stderr)
+
+    slim_bin = [sys.executable, "-m", "slim_plugins.cli"]
+    r = subprocess.run(slim_bin + ["train", str(path), "--output", str(tmp_path / "slim")], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = tmp_path / "slim" / "iter_1.pth"
+    r = subprocess.run(slim_bin + ["eval", str(ck), "--widths", "0.25", "1.0"], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_spectrum_csv(str(tmp_path / "slim" / "spectrum.csv"))
+    assert [x["width"] for x in rows] == [0.25, 1.0] and "bbox_AP" in rows[0]
+    r = subprocess.run(slim_bin + ["export", str(ck), "--width", "0.75", "--out", str(tmp_path / "exp")], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from mmdet.apis import init_detector
+
+    plain = init_detector(str(tmp_path / "exp" / "config.py"), str(tmp_path / "exp" / "model.pth"), device="cpu")
+    assert plain.backbone.base_channels == 48
+    r = subprocess.run(slim_bin + ["export", str(ck), "--width", "0.3"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "not a switch" in r.stderr
