@@ -16,4 +16,5 @@ run bench_switch "$@"                   # target 5
 run bench_train_step "$@"               # target 3: batch 32 at 128x128
 run bench_memory "$@"                   # target 4: batch 32 at 128x128
 run bench_calibrate "$@"                # target 6: 2,000 images at 64x64
+run bench_mmdet "$@"                    # detection: Faster R-CNN R50-FPN vs exported plain mmdet detectors
 echo "logs in $OUT"

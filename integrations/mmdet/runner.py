@@ -66,6 +66,14 @@ def _backward(optim_wrapper: OptimWrapper, loss: torch.Tensor, last: bool) -> No
 _SUPPORTED_WRAPPERS = ("OptimWrapper", "AmpOptimWrapper")
 
 
+def _supported(ow) -> bool:
+    from mmengine.optim import AmpOptimWrapper
+
+    if isinstance(ow, AmpOptimWrapper):
+        return type(ow).backward is AmpOptimWrapper.backward
+    return isinstance(ow, OptimWrapper) and type(ow).backward is OptimWrapper.backward
+
+
 def multi_width_train_step(model, data_batch, optim_wrapper: OptimWrapper, step: slim.MultiWidthStep,
                            iteration: int) -> dict:
     """One training iteration at several widths, in place of ``model.train_step`` (mmengine's
@@ -78,14 +86,15 @@ def multi_width_train_step(model, data_batch, optim_wrapper: OptimWrapper, step:
     scaling and gradient accumulation (``accumulative_counts``) keep their meaning.
 
     Returns:
-        ``log_vars`` for mmengine's logger: ``loss`` (sum over widths) and ``w<width>/<term>`` per width.
+        ``log_vars`` for mmengine's logger (:func:`log_vars`).
 
     Raises:
-        InvalidArgumentError: an optim wrapper other than ``OptimWrapper`` / ``AmpOptimWrapper``.
+        InvalidArgumentError: an optim wrapper other than ``OptimWrapper`` / ``AmpOptimWrapper`` (or a subclass
+            with its own ``backward``, e.g. Apex / DeepSpeed, or an ``OptimWrapperDict``).
     """
-    if type(optim_wrapper).__name__ not in _SUPPORTED_WRAPPERS:
-        raise InvalidArgumentError(f"slimmable training supports the optim wrappers {list(_SUPPORTED_WRAPPERS)}, "
-                                   f"got {type(optim_wrapper).__name__}")
+    if not _supported(optim_wrapper):
+        raise InvalidArgumentError(f"slimmable training supports the optim wrappers {list(_SUPPORTED_WRAPPERS)} "
+                                   f"and subclasses that keep their backward, got {type(optim_wrapper).__name__}")
     module = _module(model)
     with optim_wrapper.optim_context(model):
         data = module.data_preprocessor(data_batch, True)
