@@ -11,18 +11,15 @@ from .errors import CheckpointError, WidthError, WidthSpecMismatchError
 from .width import WidthSpec
 
 
-def save_checkpoint(path: str, model, **extra) -> str:
-    """Save ``{"model": state_dict, "width_spec": ..., "bn_mode": ..., **extra}`` to ``path`` atomically
-    (temporary file in the same folder, then ``os.replace``): a crash never leaves a half-written file."""
-    state = find_state(model)
-    module = getattr(model, "module", model)  # unwrap DDP
-    payload = {"model": module.state_dict(), "width_spec": state.spec.to_dict(), "bn_mode": state.bn_mode, **extra}
+def atomic_write(path: str, write, mode: str = "wb") -> str:
+    """Write a file atomically: ``write(f)`` into a temporary file in the same folder, flushed and fsynced, then
+    ``os.replace`` onto ``path``. A crash or an exception never leaves a half-written ``path``; returns ``path``."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,6 +27,15 @@ def save_checkpoint(path: str, model, **extra) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_checkpoint(path: str, model, **extra) -> str:
+    """Save ``{"model": state_dict, "width_spec": ..., "bn_mode": ..., **extra}`` to ``path`` atomically
+    (temporary file in the same folder, then ``os.replace``): a crash never leaves a half-written file."""
+    state = find_state(model)
+    module = getattr(model, "module", model)  # unwrap DDP
+    payload = {"model": module.state_dict(), "width_spec": state.spec.to_dict(), "bn_mode": state.bn_mode, **extra}
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:

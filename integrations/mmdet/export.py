@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 
 import torch
 from mmengine.config import Config
 from torch import nn
 
 import slim_plugins as slim
+from slim_plugins.checkpoint import atomic_write
 from slim_plugins.errors import InvalidArgumentError
 
 from .model import slim_settings
@@ -121,20 +121,6 @@ def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, d
     meta = {"dataset_meta": dataset_meta or getattr(module, "dataset_meta", None) or {},
             "slim_export": {"width": w, "spec": slim.width_spec(module).to_dict(), **channels}}
     ck_path, cfg_path = os.path.join(out_dir, "model.pth"), os.path.join(out_dir, "config.py")
-    _atomic(ck_path, lambda f: torch.save({"meta": meta, "state_dict": plain.state_dict()}, f), "wb")
-    _atomic(cfg_path, lambda f: f.write(new_cfg.pretty_text), "w")
+    atomic_write(ck_path, lambda f: torch.save({"meta": meta, "state_dict": plain.state_dict()}, f))
+    atomic_write(cfg_path, lambda f: f.write(new_cfg.pretty_text), "w")
     return {"config": cfg_path, "checkpoint": ck_path, "width": w, "channels": channels}
-
-
-def _atomic(path: str, write, mode: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
