@@ -42,3 +42,6 @@ param_scheduler = [
 optim_wrapper = dict(optimizer=dict(lr=0.01), clip_grad=dict(max_norm=35, norm_type=2))
 default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=4, max_keep_ckpts=2))
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
+# mmengine 0.10.7 pickles its message hub in a form torch's weights_only loader refuses: this hook (registered by
+# SlimRunner anyway) writes it as plain data so tools/test.py and resume load these checkpoints safely.
+custom_hooks = [dict(type='PlainMessageHubHook')]

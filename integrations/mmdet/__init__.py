@@ -6,6 +6,8 @@ Importing it (``custom_imports = dict(imports=['slim_plugins.integrations.mmdet'
   iteration, evaluates every width; ``runner_type = 'SlimRunner'`` plus ``slimmable = dict(...)`` in a config;
 - ``SlimResNet`` / ``USResNet`` (mmdet ``MODELS``): ResNets that declare the widths instead of ``slimmable``;
 - the loops ``SlimEpochBasedTrainLoop``, ``SlimIterBasedTrainLoop``, ``SlimValLoop``, ``SlimTestLoop``;
+- ``PlainMessageHubHook`` (mmengine ``HOOKS``): checkpoints that load with ``torch.load(weights_only=True)``;
+- ``CocoDatasetUniqueIds`` (mmdet ``DATASETS``): COCO JSONs whose annotation ids repeat (coco128's val split);
 - ``SlimPretrained`` (mmengine ``WEIGHT_INITIALIZERS``): a backbone ``init_cfg`` reading a ``slim train``
   checkpoint (timm ``s_resnet50`` / ``us_resnet50``) with its per-switch BN statistics.
 """
@@ -14,9 +16,9 @@ from .export import export_detector, plain_config
 from .model import (DEFAULT_SCOPE, SlimPretrainedInit, init_slim_detector, SlimResNet, SlimSettings, USResNet, is_slimmable,
                     make_slimmable, parse_slimmable, slim_settings)
 from .runner import (SlimEpochBasedTrainLoop, SlimIterBasedTrainLoop, SlimRunner, SlimTestLoop, SlimValLoop,
-                     build_step, evaluate_widths, multi_width_train_step, safe_checkpoint_globals)
+                     PlainMessageHubHook, build_step, evaluate_widths, multi_width_train_step)
 
 __all__ = ["SlimRunner", "CocoDatasetUniqueIds", "init_slim_detector", "SlimResNet", "USResNet", "SlimSettings", "SlimPretrainedInit", "make_slimmable",
            "parse_slimmable", "is_slimmable", "slim_settings", "export_detector", "plain_config",
            "SlimEpochBasedTrainLoop", "SlimIterBasedTrainLoop", "SlimValLoop", "SlimTestLoop", "build_step",
-           "evaluate_widths", "multi_width_train_step", "safe_checkpoint_globals", "DEFAULT_SCOPE"]
+           "evaluate_widths", "multi_width_train_step", "PlainMessageHubHook", "DEFAULT_SCOPE"]

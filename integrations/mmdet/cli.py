@@ -39,10 +39,7 @@ def claims_checkpoint(path: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _load_cached(path: str, mtime: float):
-    from .runner import safe_checkpoint_globals
-
-    with torch.serialization.safe_globals(safe_checkpoint_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _load(path: str):

@@ -187,8 +187,7 @@ def make_slimmable(detector: nn.Module, slimmable: Mapping | SlimSettings | bool
         raise InvalidArgumentError(f"{type(detector).__name__} is already slimmable")
     backbone = getattr(detector, "backbone", None)
     frozen = bool(getattr(backbone, "norm_eval", False))
-    size = 64 * 2 ** max(0, len(getattr(backbone, "res_layers", ())) - 2)  # every stage keeps >= 2x2 pixels
-    example = {"backbone": torch.zeros(2, 3, size, size, device=_device(detector))}
+    example = {"backbone": torch.zeros(2, 3, 64, 64, device=_device(detector))}  # stride 32: 2x2 at the last stage
     slim.convert(detector, settings.spec, scope=list(settings.scope), fixed=list(settings.fixed),
                  example_input=example, frozen_bn=frozen)
     detector.slim_settings = settings
@@ -296,8 +295,6 @@ def init_slim_detector(config, checkpoint: str | None = None, device: str = "cpu
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
-    from .runner import safe_checkpoint_globals
-
     cfg = Config.fromfile(config) if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__") else config
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
@@ -305,8 +302,7 @@ def init_slim_detector(config, checkpoint: str | None = None, device: str = "cpu
     model = MODELS.build(cfg.model)
     make_slimmable(model, cfg.get("slimmable", None))
     if checkpoint is not None:
-        with torch.serialization.safe_globals(safe_checkpoint_globals()):
-            ck = load_checkpoint(model, checkpoint, map_location="cpu")
+        ck = load_checkpoint(model, checkpoint, map_location="cpu")  # torch.load(weights_only=True)
         meta = ck.get("meta", {}) if isinstance(ck, dict) else {}
         if meta.get("dataset_meta"):
             model.dataset_meta = dict(meta["dataset_meta"])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
-from mmengine.registry import LOOPS, RUNNERS
+from mmengine.registry import HOOKS, LOOPS, RUNNERS
 from mmengine.runner import BaseLoop, EpochBasedTrainLoop, IterBasedTrainLoop, Runner, TestLoop, ValLoop
 
 import slim_plugins as slim
@@ -26,7 +26,7 @@ from slim_plugins.errors import InvalidArgumentError
 from .model import SlimSettings, is_slimmable, make_slimmable, slim_settings
 
 __all__ = ["SlimRunner", "SlimEpochBasedTrainLoop", "SlimIterBasedTrainLoop", "SlimValLoop", "SlimTestLoop",
-           "multi_width_train_step", "log_vars", "build_step", "evaluate_widths", "safe_checkpoint_globals", "PlainMessageHubHook"]
+           "multi_width_train_step", "log_vars", "build_step", "evaluate_widths", "PlainMessageHubHook"]
 
 
 def _module(model):
@@ -326,24 +326,18 @@ class SlimTestLoop(_SlimEval, TestLoop):
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
-def safe_checkpoint_globals() -> list:
-    """The numpy types an mmengine checkpoint holds besides tensors (logged scalars), allowed for
-    ``torch.load(weights_only=True)`` while slim_plugins loads one: resume works without turning the safe loader
-    off. (The message hub's ``HistoryBuffer`` objects, whose pickles need ``getattr``, are written as plain data by
-    :class:`PlainMessageHubHook`.)"""
-    core = np._core.multiarray
-    out = [np.ndarray, np.dtype, core._reconstruct, core.scalar]
-    out += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "uint8", "bool")]
-    return out
-
-
 _HB = "__history_buffer__"
 
 
+@HOOKS.register_module()
 class PlainMessageHubHook(Hook):
-    """Writes the message hub's ``HistoryBuffer`` objects into checkpoints as plain data and rebuilds them on load,
-    so a checkpoint of a ``SlimRunner`` loads with ``torch.load(weights_only=True)`` (pickled ``HistoryBuffer``
-    objects need ``getattr`` among the allowed globals, which would open the safe loader to arbitrary calls)."""
+    """Writes the message hub into checkpoints as plain Python data (``HistoryBuffer`` objects as lists, numpy
+    scalars as floats) and rebuilds it on load, so the checkpoint loads with torch's default
+    ``torch.load(weights_only=True)`` and nothing allow-listed: mmengine 0.10.7 pickles ``HistoryBuffer`` objects,
+    whose pickles need ``getattr`` among the allowed globals, which would open the safe loader to arbitrary calls.
+
+    ``SlimRunner`` registers it; a plain mmengine run gets the same with
+    ``custom_hooks = [dict(type='PlainMessageHubHook')]``."""
 
     priority = "VERY_LOW"
 
@@ -357,9 +351,11 @@ class PlainMessageHubHook(Hook):
         for k, v in hub["log_scalars"].items():
             if isinstance(v, HistoryBuffer):
                 log, count = v.data
-                v = {_HB: True, "log": np.asarray(log), "count": np.asarray(count), "max_length": v.max_length}
+                v = {_HB: True, "log": [float(x) for x in log], "count": [int(c) for c in count],
+                     "max_length": int(v.max_length)}
             plain[k] = v
-        checkpoint["message_hub"] = dict(hub, log_scalars=plain)
+        info = {k: v.item() if isinstance(v, np.generic) else v for k, v in hub.get("runtime_info", {}).items()}
+        checkpoint["message_hub"] = dict(hub, log_scalars=plain, runtime_info=info)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         from mmengine.logging import HistoryBuffer
@@ -392,12 +388,13 @@ class SlimRunner(Runner):
 
     It converts the detector right after ``MODELS.build`` (before DDP wrapping, weight init and checkpoint
     loading), swaps mmengine's stock loops for the slimmable ones (multi-width training, per-width evaluation),
-    and loads mmengine checkpoints with ``torch.load(weights_only=True)`` and an allow-list of mmengine's own types.
+    and writes checkpoints that load with ``torch.load(weights_only=True)`` (:class:`PlainMessageHubHook`).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_hook(PlainMessageHubHook())
+        if not any(isinstance(h, PlainMessageHubHook) for h in self.hooks):
+            self.register_hook(PlainMessageHubHook())
 
     def setup_env(self, env_cfg: dict) -> None:
         # mmengine 0.10.7's `pytorch` launcher calls torch.cuda.set_device unconditionally; on a machine without
@@ -440,8 +437,3 @@ class SlimRunner(Runner):
         if isinstance(loop, dict) and loop.get("type") is None:
             loop = dict(loop, type="TestLoop")
         return super().build_test_loop(_slim_loop(loop))
-
-    def load_checkpoint(self, filename, map_location="cpu", strict=False, revise_keys=[(r"^module.", "")]):
-        with torch.serialization.safe_globals(safe_checkpoint_globals()):
-            return super().load_checkpoint(filename, map_location=map_location, strict=strict,
-                                           revise_keys=revise_keys)
