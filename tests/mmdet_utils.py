@@ -24,7 +24,7 @@ def small_cfg(name: str, work_dir, n_train: int = 4, n_val: int = 4, scale=(160,
         dl = cfg[key]
         dl.num_workers, dl.persistent_workers, dl.dataset.indices = 0, False, n
         for t in dl.dataset.pipeline:
-            if t["type"] == "Resize":
+            if t["type"] in ("Resize", "KeypointResize"):
                 t["scale"] = scale
         if key != "train_dataloader":
             dl.batch_size = 2

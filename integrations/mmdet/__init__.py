@@ -1,4 +1,4 @@
-"""MMDetection adapter: slimmable Faster / Mask R-CNN (Slimmable Networks Section 4.3, Appendix B).
+"""MMDetection adapter: slimmable Faster / Mask / Keypoint R-CNN (Slimmable Networks Section 4.3, Appendix B).
 
 Importing it (``custom_imports = dict(imports=['slim_plugins.integrations.mmdet'])``) registers:
 
@@ -9,9 +9,14 @@ Importing it (``custom_imports = dict(imports=['slim_plugins.integrations.mmdet'
 - ``PlainMessageHubHook`` (mmengine ``HOOKS``): checkpoints that load with ``torch.load(weights_only=True)``;
 - ``CocoDatasetUniqueIds`` (mmdet ``DATASETS``): COCO JSONs whose annotation ids repeat (coco128's val split);
 - ``SlimPretrained`` (mmengine ``WEIGHT_INITIALIZERS``): a backbone ``init_cfg`` reading a ``slim train``
-  checkpoint (timm ``s_resnet50`` / ``us_resnet50``) with its per-switch BN statistics.
+  checkpoint (timm ``s_resnet50`` / ``us_resnet50``) with its per-switch BN statistics;
+- Keypoint R-CNN, which mmdet lacks: ``KeypointRCNN``, ``KeypointRoIHead``, ``KeypointRCNNHead`` (``MODELS``),
+  ``CocoKeypointDataset``, the keypoint transforms and ``CocoKeypointMetric`` (COCO keypoint AP).
 """
 from .data import CocoDatasetUniqueIds
+from .keypoint_data import (CocoKeypointDataset, CocoKeypointMetric, KeypointRandomFlip, KeypointResize,
+                            LoadKeypointAnnotations, PackKeypointDetInputs, coco_keypoint_sigmas, flip_indices)
+from .keypoints import KeypointRCNN, KeypointRCNNHead, KeypointRoIHead
 from .export import export_detector, plain_config
 from .model import (DEFAULT_SCOPE, SlimPretrainedInit, init_slim_detector, SlimResNet, SlimSettings, USResNet, is_slimmable,
                     make_slimmable, parse_slimmable, slim_settings)
@@ -21,4 +26,7 @@ from .runner import (SlimEpochBasedTrainLoop, SlimIterBasedTrainLoop, SlimRunner
 __all__ = ["SlimRunner", "CocoDatasetUniqueIds", "init_slim_detector", "SlimResNet", "USResNet", "SlimSettings", "SlimPretrainedInit", "make_slimmable",
            "parse_slimmable", "is_slimmable", "slim_settings", "export_detector", "plain_config",
            "SlimEpochBasedTrainLoop", "SlimIterBasedTrainLoop", "SlimValLoop", "SlimTestLoop", "build_step",
-           "evaluate_widths", "multi_width_train_step", "PlainMessageHubHook", "DEFAULT_SCOPE"]
+           "evaluate_widths", "multi_width_train_step", "PlainMessageHubHook", "DEFAULT_SCOPE",
+           "KeypointRCNN", "KeypointRoIHead", "KeypointRCNNHead", "CocoKeypointDataset", "CocoKeypointMetric",
+           "LoadKeypointAnnotations", "KeypointResize", "KeypointRandomFlip", "PackKeypointDetInputs",
+           "coco_keypoint_sigmas", "flip_indices"]

@@ -23,6 +23,10 @@ from .model import slim_settings
 __all__ = ["export_detector", "plain_config"]
 
 _OUR_IMPORT = "slim_plugins.integrations.mmdet"
+# types of ours that an exported (plain) detector may still use: its config keeps our import for them
+_OUR_PLAIN_TYPES = ("CocoDatasetUniqueIds", "CocoKeypointDataset", "KeypointRCNN", "KeypointRoIHead",
+                    "KeypointRCNNHead", "CocoKeypointMetric", "LoadKeypointAnnotations", "KeypointResize",
+                    "KeypointRandomFlip", "PackKeypointDetInputs")
 _STOCK_LOOPS = {"SlimEpochBasedTrainLoop": "EpochBasedTrainLoop", "SlimIterBasedTrainLoop": "IterBasedTrainLoop",
                 "SlimValLoop": "ValLoop", "SlimTestLoop": "TestLoop"}
 
@@ -79,7 +83,7 @@ def plain_config(cfg: Config, channels: dict, out_indices) -> Config:
     for k in ("slimmable", "runner_type"):
         new.pop(k, None)
     ci = new.get("custom_imports")
-    if ci and "CocoDatasetUniqueIds" not in new.pretty_text:  # the data type is ours too; the model is plain
+    if ci and not any(f"'{t}'" in new.pretty_text for t in _OUR_PLAIN_TYPES):
         imports = [m for m in ci.get("imports", []) if m != _OUR_IMPORT and not m.startswith(_OUR_IMPORT + ".")]
         if imports:
             new.custom_imports = dict(ci, imports=imports)

@@ -5,7 +5,6 @@ Everything here plugs into mmengine's registries (``RUNNERS``, ``LOOPS``); no mm
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -229,7 +228,8 @@ def evaluate_widths(loop, widths: Sequence[float] | None = None) -> dict:
     return metrics
 
 
-_AP_KEYS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+_AP_KEYS = {"bbox": ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"),
+            "keypoints": ("mAP", "mAP_50", "mAP_75", "mAP_m", "mAP_l", "AR")}
 
 
 def _with_empty_ap(m: dict, evaluator, w, runner) -> dict:
@@ -237,13 +237,15 @@ def _with_empty_ap(m: dict, evaluator, w, runner) -> dict:
     width): that is AP 0, written as such so every width has its entries in the log and the spectrum."""
     m = dict(m)
     for metric in evaluator.metrics:
-        prefix, kinds = getattr(metric, "prefix", None), getattr(metric, "metrics", None)
+        prefix = getattr(metric, "prefix", None)
+        kinds = list(getattr(metric, "metrics", None) or []) + (["keypoints"] if getattr(
+            metric, "with_keypoints", False) else [])
         if prefix != "coco" or not kinds or getattr(metric, "format_only", False):
             continue
         for kind in kinds:
             if kind in ("bbox", "segm", "keypoints") and f"coco/{kind}_mAP" not in m:
                 runner.logger.warning(f"width {w:g}: no {kind} detections on the evaluation images, AP = 0")
-                m.update({f"coco/{kind}_{k}": 0.0 for k in _AP_KEYS})
+                m.update({f"coco/{kind}_{k}": 0.0 for k in _AP_KEYS.get(kind, _AP_KEYS["bbox"])})
     return m
 
 
@@ -293,7 +295,7 @@ def detector_input_size(cfg) -> tuple[int, int]:
     scale = None
     try:
         for t in cfg.test_dataloader.dataset.pipeline:
-            if t.get("type") in ("Resize", "mmdet.Resize") and t.get("scale"):
+            if str(t.get("type")).split(".")[-1] in ("Resize", "KeypointResize") and t.get("scale"):
                 scale = t["scale"]
     except (AttributeError, KeyError, TypeError):
         pass
