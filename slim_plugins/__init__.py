@@ -11,11 +11,13 @@ Public verbs (DESIGN.md)::
     plain = slim.export(model, width=0.5)
     table = slim.profile(model, x, widths=[...])
     step  = slim.MultiWidthStep(model, spec, num_widths=4, distill="kl")
+    ctl   = slim.WidthController(model, budget_ms=20.0, latency_ms=table); y = ctl(x)
 """
 from .calibrate import calibrate_bn, calibrated_widths, clear_statistics, freeze_bn
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .context import (active_channels, checkpoint, checkpoint_context_fn, get_width, set_width, width,
                       width_spec)
+from .control import CallRecord, ControllerReport, WidthController
 from .convert import channel_groups, convert, slim_layers
 from .errors import (ChannelGroupError, CheckpointError, EmptyLoaderError, InvalidArgumentError, LossError,
                      NotExactError, NotSlimmableError, SlimError, UncalibratedWidthError, UnknownLayerError,
@@ -35,4 +37,5 @@ __all__ = [
     "WidthProfile", "count_mflops", "register", "save_checkpoint", "load_checkpoint", "read_checkpoint",
     "SlimError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",
     "NotSlimmableError", "UnsupportedModuleError", "ChannelGroupError", "UnknownLayerError",
+    "WidthController", "ControllerReport", "CallRecord",
 ]

@@ -1,0 +1,310 @@
+"""Run-time width control: hold a latency budget on a device whose speed changes (S-Nets Section 1, Table 1: a
+slimmable network "can adjust its width on the fly according to on-device benchmarks and resource constraints").
+
+:class:`WidthController` serves calls to a converted, calibrated model. It starts from each width's latency in an
+offline profile table (at the caller's batch size), times every call it serves, and keeps one number for the device:
+the ``percentile`` of ``measured / table latency`` over the last ``window`` calls (whatever width ran them). A
+width's expected latency is its table latency times that factor, so a device that slows down as a whole (other
+processes, thermal throttling, a shared GPU) moves every estimate at once. Each call runs at the widest width
+expected to meet the budget:
+
+- narrower at once when the current width's estimate exceeds the budget;
+- wider only when the wider width's estimate is within ``headroom`` x budget for ``hold`` consecutive calls
+  (hysteresis, so it does not flap at a boundary);
+- the calls at a narrow width keep measuring the device, so when the device gets faster the factor falls and the
+  wider widths qualify again: every served call is a probe of the device's speed.
+
+Usage (the framework's call is unchanged)::
+
+    ctl = slim.WidthController.profiled(model, x, budget_ms=20.0)   # profile table measured now
+    y = ctl(x)                                                      # model(x) at the chosen width
+    detect = ctl.wrap(lambda img: inference_detector(det, img))     # any callable that runs the model
+    with ctl.step():                                                # or a block
+        action, _ = sb3_model.predict(obs)
+    ctl.report().plot("serve.png")
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import csv
+import dataclasses
+import math
+import threading
+import time
+from typing import Callable, Mapping, Sequence
+
+from .calibrate import calibrated_widths
+from .context import find_state, width as width_ctx
+from .errors import InvalidArgumentError, UncalibratedWidthError
+
+__all__ = ["WidthController", "ControllerReport", "CallRecord"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CallRecord:
+    """One served call. ``t``: seconds since the controller started; ``width``; ``latency_ms`` measured;
+    ``expected_ms``: the controller's estimate for that width when it chose it."""
+
+    t: float
+    width: float
+    latency_ms: float
+    expected_ms: float
+
+
+@dataclasses.dataclass
+class ControllerReport:
+    """What a controller did: its calls, the budget, and summaries.
+
+    Attributes:
+        records: the served calls (the most recent ``history`` of them), oldest first.
+        budget_ms / percentile: the budget it held (``percentile`` of latency <= ``budget_ms``).
+    """
+
+    records: list
+    budget_ms: float
+    percentile: float
+
+    @property
+    def misses(self) -> int:
+        """Calls slower than the budget."""
+        return sum(r.latency_ms > self.budget_ms for r in self.records)
+
+    def latency_percentile(self, q: float | None = None) -> float:
+        """The ``q``-th percentile (default: the budget's) of the measured latencies (ms); ``nan`` if no calls."""
+        return _percentile(sorted(r.latency_ms for r in self.records), self.percentile if q is None else q)
+
+    def width_counts(self) -> dict:
+        """``{width: number of calls}``, narrowest first."""
+        c = collections.Counter(r.width for r in self.records)
+        return dict(sorted(c.items()))
+
+    def to_csv(self, path: str) -> None:
+        """``t_s, width, latency_ms, expected_ms, budget_ms`` per call."""
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["t_s", "width", "latency_ms", "expected_ms", "budget_ms"])
+            for r in self.records:
+                w.writerow([f"{r.t:.6f}", f"{r.width:g}", f"{r.latency_ms:.4f}", f"{r.expected_ms:.4f}",
+                            f"{self.budget_ms:g}"])
+
+    def plot(self, path: str, title: str | None = None, shade: Sequence[tuple] = ()) -> str:
+        """PNG: latency per call and the budget line (top), width over time (bottom). ``shade``: ``(t0, t1,
+        label)`` spans to mark (e.g. when a competing load ran)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        t = [r.t for r in self.records]
+        fig, (a, b) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+        a.plot(t, [r.latency_ms for r in self.records], ".", ms=2.5, label="latency per call")
+        a.axhline(self.budget_ms, color="r", lw=1.2, label=f"budget {self.budget_ms:g} ms (p{self.percentile:g})")
+        a.set_ylabel("latency (ms)")
+        b.step(t, [r.width for r in self.records], where="post")
+        b.set_ylabel("width")
+        b.set_xlabel("time (s)")
+        for t0, t1, label in shade:
+            for ax in (a, b):
+                ax.axvspan(t0, t1, color="0.85", zorder=0, label=label if ax is a else None)
+        a.legend(loc="upper right", fontsize=8)
+        a.set_title(title or f"{len(t)} calls, {self.misses} over budget, p{self.percentile:g} "
+                    f"{self.latency_percentile():.2f} ms")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence (``nan`` when empty)."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+class WidthController:
+    """Chooses, per call, the widest width expected to keep the ``percentile`` latency within ``budget_ms``.
+
+    Args:
+        model: a converted model (its spec validates the widths; BN statistics must exist at each of them).
+        budget_ms: the latency budget per call, in ms, at the caller's batch size.
+        latency_ms: ``{width: latency in ms}`` measured offline (a profile table: ``slim.profile`` /
+            ``slim profile --csv``; a :class:`~slim_plugins.profile.ProfileTable` or a path to its CSV also work).
+            Its widths are the ones the controller may use.
+        percentile: the budget's percentile (95: p95 <= budget).
+        window: calls over which the device's slowdown factor is taken (its ``percentile``).
+        headroom: a wider width is chosen only when expected within ``headroom * budget_ms``.
+        hold: ... for this many consecutive calls.
+        fn: what a call runs (default: ``model``); it must run the model inside the call.
+        clock: seconds, monotonic (default ``time.perf_counter``; tests inject a simulated one).
+        sync: called before the clock stops (default: ``torch.cuda.synchronize`` for a model on CUDA).
+        history: how many call records the report keeps.
+
+    Raises:
+        InvalidArgumentError: a bad budget / percentile / window / headroom / hold, an empty or non-positive table,
+            or a budget that even the narrowest width misses (the message names both).
+        WidthError: a width the model's spec does not allow.
+        UncalibratedWidthError: a width without BN statistics (calibrate it first: ``slim.calibrate_bn``).
+    """
+
+    def __init__(self, model, budget_ms: float, latency_ms, percentile: float = 95.0, window: int = 32,
+                 headroom: float = 0.9, hold: int = 8, fn: Callable | None = None,
+                 clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] | None = None,
+                 history: int = 100_000) -> None:
+        table = _as_latency_table(latency_ms)
+        if not (isinstance(budget_ms, (int, float)) and budget_ms > 0 and math.isfinite(budget_ms)):
+            raise InvalidArgumentError(f"budget_ms must be a positive number of milliseconds, got {budget_ms!r}")
+        if not 0 < percentile <= 100:
+            raise InvalidArgumentError(f"percentile must be in (0, 100], got {percentile!r}")
+        if not (isinstance(window, int) and window >= 1):
+            raise InvalidArgumentError(f"window must be a positive integer, got {window!r}")
+        if not 0 < headroom <= 1:
+            raise InvalidArgumentError(f"headroom must be in (0, 1], got {headroom!r}")
+        if not (isinstance(hold, int) and hold >= 1):
+            raise InvalidArgumentError(f"hold must be a positive integer, got {hold!r}")
+        spec = find_state(model).spec
+        widths = sorted(spec.validate(w) for w in table)
+        missing = [w for w in widths if w not in calibrated_widths(model, widths)]
+        if missing:
+            raise UncalibratedWidthError(f"widths {missing} have no BN statistics; calibrate them "
+                                         "(slim.calibrate_bn / slim calibrate) or leave them out of the table")
+        base = [float(table[w]) for w in sorted(table)]
+        if base[0] > budget_ms:
+            raise InvalidArgumentError(f"no width fits the budget: the narrowest width {widths[0]:g} takes "
+                                       f"{base[0]:.3f} ms, the budget is {budget_ms:g} ms")
+        self.model, self.budget_ms, self.percentile = model, float(budget_ms), float(percentile)
+        self.widths, self.base_ms = widths, base
+        self.headroom, self.hold = float(headroom), hold
+        self.fn = fn if fn is not None else model
+        self.clock = clock
+        self.sync = sync if sync is not None else _default_sync(model)
+        self._lock = threading.Lock()
+        self._window = collections.deque(maxlen=window)  # ratios measured / table, oldest first
+        self._sorted: list = []  # the same ratios, ascending (percentile without sorting per call)
+        self._factor = 1.0
+        self._idx = max(i for i, b in enumerate(base) if b <= budget_ms)  # the offline table's choice
+        self._up_streak = 0
+        self._records = collections.deque(maxlen=history)
+        self._t0 = clock()
+
+    @classmethod
+    def profiled(cls, model, example_input, budget_ms: float, widths: Sequence[float] | None = None,
+                 repeats: int = 20, **kwargs) -> "WidthController":
+        """A controller whose table is measured now by ``slim.profile(model, example_input, widths)`` (default
+        widths: the calibrated ones of ``slim.profile``'s default list)."""
+        from .profile import profile
+
+        if widths is None:
+            spec = find_state(model).spec
+            cand = list(spec.widths) if spec.is_switches else sorted(
+                {spec.min, spec.max, *[w / 20 for w in range(1, 21) if spec.min <= w / 20 <= spec.max]})
+            widths = calibrated_widths(model, cand)
+        table = profile(model, example_input, widths=widths, repeats=repeats)
+        return cls(model, budget_ms, table, **kwargs)
+
+    # ---- the decision ------------------------------------------------------------------------------------------
+    @property
+    def current_width(self) -> float:
+        """The width the next call runs at."""
+        return self.widths[self._idx]
+
+    @property
+    def slowdown(self) -> float:
+        """The device's current slowdown factor (the window's percentile of measured / table latency)."""
+        return self._factor
+
+    def expected_ms(self, w: float | None = None) -> float:
+        """Expected latency (ms) of width ``w`` (default: the current one) on the device as it is now."""
+        i = self._idx if w is None else self.widths.index(w)
+        return self.base_ms[i] * self._factor
+
+    def _observe(self, i: int, latency_ms: float, expected: float, t: float) -> None:
+        with self._lock:
+            self._records.append(CallRecord(t - self._t0, self.widths[i], latency_ms, expected))
+            ratio = latency_ms / self.base_ms[i]
+            if len(self._window) == self._window.maxlen:
+                old = self._window[0]
+                del self._sorted[bisect.bisect_left(self._sorted, old)]
+            self._window.append(ratio)
+            bisect.insort(self._sorted, ratio)
+            self._factor = f = _percentile(self._sorted, self.percentile)
+            cur = self._idx
+            if self.base_ms[cur] * f > self.budget_ms:  # narrower at once
+                fits = [j for j in range(cur) if self.base_ms[j] * f <= self.budget_ms]
+                self._idx, self._up_streak = (fits[-1] if fits else 0), 0
+                return
+            up = [j for j in range(cur + 1, len(self.widths)) if self.base_ms[j] * f <= self.headroom * self.budget_ms]
+            if not up:
+                self._up_streak = 0
+                return
+            self._up_streak += 1
+            if self._up_streak >= self.hold:  # wider only after `hold` calls in a row that allow it
+                self._idx, self._up_streak = up[-1], 0
+
+    # ---- serving -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self):
+        """Run the block at the chosen width and time it; yields the width. Exceptions propagate unrecorded."""
+        i = self._idx
+        expected = self.base_ms[i] * self._factor
+        with width_ctx(self.widths[i]):
+            t0 = self.clock()
+            yield self.widths[i]
+            if self.sync is not None:
+                self.sync()
+            t1 = self.clock()
+        self._observe(i, (t1 - t0) * 1e3, expected, t1)
+
+    def __call__(self, *args, **kwargs):
+        """``fn(*args, **kwargs)`` (default ``model(...)``) at the chosen width, timed."""
+        with self.step():
+            return self.fn(*args, **kwargs)
+
+    def wrap(self, fn: Callable) -> Callable:
+        """``fn`` with the same signature, each call served by this controller (``fn`` must run the model)."""
+        import functools
+
+        @functools.wraps(fn)
+        def served(*args, **kwargs):
+            with self.step():
+                return fn(*args, **kwargs)
+
+        return served
+
+    def report(self) -> ControllerReport:
+        """A snapshot of what the controller did so far."""
+        with self._lock:
+            return ControllerReport(list(self._records), self.budget_ms, self.percentile)
+
+
+def _as_latency_table(latency_ms) -> dict:
+    """``{width: ms}`` from a mapping, a ProfileTable / list of rows with ``width`` and ``latency_ms``, or a CSV."""
+    if isinstance(latency_ms, str):
+        from .profile import ProfileTable
+
+        latency_ms = ProfileTable.from_csv(latency_ms)
+    if isinstance(latency_ms, Mapping):
+        table = {float(w): float(v) for w, v in latency_ms.items()}
+    else:
+        table = {float(r.width): float(r.latency_ms) for r in latency_ms}
+    bad = {w: v for w, v in table.items() if not (v > 0 and math.isfinite(v))}
+    if not table or bad:
+        raise InvalidArgumentError(f"the latency table needs a positive latency (ms) per width, got "
+                                   f"{bad or table!r}")
+    return table
+
+
+def _default_sync(model):
+    try:
+        import torch
+
+        p = next(model.parameters())
+        if p.is_cuda:
+            dev = p.device
+            return lambda: torch.cuda.synchronize(dev)
+    except (StopIteration, AttributeError):
+        pass
+    return None
