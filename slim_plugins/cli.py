@@ -1,4 +1,4 @@
-"""The ``slim`` command: train / eval / calibrate / export / profile / spectrum.
+"""The ``slim`` command: train / eval / calibrate / export / profile / serve / spectrum.
 
 Framework-free: argument parsing, config files (YAML with ``${ENV}`` expansion), the spectrum CSV and plot, and
 dispatch to the commands module each adapter registers under the entry-point group ``slim_plugins.frameworks``,
@@ -12,6 +12,7 @@ adapter that claims the file, e.g. by suffix) or the checkpoint's ``"framework"`
     slim calibrate output/run/last.pth.tar --widths 0.6 --num-samples 2000
     slim export output/run/last.pth.tar --width 0.5 --onnx --fuse-bn
     slim profile output/run/last.pth.tar --input-size 3 32 32 --csv profile.csv
+    slim serve output/run/last.pth.tar --budget-ms 5 --calls 1000 --plot serve.png
     slim spectrum run_a/spectrum.csv run_b/spectrum.csv -o compare.png
 
 Errors of the library (:class:`~slim_plugins.errors.SlimError`), bad configs and missing files print one line
@@ -353,6 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--csv", help="write the table as CSV (width, mflops, params_m, latency_ms)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--config", help="framework config when the checkpoint does not carry one (mmengine)")
+
+    sv = sub.add_parser("serve", help="serve a checkpoint under a latency budget, switching width as the machine's "
+                        "speed changes (live display; PNG of latency and width over time)")
+    sv.add_argument("checkpoint")
+    sv.add_argument("--budget-ms", type=float, required=True, dest="budget_ms", help="latency budget per call (ms)")
+    sv.add_argument("--percentile", type=float, default=95.0, help="the budget holds for this percentile (95)")
+    sv.add_argument("--calls", type=int, default=500)
+    sv.add_argument("--widths", nargs="+", help="widths it may use (default: the calibrated ones)")
+    sv.add_argument("--step", type=float)
+    sv.add_argument("--table", help="profile CSV (slim profile --csv) instead of profiling now")
+    sv.add_argument("--input-size", nargs="+", type=int, dest="input_size",
+                    help="H, H W or C H W (default: the config's input size)")
+    sv.add_argument("--batch-size", "-b", type=int, default=1, dest="batch_size")
+    sv.add_argument("--plot", default="serve.png", help="PNG of latency and width over time (serve.png)")
+    sv.add_argument("--csv", help="write every call (t_s, width, latency_ms, expected_ms, budget_ms)")
+    sv.add_argument("--no-live", action="store_true", dest="no_live", help="no live display")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--config", help="framework config when the checkpoint does not carry one (mmengine)")
 
     s = sub.add_parser("spectrum", help="plot the FLOPs-accuracy spectrum of one or more spectrum CSVs")
     s.add_argument("csv", nargs="+")

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import itertools
 import math
 import threading
 import time
@@ -39,7 +40,7 @@ from .calibrate import calibrated_widths
 from .context import find_state, width as width_ctx
 from .errors import InvalidArgumentError, UncalibratedWidthError
 
-__all__ = ["WidthController", "ControllerReport", "CallRecord"]
+__all__ = ["WidthController", "ControllerReport", "CallRecord", "serve_stream"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,18 +90,13 @@ class ControllerReport:
                 w.writerow([f"{r.t:.6f}", f"{r.width:g}", f"{r.latency_ms:.4f}", f"{r.expected_ms:.4f}",
                             f"{self.budget_ms:g}"])
 
-    def plot(self, path: str, title: str | None = None, shade: Sequence[tuple] = ()) -> str:
-        """PNG: latency per call and the budget line (top), width over time (bottom). ``shade``: ``(t0, t1,
-        label)`` spans to mark (e.g. when a competing load ran)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(self, ax_latency, ax_width, shade: Sequence[tuple] = (), title: str | None = None) -> None:
+        """Draw onto two matplotlib axes: latency per call with the budget line, and width over time.
+        ``shade``: ``(t0, t1, label)`` spans to mark (e.g. while a competing load ran)."""
         t = [r.t for r in self.records]
-        fig, (a, b) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+        a, b = ax_latency, ax_width
         a.plot(t, [r.latency_ms for r in self.records], ".", ms=2.5, label="latency per call")
-        a.axhline(self.budget_ms, color="r", lw=1.2, label=f"budget {self.budget_ms:g} ms (p{self.percentile:g})")
+        a.axhline(self.budget_ms, color="r", lw=1.2, label=f"budget {self.budget_ms:.3g} ms (p{self.percentile:g})")
         a.set_ylabel("latency (ms)")
         b.step(t, [r.width for r in self.records], where="post")
         b.set_ylabel("width")
@@ -110,7 +106,17 @@ class ControllerReport:
                 ax.axvspan(t0, t1, color="0.85", zorder=0, label=label if ax is a else None)
         a.legend(loc="upper right", fontsize=8)
         a.set_title(title or f"{len(t)} calls, {self.misses} over budget, p{self.percentile:g} "
-                    f"{self.latency_percentile():.2f} ms")
+                    f"{self.latency_percentile():.2f} ms", fontsize=10)
+
+    def plot(self, path: str, title: str | None = None, shade: Sequence[tuple] = ()) -> str:
+        """PNG at ``path``: :meth:`draw` on a figure of its own; returns ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+        self.draw(a, b, shade, title)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -171,11 +177,14 @@ class WidthController:
         if missing:
             raise UncalibratedWidthError(f"widths {missing} have no BN statistics; calibrate them "
                                          "(slim.calibrate_bn / slim calibrate) or leave them out of the table")
-        base = [float(table[w]) for w in sorted(table)]
+        base = list(itertools.accumulate((float(table[w]) for w in sorted(table)), max))
+        # ^ a wider width is never taken as faster than a narrower one (a noisy profile row would otherwise make
+        # the choice non-monotonic); this also keeps `base` sorted for the bisections in _observe
         if base[0] > budget_ms:
             raise InvalidArgumentError(f"no width fits the budget: the narrowest width {widths[0]:g} takes "
                                        f"{base[0]:.3f} ms, the budget is {budget_ms:g} ms")
         self.model, self.budget_ms, self.percentile = model, float(budget_ms), float(percentile)
+        self._q = self.percentile / 100.0
         self.widths, self.base_ms = widths, base
         self.headroom, self.hold = float(headroom), hold
         self.fn = fn if fn is not None else model
@@ -222,29 +231,42 @@ class WidthController:
         return self.base_ms[i] * self._factor
 
     def _observe(self, i: int, latency_ms: float, expected: float, t: float) -> None:
+        base, budget = self.base_ms, self.budget_ms
         with self._lock:
-            self._records.append(CallRecord(t - self._t0, self.widths[i], latency_ms, expected))
-            ratio = latency_ms / self.base_ms[i]
+            self._records.append((t - self._t0, i, latency_ms, expected))  # CallRecords built in report()
+            ratio = latency_ms / base[i]
             if len(self._window) == self._window.maxlen:
-                old = self._window[0]
-                del self._sorted[bisect.bisect_left(self._sorted, old)]
+                del self._sorted[bisect.bisect_left(self._sorted, self._window[0])]
             self._window.append(ratio)
             bisect.insort(self._sorted, ratio)
-            self._factor = f = _percentile(self._sorted, self.percentile)
+            s = self._sorted
+            self._factor = f = s[max(0, min(len(s) - 1, math.ceil(self._q * len(s)) - 1))]
             cur = self._idx
-            if self.base_ms[cur] * f > self.budget_ms:  # narrower at once
-                fits = [j for j in range(cur) if self.base_ms[j] * f <= self.budget_ms]
-                self._idx, self._up_streak = (fits[-1] if fits else 0), 0
+            if base[cur] * f > budget:  # narrower at once: the widest expected within budget (else the narrowest)
+                self._idx, self._up_streak = max(0, bisect.bisect_right(base, budget / f) - 1), 0
                 return
-            up = [j for j in range(cur + 1, len(self.widths)) if self.base_ms[j] * f <= self.headroom * self.budget_ms]
-            if not up:
+            up = bisect.bisect_right(base, self.headroom * budget / f) - 1  # base is ascending with width
+            if up <= cur:
                 self._up_streak = 0
                 return
             self._up_streak += 1
             if self._up_streak >= self.hold:  # wider only after `hold` calls in a row that allow it
-                self._idx, self._up_streak = up[-1], 0
+                self._idx, self._up_streak = up, 0
 
     # ---- serving -----------------------------------------------------------------------------------------------
+    def _serve(self, fn, args, kwargs):
+        i = self._idx
+        expected = self.base_ms[i] * self._factor
+        clock = self.clock
+        with width_ctx(self.widths[i]):
+            t0 = clock()
+            out = fn(*args, **kwargs)
+            if self.sync is not None:
+                self.sync()
+            t1 = clock()
+        self._observe(i, (t1 - t0) * 1e3, expected, t1)
+        return out
+
     @contextlib.contextmanager
     def step(self):
         """Run the block at the chosen width and time it; yields the width. Exceptions propagate unrecorded."""
@@ -260,8 +282,7 @@ class WidthController:
 
     def __call__(self, *args, **kwargs):
         """``fn(*args, **kwargs)`` (default ``model(...)``) at the chosen width, timed."""
-        with self.step():
-            return self.fn(*args, **kwargs)
+        return self._serve(self.fn, args, kwargs)
 
     def wrap(self, fn: Callable) -> Callable:
         """``fn`` with the same signature, each call served by this controller (``fn`` must run the model)."""
@@ -269,15 +290,17 @@ class WidthController:
 
         @functools.wraps(fn)
         def served(*args, **kwargs):
-            with self.step():
-                return fn(*args, **kwargs)
+            return self._serve(fn, args, kwargs)
 
         return served
 
     def report(self) -> ControllerReport:
         """A snapshot of what the controller did so far."""
         with self._lock:
-            return ControllerReport(list(self._records), self.budget_ms, self.percentile)
+            recs = list(self._records)
+        w = self.widths
+        return ControllerReport([CallRecord(t, w[i], lat, exp) for t, i, lat, exp in recs], self.budget_ms,
+                                self.percentile)
 
 
 def _as_latency_table(latency_ms) -> dict:
@@ -308,3 +331,45 @@ def _default_sync(model):
     except (StopIteration, AttributeError):
         pass
     return None
+
+
+def serve_stream(ctl: WidthController, make_args: Callable[[int], tuple], calls: int, live: bool = True,
+                 console=None, refresh_every: int = 10) -> ControllerReport:
+    """Serve ``calls`` calls ``ctl(*make_args(i))`` one after another, with a live rich display of the width, the
+    expected and measured latency (ms), the running percentile and the budget misses; returns the report.
+
+    Raises:
+        InvalidArgumentError: ``calls`` < 1.
+    """
+    if not (isinstance(calls, int) and calls >= 1):
+        raise InvalidArgumentError(f"calls must be a positive integer, got {calls!r}")
+    import torch
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    def view(i: int):
+        rep = ctl.report()
+        last = rep.records[-1] if rep.records else None
+        t = Table(title=f"budget p{ctl.percentile:g} <= {ctl.budget_ms:g} ms", show_header=False)
+        t.add_column(justify="left")
+        t.add_column(justify="right")
+        t.add_row("calls", f"{i} / {calls}")
+        t.add_row("width (next call)", f"{ctl.current_width:g}")
+        t.add_row("device slowdown", f"{ctl.slowdown:.2f}x")
+        t.add_row("expected (next call)", f"{ctl.expected_ms():.2f} ms")
+        t.add_row("last call", f"{last.latency_ms:.2f} ms at {last.width:g}" if last else "-")
+        t.add_row(f"p{ctl.percentile:g} so far", f"{rep.latency_percentile():.2f} ms")
+        t.add_row("over budget", f"{rep.misses} ({100.0 * rep.misses / max(1, len(rep.records)):.1f} %)")
+        return t
+
+    console = console or Console()
+    with torch.no_grad(), Live(view(0), console=console, refresh_per_second=4, transient=False,
+                               auto_refresh=False) if live else contextlib.nullcontext() as lv:
+        for i in range(calls):
+            ctl(*make_args(i))
+            if lv is not None and (i + 1) % refresh_every == 0:
+                lv.update(view(i + 1), refresh=True)
+        if lv is not None:
+            lv.update(view(calls), refresh=True)
+    return ctl.report()

@@ -167,6 +167,27 @@ def test_profile_table_and_csv(digits_run, tmp_path):
     assert all(float(x["latency_ms"]) > 0 for x in rows)
 
 
+def test_serve_under_a_budget_writes_plot_and_calls(digits_run, tmp_path):
+    """`slim serve`: a budget between the narrowest and the widest width's latency (from a profile CSV) is served
+    below the widest width; every call is in the CSV; an impossible budget is refused with both numbers named."""
+    out, _ = digits_run
+    prof = tmp_path / "p.csv"
+    r = run_slim("profile", out / "last.pth.tar", "--csv", prof, "--repeats", "5", "-b", "32", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lat = {float(x["width"]): float(x["latency_ms"]) for x in read_csv(prof)}
+    budget = (min(lat.values()) + max(lat.values())) / 2
+    r = run_slim("serve", out / "last.pth.tar", "--budget-ms", f"{budget:.4f}", "--table", prof, "-b", "32",
+                 "--calls", "60", "--csv", tmp_path / "calls.csv", "--plot", tmp_path / "serve.png", "--no-live",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = read_csv(tmp_path / "calls.csv")
+    assert len(calls) == 60 and {float(c["width"]) for c in calls} <= set(lat)
+    assert min(float(c["width"]) for c in calls) < max(lat)
+    assert (tmp_path / "serve.png").stat().st_size > 0
+    r = run_slim("serve", out / "last.pth.tar", "--budget-ms", "1e-6", "--table", prof, "--no-live", cwd=tmp_path)
+    assert r.returncode == 2 and "no width fits the budget" in r.stderr and "1e-06 ms" in r.stderr
+
+
 def test_spectrum_plot_of_several_runs(digits_run, tmp_path):
     out, _ = digits_run
     other = tmp_path / "other.csv"

@@ -139,14 +139,15 @@ def test_call_and_wrap_run_the_model_at_the_chosen_width_from_threads(snet):
         torch.testing.assert_close(y, ref[1.0])
 
 
-def test_short_real_run_on_cpu(snet, tmp_path):
+def test_short_real_run_on_cpu(make_tiny_cnn, tmp_path):
     """Real timing: with a budget between the narrowest and widest measured latency the controller serves most
     calls below the widest width and keeps most calls within budget (a loose check: the machine is shared)."""
-    x = torch.randn(64, 3, 32, 32)
-    probe = slim.WidthController.profiled(snet, x, budget_ms=1e6, repeats=10)
+    net = slim.convert(make_tiny_cnn(c1=64, c2=256), slim.WidthSpec.switches(list(TABLE))).eval()
+    x = torch.randn(16, 3, 64, 64)  # wide enough that latency follows width (about 10x from 0.25 to 1.0)
+    probe = slim.WidthController.profiled(net, x, budget_ms=1e6, repeats=10)
     lat = dict(zip(probe.widths, probe.base_ms))
     budget = (lat[0.25] + lat[1.0]) / 2
-    ctl = slim.WidthController(snet, budget, lat)
+    ctl = slim.WidthController(net, budget, lat)
     with torch.no_grad():
         for _ in range(150):
             ctl(x)
@@ -157,3 +158,9 @@ def test_short_real_run_on_cpu(snet, tmp_path):
     rep.plot(str(tmp_path / "serve.png"))
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert len((tmp_path / "serve.csv").read_text().splitlines()) == 151
+
+
+def test_a_noisy_profile_row_does_not_make_a_wider_width_look_faster(snet):
+    """The table's 0.5 row is an outlier above 0.75's: the controller treats 0.75 as at least as slow as 0.5."""
+    ctl = slim.WidthController(snet, 5.0, {0.25: 2.0, 0.5: 7.0, 0.75: 4.5, 1.0: 8.0})
+    assert ctl.base_ms == [2.0, 7.0, 7.0, 8.0] and ctl.current_width == 0.25

@@ -50,7 +50,7 @@ from .data import (ArrayImageDataset, TransformSubset, digits_datasets, load_ima
 __all__ = ["DEFAULTS", "DIGITS_JOB", "resolve_config", "build_model", "build_datasets", "make_loader",
            "resolve_widths",
            "train", "evaluate", "model_from_checkpoint", "cmd_train", "cmd_eval", "cmd_calibrate", "cmd_export",
-           "cmd_profile"]
+           "cmd_profile", "cmd_serve"]
 
 #: Every supported config key with its default (timm train.py names and defaults where timm has the key).
 DEFAULTS: dict = {
@@ -1199,13 +1199,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_profile(args) -> int:
-    """``slim profile CKPT [--widths ...] [--input-size C H W] [--csv PATH]``: MFLOPs, params, latency."""
-    log = _Log(True)
-    device = resolve_device(args.device)
-    model, cfg = model_from_checkpoint(args.payload, device)
-    spec = slim.width_spec(model)
-    widths = _cmd_widths(args, spec, cfg)
+def _example_batch(args, cfg, device) -> torch.Tensor:
+    """A random ``(batch_size, C, H, W)`` input of the config's size, or ``--input-size`` (H, H W or C H W)."""
     size = list(cfg["input_size"])
     if args.input_size:
         s = args.input_size
@@ -1218,8 +1213,55 @@ def cmd_profile(args) -> int:
         else:
             raise ConfigError(f"--input-size takes H, H W or C H W, got {s}")
     x = torch.randn(args.batch_size, *size, device=device)
-    if cfg["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
+
+
+def cmd_serve(args) -> int:
+    """``slim serve CKPT --budget-ms B``: serve random inputs of the config's size under a latency budget with a
+    :class:`~slim_plugins.WidthController`; live display, PNG (and CSV) of latency and width over time."""
+    from slim_plugins.control import serve_stream
+
+    log = _Log(True)
+    device = resolve_device(args.device)
+    model, cfg = model_from_checkpoint(args.payload, device)
+    spec = slim.width_spec(model)
+    x = _example_batch(args, cfg, device)
+    if args.table:
+        table = slim.ProfileTable.from_csv(args.table)
+        if args.widths:
+            table = [r for r in table if r.width in set(args.widths)]
+    else:
+        widths = _cmd_widths(args, spec, cfg)
+        if not (args.widths or args.step):  # default: the config's eval widths that have BN statistics
+            widths = slim.calibrated_widths(model, widths) or widths
+        missing = uncalibrated_widths(model, widths)
+        if missing:
+            raise slim.UncalibratedWidthError(f"widths {missing} have no BN statistics in {args.checkpoint}; "
+                                              "run `slim calibrate` for them first")
+        log(f"profiling widths {[f'{w:g}' for w in widths]} at input {list(x.shape)} on {device}")
+        table = slim.profile(model, x, widths=widths, repeats=20)
+    ctl = slim.WidthController(model, args.budget_ms, table, percentile=args.percentile)
+    rep = serve_stream(ctl, lambda i: (x,), args.calls, live=not args.no_live, console=log.console)
+    log(f"{len(rep.records)} calls: p{args.percentile:g} {rep.latency_percentile():.3f} ms (budget "
+        f"{args.budget_ms:g} ms), {rep.misses} over budget; widths used {rep.width_counts()}")
+    if args.csv:
+        rep.to_csv(args.csv)
+        log(f"wrote {args.csv}")
+    if args.plot:
+        title = f"{cfg['model']}: p{args.percentile:g} {rep.latency_percentile():.2f} ms, budget {args.budget_ms:g} ms"
+        log(f"wrote {rep.plot(args.plot, title=title)}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    """``slim profile CKPT [--widths ...] [--input-size C H W] [--csv PATH]``: MFLOPs, params, latency."""
+    log = _Log(True)
+    device = resolve_device(args.device)
+    model, cfg = model_from_checkpoint(args.payload, device)
+    spec = slim.width_spec(model)
+    widths = _cmd_widths(args, spec, cfg)
+    x = _example_batch(args, cfg, device)
+    size = list(x.shape[1:])
     missing = uncalibrated_widths(model, widths)
     if missing:
         # FLOPs, params and latency do not depend on BN statistics; noise statistics only let eval mode run.
