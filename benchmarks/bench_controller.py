@@ -21,6 +21,7 @@ per-call CSVs next to it; the summary goes to stdout (`benchmarks/logs/issue13_c
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import multiprocessing as mp
 import os
@@ -114,8 +115,8 @@ def summary(name, rep, load_span, spectrum):
     miss_load = sum(r.latency_ms > rep.budget_ms for r in inside)
     return {"phase": name, "calls": len(rep.records), "p95_ms": rep.latency_percentile(), "p95_quiet_ms": p95(outside),
             "p95_load_ms": p95(inside), "misses": rep.misses, "misses_load": miss_load, "calls_load": len(inside),
-            "widths_quiet": sorted({r.width for r in outside}), "widths_load": dict(sorted(
-                __import__("collections").Counter(r.width for r in inside).items())),
+            "widths_quiet": sorted({r.width for r in outside}),
+            "widths_load": dict(sorted(collections.Counter(r.width for r in inside).items())),
             "top1_mean": top1, "top1_load": top1_load}
 
 

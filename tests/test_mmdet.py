@@ -381,6 +381,14 @@ def test_mmdet_tools_train_and_slim_commands(tmp_path, slim_data):
     assert plain.backbone.base_channels == 48
     r = subprocess.run(slim_bin + ["export", str(ck), "--width", "0.3"], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "not a switch" in r.stderr
+    # `slim serve`: inference_detector under a budget every width meets: the widest serves every call
+    r = subprocess.run(slim_bin + ["serve", str(ck), "--budget-ms", "1e9", "--widths", "0.25", "1.0", "--calls",
+                                   "3", "--no-live", "--csv", str(tmp_path / "calls.csv"), "--plot",
+                                   str(tmp_path / "serve.png")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = (tmp_path / "calls.csv").read_text().splitlines()
+    assert len(calls) == 4 and all(c.split(",")[1] == "1" for c in calls[1:])  # any budget: the widest width
+    assert (tmp_path / "serve.png").stat().st_size > 0
 
 
 # ---- learning at every width --------------------------------------------------------------------------------------

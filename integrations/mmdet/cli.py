@@ -219,3 +219,47 @@ def cmd_profile(args) -> int:
             wr.writeheader()
             wr.writerows(rows)
     return 0
+
+
+def cmd_serve(args) -> int:
+    """``slim serve CKPT --budget-ms B``: ``inference_detector`` on the first test image (pipeline, model and
+    post-processing: the whole call is what the budget covers) under a :class:`~slim_plugins.WidthController`;
+    live display, PNG and CSV of latency and width per call."""
+    import slim_plugins as slim
+    from mmdet.apis import inference_detector
+    from slim_plugins.control import serve_stream
+
+    from .model import slim_settings
+    from .runner import _calibrate
+
+    ck, cfg = _from_checkpoint(args)
+    runner = _runner(cfg)
+    runner.load_checkpoint(args.checkpoint)
+    model = runner.model
+    settings = slim_settings(model)
+    widths = _widths(args, settings)
+    if args.table:
+        table = slim.ProfileTable.from_csv(args.table)
+        widths = [r.width for r in table]
+    if not settings.spec.is_switches:
+        _calibrate(runner, model, widths, settings)  # BN post-statistics from the training images
+    model.cfg = cfg  # inference_detector builds its test pipeline from model.cfg
+    model.eval()
+    img = runner.build_dataloader(cfg.test_dataloader).dataset.get_data_info(0)["img_path"]
+    call = lambda: inference_detector(model, img)  # noqa: E731
+    if not args.table:
+        print(f"profiling widths {[f'{w:g}' for w in widths]}: inference_detector on {img}")
+        table = {}
+        for w in widths:
+            with slim.width(w):
+                table[w] = slim.measure_latency(call, warmup=1, repeats=5)
+    ctl = slim.WidthController(model, args.budget_ms, table, percentile=args.percentile, fn=call)
+    rep = serve_stream(ctl, lambda i: (), args.calls, live=not args.no_live)
+    print(f"{len(rep.records)} calls: p{args.percentile:g} {rep.latency_percentile():.1f} ms (budget "
+          f"{args.budget_ms:g} ms), {rep.misses} over budget; widths used {rep.width_counts()}")
+    if args.csv:
+        rep.to_csv(args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        print(f"wrote {rep.plot(args.plot)}")
+    return 0
