@@ -5,18 +5,18 @@ recorded config (`docs/results/cifar10_us_mobilenetv2_cpu_5ep/config.yaml`; late
 weights, so they are random and BN statistics are noise); the accuracy a width costs is read from that run's
 spectrum CSV. One process, in order:
 
-1. profile every spectrum width on the idle machine (``slim.profile``, median of 30 calls, batch ``--batch``);
+1. profile every spectrum width on the idle machine (``slim.profile``: median of 30 calls, batch ``--batch``);
 2. budget B = the midpoint of the 0.5x and 1.0x latencies (p95 <= B);
 3. phase "fixed": a stream of calls for ``--seconds`` at the widest width the offline table allows for B; a
-   competing CPU load (``--load`` busy processes this script starts, each exiting by itself at its deadline, and
-   stops) runs through the middle third;
+   competing CPU load (``--load`` processes, each busy ``--duty`` of the time, that this script starts and stops;
+   each also exits by itself at its deadline) runs through the middle third;
 4. phase "controller": the same stream and load schedule, each call at the controller's width;
 5. the controller's own cost per call (``ctl(x)`` on a no-op vs the bare call, microseconds).
 
 Writes `docs/results/width_control/serve.png` (both phases: latency per call, the budget, the width) and the
 per-call CSVs next to it; the summary goes to stdout (`benchmarks/logs/issue13_control.txt`).
 
-    python benchmarks/bench_controller.py [--seconds 36] [--load 2] [--batch 64] [--threads 1]
+    python benchmarks/bench_controller.py [--seconds 48] [--load 3] [--duty 0.5] [--batch 256] [--threads 1]
 """
 from __future__ import annotations
 
@@ -41,20 +41,23 @@ RUN = os.path.join(REPO, "docs", "results", "cifar10_us_mobilenetv2_cpu_5ep")
 OUT = os.path.join(REPO, "docs", "results", "width_control")
 
 
-def _busy(deadline: float) -> None:
-    """A competing CPU load: spin until ``deadline`` (wall clock), then exit on its own."""
+def _busy(deadline: float, duty: float) -> None:
+    """A competing CPU load: busy for ``duty`` of every 10 ms until ``deadline`` (wall clock), then exit."""
     x = 0
     while time.time() < deadline:
-        for _ in range(10_000):
+        t_end = time.perf_counter() + 0.010 * duty
+        while time.perf_counter() < t_end:
             x += 1
+        if duty < 1.0:
+            time.sleep(0.010 * (1.0 - duty))
 
 
 class Load:
     """``n`` busy processes from ``start`` to ``stop`` seconds after ``t0``; started and stopped by :meth:`poll`,
     bounded by their own deadline and terminated in :meth:`close` whatever happens."""
 
-    def __init__(self, n: int, start: float, stop: float):
-        self.n, self.start, self.stop, self.procs, self.t0 = n, start, stop, [], None
+    def __init__(self, n: int, start: float, stop: float, duty: float = 1.0):
+        self.n, self.start, self.stop, self.duty, self.procs, self.t0 = n, start, stop, duty, [], None
 
     def poll(self, now: float) -> None:
         if self.t0 is None:
@@ -62,7 +65,7 @@ class Load:
         t = now - self.t0
         if not self.procs and self.start <= t < self.stop:
             deadline = time.time() + (self.stop - t)
-            self.procs = [mp.Process(target=_busy, args=(deadline,), daemon=True) for _ in range(self.n)]
+            self.procs = [mp.Process(target=_busy, args=(deadline, self.duty), daemon=True) for _ in range(self.n)]
             for p in self.procs:
                 p.start()
         if self.procs and t >= self.stop:
@@ -137,9 +140,10 @@ def controller_cost(model, x, n: int = 20000) -> tuple[float, float]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=36.0, help="per phase; the load runs in the middle third")
-    p.add_argument("--load", type=int, default=2, help="busy processes of the competing load")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=48.0, help="per phase; the load runs in the middle third")
+    p.add_argument("--load", type=int, default=3, help="processes of the competing load")
+    p.add_argument("--duty", type=float, default=0.5, help="fraction of each 10 ms a load process is busy")
+    p.add_argument("--batch", type=int, default=256, help="256: compute, not per-layer overhead, sets the time")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=OUT)
     args = p.parse_args()
@@ -160,7 +164,7 @@ def main():
     for name in ("fixed", "controller"):
         table_for = {fixed_w: lat[fixed_w]} if name == "fixed" else lat  # the fixed baseline: one width only
         ctl = slim.WidthController(model, budget, table_for)
-        reps[name] = phase(ctl, x, args.seconds, Load(args.load, *span))
+        reps[name] = phase(ctl, x, args.seconds, Load(args.load, *span, duty=args.duty))
     served, ctx = controller_cost(model, x)
     os.makedirs(args.out, exist_ok=True)
     rows = [summary(n, r, span, spectrum) for n, r in reps.items()]
@@ -177,7 +181,8 @@ def main():
         s = rows[j]
         title = (f"{'fixed width ' + format(fixed_w, 'g') if n == 'fixed' else 'WidthController'}: "
                  f"p95 {s['p95_ms']:.2f} ms, {s['misses']} of {s['calls']} over budget")
-        r.draw(axes[0, j], axes[1, j], shade=[(*span, f"{args.load} busy processes")], title=title)
+        r.draw(axes[0, j], axes[1, j], shade=[(*span, f"load: {args.load} processes {args.duty:.0%} busy")],
+               title=title)
     fig.tight_layout()
     png = os.path.join(args.out, "serve.png")
     fig.savefig(png, dpi=110)

@@ -8,11 +8,15 @@ width's expected latency is its table latency times that factor, so a device tha
 processes, thermal throttling, a shared GPU) moves every estimate at once. Each call runs at the widest width
 expected to meet the budget:
 
-- narrower at once when the current width's estimate exceeds the budget;
+- at once to the widest width expected within budget when the current width's estimate exceeds it;
 - wider only when the wider width's estimate is within ``headroom`` x budget for ``hold`` consecutive calls
   (hysteresis, so it does not flap at a boundary);
 - the calls at a narrow width keep measuring the device, so when the device gets faster the factor falls and the
-  wider widths qualify again: every served call is a probe of the device's speed.
+  wider widths qualify again: every served call is a probe of the device's speed;
+- a table row can be wrong (a noisy profile, a cold cache): on the first call after a switch, a ratio outside the
+  range of the window is taken as that width's error, not the device's, and its cost is corrected by the excess,
+  so a failed move up is not retried until the device really is faster. Costs need not grow with width (channel
+  counts that suit the kernels can make a wider width faster); when no width fits, the fastest one runs.
 
 Usage (the framework's call is unchanged)::
 
@@ -30,7 +34,6 @@ import collections
 import contextlib
 import csv
 import dataclasses
-import itertools
 import math
 import threading
 import time
@@ -151,7 +154,7 @@ class WidthController:
 
     Raises:
         InvalidArgumentError: a bad budget / percentile / window / headroom / hold, an empty or non-positive table,
-            or a budget that even the narrowest width misses (the message names both).
+            or a budget that even the fastest width misses (the message names both).
         WidthError: a width the model's spec does not allow.
         UncalibratedWidthError: a width without BN statistics (calibrate it first: ``slim.calibrate_bn``).
     """
@@ -177,12 +180,12 @@ class WidthController:
         if missing:
             raise UncalibratedWidthError(f"widths {missing} have no BN statistics; calibrate them "
                                          "(slim.calibrate_bn / slim calibrate) or leave them out of the table")
-        base = list(itertools.accumulate((float(table[w]) for w in sorted(table)), max))
-        # ^ a wider width is never taken as faster than a narrower one (a noisy profile row would otherwise make
-        # the choice non-monotonic); this also keeps `base` sorted for the bisections in _observe
-        if base[0] > budget_ms:
-            raise InvalidArgumentError(f"no width fits the budget: the narrowest width {widths[0]:g} takes "
-                                       f"{base[0]:.3f} ms, the budget is {budget_ms:g} ms")
+        base = [float(table[w]) for w in sorted(table)]  # not monotone in width: channel counts that suit the
+        # kernels can make a wider width faster than a narrower one (measured on MobileNetV2 here)
+        if min(base) > budget_ms:
+            k = base.index(min(base))
+            raise InvalidArgumentError(f"no width fits the budget: the fastest width {widths[k]:g} takes "
+                                       f"{base[k]:.3f} ms, the budget is {budget_ms:g} ms")
         self.model, self.budget_ms, self.percentile = model, float(budget_ms), float(percentile)
         self._q = self.percentile / 100.0
         self.widths, self.base_ms = widths, base
@@ -194,8 +197,10 @@ class WidthController:
         self._window = collections.deque(maxlen=window)  # ratios measured / table, oldest first
         self._sorted: list = []  # the same ratios, ascending (percentile without sorting per call)
         self._factor = 1.0
-        self._idx = max(i for i, b in enumerate(base) if b <= budget_ms)  # the offline table's choice
+        self._index_costs()
+        self._idx = self._widest_within(budget_ms)  # the offline table's choice
         self._up_streak = 0
+        self._last_i = None  # width index of the previous call
         self._records = collections.deque(maxlen=history)
         self._t0 = clock()
 
@@ -235,6 +240,14 @@ class WidthController:
         with self._lock:
             self._records.append((t - self._t0, i, latency_ms, expected))  # CallRecords built in report()
             ratio = latency_ms / base[i]
+            if i != self._last_i and self._sorted:
+                # first call after a switch: a ratio outside the range the window has seen is this width's table
+                # error, not the device: correct its cost by the excess (a failed move up is then not retried)
+                ref = min(max(ratio, self._sorted[0]), self._sorted[-1])
+                if ref != ratio:
+                    self._rescale(i, ratio / ref)
+                    ratio = ref
+            self._last_i = i
             if len(self._window) == self._window.maxlen:
                 del self._sorted[bisect.bisect_left(self._sorted, self._window[0])]
             self._window.append(ratio)
@@ -242,16 +255,36 @@ class WidthController:
             s = self._sorted
             self._factor = f = s[max(0, min(len(s) - 1, math.ceil(self._q * len(s)) - 1))]
             cur = self._idx
-            if base[cur] * f > budget:  # narrower at once: the widest expected within budget (else the narrowest)
-                self._idx, self._up_streak = max(0, bisect.bisect_right(base, budget / f) - 1), 0
+            if base[cur] * f > budget:  # at once: the widest width expected within budget, else the fastest
+                self._idx, self._up_streak = self._widest_within(budget / f), 0
                 return
-            up = bisect.bisect_right(base, self.headroom * budget / f) - 1  # base is ascending with width
+            up = self._widest_within(self.headroom * budget / f)
             if up <= cur:
                 self._up_streak = 0
                 return
             self._up_streak += 1
             if self._up_streak >= self.hold:  # wider only after `hold` calls in a row that allow it
                 self._idx, self._up_streak = up, 0
+
+    def _index_costs(self) -> None:
+        """Widths by cost, and for the k cheapest the widest among them: 'widest width costing <= x' by bisection."""
+        order = sorted(range(len(self.base_ms)), key=self.base_ms.__getitem__)
+        self._cost_sorted = [self.base_ms[i] for i in order]
+        widest, self._widest_prefix = -1, []
+        for i in order:
+            widest = max(widest, i)
+            self._widest_prefix.append(widest)
+        self._fastest = order[0]
+
+    def _widest_within(self, cost: float) -> int:
+        """Index of the widest width whose estimated cost is <= ``cost``, else of the fastest width."""
+        k = bisect.bisect_right(self._cost_sorted, cost)
+        return self._widest_prefix[k - 1] if k else self._fastest
+
+    def _rescale(self, i: int, k: float) -> None:
+        """Width ``i`` costs ``k`` x its estimate."""
+        self.base_ms[i] *= k
+        self._index_costs()
 
     # ---- serving -----------------------------------------------------------------------------------------------
     def _serve(self, fn, args, kwargs):

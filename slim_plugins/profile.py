@@ -121,6 +121,12 @@ def profile(model, example_input: torch.Tensor, widths: Sequence | None = None, 
     was = model.training
     model.eval()
     try:
+        if latency:  # warm every width up first: the first widths timed would otherwise carry the process's warm-up
+            with torch.no_grad():
+                for _ in range(warmup):
+                    for w in widths:
+                        with width_ctx(spec.validate(w)):
+                            model(example_input)
         for w in widths:
             w = spec.validate(w)
             with width_ctx(w):
