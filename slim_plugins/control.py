@@ -43,7 +43,7 @@ from .calibrate import calibrated_widths
 from .context import find_state, width as width_ctx
 from .errors import InvalidArgumentError, UncalibratedWidthError
 
-__all__ = ["WidthController", "ControllerReport", "CallRecord", "serve_stream"]
+__all__ = ["WidthController", "ControllerReport", "CallRecord", "serve_stream", "serve_command"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,3 +406,21 @@ def serve_stream(ctl: WidthController, make_args: Callable[[int], tuple], calls:
         if lv is not None:
             lv.update(view(calls), refresh=True)
     return ctl.report()
+
+
+def serve_command(ctl: WidthController, make_args: Callable[[int], tuple], calls: int, live: bool = True,
+                  csv_path: str | None = None, plot_path: str | None = None, title: str | None = None,
+                  log: Callable[[str], None] = print, console=None) -> ControllerReport:
+    """What ``slim serve`` does once an adapter has built the controller: :func:`serve_stream`, a one-line summary
+    (percentile, budget, misses, widths used) through ``log``, the per-call CSV and the PNG."""
+    rep = serve_stream(ctl, make_args, calls, live=live, console=console)
+    log(f"{len(rep.records)} calls: p{ctl.percentile:g} {rep.latency_percentile():.2f} ms (budget "
+        f"{ctl.budget_ms:g} ms), {rep.misses} over budget; widths used {rep.width_counts()}")
+    if csv_path:
+        rep.to_csv(csv_path)
+        log(f"wrote {csv_path}")
+    if plot_path:
+        stats = (f"{len(rep.records)} calls, {rep.misses} over budget, p{ctl.percentile:g} "
+                 f"{rep.latency_percentile():.2f} ms")
+        log(f"wrote {rep.plot(plot_path, title=f'{title}: {stats}' if title else None)}")
+    return rep

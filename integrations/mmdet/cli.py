@@ -227,7 +227,7 @@ def cmd_serve(args) -> int:
     live display, PNG and CSV of latency and width per call."""
     import slim_plugins as slim
     from mmdet.apis import inference_detector
-    from slim_plugins.control import serve_stream
+    from slim_plugins.control import serve_command
 
     from .model import slim_settings
     from .runner import _calibrate
@@ -254,12 +254,5 @@ def cmd_serve(args) -> int:
             with slim.width(w):
                 table[w] = slim.measure_latency(call, warmup=1, repeats=5)
     ctl = slim.WidthController(model, args.budget_ms, table, percentile=args.percentile, fn=call)
-    rep = serve_stream(ctl, lambda i: (), args.calls, live=not args.no_live)
-    print(f"{len(rep.records)} calls: p{args.percentile:g} {rep.latency_percentile():.1f} ms (budget "
-          f"{args.budget_ms:g} ms), {rep.misses} over budget; widths used {rep.width_counts()}")
-    if args.csv:
-        rep.to_csv(args.csv)
-        print(f"wrote {args.csv}")
-    if args.plot:
-        print(f"wrote {rep.plot(args.plot)}")
+    serve_command(ctl, lambda i: (), args.calls, live=not args.no_live, csv_path=args.csv, plot_path=args.plot)
     return 0

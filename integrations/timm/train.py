@@ -1219,7 +1219,7 @@ def _example_batch(args, cfg, device) -> torch.Tensor:
 def cmd_serve(args) -> int:
     """``slim serve CKPT --budget-ms B``: serve random inputs of the config's size under a latency budget with a
     :class:`~slim_plugins.WidthController`; live display, PNG (and CSV) of latency and width over time."""
-    from slim_plugins.control import serve_stream
+    from slim_plugins.control import serve_command
 
     log = _Log(True)
     device = resolve_device(args.device)
@@ -1241,15 +1241,8 @@ def cmd_serve(args) -> int:
         log(f"profiling widths {[f'{w:g}' for w in widths]} at input {list(x.shape)} on {device}")
         table = slim.profile(model, x, widths=widths, repeats=20)
     ctl = slim.WidthController(model, args.budget_ms, table, percentile=args.percentile)
-    rep = serve_stream(ctl, lambda i: (x,), args.calls, live=not args.no_live, console=log.console)
-    log(f"{len(rep.records)} calls: p{args.percentile:g} {rep.latency_percentile():.3f} ms (budget "
-        f"{args.budget_ms:g} ms), {rep.misses} over budget; widths used {rep.width_counts()}")
-    if args.csv:
-        rep.to_csv(args.csv)
-        log(f"wrote {args.csv}")
-    if args.plot:
-        title = f"{cfg['model']}: p{args.percentile:g} {rep.latency_percentile():.2f} ms, budget {args.budget_ms:g} ms"
-        log(f"wrote {rep.plot(args.plot, title=title)}")
+    serve_command(ctl, lambda i: (x,), args.calls, live=not args.no_live, csv_path=args.csv, plot_path=args.plot,
+                  title=f"{cfg['model']}, batch {args.batch_size}", log=log, console=log.console)
     return 0
 
 
