@@ -15,7 +15,9 @@ expected to meet the budget:
   wider widths qualify again: every served call is a probe of the device's speed;
 - a table row can be wrong (a noisy profile, a cold cache): on the first call after a switch, a ratio outside the
   range of the window is taken as that width's error, not the device's, and its cost is corrected by the excess,
-  so a failed move up is not retried until the device really is faster. Costs need not grow with width (channel
+  so a failed move up is not retried at once; the correction decays back to the table (halved in log every
+  ``4 * window`` calls, twice as slowly each time the same width is corrected again), so one outlier cannot
+  ban a width for good. Costs need not grow with width (channel
   counts that suit the kernels can make a wider width faster); when no width fits, the fastest one runs.
 
 Usage (the framework's call is unchanged)::
@@ -126,11 +128,17 @@ class ControllerReport:
         return path
 
 
+def _rank(q: float, n: int) -> int:
+    """0-based nearest-rank index of the ``q``-th percentile of ``n`` values (``q * n / 100`` rounded up; the
+    small tolerance keeps e.g. 7 % of 100 at rank 7, not 8, despite float rounding)."""
+    return math.ceil(q * n / 100.0 - 1e-9) - 1
+
+
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an ascending sequence (``nan`` when empty)."""
     if not sorted_values:
         return float("nan")
-    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
+    k = max(0, min(len(sorted_values) - 1, _rank(q, len(sorted_values))))
     return sorted_values[k]
 
 
@@ -187,8 +195,13 @@ class WidthController:
             raise InvalidArgumentError(f"no width fits the budget: the fastest width {widths[k]:g} takes "
                                        f"{base[k]:.3f} ms, the budget is {budget_ms:g} ms")
         self.model, self.budget_ms, self.percentile = model, float(budget_ms), float(percentile)
-        self._q = self.percentile / 100.0
         self.widths, self.base_ms = widths, base
+        self._table = list(base)  # the offline costs; base_ms = table x a correction that decays back to 1
+        self._corr = [1.0] * len(base)
+        self._decay_every = [4 * window] * len(base)  # calls between halvings (in log) of a width's correction
+        self._decay_at: list = [None] * len(base)
+        self._next_decay = math.inf
+        self._calls = 0
         self.headroom, self.hold = float(headroom), hold
         self.fn = fn if fn is not None else model
         self.clock = clock
@@ -200,7 +213,7 @@ class WidthController:
         self._index_costs()
         self._idx = self._widest_within(budget_ms)  # the offline table's choice
         self._up_streak = 0
-        self._last_i = None  # width index of the previous call
+        self._probe = None  # width index switched to whose first call has not been measured yet
         self._records = collections.deque(maxlen=history)
         self._t0 = clock()
 
@@ -236,27 +249,33 @@ class WidthController:
         return self.base_ms[i] * self._factor
 
     def _observe(self, i: int, latency_ms: float, expected: float, t: float) -> None:
-        base, budget = self.base_ms, self.budget_ms
+        budget = self.budget_ms
+        latency_ms = max(latency_ms, 1e-6)  # a coarse clock can read 0 ms
         with self._lock:
             self._records.append((t - self._t0, i, latency_ms, expected))  # CallRecords built in report()
+            self._calls += 1
+            if self._calls >= self._next_decay:
+                self._decay()
+            base = self.base_ms
             ratio = latency_ms / base[i]
-            if i != self._last_i and self._sorted:
+            if i == self._probe:
+                self._probe = None
                 # first call after a switch: a ratio outside the range the window has seen is this width's table
-                # error, not the device: correct its cost by the excess (a failed move up is then not retried)
-                ref = min(max(ratio, self._sorted[0]), self._sorted[-1])
+                # error, not the device: correct its cost by the excess (a failed move up is then not retried
+                # until the correction has decayed; each repeat doubles that time)
+                ref = min(max(ratio, self._sorted[0]), self._sorted[-1]) if self._sorted else ratio
                 if ref != ratio:
-                    self._rescale(i, ratio / ref)
+                    self._correct(i, ratio / ref)
                     ratio = ref
-            self._last_i = i
             if len(self._window) == self._window.maxlen:
                 del self._sorted[bisect.bisect_left(self._sorted, self._window[0])]
             self._window.append(ratio)
             bisect.insort(self._sorted, ratio)
             s = self._sorted
-            self._factor = f = s[max(0, min(len(s) - 1, math.ceil(self._q * len(s)) - 1))]
+            self._factor = f = s[max(0, min(len(s) - 1, _rank(self.percentile, len(s))))]
             cur = self._idx
             if base[cur] * f > budget:  # at once: the widest width expected within budget, else the fastest
-                self._idx, self._up_streak = self._widest_within(budget / f), 0
+                self._switch(self._widest_within(budget / f))
                 return
             up = self._widest_within(self.headroom * budget / f)
             if up <= cur:
@@ -264,7 +283,32 @@ class WidthController:
                 return
             self._up_streak += 1
             if self._up_streak >= self.hold:  # wider only after `hold` calls in a row that allow it
-                self._idx, self._up_streak = up, 0
+                self._switch(up)
+
+    def _switch(self, j: int) -> None:
+        if j != self._idx:
+            self._idx, self._probe = j, j
+        self._up_streak = 0
+
+    def _correct(self, i: int, k: float) -> None:
+        """Width ``i`` costs ``k`` x its current estimate (a correction that decays back to the table)."""
+        if self._decay_at[i] is not None:  # corrected again before it decayed: wait twice as long
+            self._decay_every[i] *= 2
+        self._corr[i] *= k
+        self._decay_at[i] = self._calls + self._decay_every[i]
+        self._next_decay = min(a for a in self._decay_at if a is not None)
+        self.base_ms[i] = self._table[i] * self._corr[i]
+        self._index_costs()
+
+    def _decay(self) -> None:
+        for i, at in enumerate(self._decay_at):
+            if at is not None and at <= self._calls:
+                c = math.sqrt(self._corr[i])
+                self._corr[i], self._decay_at[i] = (1.0, None) if abs(math.log(c)) < 0.01 else (
+                    c, self._calls + self._decay_every[i])
+                self.base_ms[i] = self._table[i] * self._corr[i]
+        self._next_decay = min((a for a in self._decay_at if a is not None), default=math.inf)
+        self._index_costs()
 
     def _index_costs(self) -> None:
         """Widths by cost, and for the k cheapest the widest among them: 'widest width costing <= x' by bisection."""
@@ -280,11 +324,6 @@ class WidthController:
         """Index of the widest width whose estimated cost is <= ``cost``, else of the fastest width."""
         k = bisect.bisect_right(self._cost_sorted, cost)
         return self._widest_prefix[k - 1] if k else self._fastest
-
-    def _rescale(self, i: int, k: float) -> None:
-        """Width ``i`` costs ``k`` x its estimate."""
-        self.base_ms[i] *= k
-        self._index_costs()
 
     # ---- serving -----------------------------------------------------------------------------------------------
     def _serve(self, fn, args, kwargs):

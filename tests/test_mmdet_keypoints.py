@@ -214,7 +214,7 @@ def test_metric_on_the_official_json_scores_ground_truth_1_and_matches_pycocotoo
     assert noisy["coco/keypoints_mAP"] == pytest.approx(round(ev.stats[0], 3), abs=1e-9)
 
 
-def test_metric_ground_truth_from_the_dataset_when_no_ann_file(slim_data):
+def test_metric_ground_truth_from_the_dataset_when_no_ann_file(slim_data, tmp_path):
     """``ann_file=None``: the ground truth (keypoints included) comes from the packed ``instances``."""
     from mmdet.registry import DATASETS, METRICS
 
@@ -232,6 +232,14 @@ def test_metric_ground_truth_from_the_dataset_when_no_ann_file(slim_data):
     metric.process({}, samples)
     res = metric.evaluate(len(samples))
     assert res["coco/keypoints_mAP"] == 1.0 and "coco/bbox_mAP" not in res
+    # the converted ground truth pairs each annotation with its own instance's keypoints
+    gts = [{"img_id": s["img_id"], "width": 1, "height": 1, "anns": s["instances"]} for s in samples]
+    conv = json.loads(Path(metric.gt_to_coco_json(gts, str(tmp_path / "gt"))).read_text())["annotations"]
+    flat = [inst for g in gts for inst in g["anns"]]
+    assert len(conv) == len(flat) == 14
+    for a, inst in zip(conv, flat):
+        assert a["keypoints"] == np.asarray(inst["keypoints"]).reshape(-1).tolist()
+        assert a["num_keypoints"] == int((np.asarray(inst["keypoints"])[:, 2] > 0).sum())
     with pytest.raises(InvalidArgumentError, match="positive"):
         METRICS.build(dict(type="CocoKeypointMetric", sigmas=[0.1, -1.0]))
 
@@ -284,6 +292,30 @@ def test_export_is_a_plain_keypoint_rcnn_with_equal_outputs(tmp_path, slim_data)
     torch.testing.assert_close(got.bboxes, ref.bboxes, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(got.keypoints, ref.keypoints, atol=1e-2, rtol=1e-4)
     torch.testing.assert_close(got.keypoint_scores, ref.keypoint_scores, atol=1e-3, rtol=1e-4)
+
+
+def test_predictions_are_rescaled_to_the_original_image(tmp_path):
+    """``rescale=True``: boxes and keypoints are divided by mmdet's ``scale_factor`` = (w_scale, h_scale)."""
+    from mmdet.registry import MODELS
+    from mmdet.structures import DetDataSample
+
+    init_default_scope("mmdet")
+    cfg = kpt_cfg("keypoint-rcnn_r50_fpn_coco-kpts.py", tmp_path, depth=18)
+    cfg.model.test_cfg.rcnn.score_thr = 0.0
+    torch.manual_seed(0)
+    det = MODELS.build(cfg.model).eval()
+    x = torch.randn(1, 3, 96, 128)
+    out = {}
+    for sf in ((1.0, 1.0), (2.0, 0.5)):
+        meta = dict(img_shape=(96, 128), ori_shape=(96, 128), pad_shape=(96, 128), batch_input_shape=(96, 128),
+                    scale_factor=sf)
+        with torch.no_grad():
+            out[sf] = det.predict(x, [DetDataSample(metainfo=meta)], rescale=True)[0].pred_instances
+    a, b = out[(1.0, 1.0)], out[(2.0, 0.5)]
+    assert len(a) > 0
+    torch.testing.assert_close(b.bboxes, a.bboxes / torch.tensor([2.0, 0.5, 2.0, 0.5]))
+    torch.testing.assert_close(b.keypoints, a.keypoints / torch.tensor([2.0, 0.5]))
+    torch.testing.assert_close(b.keypoint_scores, a.keypoint_scores)
 
 
 def test_mask_branch_is_refused():

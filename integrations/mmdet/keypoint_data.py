@@ -238,6 +238,11 @@ class CocoKeypointMetric(CocoMetric):
                 flat = np.concatenate([kp, ks[:, None]], axis=1).reshape(-1)
                 dets.append({"image_id": res.get("img_id", idx), "category_id": self.cat_ids[label],
                              "keypoints": [float(v) for v in flat], "score": float(score)})
+        if self.format_only:  # results only, as CocoMetric does for boxes
+            path = f"{self.outfile_prefix}.keypoints.json"
+            dump(dets, path)
+            logger.info(f"keypoint results written to {path}")
+            return {}
         if not dets:
             logger.error("no keypoint detections: keypoint AP not computed")
             return {}
