@@ -110,6 +110,18 @@ def _from_checkpoint(args):
     return ck, cfg
 
 
+def _loaded(args):
+    """``(cfg, runner, model, settings, widths)`` of ``args.checkpoint`` loaded into a ``SlimRunner``; the widths
+    are ``--widths`` / ``--step`` or the config's eval widths."""
+    from .model import slim_settings
+
+    _, cfg = _from_checkpoint(args)
+    runner = _runner(cfg)
+    runner.load_checkpoint(args.checkpoint)
+    settings = slim_settings(runner.model)
+    return cfg, runner, runner.model, settings, _widths(args, settings)
+
+
 def _widths(args, settings):
     if getattr(args, "widths", None):
         return [settings.spec.validate(w) for w in args.widths]
@@ -186,15 +198,9 @@ def cmd_profile(args) -> int:
     """``slim profile CKPT``: MFLOPs of backbone + FPN at the test size, params and latency per width."""
     import slim_plugins as slim
 
-    from .model import slim_settings
     from .runner import _cost, detector_input_size
 
-    ck, cfg = _from_checkpoint(args)
-    runner = _runner(cfg)
-    runner.load_checkpoint(args.checkpoint)
-    model = runner.model
-    settings = slim_settings(model)
-    widths = _widths(args, settings)
+    cfg, runner, model, settings, widths = _loaded(args)
     if args.input_size:
         size = args.input_size[-2:] if len(args.input_size) >= 2 else args.input_size * 2
         cfg.test_dataloader.dataset.pipeline = [dict(type="Resize", scale=(max(size), min(size)))]
@@ -229,15 +235,9 @@ def cmd_serve(args) -> int:
     from mmdet.apis import inference_detector
     from slim_plugins.control import serve_command
 
-    from .model import slim_settings
     from .runner import _calibrate
 
-    ck, cfg = _from_checkpoint(args)
-    runner = _runner(cfg)
-    runner.load_checkpoint(args.checkpoint)
-    model = runner.model
-    settings = slim_settings(model)
-    widths = _widths(args, settings)
+    cfg, runner, model, settings, widths = _loaded(args)
     if args.table:
         table = slim.ProfileTable.from_csv(args.table)
         widths = [r.width for r in table]
