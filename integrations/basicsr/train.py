@@ -1,0 +1,76 @@
+"""Train with BasicSR's own ``train_pipeline`` after registering the slim types (Real-ESRGAN's ``train.py`` shape)::
+
+    python -m slim_plugins.integrations.basicsr.train -opt configs/basicsr/us_wdsr_x2_sr.yml [--auto_resume] ...
+
+Arguments are BasicSR's (``-opt``, ``--launcher``, ``--auto_resume``, ``--debug``, ``--force_yml``). Experiments
+go to ``./experiments/<name>`` (BasicSR's layout, the current directory as its root) unless ``path.experiments_root``
+is set. ``${VAR}`` / ``$VAR`` in the options (``$SLIM_DATA/sr/...``, ``$DIV2K_ROOT``) are expanded first: the
+expanded copy is what BasicSR reads and copies into the experiment folder.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Sequence
+
+
+def expanded_options(path: str, tmpdir: str, overrides: dict | None = None) -> str:
+    """Write ``path`` with environment variables expanded (and dotted ``overrides`` such as
+    ``{"train.total_iter": 100}`` applied; a ``None`` value removes the key) to ``tmpdir/<same name>``; returns
+    the new path.
+
+    Raises:
+        FileNotFoundError: no such file. ConfigError: bad YAML, an unset variable, an override of a missing
+            section.
+    """
+    import yaml
+
+    from slim_plugins.cli import ConfigError, load_yaml_config
+
+    opt = load_yaml_config(path)
+    for key, value in (overrides or {}).items():
+        node, parts = opt, key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"override {key!r}: the options have no section {p!r} there")
+            node = node[p]
+        if value is None:
+            node.pop(parts[-1], None)  # `--set datasets.val_2=null` drops that section
+        else:
+            node[parts[-1]] = value
+    out = os.path.join(tmpdir, os.path.basename(path))
+    with open(out, "w") as f:
+        yaml.safe_dump(opt, f, sort_keys=False)
+    return out
+
+
+def run_pipeline(opt_path: str, extra_args: Sequence[str] = (), root_path: str | None = None,
+                 overrides: dict | None = None) -> None:
+    """``basicsr.train.train_pipeline`` on ``opt_path`` (env-expanded), with the slim types registered."""
+    import slim_plugins.integrations.basicsr  # noqa: F401  registers WDSR, BicubicHRDataset, SlimSRModel
+    from basicsr.train import train_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="slim-basicsr-") as tmp:
+        opt = expanded_options(opt_path, tmp, overrides)
+        argv = sys.argv
+        sys.argv = [argv[0], "-opt", opt, *extra_args]  # BasicSR's parse_options reads sys.argv
+        try:
+            train_pipeline(os.path.abspath(root_path or os.getcwd()))
+        finally:
+            sys.argv = argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=True)
+    p.add_argument("-opt", required=True)
+    args, rest = p.parse_known_args(argv)
+    run_pipeline(args.opt, rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
