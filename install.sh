@@ -12,7 +12,10 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -c constraints.txt torch torchvision mmengine
 # 2. mmcv with ops (RoIAlign, NMS, ...), built against that torch, or reused from the wheel cache.
 tools/build_mmcv.sh
-# 3. The package and every extra; mmcv is already satisfied, so pip does not try to build it again.
+# 3. basicsr-fixed is an sdist whose setup_requires lists torch: built in isolation it downloads a second torch
+#    (GBs); built against the venv it takes seconds.
+.venv/bin/python -m pip install -c constraints.txt --no-build-isolation basicsr-fixed
+# 4. The package and every extra; mmcv and basicsr-fixed are already satisfied, so pip builds neither again.
 .venv/bin/python -m pip install -c constraints.txt -e ".[dev]"
 # Stamp: .ci/run reinstalls when pyproject.toml, constraints.txt or the mmcv build script change.
 cat pyproject.toml constraints.txt tools/build_mmcv.sh | sha256sum | cut -d' ' -f1 > .venv/.slim-install-stamp

@@ -184,8 +184,11 @@ def _fused_bn_replacement(bn: nn.Module) -> nn.Module:
 
 
 def export_onnx(plain: nn.Module, example_input: torch.Tensor, path: str, opset: int = 17,
-                dynamic_batch: bool = True) -> str:
+                dynamic_batch: bool = True, dynamic_hw: bool = False) -> str:
     """Write the ONNX graph of an exported plain model atomically; returns ``path``.
+
+    ``dynamic_batch`` / ``dynamic_hw``: the input's and output's dims 0 / 2, 3 are left symbolic (a fully
+    convolutional net, e.g. super-resolution, then takes any image size).
 
     Uses ``torch.onnx.export``; check it with onnxruntime (see tests/test_export.py).
     """
@@ -196,8 +199,9 @@ def export_onnx(plain: nn.Module, example_input: torch.Tensor, path: str, opset:
     os.close(fd)
     try:
         kwargs = dict(input_names=["input"], output_names=["output"], opset_version=opset)
-        if dynamic_batch:
-            kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+        axes = ({0: "batch"} if dynamic_batch else {}) | ({2: "height", 3: "width"} if dynamic_hw else {})
+        if axes:
+            kwargs["dynamic_axes"] = {"input": dict(axes), "output": dict(axes)}
         torch.onnx.export(plain, (example_input,), tmp, dynamo=False, **kwargs)
         os.replace(tmp, path)
     finally:

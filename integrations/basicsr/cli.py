@@ -201,7 +201,7 @@ def cmd_export(args) -> int:
     atomic_write(opts_path, lambda f: yaml.safe_dump(test_opt, f, sort_keys=False), mode="w")
     msg = f"wrote {out} and {opts_path} (width {w:g}: num_feat {n})"
     if args.onnx:
-        onnx = slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx")
+        onnx = slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx", dynamic_hw=True)  # any image size
         msg += f" and {onnx}"
     print(msg)
     return 0

@@ -45,6 +45,22 @@ def expanded_options(path: str, tmpdir: str, overrides: dict | None = None) -> s
     return out
 
 
+def _reset_basicsr_logger() -> None:
+    """BasicSR's ``get_root_logger`` sets up the ``basicsr`` logger once per process (the first caller wins): a
+    second ``train_pipeline`` in one process (an experiment running several trainings, a test session) would get
+    neither its own log file nor INFO messages. Closing its handlers and forgetting the set-up lets every run
+    configure it as a fresh process would."""
+    import logging
+
+    from basicsr.utils import logger as basicsr_logger
+
+    log = logging.getLogger("basicsr")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    basicsr_logger.initialized_logger.pop("basicsr", None)
+
+
 def run_pipeline(opt_path: str, extra_args: Sequence[str] = (), root_path: str | None = None,
                  overrides: dict | None = None) -> None:
     """``basicsr.train.train_pipeline`` on ``opt_path`` (env-expanded), with the slim types registered."""
@@ -55,10 +71,12 @@ def run_pipeline(opt_path: str, extra_args: Sequence[str] = (), root_path: str |
         opt = expanded_options(opt_path, tmp, overrides)
         argv = sys.argv
         sys.argv = [argv[0], "-opt", opt, *extra_args]  # BasicSR's parse_options reads sys.argv
+        _reset_basicsr_logger()
         try:
             train_pipeline(os.path.abspath(root_path or os.getcwd()))
         finally:
             sys.argv = argv
+            _reset_basicsr_logger()  # closes this run's log file
 
 
 def main(argv: Sequence[str] | None = None) -> int:
