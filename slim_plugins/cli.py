@@ -8,6 +8,7 @@ adapter that claims the file, e.g. by suffix) or the checkpoint's ``"framework"`
     slim train configs/timm/cifar10_us_mobilenetv2.yaml      # timm-style YAML + slimmable keys
     slim train                                               # embedded default: sklearn digits, ~1 min on CPU
     slim train --resume output/run/last.pth.tar --epochs 20
+    slim train configs/basicsr/us_wdsr_x2_sr.yml             # BasicSR options: its own train_pipeline
     slim eval output/run/last.pth.tar --widths 0.35 0.5 1.0
     slim calibrate output/run/last.pth.tar --widths 0.6 --num-samples 2000
     slim export output/run/last.pth.tar --width 0.5 --onnx --fuse-bn
@@ -284,10 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    t = sub.add_parser("train", help="train a slimmable classifier from a timm-style YAML config",
-                       description="Train from CONFIG (timm train.py keys + slimmable keys). Without CONFIG (or "
-                       "with --default) runs the embedded default: sklearn handwritten digits, a small US-Net.")
-    t.add_argument("config", nargs="?", help="YAML config (see configs/timm/)")
+    t = sub.add_parser("train", help="train from a config: timm-style YAML, mmdet .py, BasicSR options .yml",
+                       description="Train from CONFIG: a timm-style YAML (timm train.py keys + slimmable keys), an "
+                       "mmdet/mmengine .py config, or a BasicSR options .yml (model_type + network_g). Without "
+                       "CONFIG (or with --default) runs the embedded default: sklearn handwritten digits, a small "
+                       "US-Net.")
+    t.add_argument("config", nargs="?", help="config file (see configs/timm, configs/mmdet, configs/basicsr)")
     t.add_argument("--default", action="store_true", help="run the embedded digits job (ignores CONFIG's data)")
     t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by slim train")
     t.add_argument("--output", help="run directory (default: config 'output', or the resumed checkpoint's folder)")
@@ -302,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, value parsed as YAML (repeatable)")
 
-    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint at several widths")
+    e = sub.add_parser("eval", help="the framework's metric (top-1, COCO AP, PSNR/SSIM) at several widths")
     e.add_argument("checkpoint")
     e.add_argument("--widths", nargs="+", help="widths, or one step for a sweep with --step")
     e.add_argument("--step", type=float, help="evaluate min..max in this step (US-Nets)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.nn.utils import parametrize
 
 pytest.importorskip("basicsr")
@@ -83,9 +84,12 @@ def test_weight_norm_survives_state_dict_round_trip(mad):
     us = _perturb(_us_wdsr(num_feat=32, num_block=2))
     sd = us.state_dict()
     assert "head.parametrizations.weight.original0" in sd and "head.parametrizations.weight.original1" in sd
-    other = _us_wdsr(num_feat=32, num_block=2)
-    other.load_state_dict(sd)
+    other = _us_wdsr(num_feat=32, num_block=2).eval()
     x = torch.rand(1, 3, 16, 16)
+    for w in (0.5, 0.75, 1.0):  # fill its eval weight caches with the old weights first
+        with torch.no_grad(), slim.width(w):
+            assert mad(other(x), us(x)) > 1e-4
+    other.load_state_dict(sd)
     for w in (0.5, 0.75, 1.0):
         with torch.no_grad(), slim.width(w):
             assert mad(other(x), us(x)) == 0
@@ -219,12 +223,15 @@ def _train(tmp_path, slim_data, monkeypatch, iters, *sets):
     monkeypatch.setenv("SLIM_DATA", str(slim_data))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "experiments" / "us_wdsr_small"
+    opt = yaml.safe_load((REPO / "configs" / "basicsr" / "us_wdsr_x2_sr.yml").read_text())
+    del opt["datasets"]["val_2"]  # Set5 only: Set14 at 3 widths costs a minute of CPU
+    cfg = tmp_path / "us_wdsr_x2_sr.yml"
+    cfg.write_text(yaml.safe_dump(opt, sort_keys=False))
     base = ["network_g.num_feat=32", "network_g.num_block=2", f"train.total_iter={iters}",
             f"train.scheduler.periods=[{iters}]", "datasets.train.batch_size_per_gpu=8", "datasets.train.gt_size=32",
             "val.val_freq=100000", f"logger.print_freq={max(1, iters // 4)}", f"logger.save_checkpoint_freq={iters}",
-            "logger.use_tb_logger=false", "slimmable.eval_widths=[0.5,0.75,1.0]", "datasets.val_2=null"]
-    args = ["train", str(REPO / "configs" / "basicsr" / "us_wdsr_x2_sr.yml"), "--output", str(out),
-            "--workers", "0", "--device", "cpu"]
+            "logger.use_tb_logger=false", "slimmable.eval_widths=[0.5,0.75,1.0]"]
+    args = ["train", str(cfg), "--output", str(out), "--workers", "0", "--device", "cpu"]
     for kv in base + list(sets):
         args += ["--set", kv]
     assert main(args) == 0
@@ -315,6 +322,12 @@ def test_slim_eval_export_profile_on_a_basicsr_checkpoint(trained, tmp_path, sli
     assert [r.width for r in table] == [0.5, 1.0] and table[0].mflops < table[1].mflops
     assert table[0].mflops == pytest.approx(float(ev[0]["mflops"]), rel=1e-4)  # 48x48 LR, as Fig. 4 counts
 
+    png, calls = tmp_path / "serve.png", tmp_path / "calls.csv"
+    assert main(["serve", ckpt, "--budget-ms", "1000", "--calls", "12", "--no-live", "--input-size", "24", "24",
+                 "--widths", "0.5", "1.0", "--plot", str(png), "--csv", str(calls)]) == 0
+    served = list(csv.DictReader(open(calls)))
+    assert png.is_file() and len(served) == 12 and {float(r["width"]) for r in served} <= {0.5, 1.0}
+
 
 def _bicubic_psnr(slim_data) -> float:
     import cv2
@@ -335,7 +348,9 @@ def _bicubic_psnr(slim_data) -> float:
 def test_short_run_beats_bicubic_on_set5_at_every_width(tmp_path, slim_data, monkeypatch):
     bicubic = _bicubic_psnr(slim_data)
     assert 33.5 < bicubic < 33.8  # the usual 33.66 dB of MATLAB bicubic x2 on Set5 (Y)
-    out = _train(tmp_path, slim_data, monkeypatch, 800, "train.ema_decay=0.99")
+    # Without inplace distillation: over a few hundred iterations the L1 distillation terms of the three narrow
+    # widths slow the widest width's progress (README, BasicSR results); both settings learn, this one faster.
+    out = _train(tmp_path, slim_data, monkeypatch, 600, "train.ema_decay=0.99", "slimmable.distill=null")
     for r in _spectrum(out):
         assert float(r["Set5/psnr"]) > bicubic + 0.1, (r, bicubic)
         assert float(r["Set5/ssim"]) > 0.93
@@ -387,3 +402,17 @@ def test_resume_continues_the_same_width_schedule_and_ema(tmp_path, mad):
     for net in ("net_g", "net_g_ema"):
         sa, sb = getattr(a, net).state_dict(), getattr(b, net).state_dict()
         assert max(mad(sa[k], sb[k]) for k in sa) <= 1e-6, net
+
+
+def test_overrides_set_nested_keys_and_null(tmp_path, monkeypatch):
+    from slim_plugins.cli import ConfigError
+    from slim_plugins.integrations.basicsr.train import expanded_options
+
+    monkeypatch.setenv("SLIM_DATA", "/data")
+    cfg = str(REPO / "configs" / "basicsr" / "us_wdsr_x2_sr.yml")
+    p = expanded_options(cfg, str(tmp_path), {"slimmable.distill": None, "train.total_iter": 5})
+    opt = yaml.safe_load(open(p))
+    assert opt["slimmable"]["distill"] is None and parse_slimmable(opt["slimmable"]).distill is None  # null = off
+    assert opt["train"]["total_iter"] == 5 and opt["datasets"]["train"]["dataroot_gt"] == "/data/sr/train_hr"
+    with pytest.raises(ConfigError, match="no section 'nope'"):
+        expanded_options(cfg, str(tmp_path), {"nope.x": 1})

@@ -1,10 +1,11 @@
-"""``slim train / eval / export / profile`` for BasicSR options YAMLs (entry-point group ``slim_plugins.frameworks``,
+"""``slim train / eval / export / profile / serve`` for BasicSR options YAMLs (entry-point group ``slim_plugins.frameworks``,
 name ``basicsr``)::
 
     slim train configs/basicsr/us_wdsr_x2_sr.yml --set train.total_iter=100 --output experiments/try
     slim eval experiments/try/models/net_g_latest.pth --widths 0.5 0.75 1.0
     slim export experiments/try/models/net_g_latest.pth --width 0.5       # plain WDSR(num_feat=32) + test options
     slim profile experiments/try/models/net_g_latest.pth --input-size 48 48
+    slim serve experiments/try/models/net_g_latest.pth --budget-ms 40 --input-size 64 64
 
 ``train`` runs BasicSR's own ``train_pipeline`` (as ``python -m slim_plugins.integrations.basicsr.train -opt ...``);
 the others read the options file BasicSR copied into the experiment folder (or ``--config``).
@@ -228,4 +229,34 @@ def cmd_profile(args) -> int:
                          ("params_m", "params (M)", "{:.3f}"), ("latency_ms", "ms", "{:.1f}")])
     if args.csv:
         table.to_csv(args.csv)  # the format `slim serve --table` reads
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """``slim serve CKPT --budget-ms B``: super-resolve an LR input of ``--input-size H W`` (default the options'
+    ``flops_lq_size``) call after call under a :class:`~slim_plugins.WidthController` that picks the widest width
+    whose latency fits the budget; live display, PNG and CSV of latency and width per call."""
+    import torch
+
+    import slim_plugins as slim
+    from slim_plugins.control import serve_command
+
+    opt, net, settings = _loaded(args)
+    widths = _widths(args, settings)
+    size = tuple(args.input_size[-2:]) if args.input_size else settings.flops_lq_size
+    if len(size) == 1:
+        size = (size[0], size[0])
+    x = torch.rand(args.batch_size, 3, *size, device=next(net.parameters()).device)
+
+    @torch.no_grad()
+    def call():
+        return net(x)
+
+    if args.table:
+        table = slim.ProfileTable.from_csv(args.table)
+    else:
+        print(f"profiling widths {[f'{w:g}' for w in widths]} on a {size[0]}x{size[1]} LR input")
+        table = slim.profile(net, x, widths=widths, repeats=5)
+    ctl = slim.WidthController(net, args.budget_ms, table, percentile=args.percentile, fn=call)
+    serve_command(ctl, lambda i: (), args.calls, live=not args.no_live, csv_path=args.csv, plot_path=args.plot)
     return 0

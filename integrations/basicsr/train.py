@@ -17,8 +17,7 @@ from typing import Sequence
 
 def expanded_options(path: str, tmpdir: str, overrides: dict | None = None) -> str:
     """Write ``path`` with environment variables expanded (and dotted ``overrides`` such as
-    ``{"train.total_iter": 100}`` applied; a ``None`` value removes the key) to ``tmpdir/<same name>``; returns
-    the new path.
+    ``{"train.total_iter": 100}`` applied) to ``tmpdir/<same name>``; returns the new path.
 
     Raises:
         FileNotFoundError: no such file. ConfigError: bad YAML, an unset variable, an override of a missing
@@ -35,10 +34,7 @@ def expanded_options(path: str, tmpdir: str, overrides: dict | None = None) -> s
             if not isinstance(node.get(p), dict):
                 raise ConfigError(f"override {key!r}: the options have no section {p!r} there")
             node = node[p]
-        if value is None:
-            node.pop(parts[-1], None)  # `--set datasets.val_2=null` drops that section
-        else:
-            node[parts[-1]] = value
+        node[parts[-1]] = value
     out = os.path.join(tmpdir, os.path.basename(path))
     with open(out, "w") as f:
         yaml.safe_dump(opt, f, sort_keys=False)
