@@ -265,6 +265,20 @@ def print_table(rows: Sequence[dict], title: str = "", columns: Sequence[tuple] 
 
 
 # ---- argument parsing ------------------------------------------------------------------------------------------
+def requested_widths(args, settings) -> list:
+    """The widths an adapter's eval / profile / serve command works on: ``--widths`` (each checked against
+    ``settings.spec``), else a ``--step`` sweep of the spec, else ``settings.eval_widths``.
+
+    Raises:
+        WidthError: a width outside the spec.
+    """
+    if getattr(args, "widths", None):
+        return [settings.spec.validate(w) for w in args.widths]
+    if getattr(args, "step", None):
+        return settings.spec.grid(args.step)
+    return list(settings.eval_widths)
+
+
 def _width_list(values):
     from .errors import WidthError
 

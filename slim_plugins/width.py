@@ -11,7 +11,7 @@ import numbers
 import random
 from typing import Iterable, Sequence
 
-from .errors import WidthError
+from .errors import InvalidArgumentError, WidthError
 
 #: Width-sampling rules of ``MultiWidthStep`` (US-Nets paper, Section 4.1 and Table 2).
 SAMPLING_RULES = ("all", "sandwich", "random", "min_random", "max_random")
@@ -214,3 +214,39 @@ def as_spec(spec_or_widths) -> WidthSpec:
     if isinstance(spec_or_widths, Sequence):
         return WidthSpec.switches(spec_or_widths)
     raise WidthError(f"expected a WidthSpec or a list of switches, got {spec_or_widths!r}")
+
+
+def spec_from_config(cfg, divisor: int = 8) -> WidthSpec:
+    """The :class:`WidthSpec` of an adapter's ``slimmable`` config block: exactly one of ``widths: [...]``
+    (S-Net switches) or ``width_range: [lo, hi]`` (US-Net), and an optional ``divisor`` (default ``divisor``).
+
+    Raises:
+        InvalidArgumentError: both or neither key, or a range that is not ``[lo, hi]``.
+        WidthError: a bad switch list or range.
+    """
+    if ("widths" in cfg) == ("width_range" in cfg):
+        raise InvalidArgumentError("slimmable needs exactly one of widths=[...] (S-Net switches) or "
+                                   f"width_range=[lo, hi] (US-Net), got keys {sorted(cfg)}")
+    divisor = cfg.get("divisor", divisor)
+    if "widths" in cfg:
+        return WidthSpec.switches(cfg["widths"], divisor)
+    rng = cfg["width_range"]
+    if not isinstance(rng, Sequence) or isinstance(rng, str) or len(rng) != 2:
+        raise InvalidArgumentError(f"width_range must be [lo, hi], got {rng!r}")
+    return WidthSpec.range(rng[0], rng[1], divisor)
+
+
+def schedule_from_config(cfg) -> tuple:
+    """``(rule, num_widths)`` of an adapter's ``slimmable`` block: ``rule`` one of :data:`SAMPLING_RULES` or
+    ``None`` (the default of the spec kind), ``num_widths`` a positive integer (default 4).
+
+    Raises:
+        InvalidArgumentError: an unknown rule or a bad width count.
+    """
+    rule = cfg.get("rule")
+    if rule is not None and rule not in SAMPLING_RULES:
+        raise InvalidArgumentError(f"unknown sampling rule {rule!r}; allowed: {list(SAMPLING_RULES)}")
+    num_widths = cfg.get("num_widths", 4)
+    if isinstance(num_widths, bool) or not isinstance(num_widths, int) or num_widths < 1:
+        raise InvalidArgumentError(f"num_widths must be a positive integer, got {num_widths!r}")
+    return rule, num_widths

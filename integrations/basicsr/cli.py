@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from slim_plugins.cli import ConfigError, parse_overrides
+from slim_plugins.cli import requested_widths as _widths
 
 CONFIG_SUFFIXES = (".yml", ".yaml")
 
@@ -114,14 +115,6 @@ def _loaded(args):
     net.load_state_dict(ck.get("params_ema", ck["params"]))
     device = getattr(args, "device", None) or "cpu"
     return opt, net.to(device).eval(), settings
-
-
-def _widths(args, settings):
-    if getattr(args, "widths", None):
-        return [settings.spec.validate(w) for w in args.widths]
-    if getattr(args, "step", None):
-        return settings.spec.grid(args.step)
-    return list(settings.eval_widths)
 
 
 def _n(opt, settings, w) -> int:

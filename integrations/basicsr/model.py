@@ -36,7 +36,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 import slim_plugins as slim
 from slim_plugins.cli import write_spectrum_csv
 from slim_plugins.errors import InvalidArgumentError, NotSlimmableError
-from slim_plugins.width import SAMPLING_RULES, WidthSpec
+from slim_plugins.width import WidthSpec, schedule_from_config, spec_from_config
 
 __all__ = ["SRSlimSettings", "parse_slimmable", "SlimSRModel", "evaluate_widths"]
 
@@ -88,26 +88,11 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool, seed: int = 0) -> SRSlimSetti
     unknown = sorted(set(cfg) - set(_KEYS))
     if unknown:
         raise InvalidArgumentError(f"unknown slimmable key(s) {unknown}; allowed: {list(_KEYS)}")
-    if ("widths" in cfg) == ("width_range" in cfg):
-        raise InvalidArgumentError("slimmable needs exactly one of widths: [...] (S-Net switches) or "
-                                   f"width_range: [lo, hi] (US-Net), got keys {sorted(cfg)}")
-    divisor = cfg.get("divisor", 1)
-    if "widths" in cfg:
-        spec = WidthSpec.switches(cfg["widths"], divisor)
-    else:
-        rng = cfg["width_range"]
-        if not isinstance(rng, Sequence) or len(rng) != 2:
-            raise InvalidArgumentError(f"width_range must be [lo, hi], got {rng!r}")
-        spec = WidthSpec.range(rng[0], rng[1], divisor)
-    rule = cfg.get("rule")
-    if rule is not None and rule not in SAMPLING_RULES:
-        raise InvalidArgumentError(f"unknown sampling rule {rule!r}; allowed: {list(SAMPLING_RULES)}")
+    spec = spec_from_config(cfg, divisor=1)
+    rule, num_widths = schedule_from_config(cfg)
     distill = cfg.get("distill", None if spec.is_switches else "l1")
     if distill not in _DISTILL:
         raise InvalidArgumentError(f"distill must be one of {list(_DISTILL)}, got {distill!r}")
-    num_widths = cfg.get("num_widths", 4)
-    if isinstance(num_widths, bool) or not isinstance(num_widths, int) or num_widths < 1:
-        raise InvalidArgumentError(f"num_widths must be a positive integer, got {num_widths!r}")
     if cfg.get("eval_widths") is not None:
         eval_widths = tuple(sorted({spec.validate(w) for w in cfg["eval_widths"]}))
     elif spec.is_switches:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from slim_plugins.cli import ConfigError, parse_overrides, print_table
+from slim_plugins.cli import requested_widths as _widths
 
 CONFIG_SUFFIXES = (".py",)
 
@@ -120,14 +121,6 @@ def _loaded(args):
     runner.load_checkpoint(args.checkpoint)
     settings = slim_settings(runner.model)
     return cfg, runner, runner.model, settings, _widths(args, settings)
-
-
-def _widths(args, settings):
-    if getattr(args, "widths", None):
-        return [settings.spec.validate(w) for w in args.widths]
-    if getattr(args, "step", None):
-        return settings.spec.grid(args.step)
-    return list(settings.eval_widths)
 
 
 def cmd_eval(args) -> int:

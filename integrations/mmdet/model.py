@@ -21,7 +21,7 @@ from torch import nn
 import slim_plugins as slim
 from slim_plugins.errors import InvalidArgumentError, NotSlimmableError, WidthSpecMismatchError
 from slim_plugins.nn.layers import SlimMixin
-from slim_plugins.width import SAMPLING_RULES, WidthSpec
+from slim_plugins.width import WidthSpec, schedule_from_config, spec_from_config
 
 __all__ = ["SlimSettings", "parse_slimmable", "make_slimmable", "init_slim_detector", "is_slimmable", "slim_settings", "SlimResNet",
            "USResNet", "SlimPretrainedInit", "DEFAULT_SCOPE"]
@@ -91,27 +91,12 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool | None) -> SlimSettings:
     unknown = sorted(set(cfg) - set(_KEYS))
     if unknown:
         raise InvalidArgumentError(f"unknown slimmable key(s) {unknown}; allowed: {list(_KEYS)}")
-    if ("widths" in cfg) == ("width_range" in cfg):
-        raise InvalidArgumentError("slimmable needs exactly one of widths=[...] (S-Net switches) or "
-                                   f"width_range=[lo, hi] (US-Net), got keys {sorted(cfg)}")
-    divisor = int(cfg.get("divisor", 8))
-    if "widths" in cfg:
-        spec = WidthSpec.switches(cfg["widths"], divisor)
-    else:
-        rng = cfg["width_range"]
-        if not isinstance(rng, Sequence) or len(rng) != 2:
-            raise InvalidArgumentError(f"width_range must be [lo, hi], got {rng!r}")
-        spec = WidthSpec.range(rng[0], rng[1], divisor)
-    rule = cfg.get("rule")
-    if rule is not None and rule not in SAMPLING_RULES:
-        raise InvalidArgumentError(f"unknown sampling rule {rule!r}; allowed: {list(SAMPLING_RULES)}")
+    spec = spec_from_config(cfg, divisor=8)
+    rule, num_widths = schedule_from_config(cfg)
     distill = cfg.get("distill")
     if distill not in _DISTILL:
         raise InvalidArgumentError(f"distill must be one of {list(_DISTILL)} (feature distillation of the FPN "
                                    f"outputs), got {distill!r}")
-    num_widths = cfg.get("num_widths", 4)
-    if isinstance(num_widths, bool) or not isinstance(num_widths, int) or num_widths < 1:
-        raise InvalidArgumentError(f"num_widths must be a positive integer, got {num_widths!r}")
     calib = cfg.get("calib_samples", 2000)
     if isinstance(calib, bool) or not isinstance(calib, int) or calib <= 0:
         raise InvalidArgumentError(f"calib_samples must be a positive integer, got {calib!r}")
