@@ -9,7 +9,7 @@ import dataclasses
 import math
 import numbers
 import random
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from .errors import InvalidArgumentError, WidthError
 
@@ -216,14 +216,22 @@ def as_spec(spec_or_widths) -> WidthSpec:
     raise WidthError(f"expected a WidthSpec or a list of switches, got {spec_or_widths!r}")
 
 
-def spec_from_config(cfg, divisor: int = 8) -> WidthSpec:
+def spec_from_config(cfg, divisor: int = 8, allowed: Iterable[str] | None = None) -> WidthSpec:
     """The :class:`WidthSpec` of an adapter's ``slimmable`` config block: exactly one of ``widths: [...]``
     (S-Net switches) or ``width_range: [lo, hi]`` (US-Net), and an optional ``divisor`` (default ``divisor``).
+    With ``allowed``, the block must be a mapping holding only those keys.
 
     Raises:
-        InvalidArgumentError: both or neither key, or a range that is not ``[lo, hi]``.
+        InvalidArgumentError: not a mapping, a key outside ``allowed``, both or neither of ``widths`` /
+            ``width_range``, or a range that is not ``[lo, hi]``.
         WidthError: a bad switch list or range.
     """
+    if allowed is not None:
+        if not isinstance(cfg, Mapping):
+            raise InvalidArgumentError(f"slimmable must be true or a mapping of keys, got {cfg!r}")
+        unknown = sorted(set(cfg) - set(allowed))
+        if unknown:
+            raise InvalidArgumentError(f"unknown slimmable key(s) {unknown}; allowed: {list(allowed)}")
     if ("widths" in cfg) == ("width_range" in cfg):
         raise InvalidArgumentError("slimmable needs exactly one of widths=[...] (S-Net switches) or "
                                    f"width_range=[lo, hi] (US-Net), got keys {sorted(cfg)}")

@@ -50,7 +50,7 @@ def _image(slim_data):
     (dict(widths=[0.5, 1.0], num_widths=0), "num_widths must be a positive integer"),
     (dict(widths=[0.5, 1.0], switches=[1.0]), r"unknown slimmable key\(s\) \['switches'\]"),
     (dict(width_range=[0.25]), "width_range must be"),
-    ("yes", "slimmable must be True or a dict"),
+    ("yes", "slimmable must be true or a mapping"),
 ])
 def test_bad_slimmable_config_names_the_value(bad, match):
     with pytest.raises(InvalidArgumentError, match=match):

@@ -83,12 +83,7 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool, seed: int = 0) -> SRSlimSetti
     """
     if cfg is True:
         cfg = {"width_range": [0.5, 1.0]}
-    if not isinstance(cfg, Mapping):
-        raise InvalidArgumentError(f"slimmable must be true or a mapping, got {cfg!r}")
-    unknown = sorted(set(cfg) - set(_KEYS))
-    if unknown:
-        raise InvalidArgumentError(f"unknown slimmable key(s) {unknown}; allowed: {list(_KEYS)}")
-    spec = spec_from_config(cfg, divisor=1)
+    spec = spec_from_config(cfg, divisor=1, allowed=_KEYS)
     rule, num_widths = schedule_from_config(cfg)
     distill = cfg.get("distill", None if spec.is_switches else "l1")
     if distill not in _DISTILL:

@@ -86,12 +86,7 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool | None) -> SlimSettings:
     """
     if cfg is True:
         cfg = {"widths": [0.25, 0.5, 0.75, 1.0]}
-    if not isinstance(cfg, Mapping):
-        raise InvalidArgumentError(f"slimmable must be True or a dict, got {cfg!r}")
-    unknown = sorted(set(cfg) - set(_KEYS))
-    if unknown:
-        raise InvalidArgumentError(f"unknown slimmable key(s) {unknown}; allowed: {list(_KEYS)}")
-    spec = spec_from_config(cfg, divisor=8)
+    spec = spec_from_config(cfg, divisor=8, allowed=_KEYS)
     rule, num_widths = schedule_from_config(cfg)
     distill = cfg.get("distill")
     if distill not in _DISTILL:
