@@ -1,0 +1,62 @@
+"""``WidthEvalCallback``: SB3's ``EvalCallback`` idea at every width — mean episode reward per width to the logger
+(TensorBoard ``eval/mean_reward_w<width>``) and a spectrum CSV (width, MFLOPs per observation, params, reward)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+
+import slim_plugins as slim
+from slim_plugins.cli import write_spectrum_csv
+
+from .ppo import ActorCriticGraph
+
+
+def width_costs(model, widths: Sequence[float]) -> dict:
+    """``{width: (MFLOPs, params M)}`` of the actor-critic for one observation (multiply-adds)."""
+    graph = ActorCriticGraph(model.policy)
+    x = torch.zeros(1, *model.policy.observation_space.shape, device=model.device)
+    return {r.width: (r.mflops, r.params_m) for r in slim.profile(graph, x, widths=list(widths), latency=False)}
+
+
+def evaluate_widths(model, env, widths: Sequence[float], n_eval_episodes: int = 10, deterministic: bool = True):
+    """``[{width, mflops, params_m, mean_reward, std_reward}]`` with SB3's ``evaluate_policy`` at each width."""
+    costs = width_costs(model, widths)
+    rows = []
+    for w in widths:
+        with slim.width(w):
+            mean, std = evaluate_policy(model, env, n_eval_episodes=n_eval_episodes, deterministic=deterministic)
+        rows.append({"width": w, "mflops": costs[w][0], "params_m": costs[w][1], "mean_reward": float(mean),
+                     "std_reward": float(std)})
+    return rows
+
+
+class WidthEvalCallback(BaseCallback):
+    """Every ``eval_freq`` calls (environment steps / n_envs, as SB3's ``EvalCallback``), evaluate the model at
+    each width of ``widths`` (default: the model's ``eval_widths``) on ``eval_env``; log ``eval/mean_reward_w<w>``
+    and write ``<log_path>/spectrum.csv``."""
+
+    def __init__(self, eval_env, widths: Sequence[float] | None = None, eval_freq: int = 10_000,
+                 n_eval_episodes: int = 5, deterministic: bool = True, log_path: str | None = None, verbose: int = 1):
+        super().__init__(verbose)
+        self.eval_env, self.widths, self.eval_freq = eval_env, widths, eval_freq
+        self.n_eval_episodes, self.deterministic, self.log_path = n_eval_episodes, deterministic, log_path
+        self.last_rows: list = []
+
+    def _on_step(self) -> bool:
+        if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
+            widths = self.widths or self.model.slim_settings.eval_widths
+            self.last_rows = evaluate_widths(self.model, self.eval_env, widths, self.n_eval_episodes,
+                                             self.deterministic)
+            for r in self.last_rows:
+                self.logger.record(f"eval/mean_reward_w{r['width']:g}", r["mean_reward"])
+                if self.verbose:
+                    print(f"width {r['width']:g}: mean reward {r['mean_reward']:.1f} +/- {r['std_reward']:.1f}")
+            if self.log_path:
+                os.makedirs(self.log_path, exist_ok=True)
+                write_spectrum_csv(self.last_rows, os.path.join(self.log_path, "spectrum.csv"))
+            self.logger.dump(self.num_timesteps)
+        return True

@@ -1,0 +1,25 @@
+"""The Atari actor-critic CNN of US-Nets §5.1: three convs (32, 64, 32 channels; kernels 8, 4, 3; strides 4, 2, 1)
+and a 512-unit FC shared by actor and critic, no BN. SB3's ``NatureCNN`` has 64 channels in the third conv."""
+from __future__ import annotations
+
+import gymnasium as gym
+import torch
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+
+class USNetsAtariCNN(BaseFeaturesExtractor):
+    """``(N, C, 84, 84)`` -> ``(N, features_dim)``; pass as ``policy_kwargs=dict(features_extractor_class=
+    USNetsAtariCNN)``."""
+
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 512):
+        super().__init__(observation_space, features_dim)
+        c = observation_space.shape[0]
+        self.cnn = nn.Sequential(nn.Conv2d(c, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
+                                 nn.Conv2d(64, 32, 3, 1), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            n = self.cnn(torch.as_tensor(observation_space.sample()[None]).float()).shape[1]
+        self.linear = nn.Sequential(nn.Linear(n, features_dim), nn.ReLU())
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.cnn(observations))
