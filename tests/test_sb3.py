@@ -1,6 +1,9 @@
 """Stable-Baselines3 adapter: SlimmablePPO on real gymnasium / ALE environments."""
 from __future__ import annotations
 
+import csv
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,60 +11,171 @@ import torch
 pytest.importorskip("stable_baselines3")
 
 import slim_plugins as slim  # noqa: E402
+from stable_baselines3 import PPO  # noqa: E402
 from stable_baselines3.common.env_util import make_atari_env, make_vec_env  # noqa: E402
 from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.vec_env import VecFrameStack  # noqa: E402
-from slim_plugins.errors import InvalidArgumentError  # noqa: E402
-from slim_plugins.integrations.sb3 import SlimmablePPO, parse_slimmable  # noqa: E402
+from slim_plugins.errors import InvalidArgumentError, WidthError  # noqa: E402
+from slim_plugins.integrations.sb3 import (SlimmablePPO, USNetsAtariCNN, WidthEvalCallback,  # noqa: E402
+                                           parse_slimmable)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _cartpole_kwargs(seed=0):
+    return dict(n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0, learning_rate=1e-3,
+                clip_range=0.2, seed=seed, verbose=0)
 
 
 def _cartpole(seed=0, **slim_kw):
     env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
-    return SlimmablePPO("MlpPolicy", env, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20,
-                        ent_coef=0.0, learning_rate=1e-3, clip_range=0.2, seed=seed, verbose=0,
-                        policy_kwargs=dict(slimmable=dict(width_range=[0.25, 1.0], **slim_kw)))
+    return SlimmablePPO("MlpPolicy", env, policy_kwargs=dict(slimmable=dict(width_range=[0.25, 1.0], **slim_kw)),
+                        **_cartpole_kwargs(seed))
+
+
+def _breakout(n_envs=2, seed=0):
+    import ale_py  # noqa: F401  registers the Atari envs
+
+    return VecFrameStack(make_atari_env("BreakoutNoFrameskip-v4", n_envs=n_envs, seed=seed), n_stack=4)
 
 
 def test_cartpole_learns_at_every_width(tmp_path):
     model = _cartpole()
     model.learn(30_000)
     ev = make_vec_env("CartPole-v1", n_envs=1, seed=1)
-    for w in (0.25, 0.5, 0.75, 1.0):
+    for w in WIDTHS:
         with slim.width(w):
             mean, _ = evaluate_policy(model, ev, n_eval_episodes=10, deterministic=True)
         assert mean > 150, (w, mean)  # random play: ~22
     model.save(tmp_path / "ppo.zip")
     loaded = SlimmablePPO.load(tmp_path / "ppo.zip")
     assert loaded.slim_settings == model.slim_settings
+    assert loaded.width_iteration == model.width_iteration > 0
     obs = np.random.RandomState(0).randn(32, 4).astype(np.float32)
     for w in (0.25, 0.6, 1.0):
         with slim.width(w):
             a, _ = model.predict(obs, deterministic=True)
             b, _ = loaded.predict(obs, deterministic=True)
-        assert (a == b).all()
+            pa = model.policy.get_distribution(torch.as_tensor(obs)).distribution.probs
+            pb = loaded.policy.get_distribution(torch.as_tensor(obs)).distribution.probs
+        assert (a == b).all() and torch.equal(pa, pb)
 
 
-def test_breakout_runs_and_heads_keep_their_sizes():
-    import ale_py  # noqa: F401  registers the Atari envs
-    env = VecFrameStack(make_atari_env("BreakoutNoFrameskip-v4", n_envs=2, seed=0), n_stack=4)
-    model = SlimmablePPO("CnnPolicy", env, n_steps=64, n_epochs=1, batch_size=64, seed=0, verbose=0,
-                         policy_kwargs=dict(slimmable=dict(width_range=[0.25, 1.0])))
-    model.learn(256)
+def test_one_switch_at_full_width_is_sb3_ppo():
+    """With a single switch 1.0 (one width, no distillation) SlimmablePPO.train is SB3's PPO.train: same
+    roll-outs, same losses, same optimizer steps -> the same weights."""
+    kw = dict(_cartpole_kwargs(), n_epochs=3, batch_size=64)
+    plain = PPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=4, seed=0), **kw)
+    plain.learn(512)  # each model seeds the global RNGs when built: build and train one after the other
+    ours = SlimmablePPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=4, seed=0),
+                        policy_kwargs=dict(slimmable=dict(widths=[1.0])), **kw)
+    ours.learn(512)
+    a, b = plain.policy.state_dict(), ours.policy.state_dict()
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+    assert ours.logger.name_to_value["train/loss"] == pytest.approx(plain.logger.name_to_value["train/loss"],
+                                                                     rel=1e-5)
+
+
+def test_distillation_gradient_stops_at_the_widest_policy():
+    """The narrower widths' KL term reaches the weights only through the student: the gradients equal those of
+    KL(teacher || student) with the widest width's logits computed under no_grad, and differ from a teacher left
+    in the graph."""
+    model = _cartpole(distill="kl")
+    obs = torch.as_tensor(np.random.RandomState(0).randn(64, 4).astype(np.float32))
+    params = list(model.policy.parameters())
+
+    def grads():
+        g = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        model.policy.zero_grad()
+        return g
+
+    model.policy.zero_grad()
+    widths = []
+    for p in model.width_step.iterate(0):
+        with p:
+            dist = model._evaluate(obs, torch.zeros(64, dtype=torch.long))[3]
+            loss = p.loss({"distribution": dist}, dist.logits.sum() * 0)
+            widths.append(p.width)
+            loss.backward()
+    ours = grads()
+    assert widths[0] == 1.0 and len(widths) == 4
+
+    def manual(detach: bool):
+        for w in widths[1:]:
+            with slim.width(1.0):
+                t = model.policy.get_distribution(obs).distribution
+            if detach:
+                t = torch.distributions.Categorical(logits=t.logits.detach())
+            with slim.width(w):
+                s = model.policy.get_distribution(obs).distribution
+            torch.distributions.kl_divergence(t, s).mean().backward()
+        return grads()
+
+    for a, b in zip(ours, manual(detach=True)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, manual(detach=False)))
+
+
+def test_breakout_runs_at_every_width_and_heads_keep_their_sizes(tmp_path):
+    env = _breakout(n_envs=4)
+    model = SlimmablePPO("CnnPolicy", env, n_steps=128, n_epochs=1, batch_size=128, seed=0, verbose=0,
+                         policy_kwargs=dict(features_extractor_class=USNetsAtariCNN,
+                                            slimmable=dict(width_range=[0.25, 1.0])))
+    cb = WidthEvalCallback(_breakout(n_envs=1, seed=5), widths=WIDTHS, eval_freq=128, n_eval_episodes=1,
+                           deterministic=False, log_path=str(tmp_path), verbose=0)
+    model.learn(2048, callback=cb)
+    assert model.num_timesteps == 2048 and model.width_iteration == 4 * 4  # 4 updates x 4 minibatches
     x = torch.zeros(3, 4, 84, 84)
-    for w in (0.25, 0.5, 1.0):
+    channels = []
+    for w in WIDTHS:
         with slim.width(w), torch.no_grad():
             logits = model.policy.get_distribution(x).distribution.logits
             v = model.policy.predict_values(x)
+            channels.append(model.policy.features_extractor.linear(
+                model.policy.features_extractor.cnn(x)).shape[1])
         assert logits.shape == (3, 4) and v.shape == (3, 1)
-    assert model.width_iteration > 0
+    assert channels == [128, 256, 384, 512]
+    with open(tmp_path / "spectrum.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["width"]) for r in rows] == list(WIDTHS)
+    mflops = [float(r["mflops"]) for r in rows]
+    assert mflops == sorted(mflops) and 7.5 < mflops[-1] < 7.8  # the paper's CNN: ~7.6 M multiply-adds
+    assert all(float(r["mean_reward"]) >= 0 for r in rows)
+    with open(tmp_path / "evaluations.csv") as f:
+        # eval_freq counts callback calls (one per vectorised step of 4 envs), as in SB3: every 512 env steps
+        assert [float(r["timesteps"]) for r in csv.DictReader(f)] == [t for t in (512, 1024, 1536, 2048) for _ in WIDTHS]
 
 
-def test_distillation_does_not_reach_the_widest_target():
-    model = _cartpole(distill="kl")
-    model.learn(256)
-    res = model.width_step.last
-    assert res.results[0].distilled is False and all(r.distilled for r in res.results[1:])
-    assert all("distill" in r.parts for r in res.results[1:])
+def test_individual_baseline_cnn_has_the_slice_channels():
+    """USNetsAtariCNN(width_mult=w) (the individually trained baselines) has the US net's channels at w."""
+    env = _breakout(n_envs=1)
+    us = SlimmablePPO("CnnPolicy", env, policy_kwargs=dict(features_extractor_class=USNetsAtariCNN), verbose=0)
+    for w in WIDTHS:
+        plain = PPO("CnnPolicy", env, verbose=0, policy_kwargs=dict(
+            features_extractor_class=USNetsAtariCNN, features_extractor_kwargs=dict(width_mult=w)))
+        exported = slim.export(us.policy.features_extractor, w, example_input=torch.zeros(1, 4, 84, 84))
+        assert [tuple(p.shape) for p in plain.policy.features_extractor.parameters()] == \
+            [tuple(p.shape) for p in exported.parameters()]
+
+
+def test_slim_train_on_the_zoo_yaml(tmp_path):
+    from slim_plugins.cli import main
+
+    out = tmp_path / "run"
+    sets = ["n_timesteps=512", "n_envs=2", "n_steps=64", "batch_size=64", "n_epochs=1", "eval_freq=256",
+            "n_eval_episodes=1"]
+    rc = main(["train", os.path.join(REPO, "configs", "sb3", "breakout_us_ppo.yaml"), "--output", str(out),
+               *[a for s in sets for a in ("--set", s)]])
+    assert rc == 0
+    model = SlimmablePPO.load(out / "BreakoutNoFrameskip-v4.zip")
+    assert model.slim_settings.distill == "kl" and model.slim_settings.spec.min == 0.25
+    assert isinstance(model.policy.features_extractor, USNetsAtariCNN)
+    with open(out / "spectrum.csv") as f:
+        assert [float(r["width"]) for r in csv.DictReader(f)] == list(WIDTHS)
+    assert any(n.startswith("PPO_") for n in os.listdir(out))  # TensorBoard run, as SB3 names it
 
 
 def test_parse_errors():
@@ -69,3 +183,10 @@ def test_parse_errors():
         parse_slimmable({"width_range": [0.25, 1.0], "distill": "l1"})
     with pytest.raises(InvalidArgumentError, match="unknown slimmable key"):
         parse_slimmable({"width_range": [0.25, 1.0], "temperature": 2})
+    with pytest.raises(InvalidArgumentError, match="distill_weight"):
+        parse_slimmable({"width_range": [0.25, 1.0], "distill_weight": -1})
+    with pytest.raises(WidthError):
+        parse_slimmable({"width_range": [1.0, 0.25]})
+    with pytest.raises(InvalidArgumentError, match="share_features_extractor"):
+        SlimmablePPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1),
+                     policy_kwargs=dict(share_features_extractor=False))

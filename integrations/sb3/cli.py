@@ -33,6 +33,31 @@ def _schedule(value):
     return value
 
 
+def _resolve_policy_kwargs(pk):
+    """rl-zoo writes ``policy_kwargs`` as a Python string; here it is a mapping whose ``features_extractor_class``
+    may be a dotted import path (``slim_plugins.integrations.sb3.USNetsAtariCNN``)."""
+    import importlib
+
+    pk = dict(pk or {})
+    cls = pk.get("features_extractor_class")
+    if isinstance(cls, str):
+        module, _, name = cls.rpartition(".")
+        try:
+            pk["features_extractor_class"] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(f"policy_kwargs.features_extractor_class: cannot import {cls!r} ({e})") from None
+    return pk
+
+
+def ppo_kwargs(hp: dict) -> dict:
+    """The PPO constructor arguments of an rl-zoo entry: everything but rl-zoo's own keys, ``lin_`` schedules
+    made callables, ``policy_kwargs`` resolved."""
+    kwargs: dict[str, Any] = {k: _schedule(v) for k, v in hp.items() if k not in _ZOO_ONLY}
+    if "policy_kwargs" in kwargs:
+        kwargs["policy_kwargs"] = _resolve_policy_kwargs(kwargs["policy_kwargs"])
+    return kwargs
+
+
 def make_env(env_id: str, hp: dict, n_envs: int, seed: int):
     """SB3's vectorised envs as rl-zoo builds them: ``make_atari_env`` (AtariWrapper) + ``VecFrameStack`` for
     Atari ids, ``make_vec_env`` otherwise."""
@@ -70,7 +95,7 @@ def cmd_train(args, cfg: dict) -> int:
     n_envs = int(hp.get("n_envs", 1))
     env = make_env(env_id, hp, n_envs, seed)
     eval_env = make_env(env_id, hp, 1, seed + 1000)
-    kwargs: dict[str, Any] = {k: _schedule(v) for k, v in hp.items() if k not in _ZOO_ONLY}
+    kwargs = ppo_kwargs(hp)
     if args.lr is not None:
         kwargs["learning_rate"] = args.lr
     if args.batch_size is not None:

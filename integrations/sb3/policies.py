@@ -7,19 +7,30 @@ import torch
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from slim_plugins.width import make_divisible
+
 
 class USNetsAtariCNN(BaseFeaturesExtractor):
     """``(N, C, 84, 84)`` -> ``(N, features_dim)``; pass as ``policy_kwargs=dict(features_extractor_class=
-    USNetsAtariCNN)``."""
+    USNetsAtariCNN)``.
 
-    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 512):
-        super().__init__(observation_space, features_dim)
+    Args:
+        features_dim: units of the FC at 1.0x (512).
+        width_mult: a fixed-width copy for individually trained baselines: every layer has
+            ``make_divisible(base * width_mult, 8)`` channels, as the slimmable net's layers at that width.
+    """
+
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 512, width_mult: float = 1.0):
+        def ch(base: int) -> int:
+            return base if width_mult == 1.0 else make_divisible(base * width_mult, 8)
+
+        super().__init__(observation_space, ch(features_dim))
         c = observation_space.shape[0]
-        self.cnn = nn.Sequential(nn.Conv2d(c, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
-                                 nn.Conv2d(64, 32, 3, 1), nn.ReLU(), nn.Flatten())
+        self.cnn = nn.Sequential(nn.Conv2d(c, ch(32), 8, 4), nn.ReLU(), nn.Conv2d(ch(32), ch(64), 4, 2), nn.ReLU(),
+                                 nn.Conv2d(ch(64), ch(32), 3, 1), nn.ReLU(), nn.Flatten())
         with torch.no_grad():
             n = self.cnn(torch.as_tensor(observation_space.sample()[None]).float()).shape[1]
-        self.linear = nn.Sequential(nn.Linear(n, features_dim), nn.ReLU())
+        self.linear = nn.Sequential(nn.Linear(n, ch(features_dim)), nn.ReLU())
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return self.linear(self.cnn(observations))

@@ -175,7 +175,7 @@ class SlimmablePPO(PPO):
             else None
         entropy_losses, pg_losses, value_losses, clip_fractions, distill_losses = [], [], [], [], []
         continue_training = True
-        loss = torch.zeros(())
+        widest_loss = torch.zeros(())
         for epoch in range(self.n_epochs):
             approx_kl_divs = []
             for rollout_data in self.rollout_buffer.get(self.batch_size):
@@ -201,6 +201,7 @@ class SlimmablePPO(PPO):
                         ppo = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
                         loss = p.loss({"distribution": dist}, ppo)
                         if p.index == 0:  # the widest width: SB3's logs and early stop
+                            widest_loss = loss.detach()
                             pg_losses.append(policy_loss.item())
                             clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
                             value_losses.append(value_loss.item())
@@ -234,8 +235,10 @@ class SlimmablePPO(PPO):
         self.logger.record("train/value_loss", np.mean(value_losses))
         self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
         self.logger.record("train/clip_fraction", np.mean(clip_fractions))
-        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/loss", widest_loss.item())
         self.logger.record("train/explained_variance", explained_var)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
         if distill_losses:
             self.logger.record("train/distill_kl", np.mean(distill_losses))
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
