@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -184,11 +185,13 @@ def _fused_bn_replacement(bn: nn.Module) -> nn.Module:
 
 
 def export_onnx(plain: nn.Module, example_input: torch.Tensor, path: str, opset: int = 17,
-                dynamic_batch: bool = True, dynamic_hw: bool = False) -> str:
+                dynamic_batch: bool = True, dynamic_hw: bool = False,
+                output_names: Sequence[str] = ("output",)) -> str:
     """Write the ONNX graph of an exported plain model atomically; returns ``path``.
 
-    ``dynamic_batch`` / ``dynamic_hw``: the input's and output's dims 0 / 2, 3 are left symbolic (a fully
-    convolutional net, e.g. super-resolution, then takes any image size).
+    ``dynamic_batch`` / ``dynamic_hw``: the input's and outputs' dims 0 / 2, 3 are left symbolic (a fully
+    convolutional net, e.g. super-resolution, then takes any image size). ``output_names``: one name per output
+    of a model returning a tuple (e.g. ``("logits", "value")`` for an actor-critic).
 
     Uses ``torch.onnx.export``; check it with onnxruntime (see tests/test_export.py).
     """
@@ -198,10 +201,10 @@ def export_onnx(plain: nn.Module, example_input: torch.Tensor, path: str, opset:
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".onnx.tmp")
     os.close(fd)
     try:
-        kwargs = dict(input_names=["input"], output_names=["output"], opset_version=opset)
+        kwargs = dict(input_names=["input"], output_names=list(output_names), opset_version=opset)
         axes = ({0: "batch"} if dynamic_batch else {}) | ({2: "height", 3: "width"} if dynamic_hw else {})
         if axes:
-            kwargs["dynamic_axes"] = {"input": dict(axes), "output": dict(axes)}
+            kwargs["dynamic_axes"] = {name: dict(axes) for name in ["input", *output_names]}
         torch.onnx.export(plain, (example_input,), tmp, dynamo=False, **kwargs)
         os.replace(tmp, path)
     finally:

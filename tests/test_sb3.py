@@ -19,6 +19,8 @@ from slim_plugins.errors import InvalidArgumentError, WidthError  # noqa: E402
 from slim_plugins.integrations.sb3 import (SlimmablePPO, USNetsAtariCNN, WidthEvalCallback,  # noqa: E402
                                            parse_slimmable)
 
+# the actor-critic must trace (both heads found as output layers), never fall back to the prefix rule
+pytestmark = pytest.mark.filterwarnings("error::slim_plugins.convert.SlimWarning")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -176,6 +178,30 @@ def test_slim_train_on_the_zoo_yaml(tmp_path):
     with open(out / "spectrum.csv") as f:
         assert [float(r["width"]) for r in csv.DictReader(f)] == list(WIDTHS)
     assert any(n.startswith("PPO_") for n in os.listdir(out))  # TensorBoard run, as SB3 names it
+    zip_path = str(out / "BreakoutNoFrameskip-v4.zip")
+
+    assert main(["eval", zip_path, "--widths", "0.25", "0.6", "--csv", str(tmp_path / "ev.csv")]) == 0
+    with open(tmp_path / "ev.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["width"]) for r in rows] == [0.25, 0.6] and float(rows[0]["mflops"]) < float(rows[1]["mflops"])
+    assert main(["profile", zip_path, "--no-latency", "--csv", str(tmp_path / "prof.csv")]) == 0
+    assert main(["eval", zip_path, "--widths", "0.1"]) == 2  # outside the range: a typed error, exit status 2
+
+    assert main(["export", zip_path, "--width", "0.5", "--onnx"]) == 0
+    import onnxruntime as ort
+
+    plain = torch.load(out / "exported" / "width_0.5.pth", weights_only=False)
+    obs = np.stack([_breakout(n_envs=1, seed=s).reset()[0] for s in range(3)]).astype(np.float32)  # (3, 84, 84, 4)
+    obs = obs.transpose(0, 3, 1, 2)  # VecTransposeImage: channels first, as the policy sees them
+    with slim.width(0.5), torch.no_grad():
+        dist = model.policy.get_distribution(torch.as_tensor(obs)).distribution
+        value = model.policy.predict_values(torch.as_tensor(obs))
+        logits, v = plain(torch.as_tensor(obs))
+    assert torch.allclose(logits.log_softmax(-1), dist.logits, atol=1e-5) and torch.allclose(v, value, atol=1e-5)
+    sess = ort.InferenceSession(str(out / "exported" / "width_0.5.onnx"))
+    o_logits, o_value = sess.run(None, {"input": obs})
+    assert o_logits.shape == (3, 4) and np.allclose(o_logits, logits.numpy(), atol=1e-4)
+    assert np.allclose(o_value, v.numpy(), atol=1e-4)
 
 
 def test_parse_errors():

@@ -1,11 +1,16 @@
-"""``slim train`` for rl-zoo-style hyperparameter YAMLs (entry-point group ``slim_plugins.frameworks``, ``sb3``)::
+"""``slim`` commands for Stable-Baselines3 (entry-point group ``slim_plugins.frameworks``, ``sb3``)::
 
     slim train configs/sb3/breakout_us_ppo.yaml [--set n_timesteps=200000] [--output logs/us_ppo/run]
+    slim eval logs/us_ppo/run/BreakoutNoFrameskip-v4.zip [--widths 0.25 0.5 1.0]
+    slim profile logs/us_ppo/run/BreakoutNoFrameskip-v4.zip
+    slim export logs/us_ppo/run/BreakoutNoFrameskip-v4.zip --width 0.5 [--onnx]
 
 The YAML is rl-zoo's format: one top-level key, the environment id, holding ``policy``, ``n_envs``, ``n_timesteps``,
 ``frame_stack``, ``env_wrapper``, the PPO arguments (``lin_2.5e-4`` = a linear schedule, as rl-zoo reads it) and
 ``policy_kwargs`` with the ``slimmable`` entry; plus optional ``eval_freq`` / ``n_eval_episodes``. Output follows
-rl-zoo: ``<output>/<env>.zip``, TensorBoard logs, ``spectrum.csv`` (reward per width) and ``evaluations.csv``.
+rl-zoo: ``<output>/<env>.zip``, ``<output>/config.yml`` (the hyperparameters used, in the same format: what
+``slim eval`` rebuilds the environment from), TensorBoard logs, ``spectrum.csv`` (reward per width) and
+``evaluations.csv``.
 """
 from __future__ import annotations
 
@@ -79,6 +84,9 @@ def make_env(env_id: str, hp: dict, n_envs: int, seed: int):
 def cmd_train(args, cfg: dict) -> int:
     """``slim train ZOO.yaml``: ``SlimmablePPO`` with the file's hyperparameters; evaluates every width at the end
     (and every ``eval_freq`` steps) with SB3's ``evaluate_policy``."""
+    import yaml
+
+    from slim_plugins.checkpoint import atomic_write
     from slim_plugins.cli import write_spectrum_csv
 
     from .callbacks import WidthEvalCallback, evaluate_widths
@@ -105,6 +113,9 @@ def cmd_train(args, cfg: dict) -> int:
     n_eval = int(hp.get("n_eval_episodes", 5))
     cb = WidthEvalCallback(eval_env, eval_freq=max(1, int(hp.get("eval_freq", 25_000)) // n_envs),
                            n_eval_episodes=n_eval, log_path=out, verbose=1)
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, "config.yml"), lambda f: yaml.safe_dump({env_id: dict(hp, seed=seed)}, f),
+                 mode="w")
     model.learn(int(float(hp["n_timesteps"])), callback=cb)
     model.save(os.path.join(out, env_id))
     rows = evaluate_widths(model, eval_env, model.slim_settings.eval_widths, n_eval)
@@ -113,4 +124,115 @@ def cmd_train(args, cfg: dict) -> int:
                 columns=[("width", "width", "{:g}"), ("mflops", "MFLOPs/obs", "{:.2f}"),
                          ("params_m", "params (M)", "{:.3f}"), ("mean_reward", "reward", "{:.1f}"),
                          ("std_reward", "± std", "{:.1f}")])
+    return 0
+
+
+def claims_checkpoint(path: str) -> bool:
+    """An SB3 model zip saved by ``SlimmablePPO`` (its ``data`` entry holds ``slim_settings``)."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "slim_settings" in json.loads(z.read("data"))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        return False
+
+
+def _loaded(args):
+    """``(model, env_id, hp)``: the ``SlimmablePPO`` of the zip and the ``config.yml`` written next to it by
+    ``slim train`` (``--config`` to give another)."""
+    from slim_plugins.cli import load_yaml_config
+
+    from .ppo import SlimmablePPO
+
+    path = getattr(args, "config", None) or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                                         "config.yml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"no rl-zoo config next to {args.checkpoint!r} (expected {path}); give it with --config")
+    cfg = load_yaml_config(path)
+    if not claims_config(path, cfg):
+        raise ConfigError(f"{path!r} is not an rl-zoo hyperparameter file (one env id -> policy, n_timesteps, ...)")
+    (env_id, hp), = cfg.items()
+    model = SlimmablePPO.load(args.checkpoint, device=getattr(args, "device", None) or "cpu")
+    return model, env_id, dict(hp)
+
+
+def _columns(extra=()):
+    return [("width", "width", "{:g}"), ("mflops", "MFLOPs/obs", "{:.2f}"), ("params_m", "params (M)", "{:.3f}"),
+            *extra]
+
+
+def cmd_eval(args) -> int:
+    """``slim eval MODEL.zip``: SB3's ``evaluate_policy`` at each width (``--widths`` / ``--step``, default the
+    model's ``eval_widths``) on the config's environment, ``n_eval_episodes`` games (default 10); rich table,
+    spectrum CSV (``--csv``, default ``spectrum.csv`` next to the zip) and plot (``--plot``)."""
+    from slim_plugins.cli import plot_spectrum, print_table, requested_widths, write_spectrum_csv
+
+    from .callbacks import evaluate_widths
+
+    model, env_id, hp = _loaded(args)
+    widths = requested_widths(args, model.slim_settings)
+    env = make_env(env_id, hp, 1, int(hp.get("seed", 0)) + 1000)
+    n = int(hp.get("n_eval_episodes", 10))
+    rows = evaluate_widths(model, env, widths, n, deterministic=False)
+    print_table(rows, title=f"{env_id}: mean game reward per width ({n} games, stochastic actions)",
+                columns=_columns([("mean_reward", "reward", "{:.1f}"), ("std_reward", "± std", "{:.1f}")]))
+    out = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "spectrum.csv")
+    write_spectrum_csv(rows, out)
+    if args.plot:
+        plot_spectrum([out], args.plot)
+    return 0
+
+
+def cmd_profile(args) -> int:
+    """``slim profile MODEL.zip``: MFLOPs (multiply-adds), params and latency of the actor-critic per width for a
+    batch of ``--batch-size`` observations; ``--csv`` writes the table (the format ``slim serve --table`` reads)."""
+    import torch
+
+    import slim_plugins as slim
+    from slim_plugins.cli import print_table, requested_widths
+
+    from .ppo import ActorCriticGraph
+
+    model, _, _ = _loaded(args)
+    net = ActorCriticGraph(model.policy)
+    x = torch.zeros(args.batch_size, *model.policy.observation_space.shape, device=model.device)
+    table = slim.profile(net, x, widths=requested_widths(args, model.slim_settings), latency=not args.no_latency,
+                         repeats=args.repeats)
+    rows = [{"width": r.width, "mflops": r.mflops, "params_m": r.params_m, "latency_ms": r.latency_ms}
+            for r in table]
+    print_table(rows, title=f"{args.checkpoint}: batch {args.batch_size} of {tuple(x.shape[1:])} observations",
+                columns=_columns([("latency_ms", "ms", "{:.2f}")]))
+    if args.csv:
+        table.to_csv(args.csv)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """``slim export MODEL.zip --width W``: the plain fixed-width actor-critic (``obs -> (logits, value)``, SB3's
+    image scaling included) saved whole with ``torch.save`` (default ``exported/width_<w>.pth`` next to the zip);
+    ``--onnx`` also writes its ONNX graph (outputs ``logits``, ``value``; dynamic batch). Written atomically."""
+    import torch
+
+    import slim_plugins as slim
+    from slim_plugins.checkpoint import atomic_write
+
+    from .ppo import ActorCriticGraph
+
+    if args.fuse_bn:
+        raise ConfigError("--fuse-bn does not apply: the policy has no BN")
+    model, _, _ = _loaded(args)
+    w = model.slim_settings.spec.validate(args.width)
+    net = ActorCriticGraph(model.policy).cpu()
+    x = torch.as_tensor(model.policy.observation_space.sample()[None]).float()
+    plain = slim.export(net, w, example_input=x)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "exported",
+                                   f"width_{w:g}.pth")
+    atomic_write(out, lambda f: torch.save(plain, f))
+    msg = f"wrote {out}"
+    if args.onnx:
+        msg += " and " + slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx",
+                                          output_names=("logits", "value"))
+    print(msg)
     return 0

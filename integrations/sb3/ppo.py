@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3 import PPO
+from stable_baselines3.common.preprocessing import is_image_space, preprocess_obs
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 
@@ -92,9 +93,11 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool) -> PPOSlimSettings:
 
 
 class ActorCriticGraph(nn.Module):
-    """The trainable path of an SB3 ``ActorCriticPolicy`` as one traceable module, ``obs -> (logits, value)``,
-    so the channel analysis sees both heads (the action and value layers are the graph's two output layers and
-    keep their sizes) and the shared features extractor between them. Holds the policy's own modules."""
+    """The trainable path of an SB3 ``ActorCriticPolicy`` as one traceable module, ``obs (N, *obs_shape) ->
+    (action logits or mean (N, A), value (N, 1))``, SB3's observation preprocessing included (images / 255), so
+    the channel analysis sees both heads (the action and value layers are the graph's two output layers and keep
+    their sizes) and the shared features extractor between them. Holds the policy's own modules; exported at a
+    width it is the deployable policy (``slim export``)."""
 
     def __init__(self, policy):
         super().__init__()
@@ -102,8 +105,18 @@ class ActorCriticGraph(nn.Module):
         self.mlp_extractor = policy.mlp_extractor
         self.action_net = policy.action_net
         self.value_net = policy.value_net
+        self.observation_space = policy.observation_space
+        # SB3's preprocess_obs, written traceably for Box spaces (torch.fx proxies fail its isinstance checks)
+        self.box = isinstance(policy.observation_space, spaces.Box)
+        self.image_scale = policy.normalize_images and is_image_space(policy.observation_space)
 
     def forward(self, obs):
+        if not self.box:
+            obs = preprocess_obs(obs, self.observation_space)
+        elif self.image_scale:
+            obs = obs.float() / 255.0
+        else:
+            obs = obs.float()
         pi, vf = self.mlp_extractor(self.features_extractor(obs))
         return self.action_net(pi), self.value_net(vf)
 
