@@ -18,4 +18,5 @@ run bench_memory "$@"                   # target 4: batch 32 at 128x128
 run bench_calibrate "$@"                # target 6: 2,000 images at 64x64
 run bench_mmdet "$@"                    # detection: Faster R-CNN R50-FPN vs exported plain mmdet detectors
 run bench_basicsr "$@"                  # SR: US-WDSR vs exported plain WDSR at n = 64/48/32, 256x256 LR
+run bench_sb3 "$@"                      # RL: SlimmablePPO vs plain PPO roll-out and update on Breakout
 echo "logs in $OUT"

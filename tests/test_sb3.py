@@ -30,10 +30,10 @@ def _cartpole_kwargs(seed=0):
                 clip_range=0.2, seed=seed, verbose=0)
 
 
-def _cartpole(seed=0, **slim_kw):
+def _cartpole(seed=0, ppo_kw=None, **slim_kw):
     env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
     return SlimmablePPO("MlpPolicy", env, policy_kwargs=dict(slimmable=dict(width_range=[0.25, 1.0], **slim_kw)),
-                        **_cartpole_kwargs(seed))
+                        **_cartpole_kwargs(seed), **(ppo_kw or {}))
 
 
 def _breakout(n_envs=2, seed=0):
@@ -121,10 +121,26 @@ def test_distillation_gradient_stops_at_the_widest_policy():
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, manual(detach=False)))
 
 
+def test_rollouts_run_the_widest_policy_and_target_kl_stops_on_it():
+    model = _cartpole(ppo_kw=dict(target_kl=1e-9))
+    obs = np.random.RandomState(1).randn(16, 4).astype(np.float32)
+    with torch.no_grad():
+        default = model.policy.get_distribution(torch.as_tensor(obs)).distribution.probs
+        with slim.width(1.0):
+            widest = model.policy.get_distribution(torch.as_tensor(obs)).distribution.probs
+        with slim.width(0.25):
+            narrow = model.policy.get_distribution(torch.as_tensor(obs)).distribution.probs
+    assert torch.equal(default, widest) and not torch.allclose(default, narrow)  # collect_rollouts: the widest
+    model.learn(256)
+    # SB3's early stop on the widest width's approximate KL: 0 in epoch 1 (one minibatch, policy not yet moved),
+    # past 1.5 x target_kl at epoch 2's first minibatch -> 2 of the 20 epochs counted, as SB3 counts them
+    assert model._n_updates == 2 and model.logger.name_to_value["train/approx_kl"] > 1.5e-9
+
+
 def test_breakout_runs_at_every_width_and_heads_keep_their_sizes(tmp_path):
     env = _breakout(n_envs=4)
     model = SlimmablePPO("CnnPolicy", env, n_steps=128, n_epochs=1, batch_size=128, seed=0, verbose=0,
-                         policy_kwargs=dict(features_extractor_class=USNetsAtariCNN,
+                         policy_kwargs=dict(features_extractor_class=USNetsAtariCNN, net_arch=[],
                                             slimmable=dict(width_range=[0.25, 1.0])))
     cb = WidthEvalCallback(_breakout(n_envs=1, seed=5), widths=WIDTHS, eval_freq=128, n_eval_episodes=1,
                            deterministic=False, log_path=str(tmp_path), verbose=0)
@@ -144,7 +160,8 @@ def test_breakout_runs_at_every_width_and_heads_keep_their_sizes(tmp_path):
         rows = list(csv.DictReader(f))
     assert [float(r["width"]) for r in rows] == list(WIDTHS)
     mflops = [float(r["mflops"]) for r in rows]
-    assert mflops == sorted(mflops) and 7.5 < mflops[-1] < 7.8  # the paper's CNN: ~7.6 M multiply-adds
+    assert mflops == sorted(mflops) and 7.6 < mflops[-1] < 7.7  # the paper's CNN: ~7.6 M multiply-adds
+    assert float(rows[-1]["params_m"]) == pytest.approx(0.8654, abs=1e-4)  # 862,848 + heads 512 x (4 + 1) + 5
     assert all(float(r["mean_reward"]) >= 0 for r in rows)
     with open(tmp_path / "evaluations.csv") as f:
         # eval_freq counts callback calls (one per vectorised step of 4 envs), as in SB3: every 512 env steps

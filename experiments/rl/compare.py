@@ -144,7 +144,7 @@ def report(args) -> None:
     png = os.path.join(REPO, "docs", "results", "rl", f"{args.tag}.png")
     os.makedirs(os.path.dirname(png), exist_ok=True)
     fig.savefig(png, dpi=110)
-    print(f"| width | MFLOPs/obs | US-PPO reward | individual PPO reward |\n|---|---|---|---|")
+    print("| width | MFLOPs/obs | US-PPO reward | individual PPO reward |\n|---|---|---|---|")
     for t in table:
         print(f"| {t['width']:g} | {t['mflops']:.2f} | {t['us_reward']:.1f} ± {t['us_std']:.1f} | "
               f"{t['ind_reward']:.1f} ± {t['ind_std']:.1f} |")

@@ -12,7 +12,8 @@ from slim_plugins.width import make_divisible
 
 class USNetsAtariCNN(BaseFeaturesExtractor):
     """``(N, C, 84, 84)`` -> ``(N, features_dim)``; pass as ``policy_kwargs=dict(features_extractor_class=
-    USNetsAtariCNN)``.
+    USNetsAtariCNN, net_arch=[])`` (``net_arch=[]``: the action and value layers sit on the shared FC, as in the
+    paper; for any extractor but ``NatureCNN`` SB3 otherwise adds 64-64 MLPs for actor and critic).
 
     Args:
         features_dim: units of the FC at 1.0x (512).
