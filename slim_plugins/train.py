@@ -43,10 +43,12 @@ def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 
 def policy_kl(student, teacher, temperature: float = 1.0) -> torch.Tensor:
     """``KL(teacher || student)`` of two policies, averaged over the batch: torch ``Distribution`` objects (any
-    pair ``torch.distributions.kl_divergence`` knows) or ``(N, A)`` action logits."""
+    pair ``torch.distributions.kl_divergence`` knows) or ``(N, A)`` action logits. A factorised distribution with
+    batch shape ``(N, A)`` (SB3's diagonal Gaussian and Bernoulli) sums the KL over its action dimensions, as the
+    log-probability of a joint action sums them."""
     if isinstance(student, torch.distributions.Distribution):
         kl = torch.distributions.kl_divergence(teacher, student)
-        return kl.mean()
+        return kl.reshape(kl.shape[0], -1).sum(1).mean() if kl.dim() > 1 else kl.mean()
     return kl_divergence(student, teacher, temperature)
 
 

@@ -11,7 +11,7 @@ evaluates Atari; whole games, all lives) at 0.25 / 0.5 / 0.75 / 1.0 (US) or at i
 
     # one process per lane (2 cores: one thread each), then the report
     .venv/bin/python experiments/rl/compare.py --runs us_ppo --steps 200000 --tag cpu_200k &
-    .venv/bin/python experiments/rl/compare.py --runs ppo_w0.25 ppo_w0.5 ppo_w0.75 ppo_w1.0 --steps 200000 \
+    .venv/bin/python experiments/rl/compare.py --runs ppo_w0.25 ppo_w0.5 ppo_w0.75 ppo_w1 --steps 200000 \
         --tag cpu_200k
     .venv/bin/python experiments/rl/compare.py --report --tag cpu_200k
 

@@ -47,7 +47,8 @@ def evaluate_widths(model, env, widths: Sequence[float], n_eval_episodes: int = 
 
 class WidthEvalCallback(BaseCallback):
     """Every ``eval_freq`` calls (environment steps / n_envs, as SB3's ``EvalCallback``), evaluate the model at
-    each width of ``widths`` (default: the model's ``eval_widths``) on ``eval_env``; log ``eval/mean_reward_w<w>``
+    each width of ``widths`` (default: the model's ``eval_widths``; for a plain SB3 model, e.g. an individually
+    trained baseline, pass ``widths=[its width]`` as its label) on ``eval_env``; log ``eval/mean_reward_w<w>``
     and write ``<log_path>/spectrum.csv`` (latest) and ``<log_path>/evaluations.csv`` (all, with ``timesteps``).
     ``history`` holds the rows of every evaluation."""
 

@@ -22,6 +22,7 @@ from slim_plugins.cli import ConfigError, parse_overrides, print_table
 CONFIG_SUFFIXES = (".yml", ".yaml")
 _ZOO_ONLY = ("n_timesteps", "n_envs", "frame_stack", "env_wrapper", "normalize", "policy", "eval_freq",
              "n_eval_episodes", "vec_env_wrapper", "callback", "env_kwargs")
+_ZOO_UNSUPPORTED = ("normalize", "vec_env_wrapper", "callback")  # rl-zoo keys slim train does not build (yet)
 
 
 def claims_config(path: str, cfg) -> bool:
@@ -63,19 +64,36 @@ def ppo_kwargs(hp: dict) -> dict:
     return kwargs
 
 
+def is_atari(env_id: str, hp: dict) -> bool:
+    """An ALE environment (rl-zoo: an ``env_wrapper`` entry, or a ``NoFrameskip`` id)."""
+    return bool(hp.get("env_wrapper")) or "NoFrameskip" in env_id
+
+
 def make_env(env_id: str, hp: dict, n_envs: int, seed: int):
     """SB3's vectorised envs as rl-zoo builds them: ``make_atari_env`` (AtariWrapper) + ``VecFrameStack`` for
-    Atari ids, ``make_vec_env`` otherwise."""
+    Atari ids, ``make_vec_env`` otherwise; ``env_kwargs`` go to ``gym.make``.
+
+    Raises:
+        ConfigError: an rl-zoo key this command does not build (``normalize``, ``vec_env_wrapper``, ``callback``,
+            an ``env_wrapper`` other than SB3's AtariWrapper).
+    """
     from stable_baselines3.common.env_util import make_atari_env, make_vec_env
     from stable_baselines3.common.vec_env import VecFrameStack
 
-    wrapper = str(hp.get("env_wrapper", ""))
-    if "AtariWrapper" in wrapper or "NoFrameskip" in env_id:
+    unsupported = [k for k in _ZOO_UNSUPPORTED if hp.get(k)]
+    wrapper = hp.get("env_wrapper")
+    if wrapper and wrapper != "stable_baselines3.common.atari_wrappers.AtariWrapper":
+        unsupported.append(f"env_wrapper={wrapper!r}")
+    if unsupported:
+        raise ConfigError(f"slim train does not build the rl-zoo setting(s) {unsupported} yet; supported: "
+                          "env_wrapper AtariWrapper, frame_stack, env_kwargs, n_envs and PPO's own arguments")
+    env_kwargs = dict(hp.get("env_kwargs") or {})
+    if is_atari(env_id, hp):
         import ale_py  # noqa: F401  registers the ALE environments with gymnasium
 
-        env = make_atari_env(env_id, n_envs=n_envs, seed=seed)
+        env = make_atari_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
     else:
-        env = make_vec_env(env_id, n_envs=n_envs, seed=seed)
+        env = make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
     if hp.get("frame_stack"):
         env = VecFrameStack(env, n_stack=int(hp["frame_stack"]))
     return env
@@ -83,7 +101,8 @@ def make_env(env_id: str, hp: dict, n_envs: int, seed: int):
 
 def cmd_train(args, cfg: dict) -> int:
     """``slim train ZOO.yaml``: ``SlimmablePPO`` with the file's hyperparameters; evaluates every width at the end
-    (and every ``eval_freq`` steps) with SB3's ``evaluate_policy``."""
+    (and every ``eval_freq`` steps) with SB3's ``evaluate_policy`` (stochastic actions on Atari, as rl-zoo
+    evaluates it; deterministic otherwise)."""
     import yaml
 
     from slim_plugins.checkpoint import atomic_write
@@ -111,14 +130,15 @@ def cmd_train(args, cfg: dict) -> int:
     device = args.device or "auto"
     model = SlimmablePPO(hp["policy"], env, seed=seed, tensorboard_log=out, device=device, verbose=1, **kwargs)
     n_eval = int(hp.get("n_eval_episodes", 5))
+    deterministic = not is_atari(env_id, hp)
     cb = WidthEvalCallback(eval_env, eval_freq=max(1, int(hp.get("eval_freq", 25_000)) // n_envs),
-                           n_eval_episodes=n_eval, log_path=out, verbose=1)
+                           n_eval_episodes=n_eval, deterministic=deterministic, log_path=out, verbose=1)
     os.makedirs(out, exist_ok=True)
     atomic_write(os.path.join(out, "config.yml"), lambda f: yaml.safe_dump({env_id: dict(hp, seed=seed)}, f),
                  mode="w")
     model.learn(int(float(hp["n_timesteps"])), callback=cb)
     model.save(os.path.join(out, env_id))
-    rows = evaluate_widths(model, eval_env, model.slim_settings.eval_widths, n_eval)
+    rows = evaluate_widths(model, eval_env, model.slim_settings.eval_widths, n_eval, deterministic)
     write_spectrum_csv(rows, os.path.join(out, "spectrum.csv"))
     print_table(rows, title=f"{env_id}: mean episode reward per width ({n_eval} episodes)",
                 columns=[("width", "width", "{:g}"), ("mflops", "MFLOPs/obs", "{:.2f}"),
@@ -128,13 +148,13 @@ def cmd_train(args, cfg: dict) -> int:
 
 
 def claims_checkpoint(path: str) -> bool:
-    """An SB3 model zip saved by ``SlimmablePPO`` (its ``data`` entry holds ``slim_settings``)."""
+    """An SB3 model zip saved by ``SlimmablePPO`` (its ``data`` entry holds ``slim_config``)."""
     import json
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            return "slim_settings" in json.loads(z.read("data"))
+            return "slim_config" in json.loads(z.read("data"))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError):
         return False
 
@@ -165,8 +185,9 @@ def _columns(extra=()):
 
 def cmd_eval(args) -> int:
     """``slim eval MODEL.zip``: SB3's ``evaluate_policy`` at each width (``--widths`` / ``--step``, default the
-    model's ``eval_widths``) on the config's environment, ``n_eval_episodes`` games (default 10); rich table,
-    spectrum CSV (``--csv``, default ``spectrum.csv`` next to the zip) and plot (``--plot``)."""
+    model's ``eval_widths``) on the config's environment, ``n_eval_episodes`` games (default 10; stochastic
+    actions on Atari); rich table, spectrum CSV (``--csv``, default ``eval_spectrum.csv`` next to the zip, beside
+    the training's ``spectrum.csv``) and plot (``--plot``)."""
     from slim_plugins.cli import plot_spectrum, print_table, requested_widths, write_spectrum_csv
 
     from .callbacks import evaluate_widths
@@ -175,10 +196,12 @@ def cmd_eval(args) -> int:
     widths = requested_widths(args, model.slim_settings)
     env = make_env(env_id, hp, 1, int(hp.get("seed", 0)) + 1000)
     n = int(hp.get("n_eval_episodes", 10))
-    rows = evaluate_widths(model, env, widths, n, deterministic=False)
-    print_table(rows, title=f"{env_id}: mean game reward per width ({n} games, stochastic actions)",
+    deterministic = not is_atari(env_id, hp)
+    rows = evaluate_widths(model, env, widths, n, deterministic=deterministic)
+    print_table(rows, title=f"{env_id}: mean episode reward per width ({n} episodes, "
+                f"{'deterministic' if deterministic else 'stochastic'} actions)",
                 columns=_columns([("mean_reward", "reward", "{:.1f}"), ("std_reward", "± std", "{:.1f}")]))
-    out = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "spectrum.csv")
+    out = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval_spectrum.csv")
     write_spectrum_csv(rows, out)
     if args.plot:
         plot_spectrum([out], args.plot)
@@ -210,9 +233,10 @@ def cmd_profile(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """``slim export MODEL.zip --width W``: the plain fixed-width actor-critic (``obs -> (logits, value)``, SB3's
-    image scaling included) saved whole with ``torch.save`` (default ``exported/width_<w>.pth`` next to the zip);
-    ``--onnx`` also writes its ONNX graph (outputs ``logits``, ``value``; dynamic batch). Written atomically."""
+    """``slim export MODEL.zip --width W``: the plain fixed-width actor-critic (``obs -> (action logits, value)``,
+    SB3's image scaling included; for a Gaussian policy the first output is the action mean, ``log_std`` is not
+    in the graph) saved whole with ``torch.save`` (default ``exported/width_<w>.pth`` next to the zip); ``--onnx``
+    also writes its ONNX graph (outputs ``logits``, ``value``; dynamic batch). Written atomically."""
     import torch
 
     import slim_plugins as slim
@@ -221,7 +245,7 @@ def cmd_export(args) -> int:
     from .ppo import ActorCriticGraph
 
     if args.fuse_bn:
-        raise ConfigError("--fuse-bn does not apply: the policy has no BN")
+        raise ConfigError("--fuse-bn is not implemented for SB3 policies")
     model, _, _ = _loaded(args)
     w = model.slim_settings.spec.validate(args.width)
     net = ActorCriticGraph(model.policy).cpu()

@@ -44,7 +44,8 @@ class PPOSlimSettings:
     Attributes:
         spec: a range (US-Net) or switches (S-Net). num_widths / rule: the width schedule per minibatch.
         distill: ``"kl"`` (policy distillation: ``KL(widest || width)`` added to the PPO loss of the other widths,
-            US-Nets §4.2) or ``None``. distill_weight: its weight.
+            US-Nets §4.2; the default for a range) or ``None`` (the default for switches: S-Nets train every
+            switch on the task loss). distill_weight: its weight.
         eval_widths: widths evaluated by the callbacks and ``slim eval`` (default: the switches, or 4 evenly spaced).
         seed: width sampling seed, drawn per ``(seed, update)``.
     """
@@ -129,19 +130,36 @@ class ActorCriticGraph(nn.Module):
 
 
 def make_slimmable_policy(policy, settings: PPOSlimSettings):
-    """Convert an SB3 ``ActorCriticPolicy`` in place (shared features extractor only); returns it.
+    """Convert an SB3 ``ActorCriticPolicy`` in place and rebuild its optimizer over the converted parameters
+    (switchable BN and weight norm bring new ones); returns it.
 
     Raises:
-        InvalidArgumentError: a policy with separate actor / critic features extractors.
+        InvalidArgumentError: separate actor / critic features extractors; gSDE (its noise matrix is sized by the
+            full latent); a MultiDiscrete action space with ``distill="kl"`` (SB3 keeps its distributions in a
+            list); BatchNorm with a width range (US-Nets need BN post-statistics from roll-outs, not built here:
+            use switches or a BN-free extractor such as the paper's).
     """
     if not getattr(policy, "share_features_extractor", True):
         raise InvalidArgumentError("SlimmablePPO needs share_features_extractor=True (the paper's actor and critic "
                                    "share the CNN and its 512-unit FC)")
+    if getattr(policy, "use_sde", False):
+        raise InvalidArgumentError("SlimmablePPO does not support use_sde=True: gSDE's noise matrix is sized by the "
+                                   "full-width latent; use the default Gaussian policy")
+    if settings.distill and isinstance(policy.action_space, spaces.MultiDiscrete):
+        raise InvalidArgumentError("distill='kl' does not support MultiDiscrete action spaces (SB3 keeps one "
+                                   "Categorical per dimension in a list); use distill: null")
+    if not settings.spec.is_switches and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                             for m in policy.modules()):
+        raise InvalidArgumentError("the policy has BatchNorm: a width range needs BN post-statistics, which "
+                                   "SlimmablePPO does not compute; use widths: [...] (switchable BN) or a BN-free "
+                                   "features extractor (the paper's USNetsAtariCNN has none)")
     graph = ActorCriticGraph(policy)
     shape = policy.observation_space.shape
     example = torch.zeros(2, *shape, device=policy.device)
     slim.convert(graph, settings.spec, example_input=example)
     graph.write_back(policy)  # the width state lives on the converted modules, found from the policy
+    lr = policy.optimizer.param_groups[0]["lr"]
+    policy.optimizer = policy.optimizer_class(policy.parameters(), lr=lr, **policy.optimizer_kwargs)
     return policy
 
 
@@ -152,14 +170,18 @@ class SlimmablePPO(PPO):
     def __init__(self, policy, env, *args, policy_kwargs: dict | None = None, _init_setup_model: bool = True,
                  **kwargs):
         pk = dict(policy_kwargs or {})
-        self.slim_settings = parse_slimmable(pk.pop("slimmable", True))
+        slimmable = pk.pop("slimmable", True)
+        # load() builds the model with _init_setup_model=False and then sets slim_config from the zip
+        self.slim_config = parse_slimmable(slimmable).to_dict() if _init_setup_model else None
         self.width_iteration = 0  # minibatches trained: the width schedule's position (saved with the model)
         super().__init__(policy, env, *args, policy_kwargs=pk, _init_setup_model=_init_setup_model, **kwargs)
 
     def _setup_model(self) -> None:
+        if self.slim_config is None:
+            raise InvalidArgumentError("this SB3 zip has no slim_config: it was not saved by SlimmablePPO "
+                                       "(load it with stable_baselines3.PPO)")
+        self.slim_settings = parse_slimmable(dict(self.slim_config))
         super()._setup_model()
-        if isinstance(self.slim_settings, Mapping):  # restored by load() from the zip's data
-            self.slim_settings = parse_slimmable(dict(self.slim_settings))
         make_slimmable_policy(self.policy, self.slim_settings)
         s = self.slim_settings
         self.width_step = slim.MultiWidthStep(self.policy, s.spec, num_widths=s.num_widths, rule=s.rule,
@@ -168,7 +190,13 @@ class SlimmablePPO(PPO):
                                               seed=s.seed)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "width_step"]
+        # slim_config (plain JSON) is saved; the settings object and the step are rebuilt from it
+        return [*super()._excluded_save_params(), "width_step", "slim_settings"]
+
+    def collect_rollouts(self, *args, **kwargs) -> bool:
+        """SB3's roll-outs, run by the widest policy whatever width is set around ``learn`` (US-Nets §4.2)."""
+        with slim.width(self.slim_settings.spec.max):
+            return super().collect_rollouts(*args, **kwargs)
 
     def _evaluate(self, obs, actions):
         """``(values, log_prob, entropy, distribution)`` at the current width (SB3's ``evaluate_actions`` plus the
