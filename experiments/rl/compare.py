@@ -16,8 +16,9 @@ evaluates Atari; whole games, all lives) at 0.25 / 0.5 / 0.75 / 1.0 (US) or at i
     .venv/bin/python experiments/rl/compare.py --report --tag cpu_200k
 
 Writes ``results/rl/<tag>/<run>.csv`` (timesteps, width, mflops, params_m, mean/std reward, train_s) and, with
-``--report``, ``results/rl/<tag>.csv`` (final table), ``docs/results/rl/<tag>.png`` (reward curves per width) and a
-markdown table on stdout.
+``--report`` (which re-evaluates each saved final model on ``--report-episodes`` games per width, and random
+actions as the chance level), ``results/rl/<tag>.csv`` (final table), ``docs/results/rl/<tag>.png`` (reward curves
+per width) and a markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -93,13 +94,42 @@ def random_reward(args) -> tuple[float, float]:
     from slim_plugins.integrations.sb3.cli import make_env
 
     env_id, hp = _config()
-    env = make_env(env_id, hp, 1, args.seed + 1000)
+    env = make_env(env_id, hp, 1, args.seed + 2000)
     env.reset()
     rewards = []
-    while len(rewards) < args.final_episodes:
+    while len(rewards) < args.report_episodes:
         _, _, _, infos = env.step(np.array([env.action_space.sample()]))
         rewards += [i["episode"]["r"] for i in infos if "episode" in i]
     return float(np.mean(rewards)), float(np.std(rewards))
+
+
+def final_rewards(args) -> dict:
+    """``{(run, width): (mean, std)}``: each run's saved final model re-evaluated on ``--report-episodes`` games
+    per width (stochastic actions, the evaluation env's seed), a tighter estimate than the runs' own final
+    evaluation."""
+    from stable_baselines3 import PPO
+
+    from slim_plugins.integrations.sb3 import SlimmablePPO, evaluate_widths, parse_slimmable
+    from slim_plugins.integrations.sb3.cli import claims_checkpoint, make_env
+
+    env_id, hp = _config()
+    out = {}
+    for name in RUNS:
+        path = os.path.join(args.work_dir, args.tag, name, f"{env_id}.zip")
+        if name == "us_ppo":
+            # the cpu_200k US model was saved before SlimmablePPO stored its settings as `slim_config`: give
+            # them (the YAML's) to load(), which sets keyword arguments on the model before building it
+            extra = {} if claims_checkpoint(path) else {
+                "slim_config": parse_slimmable(hp["policy_kwargs"]["slimmable"]).to_dict()}
+            model = SlimmablePPO.load(path, device="cpu", **extra)
+        else:
+            model = PPO.load(path, device="cpu")
+        widths = WIDTHS if name == "us_ppo" else [float(name[len("ppo_w"):])]
+        env = make_env(env_id, hp, 1, args.seed + 2000)
+        for r in evaluate_widths(model, env, widths, args.report_episodes, deterministic=False):
+            out[(name, r["width"])] = (r["mean_reward"], r["std_reward"])
+            print(f"{name} at {r['width']:g}: {r['mean_reward']:.2f} +/- {r['std_reward']:.2f}", flush=True)
+    return out
 
 
 def report(args) -> None:
@@ -114,20 +144,21 @@ def report(args) -> None:
             rows += list(csv.DictReader(f))
     final_t = max(int(float(r["timesteps"])) for r in rows)
     chance, chance_std = random_reward(args)
+    final = final_rewards(args)
     table = []
     for w in WIDTHS:
-        us = [r for r in rows if r["run"] == "us_ppo" and float(r["width"]) == w]
-        ind = [r for r in rows if r["run"] == f"ppo_w{w:g}"]
-        u, i = us[-1], ind[-1]
+        u = [r for r in rows if r["run"] == "us_ppo" and float(r["width"]) == w][-1]
+        i = [r for r in rows if r["run"] == f"ppo_w{w:g}"][-1]
+        (us, us_std), (ind, ind_std) = final[("us_ppo", w)], final[(f"ppo_w{w:g}", w)]
         table.append({"width": w, "mflops": float(u["mflops"]), "params_m": float(i["params_m"]),
-                      "us_reward": float(u["mean_reward"]), "us_std": float(u["std_reward"]),
-                      "ind_reward": float(i["mean_reward"]), "ind_std": float(i["std_reward"]),
+                      "us_reward": us, "us_std": us_std, "ind_reward": ind, "ind_std": ind_std,
                       "us_train_s": float(u["train_s"]), "ind_train_s": float(i["train_s"])})
     out = os.path.join(REPO, "results", "rl", f"{args.tag}.csv")
     with open(out, "w", newline="") as f:
-        wr = csv.DictWriter(f, list(table[0]) + ["random_reward"])
+        wr = csv.DictWriter(f, list(table[0]) + ["random_reward", "random_std", "games"])
         wr.writeheader()
-        wr.writerows([dict(t, random_reward=round(chance, 2)) for t in table])
+        wr.writerows([dict(t, random_reward=chance, random_std=chance_std, games=args.report_episodes)
+                      for t in table])
     fig, axes = plt.subplots(1, len(WIDTHS), figsize=(4 * len(WIDTHS), 3.2), sharey=True)
     for ax, w in zip(axes, WIDTHS):
         for run, label in (("us_ppo", "US-PPO (one model)"), (f"ppo_w{w:g}", "individual PPO")):
@@ -165,6 +196,8 @@ def main() -> None:
     ap.add_argument("--tag", default="cpu_200k")
     ap.add_argument("--work-dir", default=os.path.join(REPO, "logs", "rl"))
     ap.add_argument("--report", action="store_true", help="only merge the runs' CSVs into the table and plot")
+    ap.add_argument("--report-episodes", type=int, default=30,
+                    help="games per width when --report re-evaluates the final models (and random actions)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.report:

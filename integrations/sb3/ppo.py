@@ -6,8 +6,8 @@
     with slim.width(0.5):
         action, _ = model.predict(obs)
 
-Roll-outs are SB3's ``collect_rollouts`` with the policy at its default width, the widest (US-Nets §4.2: "we run
-the policy predicted by the model at largest width as roll-outs for training other widths"). Every minibatch of
+Roll-outs are SB3's ``collect_rollouts``, run at the widest width whatever width is set around ``learn`` (US-Nets
+§4.2: "we run the policy predicted by the model at largest width as roll-outs for training other widths"). Every minibatch of
 ``train`` runs the widths of one ``MultiWidthStep`` on the same roll-out data: the widest with SB3's PPO loss, the
 others with the PPO loss plus (``distill="kl"``) ``KL(widest || width)`` of the action distributions, the widest's
 distribution detached. Gradients accumulate; SB3's gradient clipping and optimizer step run once per minibatch;
