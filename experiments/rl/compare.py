@@ -162,15 +162,20 @@ def report(args) -> None:
     fig, axes = plt.subplots(1, len(WIDTHS), figsize=(4 * len(WIDTHS), 3.2), sharey=True)
     for ax, w in zip(axes, WIDTHS):
         for run, label in (("us_ppo", "US-PPO (one model)"), (f"ppo_w{w:g}", "individual PPO")):
+            # the periodic evaluations (5 games each); the run's own final one is replaced by the re-evaluation
             pts = [(int(float(r["timesteps"])), float(r["mean_reward"])) for r in rows
-                   if r["run"] == run and float(r["width"]) == w]
-            ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], marker="o", label=label)
+                   if r["run"] == run and float(r["width"]) == w and int(float(r["timesteps"])) < final_t]
+            line, = ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], marker="o", label=label)
+            mean, std = final[(run, w)]
+            ax.errorbar([final_t / 1e3], [mean], yerr=[std / args.report_episodes ** 0.5], marker="*", ms=12,
+                        color=line.get_color(), capsize=3)
         ax.axhline(chance, color="grey", linestyle=":", label="random actions")
         ax.set_title(f"width {w:g}x")
         ax.set_xlabel("environment steps (k)")
     axes[0].set_ylabel("mean game reward")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Breakout, {final_t // 1000}k steps per run, seed {args.seed}")
+    fig.suptitle(f"Breakout, {final_t // 1000}k steps per run, seed {args.seed}: mean game reward of 5 games per "
+                 f"evaluation; star = final model, {args.report_episodes} games, ± standard error")
     fig.tight_layout()
     png = os.path.join(REPO, "docs", "results", "rl", f"{args.tag}.png")
     os.makedirs(os.path.dirname(png), exist_ok=True)
