@@ -18,10 +18,8 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import CLOCK, env_line, now, table  # noqa: E402
+from _common import now, setup, table  # noqa: E402
 
 WIDTHS = [1.0, 0.75, 0.5, 0.25]
 PPO_KW = dict(n_steps=128, n_epochs=4, batch_size=256, learning_rate=2.5e-4, clip_range=0.1, vf_coef=0.5,
@@ -60,14 +58,9 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", default="wall", choices=["wall", "thread"])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "thread" and torch.get_num_threads() != 1:
-        raise SystemExit("--clock thread needs --threads 1")
-    CLOCK[0] = args.clock
-    print(env_line(), flush=True)
-    print("# " + " ".join(sys.argv), flush=True)
+    setup(args)
 
     from stable_baselines3 import PPO
 

@@ -258,3 +258,32 @@ def schedule_from_config(cfg) -> tuple:
     if isinstance(num_widths, bool) or not isinstance(num_widths, int) or num_widths < 1:
         raise InvalidArgumentError(f"num_widths must be a positive integer, got {num_widths!r}")
     return rule, num_widths
+
+
+def distill_from_config(cfg, spec: WidthSpec, allowed: Sequence, range_default) -> str | None:
+    """The ``distill`` entry of an adapter's ``slimmable`` block: one of ``allowed``; default ``range_default``
+    for a US-Net range (inplace distillation, US-Nets §4.2) and ``None`` for S-Net switches (each switch trains on
+    the task loss, S-Nets §3).
+
+    Raises:
+        InvalidArgumentError: a value outside ``allowed``.
+    """
+    distill = cfg.get("distill", None if spec.is_switches else range_default)
+    if distill not in allowed:
+        raise InvalidArgumentError(f"distill must be one of {list(allowed)}, got {distill!r}")
+    return distill
+
+
+def eval_widths_from_config(cfg, spec: WidthSpec, count: int) -> tuple:
+    """The ``eval_widths`` entry of an adapter's ``slimmable`` block, each checked against ``spec``, sorted and
+    deduplicated; default: the switches, or ``count`` evenly spaced widths from ``spec.min`` to ``spec.max``.
+
+    Raises:
+        WidthError: a width outside ``spec``.
+    """
+    if cfg.get("eval_widths") is not None:
+        return tuple(sorted({spec.validate(w) for w in cfg["eval_widths"]}))
+    if spec.is_switches:
+        return tuple(spec.widths)
+    return tuple(spec.grid((spec.max - spec.min) / (count - 1)) if spec.max > spec.min and count > 1
+                 else [spec.max])

@@ -36,7 +36,8 @@ from basicsr.utils.registry import MODEL_REGISTRY
 import slim_plugins as slim
 from slim_plugins.cli import write_spectrum_csv
 from slim_plugins.errors import InvalidArgumentError, NotSlimmableError
-from slim_plugins.width import WidthSpec, schedule_from_config, spec_from_config
+from slim_plugins.width import (WidthSpec, distill_from_config, eval_widths_from_config, schedule_from_config,
+                                spec_from_config)
 
 __all__ = ["SRSlimSettings", "parse_slimmable", "SlimSRModel", "evaluate_widths"]
 
@@ -85,15 +86,8 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool, seed: int = 0) -> SRSlimSetti
         cfg = {"width_range": [0.5, 1.0]}
     spec = spec_from_config(cfg, divisor=1, allowed=_KEYS)
     rule, num_widths = schedule_from_config(cfg)
-    distill = cfg.get("distill", None if spec.is_switches else "l1")
-    if distill not in _DISTILL:
-        raise InvalidArgumentError(f"distill must be one of {list(_DISTILL)}, got {distill!r}")
-    if cfg.get("eval_widths") is not None:
-        eval_widths = tuple(sorted({spec.validate(w) for w in cfg["eval_widths"]}))
-    elif spec.is_switches:
-        eval_widths = tuple(spec.widths)
-    else:
-        eval_widths = tuple(spec.grid((spec.max - spec.min) / 4) if spec.max > spec.min else [spec.max])
+    distill = distill_from_config(cfg, spec, _DISTILL, "l1")
+    eval_widths = eval_widths_from_config(cfg, spec, 5)
     size = cfg.get("flops_lq_size", (48, 48))
     if (not isinstance(size, Sequence) or len(size) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):

@@ -29,7 +29,8 @@ from torch import nn
 
 import slim_plugins as slim
 from slim_plugins.errors import InvalidArgumentError
-from slim_plugins.width import WidthSpec, schedule_from_config, spec_from_config
+from slim_plugins.width import (WidthSpec, distill_from_config, eval_widths_from_config, schedule_from_config,
+                                spec_from_config)
 
 __all__ = ["SlimmablePPO", "PPOSlimSettings", "parse_slimmable", "ActorCriticGraph"]
 
@@ -77,18 +78,11 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool) -> PPOSlimSettings:
         cfg = {"width_range": [0.25, 1.0]}
     spec = spec_from_config(cfg, divisor=8, allowed=_KEYS)
     rule, num_widths = schedule_from_config(cfg)
-    distill = cfg.get("distill", None if spec.is_switches else "kl")
-    if distill not in _DISTILL:
-        raise InvalidArgumentError(f"distill must be one of {list(_DISTILL)} (policy distillation), got {distill!r}")
+    distill = distill_from_config(cfg, spec, _DISTILL, "kl")
     weight = float(cfg.get("distill_weight", 1.0))
     if not (np.isfinite(weight) and weight >= 0):
         raise InvalidArgumentError(f"distill_weight must be a finite number >= 0, got {weight!r}")
-    if cfg.get("eval_widths") is not None:
-        eval_widths = tuple(sorted({spec.validate(w) for w in cfg["eval_widths"]}))
-    elif spec.is_switches:
-        eval_widths = tuple(spec.widths)
-    else:
-        eval_widths = tuple(spec.grid((spec.max - spec.min) / 3) if spec.max > spec.min else [spec.max])
+    eval_widths = eval_widths_from_config(cfg, spec, 4)
     return PPOSlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_weight=weight,
                            eval_widths=eval_widths, seed=int(cfg.get("seed", 0)))
 
