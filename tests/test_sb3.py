@@ -257,6 +257,10 @@ def test_slim_train_on_the_zoo_yaml(tmp_path):
     assert [float(r["width"]) for r in rows] == [0.25, 0.6] and float(rows[0]["mflops"]) < float(rows[1]["mflops"])
     assert main(["profile", zip_path, "--no-latency", "--csv", str(tmp_path / "prof.csv")]) == 0
     assert main(["eval", zip_path, "--widths", "0.1"]) == 2  # outside the range: a typed error, exit status 2
+    yaml_path = os.path.join(REPO, "configs", "sb3", "breakout_us_ppo.yaml")
+    assert main(["train", yaml_path, "--output", str(tmp_path / "bad"), "--set", "n_step=64"]) == 2  # a typo
+    assert main(["train", yaml_path, "--output", str(tmp_path / "bad"), "--set", "normalize=true"]) == 2
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
     assert main(["export", zip_path, "--width", "0.5", "--onnx"]) == 0
     import onnxruntime as ort

@@ -127,6 +127,15 @@ def cmd_train(args, cfg: dict) -> int:
         kwargs["learning_rate"] = args.lr
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
+    import inspect
+
+    from stable_baselines3 import PPO
+
+    allowed = set(inspect.signature(PPO.__init__).parameters) - {"self", "policy", "env"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {env_id!r}: not a PPO argument nor an rl-zoo key "
+                          f"{list(_ZOO_ONLY)}; PPO takes {sorted(allowed)}")
     device = args.device or "auto"
     model = SlimmablePPO(hp["policy"], env, seed=seed, tensorboard_log=out, device=device, verbose=1, **kwargs)
     n_eval = int(hp.get("n_eval_episodes", 5))
@@ -137,13 +146,13 @@ def cmd_train(args, cfg: dict) -> int:
     atomic_write(os.path.join(out, "config.yml"), lambda f: yaml.safe_dump({env_id: dict(hp, seed=seed)}, f),
                  mode="w")
     model.learn(int(float(hp["n_timesteps"])), callback=cb)
-    model.save(os.path.join(out, env_id))
+    tmp = os.path.join(out, f".{env_id}.tmp.zip")  # SB3 writes the zip in place: save, then rename (atomic)
+    model.save(tmp)
+    os.replace(tmp, os.path.join(out, f"{env_id}.zip"))
     rows = evaluate_widths(model, eval_env, model.slim_settings.eval_widths, n_eval, deterministic)
     write_spectrum_csv(rows, os.path.join(out, "spectrum.csv"))
     print_table(rows, title=f"{env_id}: mean episode reward per width ({n_eval} episodes)",
-                columns=[("width", "width", "{:g}"), ("mflops", "MFLOPs/obs", "{:.2f}"),
-                         ("params_m", "params (M)", "{:.3f}"), ("mean_reward", "reward", "{:.1f}"),
-                         ("std_reward", "± std", "{:.1f}")])
+                columns=_columns([("mean_reward", "reward", "{:.1f}"), ("std_reward", "± std", "{:.1f}")]))
     return 0
 
 
