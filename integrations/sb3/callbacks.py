@@ -28,14 +28,16 @@ def width_costs(model, widths: Sequence[float]) -> dict:
     return {r.width: (r.mflops, r.params_m) for r in slim.profile(graph, x, widths=list(widths), latency=False)}
 
 
-def evaluate_widths(model, env, widths: Sequence[float], n_eval_episodes: int = 10, deterministic: bool = True):
-    """SB3's ``evaluate_policy`` at each width (``with slim.width(w)``).
+def evaluate_widths(model, env, widths: Sequence[float], n_eval_episodes: int = 10, deterministic: bool = True,
+                    costs: dict | None = None):
+    """SB3's ``evaluate_policy`` at each width (``with slim.width(w)``). ``costs``: :func:`width_costs` of these
+    widths when the caller already has them.
 
     Returns:
         ``[{width, mflops, params_m, mean_reward, std_reward}]`` (MFLOPs per observation; reward per episode as
         the env's ``Monitor`` counts it: for Atari the whole game, all lives).
     """
-    costs = width_costs(model, widths)
+    costs = costs or width_costs(model, widths)
     rows = []
     for w in widths:
         with slim.width(w):
@@ -59,6 +61,7 @@ class WidthEvalCallback(BaseCallback):
         self.n_eval_episodes, self.deterministic, self.log_path = n_eval_episodes, deterministic, log_path
         self.last_rows: list = []
         self.history: list = []
+        self._costs: dict | None = None
 
     def _on_step(self) -> bool:
         if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
@@ -68,7 +71,10 @@ class WidthEvalCallback(BaseCallback):
     def evaluate(self) -> list:
         """Evaluate every width now; returns the rows (also logged and written)."""
         widths = self.widths or self.model.slim_settings.eval_widths
-        self.last_rows = evaluate_widths(self.model, self.eval_env, widths, self.n_eval_episodes, self.deterministic)
+        if self._costs is None:  # the architecture does not change during training: profile once
+            self._costs = width_costs(self.model, widths)
+        self.last_rows = evaluate_widths(self.model, self.eval_env, widths, self.n_eval_episodes, self.deterministic,
+                                         costs=self._costs)
         self.history += [{"timesteps": self.num_timesteps, **r} for r in self.last_rows]
         for r in self.last_rows:
             self.logger.record(f"eval/mean_reward_w{r['width']:g}", r["mean_reward"])

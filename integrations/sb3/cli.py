@@ -106,9 +106,8 @@ def cmd_train(args, cfg: dict) -> int:
     import yaml
 
     from slim_plugins.checkpoint import atomic_write
-    from slim_plugins.cli import write_spectrum_csv
 
-    from .callbacks import WidthEvalCallback, evaluate_widths
+    from .callbacks import WidthEvalCallback
     from .ppo import SlimmablePPO
 
     if args.default or args.epochs or args.onnx or args.data_dir:
@@ -149,8 +148,7 @@ def cmd_train(args, cfg: dict) -> int:
     tmp = os.path.join(out, f".{env_id}.tmp.zip")  # SB3 writes the zip in place: save, then rename (atomic)
     model.save(tmp)
     os.replace(tmp, os.path.join(out, f"{env_id}.zip"))
-    rows = evaluate_widths(model, eval_env, model.slim_settings.eval_widths, n_eval, deterministic)
-    write_spectrum_csv(rows, os.path.join(out, "spectrum.csv"))
+    rows = cb.evaluate()  # the final evaluation: logged, spectrum.csv and evaluations.csv like the periodic ones
     print_table(rows, title=f"{env_id}: mean episode reward per width ({n_eval} episodes)",
                 columns=_columns([("mean_reward", "reward", "{:.1f}"), ("std_reward", "± std", "{:.1f}")]))
     return 0
