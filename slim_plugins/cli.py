@@ -42,29 +42,28 @@ class ConfigError(SlimError, ValueError):
 
 
 # ---- config files ----------------------------------------------------------------------------------------------
-def repo_root() -> Path:
-    """The checkout holding ``slim_plugins`` (editable install), used for the ``../shared/data`` default."""
-    return Path(__file__).resolve().parents[1]
-
-
 def default_data_root() -> str:
-    """``$SLIM_DATA``, else the first existing ``../shared/data`` relative to the CWD or the repository root."""
+    """``$SLIM_DATA``: the folder that holds the datasets (``cifar10/``, ``coco128/``, ``sr/``, ...).
+
+    Raises:
+        ConfigError: ``SLIM_DATA`` is not set (give the data root in the config, e.g. ``data_dir``, or set it).
+    """
     env = os.environ.get("SLIM_DATA")
-    if env:
-        return env
-    for base in (Path.cwd(), repo_root()):
-        cand = (base / ".." / "shared" / "data").resolve()
-        if cand.is_dir():
-            return str(cand)
-    return str((repo_root() / ".." / "shared" / "data").resolve())
+    if not env:
+        raise ConfigError("SLIM_DATA is not set: set it to the folder that holds the datasets (cifar10/, "
+                          "coco128/, sr/, ...) or give the data root in the config (data_dir / dataroot)")
+    return env
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def expand_env(value: str) -> str:
-    """Expand ``${VAR}``, ``${VAR:-default}`` and ``$VAR`` (and ``~``). ``SLIM_DATA`` falls back to
-    :func:`default_data_root`; any other unset variable without a default raises :class:`ConfigError`."""
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``$VAR`` (and ``~``).
+
+    Raises:
+        ConfigError: an unset variable without a default (``SLIM_DATA``: with what to set it to).
+    """
 
     def sub(m):
         name = m.group(1) or m.group(3)
@@ -73,7 +72,7 @@ def expand_env(value: str) -> str:
         if m.group(2) is not None:
             return m.group(2)
         if name == "SLIM_DATA":
-            return default_data_root()
+            return default_data_root()  # raises with the hint
         raise ConfigError(f"environment variable {name!r} used in the config ({value!r}) is not set")
 
     return os.path.expanduser(_ENV.sub(sub, value))
@@ -299,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    t = sub.add_parser("train", help="train from a config: timm-style YAML, mmdet .py, BasicSR options .yml",
-                       description="Train from CONFIG: a timm-style YAML (timm train.py keys + slimmable keys), an "
+    t = sub.add_parser("train", help="train from a config: timm args.yaml, mmdet .py, BasicSR options .yml",
+                       description="Train from CONFIG: a timm YAML (the keys of timm train.py's args.yaml + the "
+                       "slimmable keys), an "
                        "mmdet/mmengine .py config, or a BasicSR options .yml (model_type + network_g). Without "
                        "CONFIG (or with --default) runs the embedded default: sklearn handwritten digits, a small "
                        "US-Net.")

@@ -16,6 +16,7 @@ import torch
 
 import slim_plugins as slim
 from slim_plugins.cli import main, plot_spectrum, read_spectrum_csv, write_spectrum_csv
+from slim_plugins.integrations.timm import cli as C
 from slim_plugins.integrations.timm import train as T
 
 BIN = Path(sys.executable).parent
@@ -53,7 +54,8 @@ def digits_run(tmp_path_factory):
 
 def test_train_default_job_writes_everything(digits_run):
     out, stdout = digits_run
-    for name in ("last.pth.tar", "config.yaml", "summary.csv", "spectrum.csv", "spectrum.png"):
+    for name in ("last.pth.tar", "config.yaml", "args.yaml", "summary.csv", "spectrum.csv", "spectrum.png",
+                 "model_best.pth.tar", *(f"checkpoint-{e}.pth.tar" for e in range(EPOCHS))):  # timm's layout
         assert (out / name).is_file(), name
     assert list((out / "tb").glob("events.out.tfevents.*"))
     rows = read_csv(out / "spectrum.csv")
@@ -77,7 +79,7 @@ def test_train_default_job_writes_everything(digits_run):
 
 def test_exported_models_are_plain_and_equal_the_dynamic_model(digits_run):
     out, _ = digits_run
-    model, cfg = T.model_from_checkpoint(slim.read_checkpoint(out / "last.pth.tar"))
+    model, cfg = C.model_from_checkpoint(slim.read_checkpoint(out / "last.pth.tar"))
     x = torch.randn(6, *cfg["input_size"], generator=torch.Generator().manual_seed(0))
     for w in (0.35, 0.75, 1.0):
         blob = torch.load(out / "exported" / f"width_{w:g}.pth", weights_only=False)
@@ -120,9 +122,9 @@ def test_calibrate_writes_new_checkpoint(digits_run, tmp_path):
     assert sha(src) == before  # input untouched
     ck = slim.read_checkpoint(dst)
     assert 0.6 in ck["calibrated"] and 0.9 in ck["calibrated"] and ck["config"]["model"] == "us_mobilenetv2_100"
-    model, _ = T.model_from_checkpoint(ck)
-    assert T.uncalibrated_widths(model, [0.35, 0.6, 0.9, 1.0]) == []
-    assert T.uncalibrated_widths(model, [0.7]) == [0.7]
+    model, _ = C.model_from_checkpoint(ck)
+    assert C.uncalibrated_widths(model, [0.35, 0.6, 0.9, 1.0]) == []
+    assert C.uncalibrated_widths(model, [0.7]) == [0.7]
     r = run_slim("eval", dst, "--widths", "0.6", "--no-calibrate", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not list(tmp_path.glob("*.tmp"))
@@ -138,7 +140,7 @@ def test_export_with_onnx_and_fused_bn(digits_run, tmp_path):
     blob = torch.load(path, weights_only=False)
     plain = blob["model"].eval()
     assert blob["arch"]["fused_bn"] and not [m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    model, cfg = T.model_from_checkpoint(slim.read_checkpoint(out / "last.pth.tar"))
+    model, cfg = C.model_from_checkpoint(slim.read_checkpoint(out / "last.pth.tar"))
     x = torch.randn(5, *cfg["input_size"], generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), slim.width(0.5):
         ref = model(x)

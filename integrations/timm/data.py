@@ -1,5 +1,5 @@
-"""Datasets of the timm trainer: timm ImageFolder trees (extracted once from ``<split>.tar.gz``), an optional
-in-memory uint8 image cache, and the embedded scikit-learn digits job.
+"""Datasets of the timm trainer: timm ImageFolder trees (extracted once from ``<split>.tar.gz``) and the embedded
+scikit-learn digits job (in memory as uint8 arrays).
 
 Every dataset here returns ``(PIL image, class index)`` with no transform; :class:`TransformSubset` applies the
 timm transform of one loader (``timm.data.create_loader`` sets its ``transform``), so the training split can
@@ -8,7 +8,6 @@ feed a training loader (augmentation) and a calibration loader (eval transform) 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tarfile
@@ -20,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["ArrayImageDataset", "TransformSubset", "cache_root", "prepare_split", "load_image_cache",
+from slim_plugins.cli import default_data_root
+
+__all__ = ["ArrayImageDataset", "TransformSubset", "cache_root", "prepare_split", "build_datasets", "make_loader",
            "digits_datasets", "subset_indices", "DIGITS_MEAN", "DIGITS_STD"]
 
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -155,54 +156,6 @@ def _atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def load_image_cache(folder: Path, log=print) -> ArrayImageDataset:
-    """Decode every image of an ImageFolder tree once (through timm's ``ImageDataset``) into a uint8 ``.npy``
-    cache next to the extracted tree (or in :func:`cache_root` for a user folder) and memory-map it.
-
-    Raises:
-        ValueError: the images do not all have the same size (use ``cache_images: false``).
-    """
-    from timm.data import create_dataset
-
-    folder = Path(folder)
-    if cache_root() in folder.resolve().parents:
-        cdir = folder.parent
-    else:
-        key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
-        cdir = cache_root() / f"{folder.parent.name}-{folder.name}-{key}"
-    img_p, tgt_p, cls_p = (cdir / f"{folder.name}_images.npy", cdir / f"{folder.name}_targets.npy",
-                           cdir / f"{folder.name}_classes.json")
-    if not (img_p.is_file() and tgt_p.is_file() and cls_p.is_file()):
-        ds = create_dataset("", root=str(folder), search_split=False, is_training=False)
-        n = len(ds)
-        if n == 0:
-            raise FileNotFoundError(f"no images under {str(folder)!r}")
-        log(f"decoding {n} images of {folder} into {img_p} (once)")
-        first = np.asarray(ds[0][0])
-        images = np.empty((n, *first.shape), dtype=np.uint8)
-        targets = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            img, t = ds[i][:2]
-            a = np.asarray(img)
-            if a.shape != first.shape:
-                raise ValueError(f"image {i} of {str(folder)!r} is {a.shape}, the first is {first.shape}: the "
-                                 "in-memory cache needs equal sizes; set cache_images: false")
-            images[i], targets[i] = a, t
-        classes = sorted(ds.reader.class_to_idx, key=ds.reader.class_to_idx.get)
-        cdir.mkdir(parents=True, exist_ok=True)
-        for path, write in ((img_p, lambda f: np.save(f, images)), (tgt_p, lambda f: np.save(f, targets)),
-                            (cls_p, lambda f: f.write(json.dumps(classes).encode()))):
-            fd, tmp = tempfile.mkstemp(dir=cdir, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-    return ArrayImageDataset(np.load(img_p, mmap_mode="r"), np.load(tgt_p), json.loads(cls_p.read_text()))
-
-
 # ---- the embedded default: scikit-learn digits -----------------------------------------------------------------
 DIGITS_MEAN = (0.2, 0.2, 0.2)  # the upsampled digits are mostly black background
 DIGITS_STD = (0.33, 0.33, 0.33)
@@ -227,3 +180,79 @@ def digits_datasets(size: int = 16, test_fraction: float = 0.2, seed: int = 0):
     classes = [str(c) for c in range(10)]
     tr, te = np.sort(tr), np.sort(te)
     return (ArrayImageDataset(rgb[tr], d.target[tr], classes), ArrayImageDataset(rgb[te], d.target[te], classes))
+
+
+# ---- the trainer's datasets and loaders ------------------------------------------------------------------------------
+def build_datasets(cfg: dict, splits=("train", "val"), log=print) -> dict:
+    """``{"train"|"val": dataset of (PIL image, target)}``: the embedded digits (``dataset: digits``), an
+    ImageFolder under ``data_dir`` (``<split>/`` or ``<split>.tar.gz``, extracted once into the cache), or any
+    other ``timm.data.create_dataset`` name.
+
+    Raises:
+        FileNotFoundError: no data root / split (names what was looked for).
+    """
+    from timm.data import create_dataset
+
+    if cfg["dataset"].lower() == "digits":
+        train, val = digits_datasets(size=cfg["input_size"][1] if cfg["input_size"] else 16, seed=0)
+        return {s: {"train": train, "val": val}[s] for s in splits}
+    data_dir = cfg["data_dir"] or os.path.join(default_data_root(), "cifar10")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data_dir {data_dir!r} does not exist; set data_dir in the config or $SLIM_DATA "
+                                "(or run `slim train --default` for the embedded digits job)")
+    out = {}
+    for s in splits:
+        split = cfg["train_split"] if s == "train" else cfg["val_split"]
+        mode = cfg["input_img_mode"] or ("L" if (cfg["input_size"] or [cfg["in_chans"] or 3])[0] == 1 else "RGB")
+        kw = dict(class_map=cfg["class_map"], download=cfg["dataset_download"], input_img_mode=mode,
+                  input_key=cfg["input_key"], target_key=cfg["target_key"],
+                  trust_remote_code=cfg["dataset_trust_remote_code"])
+        if cfg["dataset"] in ("", "folder", "imagefolder"):
+            alternatives = {"validation": ("val", "test"), "val": ("validation", "test"), "test": ("val",)}
+            for i, cand in enumerate((split, *alternatives.get(split, ()))):
+                try:
+                    root = prepare_split(data_dir, cand)
+                    break
+                except FileNotFoundError:
+                    if i == len(alternatives.get(split, ())):
+                        raise
+            out[s] = create_dataset("", root=str(root), search_split=False, **kw)
+        else:
+            out[s] = create_dataset(cfg["dataset"], root=data_dir, split=split, is_training=s == "train", **kw)
+    return out
+
+
+def _data_config(cfg: dict, model) -> dict:
+    from timm.data import resolve_data_config
+
+    dc = resolve_data_config({k: cfg[k] for k in ("input_size", "in_chans", "interpolation", "mean", "std",
+                                                  "crop_pct", "crop_mode")}, model=model)
+    return {"input_size": [int(x) for x in dc["input_size"]], "interpolation": dc["interpolation"],
+            "mean": [float(x) for x in dc["mean"]], "std": [float(x) for x in dc["std"]],
+            "crop_pct": float(dc["crop_pct"]), "crop_mode": dc["crop_mode"]}
+
+
+def make_loader(cfg: dict, dataset, indices=None, training: bool = False, batch_size: int | None = None,
+                device="cpu", distributed: bool = False, workers: int | None = None):
+    """A ``timm.data.create_loader`` over ``dataset[indices]`` with the resolved config's transforms: training
+    augmentation and shuffling (``training=True``), or the eval transform in order. Batches are
+    ``(x: (B, C, H, W) float32, y: (B,) int64)``."""
+    from timm.data import create_loader
+
+    view = TransformSubset(dataset, np.arange(len(dataset)) if indices is None else indices)
+    kw = dict(input_size=tuple(cfg["input_size"]), batch_size=batch_size or cfg["validation_batch_size"] or
+              cfg["batch_size"], is_training=training, use_prefetcher=False, interpolation=cfg["interpolation"],
+              mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"],
+              num_workers=cfg["workers"] if workers is None else workers, distributed=distributed,
+              pin_memory=cfg["pin_mem"], device=torch.device(device), worker_seeding=cfg["worker_seeding"],
+              use_multi_epochs_loader=cfg["use_multi_epochs_loader"] and training,
+              persistent_workers=False)  # fresh workers seeded from the restored RNG: resume is exact
+    if training:  # timm train.py's training loader arguments
+        kw.update(no_aug=cfg["no_aug"], re_prob=cfg["reprob"], re_mode=cfg["remode"], re_count=cfg["recount"],
+                  scale=tuple(cfg["scale"]), ratio=tuple(cfg["ratio"]), hflip=cfg["hflip"], vflip=cfg["vflip"],
+                  color_jitter=cfg["color_jitter"], color_jitter_prob=cfg["color_jitter_prob"],
+                  grayscale_prob=cfg["grayscale_prob"], gaussian_blur_prob=cfg["gaussian_blur_prob"],
+                  auto_augment=cfg["aa"], num_aug_repeats=cfg["aug_repeats"], train_crop_mode=cfg["train_crop_mode"],
+                  interpolation=cfg["interpolation"] if cfg["no_aug"] or not cfg["train_interpolation"]
+                  else cfg["train_interpolation"])
+    return create_loader(view, **kw)
