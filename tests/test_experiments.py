@@ -158,3 +158,58 @@ def test_lr_scale_is_relative_to_the_schedule(schedule, tmp_path):
     full, half = (R.run_config(n, schedule, tmp_path) for n in ("snet8", "snet8_lr"))
     assert "lr_scale" not in half and half["widths"] == full["widths"]
     assert half["lr"] == pytest.approx(full["lr"] / 2) and half["warmup_lr"] == pytest.approx(full["warmup_lr"] / 2)
+
+
+@pytest.mark.parametrize("rule, tracked", [("random", []), ("min_random", ["0.35"]), ("sandwich", ["0.35", "1"])])
+def test_learning_curve_hook_tracks_the_widths_the_rule_trains(tmp_path, rule, tracked):
+    """experiments/cifar10/train.py's Curves hook: every N updates, training-batch and test top-1 of the widths the
+    rule trains every step (a US-Net trained with 'random' has no running statistics at min/max: nothing to track,
+    no error); per epoch the training-batch top-1 in summary.csv."""
+    from slim_plugins.integrations.timm import train as T
+
+    loaded = {}
+
+    def datasets(cfg=None, splits=("train", "val"), log=print):
+        if not loaded:
+            loaded.update(T.build_datasets(cfg, splits, log))
+        return loaded
+
+    out = tmp_path / "c"
+    T.train(None, {"train_num_samples": 384, "val_num_samples": 120, "eval_widths": [0.35, 1.0], "epochs": 1,
+                   "tensorboard": False, "calib_samples": 256, "sample_rule": rule, "num_widths": 3,
+                   "inplace_distill": rule == "sandwich", "output": str(out)}, default=True,
+            hooks=[R.EXP_TRAIN.Curves(2, 60, datasets)], datasets_fn=datasets)
+    summary = read(out / "summary.csv")[0]
+    assert sorted(k[len("train_top1_w"):] for k in summary if k.startswith("train_top1_w")) == tracked
+    assert sorted(k[len("eval_top1_w"):] for k in summary if k.startswith("eval_top1_w")) == tracked
+    if tracked:
+        curves = read(out / "curves.csv")
+        assert [int(c["iteration"]) for c in curves] == [2, 4, 6]  # 384 / 64 = 6 updates
+        for c in curves:
+            for w in tracked:
+                assert 0 <= float(c[f"train_top1_w{w}"]) <= 100 and 0 <= float(c[f"test_top1_w{w}"]) <= 100
+    else:
+        assert not (out / "curves.csv").exists()
+    assert len(read(out / "spectrum.csv")) == 2  # calibrated and evaluated at the end either way
+
+
+def test_image_cache_decodes_once(tmp_path, monkeypatch):
+    """cache_images: an ImageFolder tree decoded once into a memory-mapped uint8 array, read (not decoded) again."""
+    import numpy as np
+    from PIL import Image
+
+    from slim_plugins.integrations.timm import data as D
+
+    monkeypatch.setenv("SLIM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "ds-0" / "train"
+    for c in ("cat", "dog"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i + (c == "dog"), np.uint8)).save(folder / c / f"{i}.png")
+    ds = R.EXP_TRAIN.load_image_cache(folder, log=lambda *a: None)
+    assert isinstance(ds, D.ArrayImageDataset) and ds.images.shape == (6, 8, 8, 3)
+    assert list(ds.targets) == [0, 0, 0, 1, 1, 1] and ds.classes == ["cat", "dog"]
+    assert int(ds.images[4][0, 0, 0]) == 41  # dog/1.png
+    mtime = (folder.parent / "train_images.npy").stat().st_mtime_ns
+    assert R.EXP_TRAIN.load_image_cache(folder, log=lambda *a: None).images.shape == (6, 8, 8, 3)
+    assert (folder.parent / "train_images.npy").stat().st_mtime_ns == mtime  # read, not decoded again

@@ -11,14 +11,16 @@ One command per experiment (``--schedule cpu`` on a CPU, ``gpu`` = the full sche
                                                                   # lower bound, divisor (US Table 2, Figs. 6-9)
     python experiments/cifar10/reproduce.py exp5 --schedule cpu   # BN post-statistics (US-Nets Table 3)
     python experiments/cifar10/reproduce.py all --schedule cpu --jobs 2
+    python experiments/cifar10/reproduce.py --check inet_035 usnet --jobs 2   # retrain runs, compare with the CSVs
     python experiments/report.py                                   # CSVs -> docs/reproduction.md + plots
 
-Every training run is one ``slim train`` of ``base.yaml`` (+ ``cpu.yaml``) + the run's method keys below; its
-resolved config is written to ``<runs>/<run>/run_config.yaml`` and the run can be repeated with
-``slim train <that file>``. A run shared by several experiments (e.g. the 4-switch S-Net) trains once; finished
+Every training run is one ``python experiments/cifar10/train.py`` (``slim train``'s trainer plus this experiment's
+hooks: image cache, learning curves, individual nets) of ``base.yaml`` (+ ``cpu.yaml``) + the run's method keys
+below; its config is written to ``<runs>/<run>/run_config.yaml`` and the run can be repeated with that command.
+A run shared by several experiments (e.g. the 4-switch S-Net) trains once; finished
 runs are reused (``--retrain`` forces). Evaluation beyond the trainer's own (untrained widths of S-Nets and
 individual nets, BN post-statistics variants) uses the library's public verbs: ``slim.export``, ``slim.convert``,
-``slim.calibrate_bn``, ``slim.count_mflops`` and the trainer's ``evaluate``.
+``slim.calibrate_bn``, ``slim.count_mflops`` and the trainer's ``validate``.
 
 Outputs (``results/cifar10/<schedule>/``): ``<exp>.csv``, one row per (run, width, protocol) with hardware,
 schedule, epochs, wall time, seed, MFLOPs (multiply-adds) and top-1 error (%); ``exp1_curves.csv`` with the
@@ -32,6 +34,7 @@ import contextlib
 import copy
 import csv
 import fcntl
+import importlib.util
 import json
 import os
 import platform
@@ -44,6 +47,9 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+_spec = importlib.util.spec_from_file_location("cifar10_train", HERE / "train.py")
+EXP_TRAIN = importlib.util.module_from_spec(_spec)  # the run trainer: slim train + the experiment's hooks
+_spec.loader.exec_module(EXP_TRAIN)
 SWITCHES4 = [0.35, 0.5, 0.75, 1.0]
 SWITCHES8 = [0.35, 0.4, 0.5, 0.6, 0.7, 0.75, 0.85, 1.0]  # the 4 switches plus 4 more (S-Nets Table 4 style)
 FINE_STEP = 0.025  # US-Nets Fig. 3/11: every width 0.35..1.0 in steps of 0.025 (27 widths)
@@ -172,7 +178,7 @@ def hardware() -> str:
 # ---- training runs ---------------------------------------------------------------------------------------------
 def train_run(name: str, schedule: str, runs_dir: Path, smoke: bool, threads: int, retrain: bool = False,
               log=print, epochs: int | None = None) -> dict:
-    """Train run ``name`` with ``slim train`` in a subprocess (reused when finished with the same config).
+    """Train run ``name`` with experiments/cifar10/train.py in a subprocess (reused when finished with the same config).
 
     Returns the run record (``done.json``): config, wall time, hardware. Raises RuntimeError when training fails.
     """
@@ -192,7 +198,7 @@ def train_run(name: str, schedule: str, runs_dir: Path, smoke: bool, threads: in
         cfg_path = run / "run_config.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        cmd = [sys.executable, "-m", "slim_plugins.cli", "train", str(cfg_path)]
+        cmd = [sys.executable, str(HERE / "train.py"), str(cfg_path)]
         log(f"[{name}] {' '.join(cmd)}  (OMP_NUM_THREADS={threads})")
         t0 = time.time()
         with open(run / "train.log", "w") as out:
@@ -214,9 +220,7 @@ def train_all(names, schedule, runs_dir, smoke, jobs, threads, retrain=False, ep
     """Train ``names`` with ``jobs`` runs at a time; returns ``{name: record}``."""
     out = {}
     if names:  # decode the image cache once, before parallel runs would race to build it
-        from slim_plugins.integrations.timm.train import build_datasets, resolve_config
-
-        build_datasets(resolve_config(run_config(names[0], schedule, runs_dir, smoke, epochs)), log=lambda *a: None)
+        _datasets(run_config(names[0], schedule, runs_dir, smoke, epochs))
     with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futs = {pool.submit(train_run, n, schedule, runs_dir, smoke, threads, retrain, epochs=epochs): n
                 for n in names}
@@ -226,6 +230,20 @@ def train_all(names, schedule, runs_dir, smoke, jobs, threads, retrain=False, ep
 
 
 # ---- reading and evaluating runs -------------------------------------------------------------------------------
+def _trainer_config(cfg: dict) -> dict:
+    """A run config without the experiment's own keys (see train.py), resolved by the trainer."""
+    from slim_plugins.integrations.timm.train import resolve_config
+
+    return resolve_config({k: v for k, v in cfg.items() if k not in EXP_TRAIN.EXPERIMENT_KEYS})
+
+
+def _datasets(cfg: dict) -> dict:
+    from slim_plugins.integrations.timm.train import build_datasets
+
+    fn = EXP_TRAIN.cached_datasets if cfg.get("cache_images") else build_datasets
+    return fn(_trainer_config(cfg), ("train", "val"), lambda *a: None)
+
+
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -246,6 +264,11 @@ def _trained(cfg, w) -> bool:
     return any(abs(w - s) < 1e-9 for s in cfg["widths"])
 
 
+def spectrum_protocol(calib_samples) -> str:
+    calib_samples = int(calib_samples or 0)
+    return f"BN calibrated ({calib_samples} samples, exact)" if calib_samples else "own BN (running statistics)"
+
+
 def spectrum_rows(exp, name, rec, schedule, runs_dir) -> list[dict]:
     """The trainer's own evaluation of a run (spectrum.csv): S-Nets / individual nets with the running BN
     statistics of training, US-Nets after BN calibration."""
@@ -253,8 +276,7 @@ def spectrum_rows(exp, name, rec, schedule, runs_dir) -> list[dict]:
     rows = []
     for r in _read_csv(runs_dir / name / "spectrum.csv"):
         w = float(r["width"])
-        protocol = "own BN (running statistics)" if not cfg.get("calib_samples") else \
-            f"BN calibrated ({cfg['calib_samples']} samples, exact)"
+        protocol = spectrum_protocol(cfg.get("calib_samples"))
         rows.append({**_base_row(exp, name, rec, schedule), "protocol": protocol, "width": w,
                      "trained_width": _trained(cfg, w), "mflops": round(float(r["mflops"]), 3),
                      "top1": round(float(r["top1"]), 3), "top1_err": round(100 - float(r["top1"]), 3),
@@ -266,11 +288,9 @@ class _Evaluator:
     """Loads a run's checkpoint and the CIFAR-10 splits once; calibrates and evaluates at any width."""
 
     def __init__(self, cfg: dict, device: str = "cpu"):
-        from slim_plugins.integrations.timm.train import build_datasets, resolve_config
-
-        self.cfg = resolve_config(cfg)
+        self.cfg = _trainer_config(cfg)
         self.device = device
-        self.data = build_datasets(self.cfg, log=lambda *a: None)
+        self.data = _datasets(cfg)
 
     def loaders(self, calib_samples):
         from slim_plugins.integrations.timm.data import subset_indices
@@ -290,7 +310,7 @@ class _Evaluator:
         import torch
 
         import slim_plugins as slim
-        from slim_plugins.integrations.timm.train import evaluate
+        from slim_plugins.integrations.timm.train import validate
 
         calib, val = self.loaders(calib_samples)
         cl = self.cfg["channels_last"]
@@ -300,7 +320,7 @@ class _Evaluator:
             return m(x.contiguous(memory_format=torch.channels_last) if cl else x)
 
         slim.calibrate_bn(model, calib, widths=widths, num_samples=calib_samples, method=method, forward=fwd)
-        ev = evaluate(model, val, widths, torch.device(self.device), cl)
+        ev = validate(model, val, widths, torch.device(self.device), cl)
         return {w: ev[w]["top1"] for w in widths}
 
     def mflops(self, model, w) -> float:
@@ -315,7 +335,7 @@ class _Evaluator:
 
 def _load(runs_dir: Path, name: str):
     import slim_plugins as slim
-    from slim_plugins.integrations.timm.train import model_from_checkpoint
+    from slim_plugins.integrations.timm.cli import model_from_checkpoint
 
     return model_from_checkpoint(slim.read_checkpoint(str(runs_dir / name / "last.pth.tar")))
 
@@ -446,7 +466,8 @@ def exp_rows_noise(recs, schedule, runs_dir, smoke, log):
     return rows, None
 
 
-ANALYSES = {"noise": exp_rows_noise, "exp1": exp_rows_exp1, "exp2": exp_rows_exp2, "exp3": exp_rows_exp3, "exp4": exp_rows_exp4,
+ANALYSES = {"noise": exp_rows_noise, "exp1": exp_rows_exp1, "exp2": exp_rows_exp2, "exp3": exp_rows_exp3,
+            "exp4": exp_rows_exp4,
             "exp5": exp_rows_exp5}
 
 
@@ -479,10 +500,34 @@ def run_experiment(exp, schedule, runs_dir, results_dir, smoke=False, jobs=1, th
     return out
 
 
+def check_runs(names, schedule, runs_dir, results_dir, threads, log=print) -> dict:
+    """Train ``names`` again from scratch and compare the trainer's own per-width top-1 (spectrum.csv) with the rows
+    recorded in ``results_dir``. Returns ``{run: (mean difference, largest |difference|)}`` in top-1 points."""
+    recorded = {}
+    for f in sorted(results_dir.glob("*.csv")):
+        for r in _read_csv(f):
+            if r.get("run") in names and r["protocol"] == spectrum_protocol(r["calib_samples"]):
+                recorded[(r["run"], float(r["width"]))] = float(r["top1"])
+    out = {}
+    for name in names:
+        rec = train_run(name, schedule, runs_dir, False, threads, retrain=True, log=log)
+        diffs = []
+        for r in spectrum_rows("check", name, rec, schedule, runs_dir):
+            old = recorded.get((name, r["width"]))
+            if old is None:
+                raise SystemExit(f"no recorded row for run {name} at width {r['width']} in {results_dir}")
+            diffs.append(r["top1"] - old)
+            log(f"[check] {name} width {r['width']:g}: top-1 {r['top1']:.2f} (recorded {old:.2f}, {diffs[-1]:+.2f})")
+        out[name] = (sum(diffs) / len(diffs), max(abs(d) for d in diffs))
+        log(f"[check] {name}: mean difference {out[name][0]:+.2f}, largest {out[name][1]:.2f} points over "
+            f"{len(diffs)} widths ({rec['wall_time_s']:.0f}s)")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiments", nargs="+", choices=[*EXPERIMENTS, "all"])
+    ap.add_argument("experiments", nargs="*", help=f"any of {', '.join([*EXPERIMENTS, 'all'])}")
     ap.add_argument("--schedule", choices=["cpu", "gpu"], default="cpu",
                     help="cpu: the short schedule of cpu.yaml; gpu: the full schedule of base.yaml")
     ap.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1)")
@@ -495,7 +540,33 @@ def main(argv=None) -> int:
     ap.add_argument("--train-only", action="store_true",
                     help="train the runs and stop (another invocation evaluates; runs in progress are waited for)")
     ap.add_argument("--retrain", action="store_true", help="train again even if a finished run exists")
+    ap.add_argument("--check", nargs="+", metavar="RUN", default=None,
+                    help="train these runs again and compare their top-1 per width with the recorded CSVs "
+                         "(e.g. `--check inet_035 usnet`); exits 1 if a run's mean differs by more than --tolerance")
+    ap.add_argument("--tolerance", type=float, default=2.0,
+                    help="allowed |width-averaged top-1 difference| in points (--check; default: the 1-epoch "
+                         "seed-to-seed spread)")
     a = ap.parse_args(argv)
+    if a.check:
+        unknown = sorted(set(a.check) - set(RUNS))
+        if unknown:
+            raise SystemExit(f"unknown runs {unknown}; allowed: {sorted(RUNS)}")
+        tag = a.schedule + (f"_{a.epochs}ep" if a.epochs is not None else "")
+        runs = Path(a.runs or ROOT / "output" / "reproduce" / f"cifar10_{tag}_check")
+        jobs = max(1, min(a.jobs, len(a.check)))
+        threads = a.threads or max(1, (os.cpu_count() or 1) // jobs)
+        results = Path(a.results or ROOT / "results" / "cifar10" / tag)
+        with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+            found = {}
+            for r in pool.map(lambda n: check_runs([n], a.schedule, runs, results, threads), a.check):
+                found.update(r)
+        bad = {n: m for n, (m, _) in found.items() if abs(m) > a.tolerance}
+        print("width-averaged top-1 difference to the recorded numbers: "
+              + ", ".join(f"{n} {m:+.2f}" for n, (m, _) in found.items())
+              + f" (tolerance {a.tolerance:g}: {'exceeded by ' + ', '.join(bad) if bad else 'met'})")
+        return int(bool(bad))
+    if not a.experiments or set(a.experiments) - {*EXPERIMENTS, "all"}:
+        ap.error(f"name experiments ({', '.join([*EXPERIMENTS, 'all'])}) or --check RUN ...; got {a.experiments}")
     exps = list(EXPERIMENTS) if "all" in a.experiments else list(dict.fromkeys(a.experiments))
     tag = a.schedule + (f"_{a.epochs}ep" if a.epochs is not None else "") + ("_smoke" if a.smoke else "")
     results = Path(a.results or ROOT / "results" / "cifar10" / tag)
