@@ -5,7 +5,7 @@
 custom_imports = dict(imports=['slim_plugins.integrations.mmdet'], allow_failed_imports=False)
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 
-data_root = '{{$SLIM_DATA:../shared/data}}/coco128/'
+data_root = '{{$SLIM_DATA:data}}/coco128/'
 scale = (512, 320)
 model = dict(backbone=dict(norm_eval=False, frozen_stages=-1, init_cfg=None))
 

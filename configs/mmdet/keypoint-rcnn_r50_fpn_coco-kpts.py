@@ -4,7 +4,7 @@
 # model.backbone.base_channels=16 model.neck.in_channels=[64,128,256,512] is the 0.25x one.
 _base_ = './keypoint-rcnn_r50_fpn_1x_coco.py'
 
-data_root = '{{$SLIM_DATA:../shared/data}}/coco_kpts/'
+data_root = '{{$SLIM_DATA:data}}/coco_kpts/'
 scale = (512, 320)
 model = dict(backbone=dict(norm_eval=False, frozen_stages=-1, init_cfg=None))
 
