@@ -53,13 +53,13 @@ def test_timm_args_yaml_runs_one_epoch_on_cifar10(tmp_path, slim_data):
             "model": "us_mobilenetv2_100", "num_classes": 10, "input_size": [3, 32, 32], "mean": [0.49, 0.48, 0.45],
             "std": [0.25, 0.24, 0.26], "epochs": 1, "batch_size": 32, "train_num_samples": 256,
             "val_num_samples": 200, "workers": 0, "warmup_epochs": 0, "calib_samples": 128,
-            "eval_widths": [0.35, 1.0], "export_widths": [1.0], "output": str(tmp_path / "run")}
+            "eval_widths": [0.35, 1.0], "export_widths": [0.6], "output": str(tmp_path / "run")}
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(args))
     r = run_cli("train", tmp_path / "args.yaml", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "run"
     for name in ("args.yaml", "last.pth.tar", "checkpoint-0.pth.tar", "model_best.pth.tar", "summary.csv",
-                 "spectrum.csv", "exported/width_1.pth"):
+                 "spectrum.csv", "exported/width_0.6.pth"):  # an export width outside the eval widths
         assert (out / name).is_file(), name
     written = yaml.safe_load((out / "args.yaml").read_text())
     assert set(TIMM_ARGS) <= set(written) and written["opt"] == "sgd" and written["lr"] == pytest.approx(0.1 * 32 / 256)
@@ -197,3 +197,11 @@ def test_initial_checkpoint_of_a_slim_run_and_torchcompile(tmp_path):
     assert all(torch.equal(v, ck["model"][k]) for k, v in m.state_dict().items() if k in ck["model"])
     with pytest.raises(slim.WidthSpecMismatchError):
         T.build_model({**cfg, "widths": [0.25, 1.0]})
+    # a plain timm checkpoint ({'state_dict': ...}, as timm's train.py writes) loads before conversion
+    import timm
+
+    plain = timm.create_model("mobilenetv2_100", num_classes=10)
+    torch.save({"state_dict": plain.state_dict(), "epoch": 3}, tmp_path / "timm.pth.tar")
+    m2 = T.build_model({**cfg, "model": "mobilenetv2_100", "cifar_stem": False, "head_init_scale": None,
+                        "initial_checkpoint": str(tmp_path / "timm.pth.tar")})
+    assert torch.equal(m2.conv_stem.weight, plain.conv_stem.weight)

@@ -56,6 +56,7 @@ def test_resolve_config_defaults_and_aliases():
     assert cfg["opt"] == "sgd" and cfg["calib_samples"] == 2000  # timm / paper defaults
     assert T.resolve_config({"inplace_distill": "kl"})["inplace_distill"] == "kl"
     assert T.resolve_config({"inplace_distill": False})["inplace_distill"] is None
+    assert T.resolve_config({"img_size": [32, 48]})["input_size"] == [3, 32, 48]
     d = T.resolve_config(None, default=True)
     assert d["dataset"] == "digits" and d["width_range"] == [0.35, 1.0]
 
@@ -72,7 +73,14 @@ def test_resolve_config_defaults_and_aliases():
     ({"aug_splits": 3}, "switchable BN"),
     ({"slimmable": False}, "plain model"),
     ({"dist_bn": "all"}, "dist_bn"),
-    ({"pretrained": "yes"}, "pretrained must be a bool"),
+    ({"pretrained": "yes"}, "pretrained must be true or false"),
+    ({"val_interval": 0}, "val_interval must be >= 1"),
+    ({"checkpoint_hist": 0}, "checkpoint_hist must be >= 1"),
+    ({"device_modules": "torch"}, "device_modules must be a list"),
+    ({"epochs": float("inf")}, "epochs must be an integer"),
+    ({"amp_dtype": "bf16"}, "amp_dtype"),
+    ({"val_split": ""}, "val_split is empty"),
+    ({"calib_samples": -1}, "calib_samples must be >= 0"),
 ])
 def test_resolve_config_rejects_bad_values(bad, match):
     with pytest.raises(ConfigError, match=match):

@@ -506,7 +506,7 @@ def check_runs(names, schedule, runs_dir, results_dir, threads, log=print) -> di
     recorded = {}
     for f in sorted(results_dir.glob("*.csv")):
         for r in _read_csv(f):
-            if r.get("run") in names and r["protocol"] == spectrum_protocol(r["calib_samples"]):
+            if r.get("run") in names and r.get("protocol") == spectrum_protocol(r.get("calib_samples")):
                 recorded[(r["run"], float(r["width"]))] = float(r["top1"])
     out = {}
     for name in names:

@@ -62,12 +62,13 @@ def write_spectrum(model, cfg, eval_widths, export_widths, results, run: Path, v
     dev = next(model.parameters()).device
     example = _to_input(torch.zeros(1, *cfg["input_size"]), dev, cfg)
     rows = []
-    for w in eval_widths:
-        with slim.width(w):
-            mflops = slim.count_mflops(model, example)
+    for w in sorted(set(eval_widths) | set(export_widths)):
         plain = slim.export(model, w, example_input=example)
-        rows.append({"width": w, "mflops": mflops, "params_m": sum(p.numel() for p in plain.parameters()) / 1e6,
-                     "top1": results[w]["top1"], "top5": results[w]["top5"]})
+        if w in eval_widths:
+            with slim.width(w):
+                mflops = slim.count_mflops(model, example)
+            rows.append({"width": w, "mflops": mflops, "params_m": sum(p.numel() for p in plain.parameters()) / 1e6,
+                         "top1": results[w]["top1"], "top5": results[w]["top5"]})
         if w in export_widths:
             if cfg["fuse_bn"]:
                 plain = slim.export(model, w, fuse_bn=True, example_input=example)
@@ -81,7 +82,7 @@ def write_spectrum(model, cfg, eval_widths, export_widths, results, run: Path, v
                 slim.export_onnx(plain.cpu(), example.cpu().contiguous(), str(path.with_suffix(".onnx")))
             if diff > 1e-3:
                 log(f"warning: exported width {w:g} differs from the dynamic model by {diff:.2e}")
-        if writer is not None:
+        if writer is not None and w in eval_widths:
             for k in ("top1", "top5", "mflops"):
                 writer.add_scalar(f"final/{k}", rows[-1][k], int(round(w * 1000)))
     write_spectrum_csv(rows, str(run / f"spectrum{suffix}.csv"))
@@ -100,8 +101,11 @@ class _Log:
         self.console.print(*msg, soft_wrap=True)
 
 
-def _resolve(spec):
-    return torch.device(_resolve_device(spec))
+def _open(args):
+    """``(log, device, model, cfg, spec)`` of the checkpoint a command names (``--data-dir`` etc. applied)."""
+    device = torch.device(_resolve_device(args.device))
+    model, cfg = model_from_checkpoint(args.payload, device)
+    return _Log(), device, model, _cmd_cfg(cfg, args), slim.width_spec(model)
 
 
 def model_from_checkpoint(payload: dict, device="cpu"):
@@ -115,7 +119,8 @@ def model_from_checkpoint(payload: dict, device="cpu"):
         raise ConfigError("this checkpoint holds no training config (it was not written by `slim train`); "
                           "rebuild the model in Python and use slim.load_checkpoint")
     cfg = resolve_config(payload["config"])
-    model = build_model(cfg)
+    # the checkpoint holds the weights: no pretrained download or initial checkpoint (they may be gone by now)
+    model = build_model({**cfg, "pretrained": False, "initial_checkpoint": "", "pretrained_path": None})
     slim.load_checkpoint(payload, model)
     model.to(device).eval()
     if cfg["channels_last"]:
@@ -167,11 +172,7 @@ def cmd_train(args, file_cfg: dict | None) -> int:
 
 def cmd_eval(args) -> int:
     """``slim eval CKPT [--widths ...|--step S] [--data DIR] [--csv PATH]``: top-1/top-5 per width."""
-    log = _Log()
-    device = _resolve(args.device)
-    model, cfg = model_from_checkpoint(args.payload, device)
-    cfg = _cmd_cfg(cfg, args)
-    spec = slim.width_spec(model)
+    log, device, model, cfg, spec = _open(args)
     widths = _cmd_widths(args, spec, cfg)
     missing = uncalibrated_widths(model, widths)
     if missing:
@@ -208,12 +209,7 @@ def cmd_eval(args) -> int:
 def cmd_calibrate(args) -> int:
     """``slim calibrate CKPT [--widths ...] [--num-samples N] [--out PATH | --in-place]``: post-statistics,
     written to a new checkpoint atomically (the input is untouched unless ``--in-place``)."""
-    log = _Log()
-    device = _resolve(args.device)
-    payload = args.payload
-    model, cfg = model_from_checkpoint(payload, device)
-    cfg = _cmd_cfg(cfg, args)
-    spec = slim.width_spec(model)
+    log, device, model, cfg, spec = _open(args)
     widths = _cmd_widths(args, spec, cfg)
     n = args.num_samples if args.num_samples is not None else (cfg["calib_samples"] or 2000)
     if n <= 0:
@@ -227,7 +223,7 @@ def cmd_calibrate(args) -> int:
         p = Path(args.checkpoint)
         stem = p.name[:-len(".pth.tar")] if p.name.endswith(".pth.tar") else p.stem
         out = str(p.with_name(f"{stem}-calibrated.pth.tar"))
-    extra = {k: v for k, v in payload.items() if k not in ("model", "width_spec", "bn_mode")}
+    extra = {k: v for k, v in args.payload.items() if k not in ("model", "width_spec", "bn_mode")}
     extra["calibrated"] = sorted(set(extra.get("calibrated") or []) | set(widths))
     slim.save_checkpoint(out, model.cpu(), **extra)
     log(f"wrote {out} (calibrated widths {[f'{w:g}' for w in extra['calibrated']]})")
@@ -236,11 +232,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_export(args) -> int:
     """``slim export CKPT --width W [--onnx] [--fuse-bn] [--out PATH]``: a plain timm model at width W."""
-    log = _Log()
-    device = _resolve(args.device)
-    model, cfg = model_from_checkpoint(args.payload, device)
-    cfg = _cmd_cfg(cfg, args)
-    spec = slim.width_spec(model)
+    log, device, model, cfg, spec = _open(args)
     w = spec.validate(args.width)
     if uncalibrated_widths(model, [w]):
         n = args.calib_samples if args.calib_samples is not None else cfg["calib_samples"]
@@ -295,10 +287,7 @@ def cmd_serve(args) -> int:
     :class:`~slim_plugins.WidthController`; live display, PNG (and CSV) of latency and width over time."""
     from slim_plugins.control import serve_command
 
-    log = _Log()
-    device = _resolve(args.device)
-    model, cfg = model_from_checkpoint(args.payload, device)
-    spec = slim.width_spec(model)
+    log, device, model, cfg, spec = _open(args)
     x = _example_batch(args, cfg, device)
     if args.table:
         table = slim.ProfileTable.from_csv(args.table)
@@ -322,10 +311,7 @@ def cmd_serve(args) -> int:
 
 def cmd_profile(args) -> int:
     """``slim profile CKPT [--widths ...] [--input-size C H W] [--csv PATH]``: MFLOPs, params, latency."""
-    log = _Log()
-    device = _resolve(args.device)
-    model, cfg = model_from_checkpoint(args.payload, device)
-    spec = slim.width_spec(model)
+    log, device, model, cfg, spec = _open(args)
     widths = _cmd_widths(args, spec, cfg)
     x = _example_batch(args, cfg, device)
     size = list(x.shape[1:])

@@ -2,7 +2,8 @@
 
 A timm user's ``args.yaml`` (written by timm's own ``train.py``) loads as it is: every timm key is accepted with its
 timm meaning, or, where a slimmable run cannot honour it, a non-default value is refused with one line saying why
-(:data:`REJECTED`). Keys at their timm default are always accepted.
+(:data:`REJECTED`). Keys at their timm default are always accepted. Two keys differ from timm: ``output`` is the run
+folder itself (timm: the parent of ``<experiment>``), and ``device`` defaults to ``auto`` (CUDA when available).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ __all__ = ["TIMM_ARGS", "SLIM_KEYS", "DEFAULTS", "REJECTED", "DIGITS_JOB", "reso
 _SPEC = yaml.safe_load((Path(__file__).with_name("timm_train_args.yaml")).read_text())
 #: timm train.py's defaults (172 keys), see timm_train_args.yaml for the source.
 TIMM_ARGS: dict = {k: v["default"] for k, v in _SPEC.items()}
-_TYPES = {k: v["type"] for k, v in _SPEC.items()}
+_TYPES = {k: v["type"] for k, v in _SPEC.items() if k != "img_size"}  # img_size: an int or [H, W]
 
 #: The slimmable keys (Slimmable Networks: ``widths``; US-Nets: ``width_range``, ``num_widths`` (sandwich rule),
 #: ``inplace_distill``, ``calib_samples`` (BN post-statistics)) and the outputs of a slimmable run.
@@ -117,12 +118,15 @@ def _coerce(k, v):
         if t == "float":
             return float(v)
         if t == "list":
+            if isinstance(v, str):
+                raise TypeError
             v = [v] if isinstance(v, (int, float)) else list(v)
             return [float(x) for x in v] if all(isinstance(x, (int, float)) for x in v) else v
         if t == "dict" and not isinstance(v, dict):
             raise TypeError
-    except (TypeError, ValueError):
-        what = {"list": "a list of numbers", "dict": "a mapping"}.get(t, f"a {t}")
+    except (TypeError, ValueError, OverflowError):
+        what = {"list": "a list", "dict": "a mapping", "int": "an integer", "float": "a number",
+                "bool": "true or false"}.get(t, t)
         raise ConfigError(f"{k} must be {what}, got {v!r}") from None
     return v
 
@@ -148,9 +152,17 @@ def resolve_config(user: dict | None = None, overrides: dict | None = None, defa
             raise ConfigError(f"{k}={cfg[k]!r} cannot apply to a slimmable run: {reason}")
     for k in cfg:
         cfg[k] = _coerce(k, cfg[k])
-    if cfg["batch_size"] < 1 or cfg["epochs"] < 0 or cfg["grad_accum_steps"] < 1:
-        raise ConfigError(f"batch_size and grad_accum_steps must be >= 1 and epochs >= 0, got {cfg['batch_size']}, "
-                          f"{cfg['grad_accum_steps']}, {cfg['epochs']}")
+    for k in ("batch_size", "grad_accum_steps", "val_interval", "log_interval", "checkpoint_hist", "num_widths",
+              "train_num_samples", "val_num_samples", "validation_batch_size"):
+        if cfg[k] is not None and cfg[k] < 1:
+            raise ConfigError(f"{k} must be >= 1, got {cfg[k]}")
+    for k in ("epochs", "calib_samples", "workers"):
+        if cfg[k] is not None and cfg[k] < 0:
+            raise ConfigError(f"{k} must be >= 0, got {cfg[k]}")
+    if not cfg["val_split"]:
+        raise ConfigError("val_split is empty: the trainer evaluates every width on a validation split; name one")
+    if cfg["amp_dtype"] not in ("float16", "bfloat16"):
+        raise ConfigError(f"amp_dtype must be float16 or bfloat16 (timm), got {cfg['amp_dtype']!r}")
     for k in ("width_range", "scale", "ratio"):
         if cfg[k] is not None and len(cfg[k]) != 2:
             raise ConfigError(f"{k} must have 2 numbers, got {cfg[k]!r}")
@@ -187,9 +199,10 @@ def resolve_config(user: dict | None = None, overrides: dict | None = None, defa
         if cfg[k]:
             cfg[k] = str(Path(expand_env(str(cfg[k]))).resolve())
     cfg["fixed_layers"] = list(cfg["fixed_layers"] or [])
-    if not isinstance(cfg["model_kwargs"] or {}, dict):
-        raise ConfigError(f"model_kwargs must be a mapping, got {cfg['model_kwargs']!r}")
-    cfg["model_kwargs"] = dict(cfg["model_kwargs"] or {})
+    for k in ("model_kwargs", "opt_kwargs"):
+        if not isinstance(cfg[k] or {}, dict):
+            raise ConfigError(f"{k} must be a mapping, got {cfg[k]!r}")
+        cfg[k] = dict(cfg[k] or {})
     return cfg
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from slim_plugins.cli import default_data_root
+from slim_plugins.cli import ConfigError, default_data_root
 
 __all__ = ["ArrayImageDataset", "TransformSubset", "cache_root", "prepare_split", "build_datasets", "make_loader",
            "digits_datasets", "subset_indices", "DIGITS_MEAN", "DIGITS_STD"]
@@ -197,7 +197,7 @@ def build_datasets(cfg: dict, splits=("train", "val"), log=print) -> dict:
         train, val = digits_datasets(size=cfg["input_size"][1] if cfg["input_size"] else 16, seed=0)
         return {s: {"train": train, "val": val}[s] for s in splits}
     data_dir = cfg["data_dir"] or os.path.join(default_data_root(), "cifar10")
-    if not os.path.isdir(data_dir):
+    if not os.path.isdir(data_dir) and not cfg["dataset_download"]:
         raise FileNotFoundError(f"data_dir {data_dir!r} does not exist; set data_dir in the config or $SLIM_DATA "
                                 "(or run `slim train --default` for the embedded digits job)")
     out = {}
@@ -219,6 +219,9 @@ def build_datasets(cfg: dict, splits=("train", "val"), log=print) -> dict:
             out[s] = create_dataset("", root=str(root), search_split=False, **kw)
         else:
             out[s] = create_dataset(cfg["dataset"], root=data_dir, split=split, is_training=s == "train", **kw)
+        if isinstance(out[s], torch.utils.data.IterableDataset):
+            raise ConfigError(f"dataset {cfg['dataset']!r} is iterable (a stream); the trainer subsets, calibrates "
+                              "and evaluates per width on map-style datasets (ImageFolder, torch/..., hfds/...)")
     return out
 
 

@@ -39,11 +39,11 @@ from rich.console import Console  # at import: rich draws from `random` when fir
 from torch import nn
 
 import slim_plugins as slim
-from slim_plugins.cli import ConfigError, print_table
+from slim_plugins.cli import ConfigError, expand_env, print_table
 
 from . import PAPER_SWITCHES, apply_cifar_stem, fixed_layers, set_expansion_units, spec_from_args
 from .config import DEFAULTS, DIGITS_JOB, config_widths, resolve_config, resolve_widths
-from .data import ArrayImageDataset, _data_config, build_datasets, make_loader, subset_indices
+from .data import _data_config, build_datasets, make_loader, subset_indices
 
 __all__ = ["DEFAULTS", "DIGITS_JOB", "resolve_config", "build_model", "build_datasets", "make_loader",
            "resolve_widths", "train", "train_one_epoch", "validate", "TrainHooks"]
@@ -70,10 +70,11 @@ def build_model(cfg: dict, sync_bn: bool = False) -> nn.Module:
             name, kind = name[len(prefix):], k
     spec = spec_from_args(cfg["widths"], cfg["width_range"], cfg["divisor"], name, kind)
     init = cfg["initial_checkpoint"]
-    slim_init = bool(init) and "width_spec" in slim.read_checkpoint(init)  # a slim run's own checkpoint
+    slim_init = bool(init) and not init.endswith(".safetensors") and \
+        "width_spec" in torch.load(init, map_location="cpu", weights_only=False)  # a slim run's own checkpoint
     kw = dict(pretrained=cfg["pretrained"], num_classes=cfg["num_classes"],
               in_chans=cfg["in_chans"] or (cfg["input_size"][0] if cfg["input_size"] else 3), drop_rate=cfg["drop"],
-              drop_path_rate=cfg["drop_path"] if cfg["drop_connect"] is None else cfg["drop_connect"],
+              drop_path_rate=cfg["drop_path"],
               drop_block_rate=cfg["drop_block"], global_pool=cfg["gp"], bn_momentum=cfg["bn_momentum"],
               bn_eps=cfg["bn_eps"], checkpoint_path=None if slim_init else init or None)
     if cfg["pretrained_path"]:
@@ -81,9 +82,9 @@ def build_model(cfg: dict, sync_bn: bool = False) -> nn.Module:
     model = timm.create_model(name, **{k: v for k, v in kw.items() if v is not None}, **cfg["model_kwargs"])
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     with torch.no_grad():
-        if cfg["head_init_scale"] is not None and isinstance(head, nn.Linear):
+        if cfg["head_init_scale"] is not None and getattr(head, "weight", None) is not None:
             head.weight.mul_(cfg["head_init_scale"])  # 0 = zero init: uniform predictions at the start
-            if head.bias is not None:
+            if getattr(head, "bias", None) is not None:
                 head.bias.mul_(cfg["head_init_scale"])
         if cfg["head_init_bias"] is not None and getattr(head, "bias", None) is not None:
             head.bias.fill_(cfg["head_init_bias"])
@@ -112,10 +113,9 @@ def create_loss(cfg: dict):
                       prob=cfg["mixup_prob"], switch_prob=cfg["mixup_switch_prob"], mode=cfg["mixup_mode"],
                       label_smoothing=cfg["smoothing"], num_classes=cfg["num_classes"])
         return mixup, BinaryCrossEntropy(**bce) if cfg["bce_loss"] else SoftTargetCrossEntropy()
-    if cfg["bce_loss"]:
-        return None, BinaryCrossEntropy(smoothing=cfg["smoothing"], **bce)
-    if cfg["smoothing"]:
-        return None, LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
+    if cfg["smoothing"]:  # as timm: BCE only with soft targets (mixup) or smoothing, else cross-entropy
+        return None, (BinaryCrossEntropy(smoothing=cfg["smoothing"], **bce) if cfg["bce_loss"] else
+                      LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"]))
     return None, nn.CrossEntropyLoss()
 
 
@@ -153,9 +153,10 @@ def _opt_step(cfg, model, optimizer, loss_scaler):
     if loss_scaler is not None:  # NativeScaler steps inside its call; our backward passes ran per width before
         loss_scaler._scaler.unscale_(optimizer)
     if cfg["clip_grad"] is not None:
-        from timm.utils import dispatch_clip_grad
+        from timm.utils import dispatch_clip_grad, model_parameters
 
-        dispatch_clip_grad(model.parameters(), cfg["clip_grad"], mode=cfg["clip_mode"])
+        params = model_parameters(getattr(model, "module", model), exclude_head="agc" in cfg["clip_mode"])
+        dispatch_clip_grad(params, cfg["clip_grad"], mode=cfg["clip_mode"])
     if loss_scaler is not None:
         loss_scaler._scaler.step(optimizer)
         loss_scaler._scaler.update()
@@ -179,6 +180,7 @@ def train_one_epoch(epoch, model, loader, optimizer, cfg, step: slim.MultiWidthS
     last_accum = len(loader) % accum or accum
     loss_sum, loss_n, width_losses = 0.0, 0, {}
     keep = any(h.keep_outputs for h in hooks)
+    second_order = getattr(optimizer, "is_second_order", False)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     t0 = time.time()
@@ -198,7 +200,8 @@ def train_one_epoch(epoch, model, loader, optimizer, cfg, step: slim.MultiWidthS
                     with amp_autocast():
                         out = model(x)
                     loss = p.loss(out.float(), lambda o: criterion(o, y)) / n_micro
-                    (loss_scaler._scaler.scale(loss) if loss_scaler is not None else loss).backward()
+                    (loss_scaler._scaler.scale(loss) if loss_scaler is not None else loss).backward(
+                        create_graph=second_order)
         res = step.last
         loss_sum, loss_n = loss_sum + float(res.loss) * len(x) / n_micro, loss_n + len(x) / n_micro
         for w, v in res.losses.items():
@@ -298,6 +301,20 @@ def _set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _distribute_bn(module, world, reduce):
+    """timm's ``distribute_bn`` plus the US-Net min width's own running statistics (``min_mean`` / ``min_var``)."""
+    from timm.utils import distribute_bn
+
+    distribute_bn(module, world, reduce)
+    for name, buf in module.named_buffers():
+        if name.endswith(("min_mean", "min_var")):
+            if reduce:
+                dist.all_reduce(buf)
+                buf /= float(world)
+            else:
+                dist.broadcast(buf, 0)
+
+
 def _saver(model, optimizer, cfg, model_ema, loss_scaler, output, decreasing, payload):
     """timm's ``CheckpointSaver`` (last / checkpoint-<epoch> / model_best, ``checkpoint_hist``, recovery) writing
     slim checkpoints: the width spec, the config, the width schedule and the RNG states (exact resume)."""
@@ -351,6 +368,8 @@ def train(user_cfg: dict | None = None, overrides: dict | None = None, resume: s
     t_start = time.time()
     resume = resume or (user_cfg or {}).get("resume") or (overrides or {}).get("resume") or None
     ck = None
+    if isinstance(resume, (str, os.PathLike)):
+        resume = str(Path(expand_env(str(resume))).resolve())
     if resume is not None:
         ck = slim.read_checkpoint(resume) if isinstance(resume, (str, os.PathLike)) else resume
         if user_cfg is None and not default:
@@ -375,7 +394,7 @@ def train(user_cfg: dict | None = None, overrides: dict | None = None, resume: s
 def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, random_seed, update_summary
+    from timm.utils import ModelEmaV3, NativeScaler, random_seed, update_summary
 
     console = Console(highlight=False)
     log = (lambda *a: console.print(*a, soft_wrap=True)) if run.main else (lambda *a, **k: None)
@@ -392,13 +411,14 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         datasets = datasets_fn(cfg, ("train", "val"), log)
     if cfg["num_classes"] is None:
         reader = getattr(datasets["train"], "reader", None)
-        classes = datasets["train"].classes if isinstance(datasets["train"], ArrayImageDataset) else \
-            getattr(reader, "class_to_idx", None)
+        classes = getattr(reader, "class_to_idx", None) or getattr(datasets["train"], "classes", None)
         if not classes:
             raise ConfigError("num_classes is not set and cannot be read from the dataset; set num_classes")
         cfg["num_classes"] = len(classes)
     sync_bn = cfg["sync_bn"] and run.distributed
-    model = build_model(cfg, sync_bn=sync_bn)
+    # resuming: the checkpoint holds the weights (no pretrained download / initial checkpoint needed)
+    no_init = {"pretrained": False, "initial_checkpoint": "", "pretrained_path": None}
+    model = build_model(cfg if ck is None else {**cfg, **no_init}, sync_bn=sync_bn)
     spec = slim.width_spec(model)
     if ck is not None:
         try:
@@ -446,7 +466,8 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         ratio = cfg["batch_size"] * run.world * cfg["grad_accum_steps"] / cfg["lr_base_size"]
         scale = cfg["lr_base_scale"] or ("sqrt" if any(o in cfg["opt"].lower() for o in ("ada", "lamb")) else "linear")
         cfg["lr"] = cfg["lr_base"] * (ratio ** 0.5 if scale == "sqrt" else ratio)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=SimpleNamespace(**cfg)), **cfg["opt_kwargs"])
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=SimpleNamespace(**cfg)),
+                                    **(cfg["opt_kwargs"] or {}))
     del model.no_weight_decay
     amp_dtype = torch.bfloat16 if cfg["amp_dtype"] == "bfloat16" else torch.float16
     amp_autocast, loss_scaler = contextlib.nullcontext, None
@@ -480,11 +501,11 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
     start_epoch, rng = 0, _rng_state()
     if ck is not None:
         start_epoch = int(ck.get("epoch", 0))
-        if not cfg["no_resume_opt"]:
+        if not cfg["no_resume_opt"] and ck.get("optimizer") is not None:
             optimizer.load_state_dict(ck["optimizer"])
             if loss_scaler is not None and ck.get("amp_scaler"):
                 loss_scaler.load_state_dict(ck["amp_scaler"])
-        if ck.get("scheduler") is not None:
+        if ck.get("scheduler") is not None and lr_scheduler is not None:
             lr_scheduler.load_state_dict(ck["scheduler"])
         if model_ema is not None and ck.get("state_dict_ema") is not None:
             model_ema.module.load_state_dict(ck["state_dict_ema"])
@@ -492,7 +513,7 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         rng = ck.get("rng") or rng
     if cfg["start_epoch"] is not None:
         start_epoch = cfg["start_epoch"]
-    if start_epoch > 0:
+    if start_epoch > 0 and lr_scheduler is not None:
         if cfg["sched_on_updates"]:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
@@ -520,7 +541,7 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         def payload():
             return dict(framework="timm", arch=cfg["model"], config=cfg, epoch=run.epoch + 1,
                         iteration=run.num_updates, optimizer=optimizer.state_dict(),
-                        scheduler=lr_scheduler.state_dict(), rng=_rng_state(), metrics=run.metrics, calibrated=[],
+                        scheduler=_state(lr_scheduler), rng=_rng_state(), metrics=run.metrics, calibrated=[],
                         amp_scaler=loss_scaler.state_dict() if loss_scaler is not None else None, finished=False)
         saver = _saver(module, optimizer, cfg, model_ema, loss_scaler, str(output), decreasing, payload)
         if ck is not None and ck.get("saver"):
@@ -552,24 +573,26 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         for h in hooks:
             train_metrics.update(h.epoch_metrics(run))
         if run.distributed and cfg["dist_bn"] and not sync_bn:
-            distribute_bn(module, run.world, cfg["dist_bn"] == "reduce")
+            _distribute_bn(module, run.world, cfg["dist_bn"] == "reduce")
         if (epoch + 1) % cfg["val_interval"] and epoch + 1 != num_epochs:  # timm: no eval, summary or checkpoint
-            lr_scheduler.step(epoch + 1, None)
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, None)
             continue
         eval_metrics = {}
-        for tag, m in (("", module), ("ema_", model_ema.module if model_ema is not None else None)):
+        ema_eval = model_ema is not None and not cfg["model_ema_force_cpu"]  # timm: no EMA eval on the CPU copy
+        for tag, m in (("", module), ("ema_", model_ema.module if ema_eval else None)):
             if m is None or not run.tracked_widths:
                 continue
             if tag and run.distributed and cfg["dist_bn"]:
-                distribute_bn(m, run.world, cfg["dist_bn"] == "reduce")
-            ev = validate(m, loader_eval, run.tracked_widths, device if not tag or not cfg["model_ema_force_cpu"]
-                          else torch.device("cpu"), cfg["channels_last"], amp_autocast, run.distributed)
+                _distribute_bn(m, run.world, cfg["dist_bn"] == "reduce")
+            ev = validate(m, loader_eval, run.tracked_widths, device, cfg["channels_last"], amp_autocast,
+                          run.distributed)
             eval_metrics.update({f"{tag}{k}_w{w:g}": round(r[k], 4) for w, r in ev.items()
                                  for k in ("loss", "top1", "top5")})
             log(f"Test{' (EMA)' if tag else ''}: epoch {epoch} " +
                 " ".join(f"top-1@{w:g} {r['top1']:.2f}%" for w, r in ev.items()))
         wmax = max(run.tracked_widths) if run.tracked_widths else None
-        ema_key = "ema_" if model_ema is not None else ""
+        ema_key = "ema_" if ema_eval else ""
         metric = eval_metrics.get(f"{ema_key}{cfg['eval_metric']}_w{wmax:g}") if wmax is not None else None
         run.metrics = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
                        **{f"eval_{k}": v for k, v in eval_metrics.items()}}
@@ -581,27 +604,27 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
                 for k, v in {**train_metrics, **eval_metrics}.items():
                     run.writer.add_scalar(f"{'eval' if k in eval_metrics else 'train'}/{k}", v, epoch + 1)
             saver.save_checkpoint(epoch, metric=metric)
-        lr_scheduler.step(epoch + 1, metric)
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, metric)
     train_end = time.time()
 
     # ---- post-statistics, per-width evaluation, spectrum, export (US-Nets Sec. 3.2) ---------------------------
-    models = {"": module, **({"ema": model_ema.module} if model_ema is not None else {})}
+    models = {"": module, **({"ema": model_ema.module.to(device)} if model_ema is not None else {})}
     results = {}
     for tag, m in models.items():
         if cfg["calib_samples"] != 0:
             t0 = time.time()
-            dev = next(m.parameters()).device
             slim.calibrate_bn(m, loader_calib, widths=calib_widths, num_samples=cfg["calib_samples"],
-                              method=cfg["calib_method"], forward=lambda mm, b, dev=dev: mm(_to_input(b[0], dev, cfg)))
+                              method=cfg["calib_method"], forward=lambda mm, b: mm(_to_input(b[0], device, cfg)))
             log(f"calibrated BN post-statistics{' of the EMA' if tag else ''} at {len(calib_widths)} widths on "
                 f"{calib_n} training images ({time.time() - t0:.1f}s)")
-        results[tag] = validate(m, loader_eval, eval_widths, next(m.parameters()).device, cfg["channels_last"],
-                                amp_autocast, run.distributed)
+        results[tag] = validate(m, loader_eval, eval_widths, device, cfg["channels_last"], amp_autocast,
+                                run.distributed)
     out = {"output": str(output), "checkpoint": str(output / "last.pth.tar"), "eval_widths": eval_widths,
            "rows": [], "rows_ema": [], "train_time_s": train_end - t_start}
     if run.main:
         payload = dict(framework="timm", arch=cfg["model"], config=cfg, epoch=num_epochs, iteration=run.num_updates,
-                       optimizer=optimizer.state_dict(), scheduler=lr_scheduler.state_dict(), rng=rng_at_epoch_end,
+                       optimizer=optimizer.state_dict(), scheduler=_state(lr_scheduler), rng=rng_at_epoch_end,
                        metrics=run.metrics, calibrated=calib_widths if cfg["calib_samples"] != 0 else [],
                        results={f"{w:g}": r for w, r in results[""].items()}, finished=True,
                        amp_scaler=loss_scaler.state_dict() if loss_scaler is not None else None,
@@ -627,6 +650,10 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
     if run.distributed:
         dist.barrier()
     return out
+
+
+def _state(obj):
+    return obj.state_dict() if obj is not None else None
 
 
 def _to_input(x, device, cfg):
