@@ -203,9 +203,11 @@ def train_one_epoch(epoch, model, loader, optimizer, cfg, step: slim.MultiWidthS
                     (loss_scaler._scaler.scale(loss) if loss_scaler is not None else loss).backward(
                         create_graph=second_order)
         res = step.last
-        loss_sum, loss_n = loss_sum + float(res.loss) * len(x) / n_micro, loss_n + len(x) / n_micro
-        for w, v in res.losses.items():
-            width_losses.setdefault(w, []).append(float(v))
+        step_loss, *per_width = torch.stack([res.loss, *res.losses.values()]).tolist()  # one host sync per step
+        per_width = dict(zip(res.losses, per_width))
+        loss_sum, loss_n = loss_sum + step_loss * len(x), loss_n + len(x)  # mean over samples
+        for w, v in per_width.items():
+            width_losses.setdefault(w, []).append(v)
         if not need_update:
             continue
         _opt_step(cfg, model, optimizer, loss_scaler)
@@ -224,12 +226,12 @@ def train_one_epoch(epoch, model, loader, optimizer, cfg, step: slim.MultiWidthS
             saver.save_recovery(epoch, batch_idx=update_idx)
         if run.main and (update_idx % cfg["log_interval"] == 0 or batch_idx == len(loader) - 1):
             lr = np.mean([g["lr"] for g in optimizer.param_groups])
-            log(f"Train: {epoch} [{update_idx:>4d}/{updates_per_epoch}]  Loss: {float(res.loss):#.3g} "
+            log(f"Train: {epoch} [{update_idx:>4d}/{updates_per_epoch}]  Loss: {step_loss:#.3g} "
                 f"({loss_sum / loss_n:#.3g})  {(time.time() - t0) / (update_idx + 1):.3f}s/update  LR: {lr:.3e}")
             if run.writer is not None:
-                run.writer.add_scalar("train/loss_sum", float(res.loss), num_updates)
-                for w, v in res.losses.items():
-                    run.writer.add_scalar(f"train/loss_w{w:g}", float(v), num_updates)
+                run.writer.add_scalar("train/loss_sum", step_loss, num_updates)
+                for w, v in per_width.items():
+                    run.writer.add_scalar(f"train/loss_w{w:g}", v, num_updates)
             if cfg["save_images"] and run.output:
                 import torchvision
 
