@@ -5,7 +5,7 @@ on timm's library pieces: ``timm.create_model``, ``timm.data`` (``create_dataset
 ``resolve_data_config``), ``timm.loss``, ``timm.optim.create_optimizer_v2`` / ``optimizer_kwargs``,
 ``timm.scheduler.create_scheduler_v2`` / ``scheduler_kwargs``, ``timm.utils`` (``CheckpointSaver``, ``ModelEmaV3``,
 ``NativeScaler``, ``init_distributed_device_so``, ``distribute_bn``, ``update_summary``, ``random_seed``). Ours:
-the model is converted (:func:`slim_plugins.convert`); each optimizer step trains several widths
+the model is converted (:func:`slim_plugins.convert`, in ``model.py``); each optimizer step trains several widths
 (:class:`slim_plugins.MultiWidthStep`: every switch for S-Nets, Slimmable Networks Sec. 3.3; sandwich rule and
 inplace distillation for US-Nets, US-Nets Sec. 4); evaluation runs per width; after training, BN post-statistics
 (:func:`slim_plugins.calibrate_bn`, US-Nets Sec. 3.2), the FLOPs-accuracy spectrum and the export of plain models.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import random
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -41,82 +40,13 @@ from torch import nn
 import slim_plugins as slim
 from slim_plugins.cli import ConfigError, expand_env, print_table
 
-from . import PAPER_SWITCHES, apply_cifar_stem, fixed_layers, set_expansion_units, spec_from_args
+from .model import build_model, create_loss
+from .utils import checkpoint_saver, distribute_bn, rng_state, set_rng_state
 from .config import DEFAULTS, DIGITS_JOB, config_widths, resolve_config, resolve_widths
 from .data import _data_config, build_datasets, make_loader, subset_indices
 
 __all__ = ["DEFAULTS", "DIGITS_JOB", "resolve_config", "build_model", "build_datasets", "make_loader",
            "resolve_widths", "train", "train_one_epoch", "validate", "TrainHooks"]
-
-
-# ---- model -----------------------------------------------------------------------------------------------------
-def build_model(cfg: dict, sync_bn: bool = False) -> nn.Module:
-    """The converted (slimmable) timm model of a resolved config, on CPU.
-
-    ``model`` is any timm CNN, or the adapter's ``s_<name>`` / ``us_<name>`` (the paper's switches / range when
-    ``widths`` / ``width_range`` are not given). Built as timm's ``train.py`` builds it (drop rates, ``gp``,
-    ``pretrained_path``, ``initial_checkpoint`` of a plain model, ``head_init_scale`` / ``head_init_bias``,
-    SyncBatchNorm), then converted.
-
-    Raises:
-        WidthError: bad widths. WidthSpecMismatchError: ``initial_checkpoint`` of a slim run with another width
-        spec. RuntimeError (timm): unknown model name.
-    """
-    import timm
-
-    name, kind = cfg["model"], "switches" if cfg["widths"] is not None else "range"
-    for prefix, k in (("us_", "range"), ("s_", "switches")):
-        if name.startswith(prefix) and name[len(prefix):] in PAPER_SWITCHES:
-            name, kind = name[len(prefix):], k
-    spec = spec_from_args(cfg["widths"], cfg["width_range"], cfg["divisor"], name, kind)
-    init = cfg["initial_checkpoint"]
-    slim_init = bool(init) and not init.endswith(".safetensors") and \
-        "width_spec" in torch.load(init, map_location="cpu", weights_only=False)  # a slim run's own checkpoint
-    kw = dict(pretrained=cfg["pretrained"], num_classes=cfg["num_classes"],
-              in_chans=cfg["in_chans"] or (cfg["input_size"][0] if cfg["input_size"] else 3), drop_rate=cfg["drop"],
-              drop_path_rate=cfg["drop_path"],
-              drop_block_rate=cfg["drop_block"], global_pool=cfg["gp"], bn_momentum=cfg["bn_momentum"],
-              bn_eps=cfg["bn_eps"], checkpoint_path=None if slim_init else init or None)
-    if cfg["pretrained_path"]:
-        kw["pretrained_cfg_overlay"] = dict(file=cfg["pretrained_path"], num_classes=-1)
-    model = timm.create_model(name, **{k: v for k, v in kw.items() if v is not None}, **cfg["model_kwargs"])
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    with torch.no_grad():
-        if cfg["head_init_scale"] is not None and getattr(head, "weight", None) is not None:
-            head.weight.mul_(cfg["head_init_scale"])  # 0 = zero init: uniform predictions at the start
-            if getattr(head, "bias", None) is not None:
-                head.bias.mul_(cfg["head_init_scale"])
-        if cfg["head_init_bias"] is not None and getattr(head, "bias", None) is not None:
-            head.bias.fill_(cfg["head_init_bias"])
-    if cfg["cifar_stem"]:
-        apply_cifar_stem(model)
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before conversion: slim keeps SyncBatchNorm
-    model = slim.convert(model, spec, fixed=[*fixed_layers(model), *cfg["fixed_layers"]], bn=cfg["bn"],
-                         output_averaging=cfg["output_averaging"])
-    if spec.max <= 1.0:  # timm's channel rounding of the expansion convs (see set_expansion_units)
-        set_expansion_units(model)
-    if slim_init:
-        slim.load_checkpoint(init, model)
-    return model
-
-
-def create_loss(cfg: dict):
-    """``(mixup_fn or None, train_loss_fn)`` as timm's train.py picks them (Mixup/CutMix -> soft targets; BCE;
-    label smoothing; cross-entropy)."""
-    from timm.data import Mixup
-    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    bce = dict(target_threshold=cfg["bce_target_thresh"], sum_classes=cfg["bce_sum"], pos_weight=cfg["bce_pos_weight"])
-    if cfg["mixup"] > 0 or cfg["cutmix"] > 0 or cfg["cutmix_minmax"] is not None:
-        mixup = Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], cutmix_minmax=cfg["cutmix_minmax"],
-                      prob=cfg["mixup_prob"], switch_prob=cfg["mixup_switch_prob"], mode=cfg["mixup_mode"],
-                      label_smoothing=cfg["smoothing"], num_classes=cfg["num_classes"])
-        return mixup, BinaryCrossEntropy(**bce) if cfg["bce_loss"] else SoftTargetCrossEntropy()
-    if cfg["smoothing"]:  # as timm: BCE only with soft targets (mixup) or smoothing, else cross-entropy
-        return None, (BinaryCrossEntropy(smoothing=cfg["smoothing"], **bce) if cfg["bce_loss"] else
-                      LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"]))
-    return None, nn.CrossEntropyLoss()
 
 
 # ---- one epoch, validation -------------------------------------------------------------------------------------
@@ -287,53 +217,6 @@ def validate(model, loader, widths: Sequence[float], device, channels_last: bool
             for w, s in zip(widths, sums)}
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------------------
-def _rng_state():
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st):
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _distribute_bn(module, world, reduce):
-    """timm's ``distribute_bn`` plus the US-Net min width's own running statistics (``min_mean`` / ``min_var``)."""
-    from timm.utils import distribute_bn
-
-    distribute_bn(module, world, reduce)
-    for name, buf in module.named_buffers():
-        if name.endswith(("min_mean", "min_var")):
-            if reduce:
-                dist.all_reduce(buf)
-                buf /= float(world)
-            else:
-                dist.broadcast(buf, 0)
-
-
-def _saver(model, optimizer, cfg, model_ema, loss_scaler, output, decreasing, payload):
-    """timm's ``CheckpointSaver`` (last / checkpoint-<epoch> / model_best, ``checkpoint_hist``, recovery) writing
-    slim checkpoints: the width spec, the config, the width schedule and the RNG states (exact resume)."""
-    from timm.utils import CheckpointSaver
-
-    class SlimSaver(CheckpointSaver):
-        def _save(self, save_path, epoch, metric=None):
-            extra = payload()
-            if self.model_ema is not None:
-                extra["state_dict_ema"] = self.model_ema.module.state_dict()
-            slim.save_checkpoint(save_path, self.model, **extra, metric=metric, saver=self.state_dict(epoch, metric))
-
-    return SlimSaver(model, optimizer, args=SimpleNamespace(**cfg), model_ema=model_ema, amp_scaler=loss_scaler,
-                     checkpoint_dir=output, recovery_dir=output, decreasing=decreasing,
-                     max_history=cfg["checkpoint_hist"])
-
-
 # ---- main ------------------------------------------------------------------------------------------------------
 def _resolve_device(spec: str) -> str:
     if spec in (None, "", "auto"):
@@ -500,7 +383,7 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(SimpleNamespace(**cfg), decreasing_metric=decreasing),
         updates_per_epoch=updates_per_epoch)
-    start_epoch, rng = 0, _rng_state()
+    start_epoch, rng = 0, rng_state()
     if ck is not None:
         start_epoch = int(ck.get("epoch", 0))
         if not cfg["no_resume_opt"] and ck.get("optimizer") is not None:
@@ -543,9 +426,9 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         def payload():
             return dict(framework="timm", arch=cfg["model"], config=cfg, epoch=run.epoch + 1,
                         iteration=run.num_updates, optimizer=optimizer.state_dict(),
-                        scheduler=_state(lr_scheduler), rng=_rng_state(), metrics=run.metrics, calibrated=[],
+                        scheduler=_state(lr_scheduler), rng=rng_state(), metrics=run.metrics, calibrated=[],
                         amp_scaler=loss_scaler.state_dict() if loss_scaler is not None else None, finished=False)
-        saver = _saver(module, optimizer, cfg, model_ema, loss_scaler, str(output), decreasing, payload)
+        saver = checkpoint_saver(module, optimizer, cfg, model_ema, loss_scaler, str(output), decreasing, payload)
         if ck is not None and ck.get("saver"):
             saver.load_state_dict(ck["saver"])
     run.cfg, run.model, run.device, run.updates_per_epoch, run.metrics = cfg, module, device, updates_per_epoch, {}
@@ -560,7 +443,7 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         f"output {output}")
 
     if ck is not None and run.world == 1:  # last: nothing else may draw from the restored generators
-        _set_rng_state(rng)
+        set_rng_state(rng)
     elif ck is not None:
         random_seed(cfg["seed"] + 1000 * start_epoch, run.rank)
     rng_at_epoch_end = rng
@@ -575,7 +458,7 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         for h in hooks:
             train_metrics.update(h.epoch_metrics(run))
         if run.distributed and cfg["dist_bn"] and not sync_bn:
-            _distribute_bn(module, run.world, cfg["dist_bn"] == "reduce")
+            distribute_bn(module, run.world, cfg["dist_bn"] == "reduce")
         if (epoch + 1) % cfg["val_interval"] and epoch + 1 != num_epochs:  # timm: no eval, summary or checkpoint
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, None)
@@ -586,7 +469,7 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
             if m is None or not run.tracked_widths:
                 continue
             if tag and run.distributed and cfg["dist_bn"]:
-                _distribute_bn(m, run.world, cfg["dist_bn"] == "reduce")
+                distribute_bn(m, run.world, cfg["dist_bn"] == "reduce")
             ev = validate(m, loader_eval, run.tracked_widths, device, cfg["channels_last"], amp_autocast,
                           run.distributed)
             eval_metrics.update({f"{tag}{k}_w{w:g}": round(r[k], 4) for w, r in ev.items()
@@ -598,7 +481,7 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
         metric = eval_metrics.get(f"{ema_key}{cfg['eval_metric']}_w{wmax:g}") if wmax is not None else None
         run.metrics = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
                        **{f"eval_{k}": v for k, v in eval_metrics.items()}}
-        rng_at_epoch_end = _rng_state()  # what the checkpoint of this epoch holds (after evaluation)
+        rng_at_epoch_end = rng_state()  # what the checkpoint of this epoch holds (after evaluation)
         if run.main:
             lr = float(np.mean([g["lr"] for g in optimizer.param_groups]))
             update_summary(epoch, train_metrics, eval_metrics, str(output / "summary.csv"), lr=lr)
