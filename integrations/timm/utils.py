@@ -14,15 +14,16 @@ import slim_plugins as slim
 __all__ = ["rng_state", "set_rng_state", "distribute_bn", "checkpoint_saver"]
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------------------
-def rng_state():
+def rng_state() -> dict:
+    """The torch, numpy, Python (and CUDA) generator states."""
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
-def set_rng_state(st):
+def set_rng_state(st: dict) -> None:
+    """Restore :func:`rng_state`."""
     torch.set_rng_state(st["torch"])
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
@@ -46,7 +47,8 @@ def distribute_bn(module, world, reduce):
 
 def checkpoint_saver(model, optimizer, cfg, model_ema, loss_scaler, output, decreasing, payload):
     """timm's ``CheckpointSaver`` (last / checkpoint-<epoch> / model_best, ``checkpoint_hist``, recovery) writing
-    slim checkpoints: the width spec, the config, the width schedule and the RNG states (exact resume)."""
+    slim checkpoints: the width spec, the config, the update count (the width schedule is drawn from it) and the RNG
+    states (exact resume). ``payload()`` gives the run's entries at save time."""
     from timm.utils import CheckpointSaver
 
     class SlimSaver(CheckpointSaver):
