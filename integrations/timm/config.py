@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
+import slim_plugins as slim
 from slim_plugins.cli import ConfigError, expand_env
 from slim_plugins.train import DISTILL_LOSSES
-import slim_plugins as slim
 from slim_plugins.width import SAMPLING_RULES, WidthSpec
 
 from .data import DIGITS_MEAN, DIGITS_STD
@@ -143,8 +143,8 @@ def resolve_config(user: dict | None = None, overrides: dict | None = None, defa
     if default:
         cfg.update(copy.deepcopy(DIGITS_JOB))
     user = _canon_keys(dict(user or {}), "the config")
-    if user.get("device") == "cuda" and "device" not in (overrides or {}):
-        user["device"] = "auto" if cfg["device"] == "auto" else user["device"]  # timm's default, written to args.yaml
+    if user.get("device") == "cuda":  # timm writes its default into every args.yaml: read as auto (CPU-only too)
+        user["device"] = "auto"
     cfg.update(user)
     cfg.update(_canon_keys(dict(overrides or {}), "the overrides"))
     for k, reason in REJECTED.items():
