@@ -38,8 +38,11 @@ def build_model(cfg: dict, sync_bn: bool = False) -> nn.Module:
             name, kind = name[len(prefix):], k
     spec = spec_from_args(cfg["widths"], cfg["width_range"], cfg["divisor"], name, kind)
     init = cfg["initial_checkpoint"]
-    slim_init = bool(init) and not init.endswith(".safetensors") and \
-        "width_spec" in torch.load(init, map_location="cpu", weights_only=False)  # a slim run's own checkpoint
+    init_ck = None  # a slim run's own checkpoint: loaded after conversion (read once, here)
+    if init and not init.endswith(".safetensors"):
+        ck = torch.load(init, map_location="cpu", weights_only=False)
+        init_ck = ck if isinstance(ck, dict) and "width_spec" in ck else None
+    slim_init = init_ck is not None
     kw = dict(pretrained=cfg["pretrained"], num_classes=cfg["num_classes"],
               in_chans=cfg["in_chans"] or (cfg["input_size"][0] if cfg["input_size"] else 3), drop_rate=cfg["drop"],
               drop_path_rate=cfg["drop_path"],
@@ -65,7 +68,7 @@ def build_model(cfg: dict, sync_bn: bool = False) -> nn.Module:
     if spec.max <= 1.0:  # timm's channel rounding of the expansion convs (see set_expansion_units)
         set_expansion_units(model)
     if slim_init:
-        slim.load_checkpoint(init, model)
+        slim.load_checkpoint(init_ck, model)
     return model
 
 
