@@ -18,8 +18,8 @@ from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .context import (active_channels, checkpoint, checkpoint_context_fn, get_width, set_width, width,
                       width_spec)
 from .control import CallRecord, ControllerReport, WidthController
-from .convert import channel_groups, convert, slim_layers
-from .errors import (ChannelGroupError, CheckpointError, EmptyLoaderError, InvalidArgumentError, LossError,
+from .convert import channel_groups, check_widths, convert, slim_layers
+from .errors import (ChannelGroupError, CheckpointError, EmptyLoaderError, ExampleInputError, InvalidArgumentError, LossError,
                      NotExactError, NotSlimmableError, SlimError, UncalibratedWidthError, UnknownLayerError,
                      UnsupportedModuleError, WidthError, WidthSpecMismatchError)
 from .export import export, export_onnx
@@ -31,11 +31,11 @@ from .width import WidthSpec, make_divisible
 __version__ = "0.1.0"
 
 __all__ = [
-    "WidthSpec", "make_divisible", "convert", "channel_groups", "slim_layers", "set_width", "get_width", "width",
+    "WidthSpec", "make_divisible", "convert", "check_widths", "channel_groups", "slim_layers", "set_width", "get_width", "width",
     "active_channels", "width_spec", "measure_latency", "checkpoint", "checkpoint_context_fn", "NotExactError", "CheckpointError", "LossError", "InvalidArgumentError",
     "calibrate_bn", "calibrated_widths", "clear_statistics", "freeze_bn", "MultiWidthStep", "StepResult", "WidthPass", "WidthResult", "reduce_loss", "export", "export_onnx", "profile", "ProfileTable",
     "WidthProfile", "count_mflops", "register", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-    "SlimError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",
+    "SlimError", "ExampleInputError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",
     "NotSlimmableError", "UnsupportedModuleError", "ChannelGroupError", "UnknownLayerError",
     "WidthController", "ControllerReport", "CallRecord",
 ]

@@ -72,7 +72,8 @@ def calibrate_bn(model: torch.nn.Module, batches: Iterable, widths: Sequence | N
         forward: ``forward(model, batch)`` for frameworks whose batches are not plain tensors.
 
     Returns:
-        ``{width key: number of samples used}``.
+        ``{width key: number of samples used}`` (0 for every width of a model without BN layers, whose norms
+        keep no running statistics: nothing runs).
 
     Raises:
         EmptyLoaderError: ``batches`` yields nothing. WidthError: a width not allowed by the spec.
@@ -90,6 +91,8 @@ def calibrate_bn(model: torch.nn.Module, batches: Iterable, widths: Sequence | N
     actives = [state.resolve(w) for w in widths]  # validates every width before any work
     forward = forward or _default_forward
     bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d) and not m.frozen]
+    if not bns:  # LayerNorm / GroupNorm / RMSNorm only: no running statistics, every width is ready as it is
+        return {a.key: 0 for a in actives}
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     local_target = None if num_samples is None else -(-int(num_samples) // world)
     was_training = model.training

@@ -19,10 +19,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import registry
 from .context import BN_MODES, SlimState, find_state
-from .errors import (ChannelGroupError, NotExactError, NotSlimmableError, UnknownLayerError, UnsupportedModuleError,
-                     WidthError)
-from .graph import ChannelGraph, _Builder, trace
+from .errors import (ChannelGroupError, ExampleInputError, NotExactError, NotSlimmableError, UnknownLayerError,
+                     UnsupportedModuleError, WidthError)
+from .graph import ChannelGraph, _Builder, restore_modules, snapshot_modules, trace
 from .nn.layers import GROUP_MODES, SlimMixin, SlimWeightNormConv2d, is_weight_normed, track_data_writes
+from .nn.params import ParamSlot, host, unhost
 from .width import WidthSpec, as_spec
 
 class SlimWarning(UserWarning):
@@ -85,6 +86,7 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
 
     # ---- plan (no mutation until every check has passed) ---------------------------------------------------
     plan: list[tuple[str, nn.Module, type]] = []
+    hosts: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if not any(_under(name, r) for r in roots):
             continue
@@ -94,10 +96,7 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         if cls is not None:
             plan.append((name, m, cls))
         elif _has_channel_state(m) and not registry.is_passthrough(type(m)):
-            raise UnsupportedModuleError(
-                f"layer {name!r} of type {type(m).__module__}.{type(m).__qualname__} has parameters or per-channel "
-                f"buffers but no width-switchable counterpart; register one with slim_plugins.registry.register(...)"
-                f" (registered: {sorted(t.__name__ for t in registry.converters())})")
+            hosts[name] = m  # its parameters must be seen by the channel analysis (tied to channels) or it is refused
     weighted = [n for n, m, _ in plan if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not weighted:
         raise NotSlimmableError(f"{type(model).__name__} has no Conv2d/Linear layer to slim"
@@ -117,13 +116,16 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     parts, untraced = [], []
     for root in _parts(model, roots, planned):
         try:
-            parts.append((root, _analyse(model, root, planned, example_input)))
+            parts.append((root, _analyse(model, root, planned, example_input, hosts)))
         except ChannelGroupError as e:
             untraced.append((root, e))
+    _check_hosts(model, hosts, parts)
     # An untraceable part holding one conv/linear (mmcv's ConvModule: conv, norm, act) is a chain: the prefix rule
     # is exact there, and its layer is an output layer unless a norm follows it (the graph's rule).
     chains = [(r, e) for r, e in untraced if len([n for n in weighted if _under(n, r)]) == 1]
     untraced = [(r, e) for r, e in untraced if (r, e) not in chains]
+    for root, builder in parts:  # linear layers applied along a non-channel dim (token mixing) stay whole
+        fixed_names.update(_join(root, n) for n in builder.fixed_layers)
     if auto_fix:
         for root, builder in parts:
             fixed_names.update(_join(root, n) for n in ChannelGraph(builder.ops, builder.calls, builder.full,
@@ -145,6 +147,10 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
 
     state = SlimState(spec, bn, output_averaging, frozen_bn)
     state.trace_error = str(untraced[0][1]) if untraced else None
+    # The input the analysis ran on (batch 1): export / profile use it when they are given none (DESIGN rule 10).
+    whole = [b.example_shapes for r, b in parts if r == ""]
+    if whole and len(whole[0]) == 1 and whole[0][0] is not None:
+        state.example_shape = (1, *whole[0][0][1:])
     state.layer_names = [n for n in weighted if n not in fixed_names]
     if groups is not None:
         state.declared_groups = {g: list(v) for g, v in groups.items()}
@@ -172,6 +178,8 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     except Exception:
         for name, m, _ in plan:
             _set_submodule(model, name, m)
+        for m in [model, *hosts.values()]:
+            unhost(m)
         model.__dict__.pop("_slim_state", None)
         raise
     for new in new_mods.values():  # only now: the parameters are shared with the caller's modules
@@ -270,34 +278,71 @@ def _default_input(part: nn.Module, planned_rel):
     return None
 
 
-def _analyse(model, root, planned, example_input):
-    """Trace part ``root`` and run it once: returns its built :class:`_Builder`; raises ChannelGroupError."""
+def _analyse(model, root, planned, example_input, hosts):
+    """Trace part ``root`` and run it once: returns its built :class:`_Builder`.
+
+    The model is left exactly as it was (DESIGN rule 10): attributes a forward assigns (BasicSR's EDSR sets
+    ``self.mean`` in ``forward``), buffers and training flags are restored afterwards, whether the analysis
+    succeeds or raises.
+
+    Raises:
+        ChannelGroupError: torch.fx cannot trace the part. ExampleInputError: the traced part does not run on the
+        example input (the analysis needs every tensor's shape: pass ``example_input=``).
+    """
     part = model.get_submodule(root) if root else model
     rel = {n[len(root) + 1:] if root else n: n for n in planned if _under(n, root) and n != root}
-    roles = {}
-    for r, full in rel.items():
-        m = part.get_submodule(r)
-        roles[r] = _role_of(m)
-    gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap())
-    x = example_input.get(root) if isinstance(example_input, Mapping) else example_input
-    if x is None:
-        x = _default_input(part, set(rel))
-        if x is None:
-            raise ChannelGroupError(f"no example input for part {root or type(model).__name__!r}; pass example_input")
-    args = x if isinstance(x, tuple) else (x,)
-    was = part.training
-    part.eval()
+    roles = {r: _role_of(part.get_submodule(r)) for r in rel}
+    params = {}  # fx target (relative to the part) -> host module name, for parameters of unregistered modules
+    for hname, hm in hosts.items():
+        if not _under(hname, root):
+            continue
+        hrel = hname[len(root) + 1:] if root and hname != root else ("" if hname == root else hname)
+        for pname, t in [*hm._parameters.items(), *hm._buffers.items()]:
+            if t is not None and t.is_floating_point() and t.dim() >= 1:
+                params[_join(hrel, pname)] = hname
+    snap = snapshot_modules(part)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
-    except Exception as e:
-        raise ChannelGroupError(
-            f"the analysis forward of {root or type(model).__name__!r} failed on an example input of shape "
-            f"{[tuple(a.shape) for a in args if torch.is_tensor(a)]} ({type(e).__name__}: {e}); pass "
-            "example_input= with an input the model accepts") from e
+        part.eval()  # the inference graph (dropout / drop-path branches do not move channels)
+        gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap())
+        x = example_input.get(root) if isinstance(example_input, Mapping) else example_input
+        given = x is not None
+        if x is None:
+            x = _default_input(part, set(rel))
+            if x is None:
+                raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
+                                        "layer is not a Conv2d / Linear; pass example_input=")
+        args = x if isinstance(x, tuple) else (x,)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*args)
+        except Exception as e:
+            shapes = [tuple(a.shape) for a in args if torch.is_tensor(a)]
+            hint = ("pass example_input= with an input the model accepts" if given else
+                    f"the default example input {shapes} does not fit this model (e.g. a fixed-size flatten -> "
+                    "linear); pass example_input= with the size the model takes")
+            raise ExampleInputError(
+                f"the analysis forward of {root or type(model).__name__!r} failed on an example input of shape "
+                f"{shapes} ({type(e).__name__}: {e}); {hint}") from e
     finally:
-        part.train(was)
-    return _Builder(gm, roles, root).build()
+        restore_modules(snap)
+    b = _Builder(gm, roles, root, params, registry.layout_fns()).build()
+    b.example_shapes = [tuple(a.shape) if torch.is_tensor(a) else None for a in args]
+    return b
+
+
+def _check_hosts(model, hosts: dict, parts) -> None:
+    """Every parameter of a module without a width-switchable counterpart must be read by a traced forward (the
+    analysis then ties it to channels or proves it width-free); else the module is refused."""
+    seen = {_join(root, t) for root, b in parts for t in b.seen_attrs}
+    for name, m in hosts.items():
+        missing = [k for k, t in [*m._parameters.items(), *m._buffers.items()]
+                   if t is not None and t.is_floating_point() and t.numel() > 1 and _join(name, k) not in seen]
+        if missing:
+            raise UnsupportedModuleError(
+                f"layer {name!r} of type {type(m).__module__}.{type(m).__qualname__} has parameters or per-channel "
+                f"buffers ({missing[:3]}) that the channel analysis cannot follow (its forward was not traced) and "
+                "no width-switchable counterpart; register one with slim_plugins.registry.register(...) "
+                f"(registered: {sorted(t.__name__ for t in registry.converters())})")
 
 
 def _role_of(m) -> dict:
@@ -309,29 +354,42 @@ def _role_of(m) -> dict:
             return {"role": "gdecider", "groups": m.groups}
         return {"role": "decider"}
     if isinstance(m, nn.Linear):
-        return {"role": "decider"}
+        return {"role": "decider", "dim": -1}
+    cls = registry.lookup(type(m))
+    if cls is not None and hasattr(cls, "analysis_role"):
+        return cls.analysis_role(m)
     return {"role": "norm"}
 
 
 def _attach_graphs(model, state: SlimState, parts, new_mods):
-    """Build each part's ChannelGraph with the roles of the converted layers and assign layer slots."""
+    """Build each part's ChannelGraph with the roles of the converted layers and assign layer slots; tied
+    parameters get a slot and their module reads them at the active channels."""
+    params: dict[str, ParamSlot] = {}
     for root, builder in parts:
         for call in builder.calls:
             full = _join(root, call.name)
-            role = new_mods[full].channel_role()
+            if call.role == "param":
+                obj = params[full] = ParamSlot(full, call.pdim)
+            else:
+                obj = new_mods[full]
+            role = obj.channel_role()
             call.name = full
             call.role = role["role"]
             call.groups = role.get("groups", 1)
             call.mult = role.get("mult", 1)
             call.gw = role.get("gw", (1, 1))
+            call.unit = role.get("unit", 1)
         g = ChannelGraph(builder.ops, builder.calls, builder.full, builder.rank, root)
         state.graphs.append(g)
         for call in builder.calls:
             if call.name not in state.slots:
                 state.slots[call.name] = len(state.layers)
-                layer = new_mods[call.name]
+                layer = new_mods[call.name] if call.role != "param" else params[call.name]
                 layer._slim_slot = len(state.layers)
                 state.layers.append(layer)
+            if call.role == "param" and g.cls[call.t_in] not in g.derived:  # else always whole: nothing to slice
+                p = params[call.name]
+                host(model.get_submodule(p.host) if p.host else model, p.attr, p._slim_slot, p.dim, state)
         units = g.class_units()
         for c_id, u in units.items():
             if u <= 1:
@@ -340,6 +398,21 @@ def _attach_graphs(model, state: SlimState, parts, new_mods):
                 layer = new_mods[g.calls[i].name]
                 if isinstance(layer, SlimMixin) and not layer.fixed_out:
                     layer.channel_multiple = math.lcm(layer.channel_multiple, u)
+    if params and state.spec.max > 1.0:
+        raise ChannelGroupError(f"widths above 1.0 are not supported for models with tied parameters "
+                                f"({sorted(params)[:3]})")
+
+
+def check_widths(model: nn.Module) -> None:
+    """Plan the spec's switches (or a grid of its range) again, after an adapter changed the rounding of layers'
+    channel counts (``channel_unit`` / ``channel_multiple``, e.g. timm's expansion ratios) on a converted model.
+
+    Raises:
+        NotExactError: a width that cannot run as an exact sub-network (names the op).
+    """
+    state = find_state(model)
+    state._resolved = {}
+    _check_widths(state)
 
 
 def _check_widths(state: SlimState):

@@ -56,3 +56,9 @@ class LossError(SlimError, ValueError):
 
 class InvalidArgumentError(SlimError, ValueError):
     """An argument outside its allowed values (names the value and what was allowed)."""
+
+
+class ExampleInputError(SlimError, ValueError):
+    """The channel analysis could not run the model once on its example input (the default ``(2, C, 64, 64)`` or
+    the one given): ``convert`` needs every tensor's shape, so pass ``example_input=`` with an input the model
+    accepts. Raised instead of converting with a guessed structure (DESIGN rule 10)."""

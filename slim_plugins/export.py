@@ -15,21 +15,30 @@ from .context import find_state, width as width_ctx
 from .convert import slim_layers
 from .nn.layers import Geo, SlimMixin
 from .nn.norm import BNGeo, SlimBatchNorm2d
+from .nn.params import ParamHost, export_hosted
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
-    """A ``(1, C, 64, 64)`` (conv input) or ``(1, F)`` (linear input) tensor for the first layer."""
-    first = next(m for _, m in slim_layers(model) if isinstance(m, (nn.Conv2d, nn.Linear)))
+    """Zeros of the size ``convert`` analysed the model at (its ``example_input``, batch 1); for a model converted
+    in parts, ``(1, C, 64, 64)`` (conv input) or ``(1, F)`` (linear input) for the first layer."""
     p = next(model.parameters())
+    shape = getattr(find_state(model), "example_shape", None)
+    if shape is not None:
+        return torch.zeros(shape, device=p.device, dtype=p.dtype)
+    first = next(m for _, m in slim_layers(model) if isinstance(m, (nn.Conv2d, nn.Linear)))
     if isinstance(first, nn.Conv2d):
         return torch.zeros(1, first.in_channels, 64, 64, device=p.device, dtype=p.dtype)
     return torch.zeros(1, first.in_features, device=p.device, dtype=p.dtype)
 
 
+def channel_dim(mod) -> int:
+    """The dim of a slim layer's input and output that holds its channels."""
+    return -1 if isinstance(mod, nn.Linear) else getattr(mod, "channel_dim", 1)
+
+
 def layer_geometry(mod, a, inp) -> Geo | BNGeo:
     """The geometry layer ``mod`` uses for input ``inp`` at configuration ``a``."""
-    c = inp.shape[-1] if isinstance(mod, nn.Linear) else inp.shape[1]
-    return mod.geometry(a, c)
+    return mod.geometry(a, inp.shape[channel_dim(mod)])
 
 
 @torch.no_grad()
@@ -52,9 +61,8 @@ def record_widths(model: nn.Module, w, example_input=None) -> dict:
     def hook(mod, args, out):
         inp = args[0]
         geo = layer_geometry(mod, a, inp)
-        r = {"geo": geo, "in": inp.shape[-1] if isinstance(mod, nn.Linear) else inp.shape[1],
-             "out": out.shape[-1] if isinstance(mod, nn.Linear) else out.shape[1],
-             "groups": getattr(geo, "groups", 1)}
+        d = channel_dim(mod)
+        r = {"geo": geo, "in": inp.shape[d], "out": out.shape[d], "groups": getattr(geo, "groups", 1)}
         r["src"] = produced.get(id(inp))
         r["src_uses"] = 0
         recs.setdefault(mod, r)
@@ -143,13 +151,19 @@ def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -
         parent, _, leaf = name.rpartition(".")
         setattr(plain.get_submodule(parent) if parent else plain, leaf, mod)
     for m in plain.modules():
+        if isinstance(m, ParamHost):  # tied parameters (tokens, position embeddings, layer scales): sliced
+            export_hosted(m, a)
         m.__dict__.pop("_slim_state", None)
     return plain.eval()
 
 
 def _unused_geo(m, a):
     if not isinstance(m, SlimMixin):
-        return BNGeo(m.num_features if hasattr(m, "num_features") else m.weight.shape[-1])
+        if hasattr(m, "num_features"):
+            return BNGeo(m.num_features)
+        if hasattr(m, "normalized_shape"):
+            return BNGeo(m.normalized_shape[-1])
+        return BNGeo(m.num_channels if hasattr(m, "num_channels") else m.weight.shape[-1])
     w = m._wb()[0]
     groups = getattr(m, "groups", 1)
     full_in = w.shape[1] * groups

@@ -38,16 +38,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ChannelGroupError, NotExactError
+from .errors import ChannelGroupError, ExampleInputError, NotExactError
 
 # ---- the channel IR ----------------------------------------------------------------------------------------------
 # Op kinds. Layer roles: "decider" (conv/linear choosing its output channels), "gdecider" (grouped conv, constant
 # group count), "norm" (BN and other per-channel layers: output = input selection), "dw" (group width 1,
-# multiplier m: depthwise), "gwidth" (grouped conv keeping its group width), "fixed" (decider with fixed outputs).
-LAYER, INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TIE, PASS, OPAQUE, OUTPUT = (
+# multiplier m: depthwise), "gwidth" (grouped conv keeping its group width), "fixed" (decider with fixed outputs),
+# "gnorm" (GroupNorm: a norm whose channels split into `groups` equal runs), "param" (a tied parameter).
+LAYER, INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TIE, PASS, OPAQUE, OUTPUT, TILE, PARAM = (
     "layer", "input", "const", "cat", "split", "shuffle", "slice", "flatten", "groupmap", "tie", "pass", "opaque",
-    "output")
-_DERIVED = (INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, OPAQUE)
+    "output", "tile", "param")
+# FLATTEN: channel-major merge (N, C, H, W) -> (N, C*H*W), arg H*W; TILE: channel-minor merge (N, H, W, C) ->
+# (N, H*W*C), arg H*W; PARAM: a parameter tied to the channels (takes its class's selection, decides nothing).
+_DERIVED = (INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, OPAQUE, TILE)
 
 
 @dataclasses.dataclass
@@ -70,6 +73,8 @@ class LayerCall:
     groups: int = 1               # gdecider: group count; gwidth: (in, out) group widths
     mult: int = 1                 # dw: channel multiplier
     gw: tuple = (1, 1)
+    unit: int = 1                 # the active count must be a multiple of it (attention: the head dim)
+    pdim: int = 0                 # param: the dim of the parameter that holds the channels
 
 
 class Sel:
@@ -160,8 +165,12 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=()) -> torch.fx.
         ChannelGroupError: fx cannot trace the model (names the layer whose forward failed).
     """
     tracer = _Tracer(set(leaf_names), leaf_types, autowrap)
+    snap = snapshot_modules(model)
     try:
-        graph = tracer.trace(model)
+        try:
+            graph = tracer.trace(model)
+        finally:  # a forward that assigns attributes (EDSR's self.mean) left fx proxies on the model
+            restore_modules(snap)
     except Exception as e:  # fx raises many types; re-raise one that names the layer
         where = tracer.failed_in or "<top level forward>"
         raise ChannelGroupError(
@@ -171,27 +180,136 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=()) -> torch.fx.
     return torch.fx.GraphModule(model, graph)
 
 
+def snapshot_modules(root: nn.Module):
+    """What a forward may change on the modules of ``root``: their attributes, parameter/buffer/child tables,
+    buffer values and parameter write counters."""
+    mods = []
+    for m in root.modules():
+        inner = {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules") if k in m.__dict__}
+        bufs = {k: b.detach().clone() for k, b in m._buffers.items() if b is not None}
+        vers = {k: p._version for k, p in m._parameters.items() if p is not None}
+        mods.append((m, dict(m.__dict__), inner, bufs, vers))
+    return mods
+
+
+def restore_modules(snap) -> None:
+    for m, d, inner, bufs, vers in snap:
+        m.__dict__.clear()
+        m.__dict__.update(d)
+        for k, v in inner.items():
+            m.__dict__[k].clear()
+            m.__dict__[k].update(v)
+        with torch.no_grad():
+            for k, b in bufs.items():
+                cur = m._buffers.get(k)
+                if cur is not None and not torch.equal(cur, b):
+                    cur.copy_(b)
+        changed = [k for k, v in vers.items() if m._parameters[k]._version != v]
+        if changed:
+            raise ExampleInputError(f"the analysis forward wrote parameters {changed} of {type(m).__name__} in "
+                                    "place; convert cannot analyse a model whose forward changes its weights")
+
+
 def _shape(node):
     tm = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
-class _Builder:
-    """Walks an fx graph (with ``tensor_meta`` from ShapeProp) and emits channel IR ops."""
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
 
-    def __init__(self, gm: torch.fx.GraphModule, roles: dict, prefix: str, passthrough_types=()):
+
+def _carried(s, t) -> list:
+    """For each dim of ``t`` (a reshape of ``s``), the dim of ``s`` it carries unchanged (same size and the same
+    product of the dims before it, so the same elements in row-major order), else ``None``."""
+    pre = [_prod(s[:i]) for i in range(len(s))]
+    out = []
+    for j, n in enumerate(t):
+        pj = _prod(t[:j])
+        out.append(next((i for i in range(len(s)) if s[i] == n and pre[i] == pj), None))
+    return out
+
+
+def _dim_map(name, node, s, t) -> list | None:
+    """For each dim of the result ``t`` of layout op ``name`` on a tensor of shape ``s``: the source dim it carries."""
+    args = node.args[1:]
+    if name in ("permute",):
+        perm = args if args and not isinstance(args[0], (list, tuple)) else (args[0] if args else
+                                                                               node.kwargs.get("dims"))
+        if perm is None or not all(isinstance(p, int) for p in perm) or len(perm) != len(s):
+            return None
+        return [p % len(s) for p in perm]
+    if name in ("transpose", "swapaxes"):
+        if len(args) < 2 or not all(isinstance(a, int) for a in args[:2]):
+            return None
+        a, b = args[0] % len(s), args[1] % len(s)
+        m = list(range(len(s)))
+        m[a], m[b] = m[b], m[a]
+        return m
+    if name == "movedim":
+        if len(args) < 2 or not all(isinstance(a, int) for a in args[:2]):
+            return None
+        src, dst = args[0] % len(s), args[1] % len(s)
+        m = [i for i in range(len(s)) if i != src]
+        m.insert(dst, src)
+        return m
+    if name in ("expand", "expand_as", "repeat"):
+        off = len(t) - len(s)
+        return [j - off if j - off >= 0 and (s[j - off] == t[j] or name != "repeat") else None for j in range(len(t))]
+    if name in _CAST:
+        return list(range(len(s))) if tuple(s) == tuple(t) else None
+    return _carried(s, t)
+
+
+# Tensor methods that make a new tensor of a given shape (the source only gives dtype / device).
+_NEW_TENSOR = {"new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"}
+# Tensor methods that keep values and layout (a parameter read through them is still that parameter).
+_CAST = {"to", "type_as", "float", "half", "double", "bfloat16", "contiguous", "clone", "detach", "requires_grad_"}
+_LAYOUT = {"view", "reshape", "flatten", "transpose", "permute", "swapaxes", "contiguous", "unflatten", "squeeze",
+           "unsqueeze", "movedim", "channel_shuffle", "pixel_shuffle", "pixel_unshuffle", "expand", "expand_as",
+           "repeat"}
+
+
+class _Builder:
+    """Walks an fx graph (with ``tensor_meta`` from ShapeProp) and emits channel IR ops.
+
+    Every channel-carrying tensor records which dim holds its channels (``cdim``: 1 for ``(N, C, H, W)``, the last
+    for tokens ``(N, L, C)`` and channels-last maps), followed through permutes, transposes and reshapes.
+    ``params`` maps the fx target of a parameter / buffer of a non-slim module (``{target: (host, name)}``) that the
+    model ties elementwise to its channels (class and position tokens, position embeddings, layer scales): it
+    becomes a ``param`` call that takes the selection of the channels it is tied to.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, roles: dict, prefix: str, params: dict | None = None,
+                 layout_fns=frozenset()):
         self.gm, self.roles, self.prefix = gm, roles, prefix
-        self.passthrough_types = tuple(passthrough_types)
+        self.layout_fns = layout_fns
+        self.host_params = params or {}
         self.ops: list[Op] = []
         self.calls: list[LayerCall] = []
         self.full: list[int] = []       # full channel count of each tensor id (at trace time)
         self.rank: list[int] = []
+        self.cdim: list = []            # the dim holding the channels (None: no channel dim)
         self.val: dict = {}             # fx node -> tensor id / tuple of ids / _Factored / python value
+        self.pmap: dict = {}            # tensor id -> (param target, source dim of each dim) for parameter reads
+        self.param_ids: dict = {}       # param target -> (tensor id, channel dim)
+        self.seen_attrs: set = set()    # get_attr targets read by the forward
+        self.fixed_layers: set = set()  # linear layers applied along a non-channel dim (token mixing): kept whole
         self.mods = dict(gm.named_modules())
 
-    def new(self, shape) -> int:
-        self.full.append(int(shape[1]) if shape is not None and len(shape) >= 2 else 1)
-        self.rank.append(len(shape) if shape is not None else 0)
+    def new(self, shape, cdim=1) -> int:
+        r = len(shape) if shape is not None else 0
+        if shape is not None and cdim is not None and r >= 2 and -r <= cdim < r:
+            cdim %= r
+            self.full.append(int(shape[cdim]))
+        else:
+            cdim = None
+            self.full.append(1)
+        self.rank.append(r)
+        self.cdim.append(cdim)
         return len(self.full) - 1
 
     def emit(self, kind, ins, outs, where, arg=None):
@@ -227,40 +345,82 @@ class _Builder:
         return self
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def out_tensor(self, node, kind, ins, arg=None):
-        t = self.new(_shape(node))
+    def out_tensor(self, node, kind, ins, arg=None, cdim=1):
+        t = self.new(_shape(node), cdim)
         self._tids.add(node)
         self.val[node] = t
         self.emit(kind, ins, (t,), self.where(node), arg)
         return t
 
-    def alias(self, node, src: int):
-        t = self.new(_shape(node))
+    def alias(self, node, src: int, cdim=None):
+        t = self.new(_shape(node), self.cdim[src] if cdim is None else cdim)
         self._tids.add(node)
         self.val[node] = t
         self.emit(PASS, (src,), (t,), node.name)
         return t
 
     def channel_inputs(self, node):
-        """Tensor-id inputs of ``node`` that carry channels (rank >= 2, more than one channel)."""
+        """Tensor-id inputs of ``node`` that carry channels (rank >= 2, a channel dim)."""
         ids = self.tensor_ids(list(node.args) + list(node.kwargs.values()))
-        return [t for t in ids if self.rank[t] >= 2]
+        return [t for t in ids if self.rank[t] >= 2 and self.cdim[t] is not None]
 
-    def opaque(self, node, why):
+    def opaque(self, node, why, cdim=1):
         ins = self.tensor_ids(list(node.args) + list(node.kwargs.values()))
         shape = _shape(node)
         if shape is not None:
-            self.out_tensor(node, OPAQUE, ins, why)
+            self.out_tensor(node, OPAQUE, ins, why, cdim)
         else:
             self.val[node] = None
             self.emit(OPAQUE, ins, (), self.where(node), why)
+
+    def _always_full(self, t) -> bool:
+        p = self.producer_kind(t)
+        return p in (INPUT, CONST)
+
+    def producer_kind(self, t):
+        for op in reversed(self.ops):
+            if t in op.outs:
+                return op.kind
+        return None
+
+    def rehome(self, t, cdim, shape) -> int:
+        """A tensor that is always whole (the model input, a constant) read with its channels on ``cdim``."""
+        n = self.new(shape, cdim)
+        self.emit(INPUT, (), (n,), f"input read along dim {cdim}")
+        return n
+
+    def param_root(self, target, pdim) -> int | None:
+        """The ``param`` tensor of a host parameter with its channels on ``pdim`` (one per parameter)."""
+        hit = self.param_ids.get(target)
+        if hit is not None:
+            return hit[0] if hit[1] == pdim else None
+        shape = tuple(self._attr_shape(target))
+        t = len(self.full)
+        self.full.append(int(shape[pdim]))
+        self.rank.append(len(shape))
+        self.cdim.append(pdim)
+        self.emit(PARAM, (), (t,), f"parameter {_join_name(self.prefix, target)!r}")
+        self.calls.append(LayerCall(target, "param", t, t, pdim=pdim))
+        self.param_ids[target] = (t, pdim)
+        return t
+
+    def _attr_shape(self, target):
+        obj = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj.shape
 
     # -- the visitor -------------------------------------------------------------------------------------------
     def visit(self, node):
         op = node.op
         if op in ("placeholder", "get_attr"):  # the model input / a constant: all channels, always
-            if _shape(node) is not None:
-                self.out_tensor(node, INPUT if op == "placeholder" else CONST, ())
+            shape = _shape(node)
+            if shape is not None:
+                t = self.out_tensor(node, INPUT if op == "placeholder" else CONST, ())
+                if op == "get_attr":
+                    self.seen_attrs.add(node.target)
+                    if node.target in self.host_params and len(shape) >= 1:
+                        self.pmap[t] = (node.target, list(range(len(shape))))
             else:
                 self.val[node] = None
             return
@@ -273,15 +433,30 @@ class _Builder:
         if name == "getitem":
             return self.visit_getitem(node)
         shape = _shape(node)
-        if node.args and isinstance(self.val.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node)
-                                    else None, _Factored):
+        first = node.args[0] if node.args else None
+        fv = self.val.get(first) if isinstance(first, torch.fx.Node) else None
+        if isinstance(fv, _Factored):
             return self.visit_layout(node, name)
+        if isinstance(fv, int) and fv in self.pmap and first in self._tids and shape is not None and \
+                (name in _LAYOUT or name in _CAST):  # a parameter read through a view or a cast
+            target, dims = self.pmap[fv]
+            m = _dim_map(name, node, _shape(first), shape)
+            t = self.out_tensor(node, CONST, ())
+            if m is not None:
+                self.pmap[t] = (target, [dims[i] if i is not None else None for i in m])
+            return
         ins = self.channel_inputs(node)
+        if name in _NEW_TENSOR and shape is not None:  # x.new_empty(shape): a fresh tensor, not x's channels
+            self.out_tensor(node, CONST, ())
+            return
         if op == "call_method" and name in ("size", "dim", "numel", "type", "is_contiguous", "__len__") or \
                 name in ("getattr", "len") or (shape is None and not self._is_tuple_result(node)):
             self.val[node] = None  # metadata: not a tensor
             return
-        if not ins:  # no channel-carrying input: a new tensor (zeros, arange, ...) or one derived from scalars
+        params = [t for t in self.tensor_ids(list(node.args) + list(node.kwargs.values())) if t in self.pmap]
+        if not ins or all(t in self.pmap for t in ins):
+            if params and (node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS):
+                return self.visit_tie(node, [t for t in ins if t not in self.pmap])
             if self._is_tuple_result(node):
                 self.val[node] = ("tuple", [self.new(s) if s is not None else None for s in self._tuple_shapes(node)])
                 for t in self.val[node][1]:
@@ -290,20 +465,24 @@ class _Builder:
                 return
             self.out_tensor(node, CONST, ())
             return
+        ins = [t for t in ins if t not in self.pmap]
         if name in _MIXING:
             return self.opaque(node, f"{name} mixes channels")
         if node.target in _CAT_FN or name in ("cat", "concat", "concatenate"):
             return self.visit_cat(node)
         if name in _SPLIT:
             return self.visit_split(node)
-        if name in ("view", "reshape", "flatten", "transpose", "permute", "swapaxes", "contiguous", "unflatten",
-                    "squeeze", "unsqueeze", "movedim", "channel_shuffle", "pixel_shuffle", "pixel_unshuffle",
-                    "expand", "expand_as", "repeat"):
+        if name in _LAYOUT:
             return self.visit_layout(node, name)
-        if (node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS or len(ins) >= 2):
+        if node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS or len(ins) >= 2 or params:
             return self.visit_tie(node, ins)
         if name in _DIM_OPS and self._dim_hits_channels(node):
             return self.opaque(node, f"{name} over the channel dim")
+        if node.target in self.layout_fns and shape is not None:
+            src, k = ins[0], self.cdim[ins[0]]
+            nk = len(shape) - 1 if k == self.rank[src] - 1 else k
+            if shape[nk] == self.full[src]:
+                return self.alias(node, src, nk)
         return self.visit_unary(node, ins[0])
 
     def _is_tuple_result(self, node):
@@ -314,10 +493,19 @@ class _Builder:
         tm = node.meta.get("tensor_meta")
         return [tuple(t.shape) if hasattr(t, "shape") else None for t in tm]
 
+    def _dims_arg(self, node):
+        name = _fname(node.target)
+        if name == "roll":  # roll(input, shifts, dims)
+            return node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None)
+        if name == "flip":
+            return node.kwargs.get("dims", node.args[1] if len(node.args) > 1 else None)
+        return node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else None))
+
     def _dim_hits_channels(self, node) -> bool:
         src = node.args[0] if node.args else None
         rank = len(_shape(src)) if isinstance(src, torch.fx.Node) and _shape(src) else 0
-        dims = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else None))
+        k = self.cdim[self.val[src]] if isinstance(src, torch.fx.Node) and src in self._tids else 1
+        dims = self._dims_arg(node)
         if dims is None:
             # a full reduction / no dim: channels are mixed unless the op keeps the shape (e.g. flip needs dims)
             return True
@@ -326,39 +514,40 @@ class _Builder:
         dims = dims if isinstance(dims, (list, tuple)) else [dims]
         if not all(isinstance(d, int) for d in dims):
             return True
-        return any((d % rank if rank else d) == 1 for d in dims)
+        return any((d % rank if rank else d) == k for d in dims)
 
     def visit_unary(self, node, src):
-        """An op with one channel input: channel-preserving if the channel dim keeps its size and place."""
+        """An op with one channel input: channel-preserving if the channel dim keeps its size (and its place, or
+        the place a reduction over other dims moves it to)."""
         shape, sshape = _shape(node), None
         for a in node.all_input_nodes:
             if self.val.get(a) == src and a in self._tids:
                 sshape = _shape(a)
-        if shape is not None and sshape is not None and len(shape) >= 2 and len(sshape) >= 2 and \
-                shape[1] == sshape[1] and shape[0] == sshape[0]:
+        k = self.cdim[src]
+        if shape is not None and sshape is not None and len(shape) == len(sshape) >= 2 and \
+                shape[k] == sshape[k] and shape[0] == sshape[0]:
             return self.alias(node, src)
-        if shape is not None and sshape is not None and shape[1] == 1 and len(shape) >= 2 and sshape[1] > 1:
-            return self.opaque(node, f"{_fname(node.target)} reduces the channel dim")
-        return self.opaque(node, f"{_fname(node.target)} changes the channel dim "
+        name = _fname(node.target)
+        dims = self._dims_arg(node)
+        if name in _DIM_OPS and shape is not None and sshape is not None and dims is not None and \
+                not isinstance(dims, torch.fx.Node):
+            dl = [d % len(sshape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])
+                  if isinstance(d, int)]
+            nk = k - sum(1 for d in dl if d < k)
+            if k not in dl and len(shape) == len(sshape) - len(dl) and 0 < nk < len(shape) and shape[nk] == sshape[k]:
+                return self.alias(node, src, nk)  # a reduction over other dims (e.g. mean over tokens)
+        if shape is not None and sshape is not None and len(shape) > k and shape[k] == 1 and sshape[k] > 1:
+            return self.opaque(node, f"{name} reduces the channel dim")
+        return self.opaque(node, f"{name} changes the channel dim "
                                  f"({list(sshape) if sshape else '?'} -> {list(shape) if shape else '?'})")
 
     def visit_module(self, node):
         target = node.target
-        src_ids = self.channel_inputs(node)
+        src_ids = [t for t in self.channel_inputs(node) if t not in self.pmap] or \
+            [t for t in self.channel_inputs(node)]
         role = self.roles.get(target)
         if role is not None:
-            t_in = src_ids[0] if src_ids else None
-            if t_in is None:
-                t_in = self.new(None)
-                self.emit(CONST, (), (t_in,), node.name)
-            t_out = self.new(_shape(node))
-            self._tids.add(node)
-            self.val[node] = t_out
-            call = LayerCall(target, role["role"], t_in, t_out, role.get("groups", 1), role.get("mult", 1),
-                             role.get("gw", (1, 1)))
-            self.calls.append(call)
-            self.emit(LAYER, (t_in,), (t_out,), target, len(self.calls) - 1)
-            return
+            return self.visit_layer(node, target, role, src_ids)
         m = self.mods[target]
         if not src_ids:
             shape = _shape(node)
@@ -367,23 +556,63 @@ class _Builder:
             else:
                 self.val[node] = None
             return
+        src = src_ids[0]
         if isinstance(m, nn.Flatten):
-            return self.visit_flatten(node, src_ids[0], m.start_dim, m.end_dim)
+            return self.visit_reshape(node, src)
+        if isinstance(m, (nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle)) and self.cdim[src] != 1:
+            return self.opaque(node, f"{type(m).__name__} of a tensor whose channels are on dim {self.cdim[src]}")
         if isinstance(m, nn.ChannelShuffle):
-            return self.out_tensor(node, SHUFFLE, (src_ids[0],), m.groups)
+            return self.out_tensor(node, SHUFFLE, (src,), m.groups)
         if isinstance(m, nn.PixelShuffle):
             r2 = m.upscale_factor ** 2
-            return self.out_tensor(node, GROUPMAP, (src_ids[0],), (r2, 1))
+            return self.out_tensor(node, GROUPMAP, (src,), (r2, 1))
         if isinstance(m, nn.PixelUnshuffle):
             r2 = m.downscale_factor ** 2
-            return self.out_tensor(node, GROUPMAP, (src_ids[0],), (1, r2))
-        if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)) and m.dim in (1, -3):
+            return self.out_tensor(node, GROUPMAP, (src,), (1, r2))
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
             shape = _shape(node)
-            if m.dim == 1 or (shape is not None and len(shape) == 4):
+            d = m.dim if m.dim is not None else 1
+            if shape is not None and d % len(shape) == self.cdim[src]:
                 return self.opaque(node, f"{type(m).__name__} over the channel dim")
         if len(src_ids) >= 2:
             return self.visit_tie(node, src_ids)
-        return self.visit_unary(node, src_ids[0])
+        return self.visit_unary(node, src)
+
+    def visit_layer(self, node, target, role, src_ids):
+        shape = _shape(node)
+        t_in = src_ids[0] if src_ids else None
+        want = role.get("dim", 1)
+        if t_in is None:
+            t_in = self.new(None)
+            self.emit(CONST, (), (t_in,), node.name)
+        else:
+            r = self.rank[t_in]
+            wk = want % r
+            if self.cdim[t_in] != wk:
+                src_node = next((a for a in node.all_input_nodes if self.val.get(a) == t_in and a in self._tids), None)
+                sshape = _shape(src_node) if src_node is not None else None
+                if self._always_full(t_in) and sshape is not None:
+                    t_in = self.rehome(t_in, wk, sshape)
+                elif role["role"] == "decider" and want == -1 and shape is not None and sshape is not None and \
+                        len(shape) == len(sshape) and shape[self.cdim[t_in]] == sshape[self.cdim[t_in]]:
+                    # a Linear along another dim (token mixing): the channels pass through, the layer stays whole
+                    self.fixed_layers.add(target)
+                    return self.alias(node, t_in)
+                else:
+                    o = self.new(sshape, wk)
+                    self.emit(OPAQUE, (t_in,), (o,), f"{target}", f"{target} reads dim {wk}, the channels are on "
+                                                                  f"dim {self.cdim[t_in]}")
+                    t_in = o
+        r_out = len(shape) if shape is not None else 0
+        out_dim = (want % r_out if r_out else 1) if role["role"] in ("decider", "gdecider", "fixed") else \
+            (self.cdim[t_in] if self.cdim[t_in] is not None else 1)
+        t_out = self.new(shape, out_dim)
+        self._tids.add(node)
+        self.val[node] = t_out
+        call = LayerCall(target, role["role"], t_in, t_out, role.get("groups", 1), role.get("mult", 1),
+                         role.get("gw", (1, 1)), role.get("unit", 1))
+        self.calls.append(call)
+        self.emit(LAYER, (t_in,), (t_out,), target, len(self.calls) - 1)
 
     def visit_getitem(self, node):
         base, idx = node.args[0], node.args[1]
@@ -405,22 +634,45 @@ class _Builder:
             return
         src = v
         shape, sshape = _shape(node), _shape(base)
+        if src in self.pmap:
+            self.out_tensor(node, CONST, ())
+            return
+        k = self.cdim[src]
+        if k is None:
+            return self.out_tensor(node, CONST, ())
         if not isinstance(idx, tuple):
             idx = (idx,)
-        if any(isinstance(i, torch.fx.Node) for i in idx) or any(i is None for i in idx) or Ellipsis in idx[:2]:
-            if shape is not None and sshape is not None and len(shape) == len(sshape) and shape[:2] == sshape[:2]:
+        if Ellipsis in idx and sshape is not None and idx.count(Ellipsis) == 1:
+            e = idx.index(Ellipsis)
+            used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+            idx = idx[:e] + (slice(None),) * (len(sshape) - used) + idx[e + 1:]
+        if any(isinstance(i, torch.fx.Node) for i in idx) or Ellipsis in idx:
+            if shape is not None and sshape is not None and len(shape) == len(sshape) and \
+                    shape[:k + 1] == sshape[:k + 1]:
                 return self.alias(node, src)
             return self.opaque(node, "tensor indexing on the batch or channel dim")
-        if len(idx) >= 1 and idx[0] != slice(None):
-            return self.opaque(node, "indexing the batch dim")
-        if len(idx) < 2 or idx[1] == slice(None):
-            return self.alias(node, src)
-        ci = idx[1]
-        if isinstance(ci, slice) and ci.step in (None, 1):
-            f = self.full[src]
-            a, b, _ = ci.indices(f)
-            return self.out_tensor(node, SLICE, (src,), (a, b))
-        return self.opaque(node, f"channel index {ci!r}")
+        nk, p, chan = k, 0, None
+        for i in idx:
+            if i is None:
+                if p <= k:
+                    nk += 1
+                continue
+            if p == 0 and i != slice(None):
+                return self.opaque(node, "indexing the batch dim")
+            if p == k:
+                chan = i
+            elif isinstance(i, int) and p < k:
+                nk -= 1
+            elif not isinstance(i, (int, slice)):
+                return self.opaque(node, f"index {i!r}")
+            p += 1
+        if chan is None or chan == slice(None):
+            return self.alias(node, src, nk)
+        if isinstance(chan, slice) and chan.step in (None, 1) and all(
+                v is None or isinstance(v, int) for v in (chan.start, chan.stop)):
+            a, b, _ = chan.indices(self.full[src])
+            return self.out_tensor(node, SLICE, (src,), (a, b), nk)
+        return self.opaque(node, f"channel index {chan!r}")
 
     def visit_cat(self, node):
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -430,9 +682,12 @@ class _Builder:
         rank = len(shape) if shape else 0
         if not isinstance(dim, int):
             return self.opaque(node, "cat along a computed dim")
-        if rank and dim % rank == 1:
-            return self.out_tensor(node, CAT, ids)
-        return self.visit_tie(node, [t for t in ids if self.rank[t] >= 2])
+        chans = [t for t in ids if self.rank[t] >= 2 and self.cdim[t] is not None and t not in self.pmap]
+        if rank and chans and dim % rank == self.cdim[chans[0]]:
+            if any(self.cdim[t] != dim % rank for t in ids if t not in self.pmap):
+                return self.opaque(node, "cat of tensors whose channels are on different dims")
+            return self.out_tensor(node, CAT, ids, cdim=dim % rank)
+        return self.visit_tie(node, chans)  # along tokens / space: one channel set for all parts
 
     def visit_split(self, node):
         name = _fname(node.target)
@@ -443,55 +698,101 @@ class _Builder:
         rank = self.rank[sid] if sid is not None else 0
         if sid is None or shapes is None:
             return self.opaque(node, f"{name} of a non-tensor")
-        if not isinstance(dim, int) or rank == 0 or dim % rank != 1:
+        k = self.cdim[sid]
+        if not isinstance(dim, int) or rank == 0 or k is None or dim % rank != k:
             outs = []
             for s in shapes:
-                t = self.new(s)
+                t = self.new(s, k)
                 outs.append(t)
                 self.emit(PASS, (sid,), (t,), node.name)
             self.val[node] = ("tuple", outs)
             return
         arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get(
             "split_size_or_sections", node.kwargs.get("split_size")))
-        sizes = [s[1] for s in shapes]
+        sizes = [s[k] for s in shapes]
         equal = len(set(sizes)) == 1 and sum(sizes) == self.full[sid]
         # chunk(k) splits the runtime tensor in k equal runs; split(n) with a literal n does not follow the width.
         dynamic = name == "chunk" or isinstance(arg, torch.fx.Node)
         if not (equal and dynamic):
             return self.opaque(node, f"{name} with literal sizes {arg!r} (only chunk(k) or split(x.size(1)//k) "
                                      "follow the width)")
-        outs = [self.new(s) for s in shapes]
+        outs = [self.new(s, k) for s in shapes]
         self.emit(SPLIT, (sid,), outs, self.where(node), len(outs))
         self.val[node] = ("tuple", outs)
 
     def visit_tie(self, node, ins):
+        """An elementwise op (residual add, gating, a scale): its tensors' channels are one set. Broadcasting
+        aligns dims from the right; a parameter read (``self.gamma``, ``self.pos_embed``) tied to the channels
+        becomes a ``param`` call."""
         shape = _shape(node)
         if shape is None:
             return self.opaque(node, "elementwise op without a tensor result")
-        c = shape[1] if len(shape) >= 2 else 1
-        members = [t for t in ins if self.rank[t] == len(shape) and self.full[t] == c and c > 1]
-        others = [t for t in ins if t not in members and self.full[t] > 1 and self.rank[t] >= 2]
-        if others and any(not (self.full[t] == 1) for t in others):
-            return self.opaque(node, f"{_fname(node.target)} broadcasts tensors of different channel counts")
-        if not members:
+        r = len(shape)
+        cands = [t for t in ins if self.cdim[t] is not None and self.full[t] > 1 and t not in self.pmap]
+        if not cands:
+            cands = [t for t in ins if self.cdim[t] is not None and t not in self.pmap]
+        if not cands:
             return self.out_tensor(node, CONST, ())
-        return self.out_tensor(node, TIE, members)
+        k = self.cdim[cands[0]] + r - self.rank[cands[0]]
+        c = shape[k] if 0 <= k < r else 1
+        members = []
+        for t in cands:
+            kt = self.cdim[t] + r - self.rank[t]
+            if kt == k and self.full[t] == c:
+                members.append(t)
+            elif self.full[t] > 1:
+                return self.opaque(node, f"{_fname(node.target)} broadcasts tensors of different channel layouts")
+        for t in self.tensor_ids(list(node.args) + list(node.kwargs.values())):
+            if t in members or t in cands:
+                continue
+            tshape_k = k - (r - self.rank[t])
+            if t in self.pmap:
+                target, dims = self.pmap[t]
+                if 0 <= tshape_k < self.rank[t] and c > 1 and self._size_at(t, node, tshape_k) == c:
+                    pd = dims[tshape_k]
+                    root = self.param_root(target, pd) if pd is not None else None
+                    if root is None:
+                        return self.opaque(node, f"parameter {target!r} is tied to the channels along another dim")
+                    members.append(root)
+                continue
+            if self.rank[t] >= 2 and 0 <= tshape_k < self.rank[t] and c > 1 and self._size_at(t, node, tshape_k) == c:
+                members.append(t)  # e.g. a constant of the channels' size: always whole
+        if c <= 1 or not members:
+            return self.out_tensor(node, CONST, ())
+        return self.out_tensor(node, TIE, members, cdim=k)
 
-    def visit_flatten(self, node, src, start=1, end=-1):
-        shape, sshape = _shape(node), None
+    def _size_at(self, t, node, d):
         for a in node.all_input_nodes:
-            if a in self._tids and self.val[a] == src:
-                sshape = _shape(a)
-        if sshape is None or shape is None:
-            return self.opaque(node, "flatten of unknown shape")
-        r = len(sshape)
-        start, end = start % r, end % r
-        if start >= 2 or r <= 2:
-            return self.alias(node, src)
-        if start == 1 and end == r - 1:
-            hw = int(np.prod(sshape[2:])) if r > 2 else 1
-            return self.out_tensor(node, FLATTEN, (src,), hw)
-        return self.opaque(node, f"flatten({start}, {end}) merges the channel dim")
+            if a in self._tids and self.val.get(a) == t:
+                s = _shape(a)
+                return s[d] if s is not None and d < len(s) else None
+        return None
+
+    def visit_reshape(self, node, src, name="reshape"):
+        """A view / reshape / flatten of a channel tensor: the channel dim is carried to its new place, merged
+        with the dims after it (channel-major, ``(N, C, H, W) -> (N, C*H*W)``) or with those before it
+        (channel-minor, ``(N, H, W, C) -> (N, H*W*C)``)."""
+        shape = _shape(node)
+        sshape = next((_shape(a) for a in node.all_input_nodes if a in self._tids and self.val.get(a) == src), None)
+        if shape is None or sshape is None:
+            return self.opaque(node, f"{name} of unknown shape")
+        k = self.cdim[src]
+        m = _dim_map(name, node, sshape, shape)
+        if m is not None and k in m:
+            return self.alias(node, src, m.index(k))
+        if name not in ("view", "reshape", "flatten", "unflatten"):
+            return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} moves the channel dim")
+        pre, c = _prod(sshape[:k]), sshape[k]
+        for j in range(len(shape)):
+            if _prod(shape[:j]) == pre and shape[j] % c == 0:
+                for e in range(k + 2, len(sshape) + 1):
+                    if _prod(sshape[k:e]) == shape[j]:
+                        return self.out_tensor(node, FLATTEN, (src,), _prod(sshape[k + 1:e]), cdim=j)
+            if _prod(shape[:j + 1]) == pre * c and shape[j] % c == 0:
+                for b in range(1, k):
+                    if _prod(sshape[b:k + 1]) == shape[j]:
+                        return self.out_tensor(node, TILE, (src,), _prod(sshape[b:k]), cdim=j)
+        return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} merges the channel dim")
 
     def visit_layout(self, node, name):
         src_node = node.args[0] if node.args else None
@@ -503,6 +804,9 @@ class _Builder:
         if src_node not in self._tids:
             return self.opaque(node, f"{name} of a non-tensor")
         src = v
+        k = self.cdim[src]
+        if name in ("channel_shuffle", "pixel_shuffle", "pixel_unshuffle") and k != 1:
+            return self.opaque(node, f"{name} of a tensor whose channels are on dim {k}")
         if name == "channel_shuffle":
             g = node.args[1] if len(node.args) > 1 else node.kwargs.get("groups")
             return self.out_tensor(node, SHUFFLE, (src,), int(g))
@@ -511,17 +815,15 @@ class _Builder:
                                                                           node.kwargs.get("downscale_factor"))
             r2 = int(r) ** 2
             return self.out_tensor(node, GROUPMAP, (src,), (r2, 1) if name == "pixel_shuffle" else (1, r2))
-        if name == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            if start == 0:
-                return self.opaque(node, "flatten over the batch dim")
-            return self.visit_flatten(node, src, start, end)
         if shape is None or sshape is None:
             return self.opaque(node, f"{name} of unknown shape")
+        if name == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            if start == 0:
+                return self.opaque(node, "flatten over the batch dim")
         if shape == sshape:
             return self.alias(node, src)
-        if len(sshape) >= 3 and len(shape) == len(sshape) + 1 and shape[0] == sshape[0] and \
+        if k == 1 and len(sshape) >= 3 and len(shape) == len(sshape) + 1 and shape[0] == sshape[0] and \
                 shape[1] * shape[2] == sshape[1] and tuple(shape[3:]) == tuple(sshape[2:]) and \
                 name in ("view", "reshape", "unflatten"):
             dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) > 1 else ())
@@ -531,12 +833,7 @@ class _Builder:
                 not isinstance(dims[2] if len(dims) > 2 else None, int)
             self.val[node] = _Factored(src, int(shape[1]), int(shape[2]), False, self.full[src], outer_literal)
             return
-        if len(shape) >= 2 and len(sshape) >= 2 and shape[0] == sshape[0] and shape[1] == sshape[1] and \
-                name in ("view", "reshape", "squeeze", "unsqueeze", "flatten", "unflatten", "expand", "expand_as"):
-            return self.alias(node, src)  # spatial reshape: (N, C, H, W) <-> (N, C, HW)
-        if len(shape) == 2 and len(sshape) > 2 and shape[0] == sshape[0] and name in ("view", "reshape"):
-            return self.visit_flatten(node, src, 1, -1)
-        return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} moves the channel dim")
+        return self.visit_reshape(node, src, name)
 
     def visit_factored(self, node, name, f: "_Factored", shape):
         if name in ("transpose", "swapaxes"):
@@ -566,6 +863,10 @@ class _Builder:
                 return self.opaque(node, "channel shuffle with a constant group size (view(N, C//g, g, ...)): its "
                                          "group count changes with the width; use view(N, g, C//g, ...)")
         return self.opaque(node, f"{name} of a channel-factored tensor")
+
+
+def _join_name(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
 
 
 @dataclasses.dataclass
@@ -643,7 +944,7 @@ class ChannelGraph:
                     union(t, op.outs[0])
             elif op.kind == LAYER:
                 c = self.calls[op.arg]
-                if c.role == "norm" or (c.role == "dw" and c.mult == 1):
+                if c.role in ("norm", "gnorm") or (c.role == "dw" and c.mult == 1):
                     union(c.t_in, c.t_out)
         self.cls = [find(t) for t in range(self.ntensors)]
         members: dict[int, list[int]] = {}
@@ -674,7 +975,7 @@ class ChannelGraph:
                 if op.kind == LAYER:
                     c = self.calls[op.arg]
                     fi, fo = layer_full(c.name)
-                    if c.role in ("norm",) or (c.role == "dw"):
+                    if c.role in ("norm", "gnorm") or (c.role == "dw"):
                         full[c.t_out] = full[c.t_in] * (c.mult if c.role == "dw" else 1)
                     elif c.role == "gwidth":
                         full[c.t_out] = full[c.t_in] // c.gw[0] * c.gw[1]
@@ -696,7 +997,7 @@ class ChannelGraph:
                     # a slice [:k] of a grown tensor keeps the part that grew with it (scale k like the input)
                     scale = full[op.ins[0]] / f0 if f0 else 1
                     full[op.outs[0]] = min(full[op.ins[0]], int(round(b * scale))) - int(round(a * scale))
-                elif op.kind == FLATTEN:
+                elif op.kind in (FLATTEN, TILE):
                     full[op.outs[0]] = full[op.ins[0]] * op.arg
                 elif op.kind == GROUPMAP:
                     gi, go = op.arg
@@ -725,7 +1026,7 @@ class ChannelGraph:
                 elif c.role in ("dw", "gwidth"):
                     stack.append(c.t_in)
                 continue
-            if op.kind in (PASS, TIE, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP):
+            if op.kind in (PASS, TIE, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TILE):
                 stack.extend(op.ins)
         return found
 
@@ -748,6 +1049,10 @@ class ChannelGraph:
                     need(c.t_out, c.groups)
                 elif c.role == "gwidth":
                     need(c.t_in, c.gw[0])
+                elif c.role == "gnorm":
+                    need(c.t_in, c.groups)
+                if c.unit > 1:
+                    need(c.t_in, c.unit)
             elif op.kind in (SHUFFLE, SPLIT):
                 need(op.ins[0], op.arg)
             elif op.kind == GROUPMAP:
@@ -837,7 +1142,7 @@ class ChannelGraph:
                 parent[find(a)] = find(b)
 
             for op in self.ops:
-                if op.kind in (CAT, SPLIT, SHUFFLE, SLICE, GROUPMAP, FLATTEN):
+                if op.kind in (CAT, SPLIT, SHUFFLE, SLICE, GROUPMAP, FLATTEN, TILE):
                     for t in (*op.ins, *op.outs):
                         union(self.cls[t], self.cls[op.outs[0]])
                 elif op.kind == LAYER:
@@ -911,6 +1216,8 @@ class ChannelGraph:
                 if c.role == "gdecider":
                     runs(c.t_in, c.groups, c.name)
                     runs(c.t_out, c.groups, c.name)
+                elif c.role == "gnorm":
+                    runs(c.t_in, c.groups, c.name)
                 elif c.role == "gwidth" and c.gw[0] > 1:
                     align[cls[c.t_in]] = math.lcm(align.get(cls[c.t_in], 1), c.gw[0])
             elif op.kind in (SHUFFLE, SPLIT):
@@ -1051,7 +1358,7 @@ class ChannelGraph:
                     f"tensor has {n} of {full[op.ins[0]]} channels, so the slice does not hold the channels it holds "
                     "at full width (keep the layer producing it fixed, or slice by x.size(1))")
             return max(0, min(n, b) - a)
-        if k == FLATTEN:
+        if k in (FLATTEN, TILE):
             return n * op.arg
         if k == GROUPMAP:
             gi, go = op.arg
@@ -1160,6 +1467,8 @@ class ChannelGraph:
         if k == FLATTEN:
             hw = op.arg
             return [Sel((s.idx[:, None] * hw + _ar(hw)[None, :]).ravel(), full[op.outs[0]])]
+        if k == TILE:  # position p * n + i of the narrow tensor is p * C + idx[i] of the full one
+            return [Sel((_ar(op.arg)[:, None] * f_in + s.idx[None, :]).ravel(), full[op.outs[0]])]
         if k == GROUPMAP:
             gi, go = op.arg
             return [Sel(_groupmap(s, gi, go, where, width_key), full[op.outs[0]])]

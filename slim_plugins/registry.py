@@ -17,6 +17,8 @@ _PASSTHROUGH: set[type] = set()
 # Module types torch.fx should not trace into (their forward is not traceable) and functions it should wrap.
 _FX_LEAVES: set[type] = set()
 _FX_AUTOWRAP: set = set()
+# Functions (recorded as one fx call) that only move tokens / pixels: the channels keep their dim and values.
+_LAYOUT_FNS: set = set()
 _ADAPTERS_TRIED: set[str] = set()
 
 
@@ -50,6 +52,18 @@ def register_fx_leaf(module_type: type) -> None:
 def register_fx_autowrap(fn) -> None:
     """Declare a function that fx records as one call instead of tracing into it (e.g. timm's ``pad_same``)."""
     _FX_AUTOWRAP.add(fn)
+
+
+def register_layout_fn(fn) -> None:
+    """Declare a function that only rearranges tokens or pixels (Swin's ``window_partition`` / ``window_reverse``):
+    its channel dim keeps its size and stays first (``(N, C, ...)``) or last (``(..., C)``). It is also recorded
+    as one fx call."""
+    _LAYOUT_FNS.add(fn)
+    _FX_AUTOWRAP.add(fn)
+
+
+def layout_fns() -> frozenset:
+    return frozenset(_LAYOUT_FNS)
 
 
 def fx_leaves() -> tuple:

@@ -22,6 +22,7 @@ slice; the channel plan may give an index set, e.g. behind a concatenation). Sta
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 
 import torch
@@ -428,20 +429,52 @@ class SlimSyncBatchNorm(SlimBatchNorm2d):
 
 
 class SlimPerChannel(CarriesWidth, nn.Module):
-    """Base for per-channel layers that only select their parameters (PReLU, frozen BN): input and output
-    ``(N, C_active, ...)``."""
+    """Base for per-channel layers that only select their parameters (PReLU, frozen BN, LayerNorm, GroupNorm,
+    RMSNorm): the output has the input's channels. ``channel_dim`` is the dim that holds them (1 for
+    ``(N, C, ...)``, -1 for tokens ``(N, L, C)`` and channels-last maps)."""
 
     _slim_slot: int = -1
+    channel_dim: int = 1
 
     @classmethod
     def from_module(cls, m, name, state, fixed_out=False):
         new = cls.__new__(cls)
         _share(new, m)
         new._slim_state, new.slim_name, new._slim_slot = state, name, -1
+        new._plain_cls = type(m)
         return new
 
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        """How the channel analysis treats a module of the registered type (before conversion)."""
+        return {"role": "norm", "dim": cls.channel_dim}
+
     def channel_role(self) -> dict:
-        return {"role": "norm"}
+        return type(self).analysis_role(self)
+
+    def active_geometry(self, x) -> BNGeo:
+        return self.geometry(self._slim_state.active(self._dp_width), x.shape[self.channel_dim])
+
+    def plain_copy(self, tensors: dict, **attrs) -> nn.Module:
+        """An instance of the module's own class holding ``tensors`` (sliced parameters / buffers by name) and
+        ``attrs``; every other attribute and child as in this layer."""
+        cls = getattr(self, "_plain_cls", None) or type(self).__mro__[2]
+        p = cls.__new__(cls)
+        d = {k: v for k, v in self.__dict__.items() if not k.startswith("_slim") and k not in _SLIM_ATTRS}
+        d["_parameters"], d["_buffers"] = dict(self._parameters), dict(self._buffers)
+        d["_modules"] = {k: copy.deepcopy(v) for k, v in self._modules.items()}
+        p.__dict__.update(d)
+        with torch.no_grad():
+            for k, t in tensors.items():
+                if t is None:
+                    continue
+                if k in p._parameters:
+                    p._parameters[k] = nn.Parameter(t.detach().clone(), self._parameters[k].requires_grad)
+                else:
+                    p._buffers[k] = t.detach().clone()
+        for k, v in attrs.items():
+            setattr(p, k, v)
+        return p
 
     def geometry(self, a, c):
         geos = a.geo
@@ -472,6 +505,113 @@ class SlimPReLU(SlimPerChannel, nn.PReLU):
             p.weight.copy_(w)
         return p
 
+
+@register(nn.BatchNorm1d)
+class SlimBatchNorm1d(SlimBatchNorm2d):
+    """Width-switchable ``nn.BatchNorm1d``: input ``(N, C_active)`` or ``(N, C_active, L)``, every BN mode of
+    :class:`SlimBatchNorm2d` (switchable, US post-statistics, naive, frozen). Exports as ``nn.BatchNorm1d``."""
+
+    plain_class = nn.BatchNorm1d
+
+
+def _norm_dims(m, name) -> int:
+    shape = tuple(m.normalized_shape) if hasattr(m, "normalized_shape") else ()
+    if len(shape) != 1:
+        from ..errors import UnsupportedModuleError
+
+        raise UnsupportedModuleError(f"{type(m).__name__} normalizes over {shape}: only a norm over the channel dim "
+                                     "(normalized_shape of one int) can be slimmed")
+    return shape[0]
+
+
+class SlimLayerNorm(SlimPerChannel, nn.LayerNorm):
+    """Width-switchable ``nn.LayerNorm`` over the channel dim, channels last: tokens ``(N, L, C_active)`` or a
+    channels-last map ``(N, H, W, C_active)``. At a width it normalises over the active channels with their
+    ``gamma``/``beta``, so it equals ``nn.LayerNorm(C_active)`` holding those entries. No running statistics: no
+    post-statistics needed (US-Nets Sec. 3.2 concerns BN only). Exports as the module's own class."""
+
+    channel_dim = -1
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        _norm_dims(m, cls.__name__)
+        return {"role": "norm", "dim": cls.channel_dim}
+
+    def _norm(self, x, g):
+        return F.layer_norm(x, (g.c,), g.pick(self.weight), g.pick(self.bias), self.eps)
+
+    def forward(self, x):
+        return self._norm(x, self.active_geometry(x))
+
+    def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+        return self.plain_copy({"weight": g.pick(self.weight), "bias": g.pick(self.bias)}, normalized_shape=(g.c,))
+
+
+class SlimLayerNorm2d(SlimLayerNorm):
+    """LayerNorm over the channels of ``(N, C_active, H, W)`` (timm's ``LayerNorm2d``: permute to channels-last,
+    ``layer_norm``, permute back). Exports as the module's own class."""
+
+    channel_dim = 1
+
+    def forward(self, x):
+        g = self.active_geometry(x)
+        return self._norm(x.permute(0, 2, 3, 1), g).permute(0, 3, 1, 2)
+
+
+register(nn.LayerNorm)(SlimLayerNorm)
+
+
+@register(nn.GroupNorm)
+class SlimGroupNorm(SlimPerChannel, nn.GroupNorm):
+    """Width-switchable ``nn.GroupNorm``: input ``(N, C_active, ...)``, the group count kept, every group slimmed
+    alike (the channel plan keeps ``C_active / G`` channels of each full group), so it equals
+    ``nn.GroupNorm(G, C_active)``. ``num_groups == 1`` (timm's ``GroupNorm1``) normalises over all active
+    channels. Exports as the module's own class."""
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        if m.num_groups == 1:
+            return {"role": "norm", "dim": 1}
+        return {"role": "gnorm", "groups": m.num_groups, "dim": 1}
+
+    def forward(self, x):
+        g = self.active_geometry(x)
+        return F.group_norm(x, self.num_groups, g.pick(self.weight), g.pick(self.bias), self.eps)
+
+    def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+        return self.plain_copy({"weight": g.pick(self.weight), "bias": g.pick(self.bias)}, num_channels=g.c)
+
+
+class SlimRMSNorm(SlimPerChannel, nn.Module):
+    """Width-switchable RMSNorm over the channel dim (``nn.RMSNorm``, timm's ``RmsNorm`` channels last,
+    ``RmsNorm2d`` on ``(N, C, H, W)``): the root mean square of the active channels scales them. Exports as the
+    module's own class."""
+
+    channel_dim = -1
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        _norm_dims(m, cls.__name__)
+        return {"role": "norm", "dim": cls.channel_dim}
+
+    def forward(self, x):
+        g = self.active_geometry(x)
+        eps = self.eps
+        if self.channel_dim == 1:
+            return F.rms_norm(x.permute(0, 2, 3, 1), (g.c,), g.pick(self.weight), eps).permute(0, 3, 1, 2)
+        return F.rms_norm(x, (g.c,), g.pick(self.weight), eps)
+
+    def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+        return self.plain_copy({"weight": g.pick(self.weight)}, normalized_shape=(g.c,))
+
+
+class SlimRMSNorm2d(SlimRMSNorm):
+    channel_dim = 1
+
+
+register(nn.RMSNorm)(SlimRMSNorm)
+
+_SLIM_ATTRS = {"_post", "_eval_cache", "_geo_cache", "_plain_cls", "_dp_width", "slim_name", "bn_mode", "frozen"}
 
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
 _CACHED = ("weight", "bias", "running_mean", "running_var")
@@ -522,4 +662,5 @@ def _batch_stats(x: torch.Tensor):
 # Largest sum(x^2) / sum((x - mean)^2) of a channel for float32 sums (variance error <= ~3e-6 relative).
 _MAX_COND = 64.0
 
-__all__ = ["SlimBatchNorm2d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "BNGeo", "load_bn", "Geo"]
+__all__ = ["SlimBatchNorm2d", "SlimBatchNorm1d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "SlimLayerNorm",
+           "SlimLayerNorm2d", "SlimGroupNorm", "SlimRMSNorm", "SlimRMSNorm2d", "BNGeo", "load_bn", "Geo"]

@@ -1,0 +1,134 @@
+"""Parameters tied to channels outside any layer: class / register tokens, absolute position embeddings, layer
+scales (``x * self.gamma``) — a parameter or buffer of a module that has no width-switchable counterpart, which the
+channel analysis finds tied elementwise to a channel tensor (DESIGN rule 9).
+
+``convert`` gives each such parameter a *slot* (:class:`ParamSlot`) in the channel plan and switches the module
+that holds it to a subclass of its own class (:func:`host`) whose attribute read ``module.<name>`` returns the
+parameter restricted to the active channels at the current width, so the module's own forward runs unchanged.
+The stored parameter stays whole (state dict keys and shapes, optimizers and EMA copies see the full tensor);
+only reads inside the forward are sliced, and gradients flow to the selected entries.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .norm import BNGeo
+
+
+class ParamSlot:
+    """The plan slot of one tied parameter: ``host`` (module name), ``attr`` (parameter name), ``dim`` (the dim
+    that holds the channels)."""
+
+    _slim_slot: int = -1
+
+    def __init__(self, name: str, dim: int):
+        self.slim_name = name
+        self.host, _, self.attr = name.rpartition(".")
+        self.dim = int(dim)
+
+    def channel_role(self) -> dict:
+        return {"role": "param", "pdim": self.dim}
+
+    def geometry_from_plan(self, ls, full_in: int) -> BNGeo:
+        s = ls.sel_in
+        return BNGeo(s.n, None if s.prefix else s.idx)
+
+
+def select(t: torch.Tensor, dim: int, g: BNGeo | None) -> torch.Tensor:
+    """``t`` restricted to the channels of ``g`` along ``dim`` (a view for a prefix, a gather otherwise)."""
+    if g is None or t is None:
+        return t
+    i = g.index(t.device)
+    if i is None:
+        return t if g.c == t.shape[dim] else t.narrow(dim, 0, g.c)
+    return t.index_select(dim, i)
+
+
+class ParamHost:
+    """Mixin put in front of a module's own class: reads of its tied parameters return the active channels."""
+
+    def __getattr__(self, name):
+        value = super().__getattr__(name)
+        hosted = self.__dict__.get("_slim_hosted")
+        if hosted is None or name not in hosted:
+            return value
+        slot, dim = hosted[name]
+        geos = self._slim_state.active(None).geo
+        return select(value, dim, geos[slot] if geos is not None else None)
+
+
+_HOSTED: dict[type, type] = {}
+
+
+def _class_name(cls: type) -> str:
+    return "Hosted_" + (cls.__module__ + "." + cls.__qualname__).replace("_", "_u").replace(".", "_d")
+
+
+def hosted_class(cls: type) -> type:
+    """The subclass of ``cls`` with :class:`ParamHost` in front (one per class; picklable by name)."""
+    sub = _HOSTED.get(cls)
+    if sub is None:
+        name = _class_name(cls)
+        sub = type(cls.__name__, (ParamHost, cls), {"__module__": __name__, "__qualname__": name,
+                                                     "_slim_plain_class": cls})
+        _HOSTED[cls] = sub
+        setattr(sys.modules[__name__], name, sub)
+    return sub
+
+
+def __getattr__(name):  # unpickling a hosted module in a fresh process recreates its class
+    if name.startswith("Hosted_"):
+        path = name[len("Hosted_"):].replace("_d", ".").replace("_u", "_")
+        import importlib
+
+        mod, _, qual = path.rpartition(".")
+        while mod:
+            try:
+                obj = importlib.import_module(mod)
+                break
+            except ModuleNotFoundError:
+                mod, _, head = mod.rpartition(".")
+                qual = f"{head}.{qual}"
+        else:
+            raise AttributeError(name)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+        return hosted_class(obj)
+    raise AttributeError(name)
+
+
+def host(module: nn.Module, attr: str, slot: int, dim: int, state) -> None:
+    """Make ``module.<attr>`` read as its active channels (slot ``slot`` of the plan, channels on ``dim``)."""
+    if not isinstance(module, ParamHost):
+        module.__class__ = hosted_class(type(module))
+    module.__dict__.setdefault("_slim_hosted", {})[attr] = (slot, dim)
+    module.__dict__["_slim_state"] = state
+
+
+def unhost(module: nn.Module) -> None:
+    """Give ``module`` its own class back (rollback of a failed convert, export)."""
+    if isinstance(module, ParamHost):
+        module.__class__ = type(module)._slim_plain_class
+    module.__dict__.pop("_slim_hosted", None)
+    module.__dict__.pop("_slim_state", None)
+
+
+def export_hosted(module: nn.Module, a) -> None:
+    """In an exported copy: store each tied parameter's active channels at configuration ``a`` and restore the
+    module's own class."""
+    hosted = module.__dict__.get("_slim_hosted") or {}
+    with torch.no_grad():
+        for attr, (slot, dim) in hosted.items():
+            g = a.geo[slot] if a.geo is not None else None
+            if attr in module._parameters and module._parameters[attr] is not None:
+                p = module._parameters[attr]
+                module._parameters[attr] = nn.Parameter(select(p.detach(), dim, g).clone(), p.requires_grad)
+            elif module._buffers.get(attr) is not None:
+                module._buffers[attr] = select(module._buffers[attr], dim, g).clone()
+    unhost(module)
+
+
+__all__ = ["ParamSlot", "ParamHost", "host", "unhost", "export_hosted", "hosted_class", "select"]
