@@ -20,7 +20,7 @@ from torch import nn
 import slim_plugins as slim
 from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from slim_plugins.nn.norm import load_bn
-from slim_plugins.registry import register, register_fx_autowrap, register_fx_leaf
+from slim_plugins.registry import register, register_fx_autowrap, register_fx_leaf, register_layout_fn
 from slim_plugins.width import WidthSpec
 
 __all__ = ["SlimBatchNormAct2d", "SlimConv2dSame", "create_slim_model", "spec_from_args", "fixed_layers",
@@ -93,7 +93,15 @@ def _register_fx_notrace() -> None:
     for t in timm_fx.get_notrace_modules():
         register_fx_leaf(t)
     for f in timm_fx.get_notrace_functions():
-        register_fx_autowrap(f)
+        if f.__name__ in _LAYOUT_FN_NAMES:
+            register_layout_fn(f)
+        else:
+            register_fx_autowrap(f)
+
+
+# timm's untraceable functions that only move tokens / pixels (window and grid partitions of Swin, MaxViT, ...).
+_LAYOUT_FN_NAMES = {"window_partition", "window_reverse", "grid_partition", "grid_reverse", "window_partition_nchw",
+                    "window_reverse_nchw", "grid_partition_nchw", "grid_reverse_nchw"}
 
 
 _register_fx_notrace()
@@ -158,10 +166,25 @@ def create_slim_model(model_name: str, widths: Sequence[float] | None = None,
     model = timm.create_model(model_name, **timm_kwargs)
     if cifar_stem:
         apply_cifar_stem(model)
-    model = slim.convert(model, spec, fixed=[*fixed_layers(model), *fixed], bn=bn, output_averaging=output_averaging)
+    model = slim.convert(model, spec, fixed=[*fixed_layers(model), *fixed], bn=bn, output_averaging=output_averaging,
+                         example_input=example_input(model))
     if spec.max <= 1.0:  # widened (hi > 1) layers are sized per layer; units would outgrow them
         set_expansion_units(model)
+        set_stage_units(model)
+        set_mlp_units(model)
+        slim.check_widths(model)  # the units changed the channel counts: plan the spec's widths again
     return model
+
+
+def example_input(model: nn.Module) -> torch.Tensor | None:
+    """An input for ``convert``'s analysis forward: ``(2, C, H, W)`` at the image size of a model with a fixed-size
+    patch embedding (ViT, Swin, ...), else ``None`` (the default ``(2, C, 64, 64)``: any CNN with global pooling)."""
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is None or getattr(pe, "dynamic_img_size", False) or not hasattr(pe, "proj"):
+        return None
+    p = next(model.parameters())
+    return torch.zeros(2, pe.proj.in_channels, *size, device=p.device, dtype=p.dtype)
 
 
 def set_expansion_units(model: nn.Module) -> None:
@@ -218,3 +241,7 @@ from . import shufflenet  # noqa: E402,F401  (registers shufflenet_v1_g3 and s_s
 from .shufflenet import ShuffleNetV1, s_shufflenet_g3, shufflenet_v1_g3  # noqa: E402,F401
 
 __all__ += ["ShuffleNetV1", "s_shufflenet_g3", "shufflenet_v1_g3"]
+from . import layers  # noqa: E402,F401  (norm, std-conv, blur-pool and attention counterparts)
+from .transformers import set_mlp_units, set_stage_units, stock_kwargs, us_convnext_atto, us_deit_tiny_patch16_224  # noqa: E402
+
+__all__ += ["set_mlp_units", "set_stage_units", "stock_kwargs", "us_convnext_atto", "us_deit_tiny_patch16_224"]

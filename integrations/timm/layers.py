@@ -1,0 +1,298 @@
+"""Width-switchable counterparts of timm's norm, conv and attention layers (registered on import).
+
+Attention (DESIGN rule 9; heads as the width axis as in DynaBERT, Hou et al. 2020, and Flextron, Cai et al. 2024):
+a multi-head attention keeps ``head_dim`` and runs the first ``H' = C_active / head_dim`` heads, where ``C_active``
+is the active width of the token stream it reads (the channel plan rounds that stream to whole heads), so the
+softmax scale and every kept head are exactly those of the full model, and the narrow module equals the stock
+class built with ``dim=C_active, num_heads=H'`` holding the selected weights. ``qkv`` keeps the rows of the kept
+heads of q, k and v; ``proj`` the columns of the kept heads; a relative position bias table keeps their columns.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from timm.layers import (Attention, BlurPool2d, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
+                         ScaledStdConv2d, StdConv2d)
+from timm.layers.norm_act import GroupNorm1Act, GroupNormAct, LayerNormAct, LayerNormAct2d
+from torch import nn
+
+from slim_plugins.errors import NotExactError, UnsupportedModuleError
+from slim_plugins.nn.layers import SlimConv2d
+from slim_plugins.nn.norm import (BNGeo, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel, SlimRMSNorm,
+                                  SlimRMSNorm2d)
+from slim_plugins.registry import register
+
+register(LayerNorm, SlimLayerNorm)
+register(LayerNorm2d, SlimLayerNorm2d)
+register(GroupNorm, SlimGroupNorm)
+register(GroupNorm1, SlimGroupNorm)
+register(RmsNorm, SlimRMSNorm)
+register(RmsNorm2d, SlimRMSNorm2d)
+
+
+class _NormAct:
+    """timm's norm + drop + act layers: the slim norm, then the layer's own ``drop`` and ``act``."""
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+@register(LayerNormAct)
+class SlimLayerNormAct(_NormAct, SlimLayerNorm):
+    pass
+
+
+@register(LayerNormAct2d)
+class SlimLayerNormAct2d(_NormAct, SlimLayerNorm2d):
+    pass
+
+
+@register(GroupNormAct)
+class SlimGroupNormAct(_NormAct, SlimGroupNorm):
+    pass
+
+
+@register(GroupNorm1Act)
+class SlimGroupNorm1Act(_NormAct, SlimGroupNorm):
+    pass
+
+
+class _StdConv:
+    """Weight standardisation over the *active* fan-in of each output channel, so the narrow layer equals the
+    stock layer of that width (timm's ``StdConv2d`` / ``ScaledStdConv2d``, which standardise over the whole fan-in
+    of their own weight)."""
+
+    def _standardise(self, w, geo):
+        gain = None
+        if hasattr(self, "gain"):
+            oi = geo.index("out", w.device)
+            g = self.gain if geo.full else (self.gain[:geo.out_c] if oi is None else self.gain.index_select(0, oi))
+            gain = (g * (self.gamma_ * w[0].numel() ** -0.5)).view(-1)
+        return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, weight=gain, training=True, momentum=0.,
+                            eps=self.eps).reshape_as(w)
+
+    def forward(self, x):
+        a = self._slim_state.active(self._dp_width)
+        geo = self.geometry(a, x.shape[1])
+        w, b = SlimConv2d._weights(self, geo)
+        w = self._standardise(w, geo)
+        y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, geo.groups)
+        return y * geo.scale if geo.scale is not None else y
+
+    def to_plain(self, geo, a=None) -> nn.Module:
+        w, b = self.plain_weights(geo)
+        p = copy.copy(self)
+        p.__class__ = self._plain_cls
+        p.__dict__ = {k: v for k, v in self.__dict__.items() if not k.startswith("_slim") and k not in (
+            "_w_cache", "_out_cache", "_plain_cls", "_dp_width", "slim_name", "fixed_out", "base_out", "depthwise",
+            "dw_multiplier", "averaging", "group_mode", "gamma_", "channel_multiple", "channel_unit")}
+        p._parameters = {"weight": nn.Parameter(w), "bias": None if b is None else nn.Parameter(b)}
+        if hasattr(self, "gain"):
+            oi = geo.index("out", w.device)
+            g = self.gain.detach()
+            p._parameters["gain"] = nn.Parameter((g[:geo.out_c] if oi is None else g.index_select(0, oi)).clone())
+            p.scale = self.gamma_ * w[0].numel() ** -0.5
+        p._buffers, p._modules = dict(self._buffers), {}
+        p.in_channels, p.out_channels, p.groups = geo.in_c, geo.out_c, geo.groups
+        return p
+
+
+@register(StdConv2d)
+class SlimStdConv2d(_StdConv, SlimConv2d):
+    @classmethod
+    def from_module(cls, m, name, state, fixed_out):
+        new = super().from_module(m, name, state, fixed_out)
+        new._plain_cls = type(m)
+        return new
+
+
+@register(ScaledStdConv2d)
+class SlimScaledStdConv2d(_StdConv, SlimConv2d):
+    @classmethod
+    def from_module(cls, m, name, state, fixed_out):
+        new = super().from_module(m, name, state, fixed_out)
+        new._plain_cls = type(m)
+        new.gamma_ = m.scale * m.weight[0].numel() ** 0.5  # timm stores gamma * fan_in^-0.5 as `scale`
+        return new
+
+
+@register(BlurPool2d)
+class SlimBlurPool2d(SlimPerChannel, BlurPool2d):
+    """timm's anti-aliasing ``BlurPool2d`` (a fixed per-channel binomial filter, depthwise): the filters of the
+    active channels. Exports as ``BlurPool2d(channels=C_active)``."""
+
+    def forward(self, x):
+        g = self.active_geometry(x)
+        x = F.pad(x, self.padding, mode=self.pad_mode)
+        if self.channels is None:
+            w = self.filt.expand(g.c, 1, self.filt_size, self.filt_size)
+        else:
+            w = _rows(self.filt, g)
+        return F.conv2d(x, w, stride=self.stride, groups=g.c)
+
+    def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+        if self.channels is None:
+            return self.plain_copy({})
+        return self.plain_copy({"filt": _rows(self.filt, g)}, channels=g.c)
+
+
+def _rows(t, g: BNGeo):
+    i = g.index(t.device)
+    return t[:g.c] if i is None else t.index_select(0, i)
+
+
+# ---- attention ----------------------------------------------------------------------------------------------
+class _HeadsAttention(SlimPerChannel):
+    """Common part of the attention counterparts: ``qkv`` (``dim -> 3 * heads * head_dim``) and ``proj``
+    (``heads * head_dim -> dim``) restricted to the first ``H'`` heads and the active token channels."""
+
+    channel_dim = -1
+
+    @classmethod
+    def _dims(cls, m):
+        dim = m.qkv.in_features
+        heads = m.num_heads
+        attn_dim = m.qkv.out_features // 3
+        if attn_dim % heads or m.proj.out_features != dim or m.proj.in_features != attn_dim or dim % heads:
+            raise UnsupportedModuleError(
+                f"{type(m).__name__}(dim={dim}, heads={heads}, qkv->{m.qkv.out_features}, proj {m.proj.in_features}"
+                f"->{m.proj.out_features}): only attention with dim = heads x (dim / heads) in and out is slimmed "
+                "by heads")
+        return dim, heads, attn_dim // heads
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        dim, heads, _ = cls._dims(m)
+        return {"role": "norm", "dim": -1, "unit": dim // heads}
+
+    def heads(self, g: BNGeo) -> int:
+        dim, heads, _ = self._dims(self)
+        unit = dim // heads
+        if g.c % unit:
+            raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {unit}")
+        return g.c // unit
+
+    def _qkv(self, x, g: BNGeo, h: int):
+        """``qkv(x)`` for the first ``h`` heads of q, k and v: ``(N, L, 3 * h * head_dim)``."""
+        _, heads, hd = self._dims(self)
+        w, b = self.qkv.weight, self.qkv.bias
+        if h != heads:
+            a = heads * hd
+            w = w.view(3, a, -1)[:, :h * hd].reshape(3 * h * hd, -1)
+            b = None if b is None else b.view(3, a)[:, :h * hd].reshape(-1)
+        return F.linear(x, g.pick(w), b)
+
+    def _proj(self, y, g: BNGeo, h: int):
+        _, _, hd = self._dims(self)
+        b = self.proj.bias
+        return F.linear(y, _rows(self.proj.weight, g)[:, :h * hd], None if b is None else g.pick(b))
+
+    def _plain_qkv_proj(self, g: BNGeo, h: int):
+        """Plain ``nn.Linear`` qkv / proj holding the selected weights (for export)."""
+        _, heads, hd = self._dims(self)
+        w0 = self.qkv.weight
+        kw = dict(device=w0.device, dtype=w0.dtype)
+        with torch.no_grad():
+            qkv = nn.Linear(g.c, 3 * h * hd, self.qkv.bias is not None, **kw)
+            qkv.weight.copy_(g.pick(w0.view(3, heads * hd, -1)[:, :h * hd].reshape(3 * h * hd, -1)))
+            if self.qkv.bias is not None:
+                qkv.bias.copy_(self.qkv.bias.view(3, heads * hd)[:, :h * hd].reshape(-1))
+            proj = nn.Linear(h * hd, g.c, self.proj.bias is not None, **kw)
+            proj.weight.copy_(_rows(self.proj.weight, g)[:, :h * hd])
+            if self.proj.bias is not None:
+                proj.bias.copy_(g.pick(self.proj.bias))
+        return qkv, proj
+
+
+@register(Attention)
+class SlimAttention(_HeadsAttention, Attention):
+    """timm's ``Attention`` (ViT, DeiT, and the families built on it) slimmed by heads (module docstring):
+    input and output ``(N, L, C_active)``; exports as ``Attention(dim=C_active, num_heads=H')``."""
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        if m.gate is not None or not isinstance(m.norm, nn.Identity):
+            raise UnsupportedModuleError(f"timm Attention with gated={m.gate is not None} / scale_norm="
+                                         f"{not isinstance(m.norm, nn.Identity)} is not slimmed by heads yet")
+        return super().analysis_role(m)
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        B, N, _ = x.shape
+        g = self.active_geometry(x)
+        h = self.heads(g)
+        hd = self.head_dim
+        q, k, v = self._qkv(x, g, h).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
+        else:
+            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            y = self.attn_drop(attn.softmax(dim=-1)) @ v
+        y = y.transpose(1, 2).reshape(B, N, h * hd)
+        return self.proj_drop(self._proj(y, g, h))
+
+    def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+        h = self.heads(g)
+        qkv, proj = self._plain_qkv_proj(g, h)
+        p = self.plain_copy({}, num_heads=h, attn_dim=h * self.head_dim)
+        p.qkv, p.proj = qkv, proj
+        return p
+
+
+def _register_window_attention():
+    from timm.models.swin_transformer import WindowAttention
+
+    @register(WindowAttention)
+    class SlimWindowAttention(_HeadsAttention, WindowAttention):
+        """Swin's window attention slimmed by heads: the relative position bias table keeps the kept heads'
+        columns. Exports as ``WindowAttention(dim=C_active, num_heads=H')``."""
+
+        def _rel_bias(self, h):
+            t = self.relative_position_bias_table[:, :h]
+            bias = t[self.relative_position_index.view(-1)].view(self.window_area, self.window_area, -1)
+            return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+        def forward(self, x, mask=None):
+            B_, N, _ = x.shape
+            g = self.active_geometry(x)
+            h = self.heads(g)
+            q, k, v = self._qkv(x, g, h).reshape(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            if self.fused_attn:
+                attn_mask = self._rel_bias(h)
+                if mask is not None:
+                    nw = mask.shape[0]
+                    mask = mask.view(1, nw, 1, N, N).expand(B_ // nw, -1, h, -1, -1)
+                    attn_mask = attn_mask + mask.reshape(-1, h, N, N)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                   dropout_p=self.attn_drop.p if self.training else 0.)
+            else:
+                attn = (q * self.scale) @ k.transpose(-2, -1) + self._rel_bias(h)
+                if mask is not None:
+                    nw = mask.shape[0]
+                    attn = attn.view(-1, nw, h, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                    attn = attn.view(-1, h, N, N)
+                y = self.attn_drop(self.softmax(attn)) @ v
+            y = y.transpose(1, 2).reshape(B_, N, -1)
+            return self.proj_drop(self._proj(y, g, h))
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            h = self.heads(g)
+            qkv, proj = self._plain_qkv_proj(g, h)
+            p = self.plain_copy({"relative_position_bias_table": self.relative_position_bias_table[:, :h]},
+                                num_heads=h, dim=g.c)
+            p.qkv, p.proj = qkv, proj
+            return p
+
+    return SlimWindowAttention
+
+
+SlimWindowAttention = _register_window_attention()
+
+__all__ = ["SlimAttention", "SlimWindowAttention", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
+           "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act"]

@@ -1,0 +1,308 @@
+"""Transformers and modern CNNs (issue 21): norms without running statistics, channels on the last dim, tied
+parameters (tokens, position embeddings, layer scales), attention slimmed by heads, exports into the stock timm
+classes; and the three conversion bugs (the analysis changed the model, a head got slimmed, example_input not
+used by export)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import slim_plugins as slim
+
+RANGE = slim.WidthSpec.range(0.25, 1.0)
+
+
+def _same(a, b, tol=1e-5):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
+
+
+def _export_matches(model, x, widths, tol=1e-5):
+    """The dynamic model at each width equals its plain export; returns the exports."""
+    model.eval()
+    out = {}
+    for w in widths:
+        with slim.width(w), torch.no_grad():
+            y = model(x)
+        p = slim.export(model, w)
+        assert not any(type(m).__module__.startswith("slim_plugins") for m in p.modules()), \
+            [type(m) for m in p.modules() if type(m).__module__.startswith("slim_plugins")]
+        with torch.no_grad():
+            _same(p(x), y, tol)
+        out[w] = p
+    return out
+
+
+# ---- the layers equal the stock layer of that width ----------------------------------------------------------
+class TokenMLP(nn.Module):
+    """(N, L, 8) tokens -> Linear -> norm -> GELU -> Linear (5 classes per token)."""
+
+    def __init__(self, norm, c=32):
+        super().__init__()
+        self.fc1, self.norm, self.act, self.fc2 = nn.Linear(8, c), norm, nn.GELU(), nn.Linear(c, 5)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.norm(self.fc1(x))))
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_token_norm_equals_stock_norm_of_that_width(norm):
+    make = {"layernorm": lambda c: nn.LayerNorm(c), "rmsnorm": lambda c: nn.RMSNorm(c, eps=1e-6)}[norm]
+    net = TokenMLP(make(32))
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        if getattr(net.norm, "bias", None) is not None:
+            net.norm.bias.uniform_(-0.5, 0.5)
+    ref = copy.deepcopy(net)
+    x = torch.randn(2, 7, 8)
+    slim.convert(net, RANGE, example_input=x)
+    # the hand-built narrow net: the first 16 hidden channels of every layer
+    stock = TokenMLP(make(16), 16)
+    with torch.no_grad():
+        stock.fc1.weight.copy_(ref.fc1.weight[:16])
+        stock.fc1.bias.copy_(ref.fc1.bias[:16])
+        stock.norm.weight.copy_(ref.norm.weight[:16])
+        if getattr(stock.norm, "bias", None) is not None:
+            stock.norm.bias.copy_(ref.norm.bias[:16])
+        stock.fc2.weight.copy_(ref.fc2.weight[:, :16])
+        stock.fc2.bias.copy_(ref.fc2.bias)
+    with slim.width(0.5), torch.no_grad():
+        _same(net(x), stock(x))
+    with torch.no_grad():
+        _same(net(x), ref(x))  # width 1.0 is the original
+    p = _export_matches(net, x, [0.25, 0.5, 1.0])[0.5]
+    assert type(p.norm) is type(ref.norm) and tuple(p.norm.normalized_shape) == (16,)
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt-style: conv stem, then a residual block computed channels-last (permute, LayerNorm, Linear MLP,
+    layer scale as a plain parameter), global pool and a head."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.act, self.fc2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.gn = nn.GroupNorm(4, c)
+        self.head = nn.Linear(c, 6)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(self.act(self.fc1(self.norm(y))))
+        x = x + y.permute(0, 3, 1, 2) * self.gamma.reshape(1, -1, 1, 1)
+        return self.head(self.gn(x).mean((2, 3)))
+
+
+def test_channels_last_block_with_layer_scale_and_groupnorm():
+    net = ChannelsLastBlock()
+    ref = copy.deepcopy(net).eval()
+    x = torch.randn(2, 3, 12, 12)
+    keys = {k: v.shape for k, v in net.state_dict().items()}
+    slim.convert(net, RANGE, example_input=x)
+    net.eval()
+    assert {k: v.shape for k, v in net.state_dict().items()} == keys  # stock checkpoints still load
+    assert isinstance(net, ChannelsLastBlock) and net.gamma.shape == (32,)
+    with torch.no_grad():
+        _same(net(x), ref(x))
+    exports = _export_matches(net, x, [0.25, 0.5, 0.75, 1.0])
+    p = exports[0.5]
+    assert type(p) is ChannelsLastBlock and p.gamma.shape == (16,) and p.gn.num_channels == 16
+    # GroupNorm keeps its 4 groups and slims each alike: the stem's kept channels are 4 of each group of 8
+    stem_out = slim.active_channels(net, 0.5)["stem"][1]
+    assert stem_out.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27]
+    # the exported GroupNorm is the stock layer of that width
+    gn = nn.GroupNorm(4, 16)
+    gn.load_state_dict(p.gn.state_dict())
+    z = torch.randn(2, 16, 5, 5)
+    _same(gn(z), p.gn(z))
+
+
+def test_batchnorm1d_switchable_and_calibrated():
+    net = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(64, 10)
+    slim.convert(net, slim.WidthSpec.switches([0.5, 1.0]))
+    net.train()
+    for w in (0.5, 1.0):
+        with slim.width(w):
+            net(x)
+    assert net[1].running_mean.shape == (2, 32)  # private statistics per switch (S-Nets Sec. 3.2)
+    p = _export_matches(net, x, [0.5, 1.0])[0.5]
+    assert type(p[1]) is nn.BatchNorm1d and p[1].num_features == 16
+
+
+def test_bn_free_model_needs_no_post_statistics():
+    net = TokenMLP(nn.LayerNorm(32))
+    x = torch.randn(2, 3, 8)
+    slim.convert(net, RANGE, example_input=x)
+    assert slim.calibrated_widths(net, [0.3, 0.55, 1.0]) == [0.3, 0.55, 1.0]
+    net.eval()
+    with slim.width(0.55), torch.no_grad():
+        net(x)  # no UncalibratedWidthError
+    assert slim.calibrate_bn(net, [x], widths=[0.3]) is not None
+
+
+class TokenMixer(nn.Module):
+    """MLP-Mixer style: a Linear across the tokens (dim -1 of (N, C, L)) keeps its size; channels pass through."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.mix = nn.Linear(9, 9)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # (N, 9, 4)
+        t = self.embed(x).transpose(1, 2)          # (N, 16, 9): channels on dim 1
+        t = self.mix(t).transpose(1, 2)            # token mixing
+        return self.head(t.mean(1))
+
+
+def test_token_mixing_linear_stays_whole():
+    net = TokenMixer()
+    x = torch.randn(2, 9, 4)
+    slim.convert(net, RANGE, example_input=x)
+    assert net.mix.fixed_out and not net.embed.fixed_out
+    p = _export_matches(net, x, [0.5])[0.5]
+    assert p.mix.in_features == 9 and p.mix.out_features == 9 and p.embed.out_features == 8
+
+
+# ---- bug 1: the analysis never changes the model ---------------------------------------------------------------
+def test_forward_attribute_assignment_does_not_leak_into_the_model():
+    """BasicSR's stock EDSR assigns ``self.mean = self.mean.type_as(x)`` in forward: after convert the attribute
+    is still a tensor (it was an fx Proxy) and the model runs at every width."""
+    from basicsr.archs.edsr_arch import EDSR
+
+    net = EDSR(num_in_ch=3, num_out_ch=3, num_feat=16, num_block=2, upscale=2).eval()
+    mean = net.mean
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        ref = net(x)
+    slim.convert(net, slim.WidthSpec.range(0.5, 1.0))
+    assert net.mean is mean or torch.equal(net.mean, mean)
+    assert type(net.mean) is torch.Tensor
+    with torch.no_grad():
+        _same(net(x), ref)
+    p = _export_matches(net, x, [0.5, 0.75, 1.0])[0.5]
+    stock = EDSR(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, upscale=2).eval()
+    stock.load_state_dict(p.state_dict(), strict=True)
+    with slim.width(0.5), torch.no_grad():
+        _same(stock(x), net(x))
+
+
+class Assigns(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3)
+        self.head = nn.Linear(32, 2)
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = x.shape[0]  # a forward that writes an attribute
+        y = self.conv(x)
+        return self.head(torch.cumsum(y, 1).mean((2, 3)))  # cumsum over channels: not slimmable
+
+
+def test_a_failed_convert_leaves_the_model_as_it_was():
+    net = Assigns()
+    before = dict(net.__dict__)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(slim.NotExactError, match="cumsum"):
+        slim.convert(net, RANGE, example_input=torch.randn(2, 3, 10, 10))
+    assert net.__dict__.keys() == before.keys() and net.seen is None
+    assert type(net.conv) is nn.Conv2d and type(net.head) is nn.Linear
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in sd.items())
+
+
+# ---- bug 2: output layers come from the graph; a failed shape pass is a typed error ----------------------------
+class ActorCritic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(4, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 3, 1), nn.ReLU())
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64 * 18 * 18, 512)
+        self.actor = nn.Linear(512, 18)
+        self.critic = nn.Linear(512, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(self.flatten(self.trunk(x))))
+        return self.actor(h), self.critic(h)
+
+
+def test_heads_are_never_slimmed_without_example_input():
+    net = ActorCritic()
+    with pytest.raises(slim.ExampleInputError, match="example_input"):
+        slim.convert(net, RANGE)  # the default 64x64 input cannot reach the 18x18 flatten
+    assert type(net.actor) is nn.Linear and not hasattr(net, "_slim_state")
+    x = torch.zeros(2, 4, 84, 84)
+    slim.convert(net, RANGE, example_input=x)
+    assert net.actor.fixed_out and net.critic.fixed_out and not net.fc.fixed_out
+    with slim.width(0.5), torch.no_grad():
+        logits, value = net(torch.randn(1, 4, 84, 84))
+    assert logits.shape == (1, 18) and value.shape == (1, 1)
+
+
+# ---- bug 3: export and profile use the example input convert analysed -------------------------------------------
+def test_export_uses_the_convert_example_input():
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("inception_v3", num_classes=5, aux_logits=False).eval()
+    x = torch.randn(2, 3, 96, 96)  # inception_v3's stem cannot take 64x64
+    slim.convert(net, slim.WidthSpec.switches([0.5, 1.0]), example_input=x)
+    p = _export_matches(net, x, [0.5], tol=1e-4)[0.5]  # export() with no example_input
+    assert p.Conv2d_1a_3x3.conv.out_channels == 16
+    table = slim.profile(net, x[:1], widths=[0.5, 1.0], latency=False)
+    assert table[0].mflops < table[1].mflops
+
+
+# ---- timm transformers: exports load strictly into the stock class ----------------------------------------------
+@pytest.mark.parametrize("name,kw,size", [
+    ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4), 32),
+    ("convnext_atto", {}, 64),
+    ("swin_tiny_patch4_window7_224", dict(img_size=112, window_size=7, depths=(2, 2, 2, 2)), 112),
+])
+def test_timm_transformer_exports_load_into_the_stock_model(name, kw, size):
+    timm = pytest.importorskip("timm")
+    import slim_plugins.integrations.timm as st
+
+    model = st.create_slim_model(name, width_range=[0.25, 1.0], num_classes=7, **kw).eval()
+    x = torch.randn(2, 3, size, size)
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0], tol=1e-4)
+    for w, p in exports.items():
+        args = st.stock_kwargs(p)
+        stock = timm.create_model(name, num_classes=7, **{**kw, **args}).eval()
+        stock.load_state_dict(p.state_dict(), strict=True)
+        with slim.width(w), torch.no_grad():
+            _same(stock(x), model(x), 1e-4)
+    assert st.stock_kwargs(exports[0.25]) != st.stock_kwargs(exports[1.0])
+
+
+def test_attention_keeps_head_dim_and_drops_whole_heads():
+    pytest.importorskip("timm")
+    import slim_plugins.integrations.timm as st
+
+    model = st.create_slim_model("deit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=3).eval()
+    p = slim.export(model, 0.5)
+    attn = p.blocks[0].attn
+    assert (attn.num_heads, attn.head_dim, attn.scale) == (2, 64, 64 ** -0.5)
+    assert p.cls_token.shape == (1, 1, 128) and p.pos_embed.shape == (1, 65, 128)
+    # the kept heads are q/k/v heads 0 and 1 of the full qkv
+    full = model.blocks[0].attn.qkv.weight.detach()
+    torch.testing.assert_close(attn.qkv.weight[:128], full[:128, :128])
+    torch.testing.assert_close(attn.qkv.weight[128:256], full[192:320, :128])
+
+
+def test_registered_us_entry_points():
+    timm = pytest.importorskip("timm")
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    vit = timm.create_model("us_deit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10).eval()
+    cnx = timm.create_model("us_convnext_atto", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for m in (vit, cnx):
+        assert slim.width_spec(m).min == 0.25
+        with slim.width(0.25), torch.no_grad():
+            assert m(x).shape == (1, 10)
