@@ -140,10 +140,11 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
                     fixed_names.add(inside[-1])
     if spec.max > 1.0 and (untraced or chains):
         raise (untraced or chains)[0][1]
-    if untraced and groups is None:
+    if untraced and groups is None:  # no graph, nothing proves the narrow net exact: refuse (DESIGN rule 10)
         root, e = untraced[0]
-        warnings.warn(f"slim_plugins: {e} Channels follow the prefix rule there; exactness of concatenations, "
-                      "splits and grouped convs is not checked.", SlimWarning, stacklevel=2)
+        raise ChannelGroupError(f"{e} Without the channel graph the output layers and the exactness of "
+                                "concatenations, splits and grouped convs cannot be shown; declare the channel "
+                                "groups (groups=) to convert it with the prefix rule") from e
 
     state = SlimState(spec, bn, output_averaging, frozen_bn)
     state.trace_error = str(untraced[0][1]) if untraced else None
@@ -303,15 +304,15 @@ def _analyse(model, root, planned, example_input, hosts):
     snap = snapshot_modules(part)
     try:
         part.eval()  # the inference graph (dropout / drop-path branches do not move channels)
-        gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap())
         x = example_input.get(root) if isinstance(example_input, Mapping) else example_input
         given = x is not None
         if x is None:
             x = _default_input(part, set(rel))
-            if x is None:
-                raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
-                                        "layer is not a Conv2d / Linear; pass example_input=")
         args = x if isinstance(x, tuple) else (x,)
+        gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap(), n_inputs=len(args))
+        if x is None:
+            raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
+                                    "layer is not a Conv2d / Linear; pass example_input=")
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(*args)
@@ -387,7 +388,7 @@ def _attach_graphs(model, state: SlimState, parts, new_mods):
                 layer = new_mods[call.name] if call.role != "param" else params[call.name]
                 layer._slim_slot = len(state.layers)
                 state.layers.append(layer)
-            if call.role == "param" and g.cls[call.t_in] not in g.derived:  # else always whole: nothing to slice
+            if call.role == "param" and not g.always_whole(call.t_in):  # else nothing to slice
                 p = params[call.name]
                 host(model.get_submodule(p.host) if p.host else model, p.attr, p._slim_slot, p.dim, state)
         units = g.class_units()

@@ -158,17 +158,42 @@ class _Tracer(torch.fx.Tracer):
             self.stack.pop()
 
 
-def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=()) -> torch.fx.GraphModule:
-    """``torch.fx`` trace of ``model`` with the given leaves.
+def _concrete_defaults(model: nn.Module, n_inputs: int) -> dict:
+    """Forward parameters after the first ``n_inputs`` whose default is ``None`` / a bool / a number / a string
+    (``mask=None``, ``is_causal=False``): traced at that default, as the analysis forward calls them."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params[n_inputs:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is inspect.Parameter.empty:
+            continue
+        if p.default is None or isinstance(p.default, (bool, int, float, str)):
+            out[p.name] = p.default
+    return out
+
+
+def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: int | None = None
+          ) -> torch.fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with the given leaves (``n_inputs``: the positional inputs the analysis
+    forward passes; later parameters with plain defaults are traced at their defaults).
 
     Raises:
         ChannelGroupError: fx cannot trace the model (names the layer whose forward failed).
     """
     tracer = _Tracer(set(leaf_names), leaf_types, autowrap)
     snap = snapshot_modules(model)
+    consts: dict = {}
     try:
         try:
-            graph = tracer.trace(model)
+            concrete = _concrete_defaults(model, n_inputs) if n_inputs is not None else {}
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            # tensor constants fx stored on the model while tracing (`_tensor_constant0`): kept for the graph only
+            consts = {n.target: _resolve(model, n.target) for n in graph.nodes
+                      if n.op == "get_attr" and n.target.rpartition(".")[2].startswith("_tensor_constant")}
         finally:  # a forward that assigns attributes (EDSR's self.mean) left fx proxies on the model
             restore_modules(snap)
     except Exception as e:  # fx raises many types; re-raise one that names the layer
@@ -177,7 +202,17 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=()) -> torch.fx.
             f"torch.fx cannot trace {type(model).__name__} (failed inside layer {where!r}: {type(e).__name__}: "
             f"{e}). Declare channel groups instead: slim.convert(model, spec, groups={{'name': ['layer', ...]}}) "
             "(exactness of concatenations and splits is then not checked)") from e
-    return torch.fx.GraphModule(model, graph)
+    # The graph module's attributes come from the restored model (a dict root: the model gets nothing new).
+    root = {n.target: consts[n.target] if n.target in consts else _resolve(model, n.target)
+            for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    return torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
+
+
+def _resolve(model, target: str):
+    obj = model
+    for part in target.split(".") if target else ():
+        obj = getattr(obj, part)
+    return obj
 
 
 def snapshot_modules(root: nn.Module):
@@ -964,6 +999,11 @@ class ChannelGraph:
                     self.deciders.setdefault(self.cls[c.t_out], []).append(op.arg)
                 elif c.role in ("dw", "gwidth") and not (c.role == "dw" and c.mult == 1):
                     self.derived.setdefault(self.cls[c.t_out], []).append(i)
+
+    def always_whole(self, t: int) -> bool:
+        """Tensor ``t`` carries all its channels at every width (tied to the model input, a constant or an op
+        whose channels cannot be followed)."""
+        return any(self.ops[i].kind in (INPUT, CONST, OPAQUE) for i in self.derived.get(self.cls[t], []))
 
     def refresh_full(self, layer_full: Callable[[str], tuple]):
         """Recompute full channel counts from the layers' current weights (after widening).

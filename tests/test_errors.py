@@ -212,12 +212,12 @@ def test_nonuniform_dict_unknown_layer(us):
 
 
 def test_untraceable_without_groups(make_untraceable_net):
-    model = slim.convert(make_untraceable_net(), slim.WidthSpec.range(0.25, 1.0))
+    """No channel graph: convert refuses (typed) instead of guessing the output layers with a warning."""
+    net = make_untraceable_net()
+    before = _structure(net)
     with pytest.raises(slim.ChannelGroupError, match=r"'block'.*groups="):
-        slim.set_width(model, {"stem": 0.5})
-    assert slim.get_width(model) == 1.0
-    with pytest.raises(slim.ChannelGroupError, match="'block'"):
-        slim.channel_groups(model)
+        slim.convert(net, slim.WidthSpec.range(0.25, 1.0))
+    assert _structure(net) == before and "_slim_state" not in net.__dict__
 
 
 def test_untraceable_with_range_above_one(make_untraceable_net):

@@ -1,0 +1,212 @@
+"""Which models convert exactly: one model per timm model module plus every torchvision classification model.
+
+Per model (random weights, eval mode, input = the model's pretrained-cfg size, batch 2):
+``slim.convert(model, WidthSpec.range(0.25, 1.0), example_input=x)`` (a ``SlimWarning`` counts as a silent
+fallback), BN post-statistics at 0.25 / 0.5 from one random batch, width 1.0 against the original, then 0.25 /
+0.5 / 1.0, and ``slim.export(model, 0.5)`` against the dynamic model at 0.5. Verdicts:
+
+- ``exact``: every comparison within ``1e-4`` of the output's scale;
+- ``refused``: a typed ``slim_plugins`` error (the reason names the op / module);
+- ``untyped``: any other exception (a defect); ``fallback``: a ``SlimWarning``; ``mismatch``: outputs differ.
+
+Rule for timm: for every module of ``timm.models`` that registers models, the registered model with the fewest
+parameters (counted on the meta device, no weights); families whose smallest model has more than 150 M parameters
+are skipped (listed as ``skipped``). Each model runs in its own process with a time limit.
+
+Usage::
+
+    python benchmarks/coverage.py                  # both sets -> benchmarks/coverage_{timm,torchvision}.csv
+    python benchmarks/coverage.py --set timm --only vit convnext
+    python benchmarks/coverage.py --one timm:convnext_atto    # one model, JSON to stdout
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MAX_PARAMS = 150e6
+TOL = 1e-4
+
+
+def timm_picks() -> list[tuple[str, str, float]]:
+    """``(module, model, params)`` per timm model module: the smallest registered model."""
+    import timm
+    import torch
+
+    out = []
+    for mod in sorted(timm.list_modules()):
+        names = timm.list_models(module=mod)
+        best = None
+        for name in names:
+            try:
+                with torch.device("meta"):
+                    m = timm.create_model(name, pretrained=False)
+                n = sum(p.numel() for p in m.parameters())
+            except Exception:  # a model that cannot even be built on the meta device: try the next
+                continue
+            if best is None or n < best[1]:
+                best = (name, n)
+        if best is not None:
+            out.append((mod, best[0], best[1]))
+    return out
+
+
+def torchvision_picks() -> list[tuple[str, str, float]]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    return [("torchvision", n, 0.0) for n in sorted(names)]
+
+
+def _input(model, source: str):
+    import torch
+
+    size = (3, 224, 224)
+    if source == "timm":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = tuple(cfg.get("input_size", size))
+    elif "inception" in type(model).__name__.lower():
+        size = (3, 299, 299)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, *size, generator=g)
+
+
+def check_one(spec: str) -> dict:
+    """Convert / calibrate / compare one model; returns ``{model, verdict, reason, ...}``."""
+    import torch
+
+    import slim_plugins as slim
+    from slim_plugins.convert import SlimWarning
+
+    source, name = spec.split(":", 1)
+    torch.manual_seed(0)
+    row = {"source": source, "model": name, "verdict": "", "reason": "", "params_m": "", "max_rel_diff": ""}
+    try:
+        if source == "timm":
+            import timm
+
+            import slim_plugins.integrations.timm  # noqa: F401  (timm's layers)
+
+            model = timm.create_model(name, pretrained=False)
+        else:
+            import torchvision
+
+            kw = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+            model = torchvision.models.get_model(name, weights=None, **kw)
+    except Exception as e:
+        row.update(verdict="skipped", reason=f"cannot build: {type(e).__name__}: {e}"[:300])
+        return row
+    model.eval()
+    row["params_m"] = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+    x = _input(model, source)
+    with torch.no_grad():
+        ref = model(x)
+    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+    scale = ref.abs().max().item() + 1e-6
+    worst = 0.0
+
+    def diff(a, b):
+        a = a[0] if isinstance(a, (tuple, list)) else a
+        b = b[0] if isinstance(b, (tuple, list)) else b
+        if a.shape != b.shape:
+            raise AssertionError(f"shapes {tuple(a.shape)} vs {tuple(b.shape)}")
+        return (a - b).abs().max().item() / scale
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SlimWarning)
+            slim.convert(model, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+            model.eval()
+            slim.calibrate_bn(model, [x], widths=[0.25, 0.5])
+            with torch.no_grad():
+                worst = max(worst, diff(model(x), ref))
+                for w in (0.25, 0.5, 1.0):
+                    with slim.width(w):
+                        y = model(x)
+                    if w == 0.5:
+                        plain = slim.export(model, 0.5)
+                        worst = max(worst, diff(plain(x), y))
+    except SlimWarning as e:
+        row.update(verdict="fallback", reason=f"SlimWarning: {e}"[:300])
+        return row
+    except slim.SlimError as e:
+        row.update(verdict="refused", reason=f"{type(e).__name__}: {e}".replace("\n", " ")[:300])
+        return row
+    except Exception as e:
+        row.update(verdict="untyped", reason=f"{type(e).__name__}: {e}".replace("\n", " ")[:300])
+        return row
+    row["max_rel_diff"] = f"{worst:.2e}"
+    row["verdict"] = "exact" if worst <= TOL else "mismatch"
+    return row
+
+
+def run(picks, out_csv: Path, timeout: int):
+    rows = []
+    for mod, name, n in picks:
+        if n > MAX_PARAMS:
+            rows.append({"source": mod, "model": name, "verdict": "skipped",
+                         "reason": f"smallest model of the family has {n / 1e6:.0f} M parameters (> 150 M)",
+                         "params_m": f"{n / 1e6:.2f}", "max_rel_diff": ""})
+            continue
+        src = "torchvision" if mod == "torchvision" else "timm"
+        t0 = time.time()
+        try:
+            p = subprocess.run([sys.executable, __file__, "--one", f"{src}:{name}"], capture_output=True, text=True,
+                               timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
+                                   "OMP_NUM_THREADS", "2")})
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+            row = json.loads(line[-1]) if line else {
+                "source": src, "model": name, "verdict": "untyped",
+                "reason": f"process died (rc {p.returncode}): {p.stderr.strip().splitlines()[-1:]}"[:300]}
+        except subprocess.TimeoutExpired:
+            row = {"source": src, "model": name, "verdict": "timeout", "reason": f"over {timeout} s"}
+        row["family"] = mod
+        row["seconds"] = f"{time.time() - t0:.1f}"
+        rows.append(row)
+        print(f"{mod:28s} {name:40s} {row['verdict']:9s} {row.get('reason', '')[:110]}", flush=True)
+    fields = ["family", "model", "params_m", "verdict", "max_rel_diff", "seconds", "reason"]
+    tmp = out_csv.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            r.setdefault("family", r.get("source", ""))
+            w.writerow(r)
+    os.replace(tmp, out_csv)
+    counts: dict = {}
+    for r in rows:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    print(out_csv.name, counts)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", choices=["timm", "torchvision", "both"], default="both")
+    ap.add_argument("--only", nargs="*", help="timm modules / torchvision models to run (default: all)")
+    ap.add_argument("--one", help="source:model, run in this process, JSON to stdout")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per model")
+    ap.add_argument("--out", type=Path, default=HERE, help="folder for coverage_<set>.csv")
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(check_one(args.one)))
+        return
+    sets = ["timm", "torchvision"] if args.set == "both" else [args.set]
+    for s in sets:
+        picks = timm_picks() if s == "timm" else torchvision_picks()
+        if args.only:
+            picks = [p for p in picks if p[0] in args.only or p[1] in args.only]
+        suffix = "" if not args.only else "_partial"
+        run(picks, args.out / f"coverage_{s}{suffix}.csv", args.timeout)
+
+
+if __name__ == "__main__":
+    main()
