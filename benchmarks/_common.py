@@ -27,7 +27,11 @@ WIDTHS = [1.0, 0.75, 0.5, 0.25]
 MODELS = {"mobilenetv2": "mobilenetv2_100", "resnet50": "resnet50",
           # index-gathered channel selections (concatenations, grouped convs + shuffles): `--models densenet121
           # s_shufflenet` (not in the default set; S-ShuffleNet is an S-Net with switches 0.5/1.0/2.0)
-          "densenet121": "densenet121", "s_shufflenet": "s_shufflenet_g3"}
+          "densenet121": "densenet121", "s_shufflenet": "s_shufflenet_g3",
+          # transformers / modern CNNs (heads, channels-last LayerNorm): `--models deit_tiny convnext_atto`
+          "deit_tiny": "deit_tiny_patch16_224", "convnext_atto": "convnext_atto"}
+# US-only registered entry points (no S-Net variant)
+US_ONLY = {"deit_tiny": "us_deit_tiny_patch16_224", "convnext_atto": "us_convnext_atto"}
 DEFAULT_MODELS = ["mobilenetv2", "resnet50"]
 MODEL_WIDTHS = {"s_shufflenet": [2.0, 1.0, 0.5]}
 
@@ -91,6 +95,8 @@ def setup(args) -> None:
 def slim_model(arch: str, kind: str = "us", num_classes: int = 1000) -> nn.Module:
     """``us_<arch>`` with widths 0.25-1.0 (US-Net) or ``s_<arch>`` with switches [0.25, 0.5, 0.75, 1.0]."""
     name = MODELS[arch]
+    if arch in US_ONLY:
+        return timm.create_model(US_ONLY[arch], width_range=[0.25, 1.0], num_classes=num_classes)
     if arch == "s_shufflenet":
         return timm.create_model(name, num_classes=num_classes)
     if arch == "densenet121":
@@ -111,13 +117,17 @@ def calibrate(model: nn.Module, widths=(0.25, 0.5, 0.75), size: int = 64) -> Non
     slim.calibrate_bn(model, batches, widths=list(widths), num_samples=16)
 
 
-def stock_timm(arch: str, width: float, num_classes: int = 1000) -> nn.Module:
+def stock_timm(arch: str, width: float, num_classes: int = 1000, exported: nn.Module | None = None) -> nn.Module:
     """A plain timm model built by timm's own builders with the channels of the slim model at ``width``.
 
     MobileNetV2: ``timm.create_model("mobilenetv2_050/_075/_100")``, and timm's MobileNetV2 generator at 0.25.
     ResNet-50: timm's ``ResNet`` with ``channels`` scaled and the stem / first stage rebuilt by timm's
     ``make_blocks`` for the narrower stem (timm hard-codes a 64-channel stem).
     """
+    if arch in US_ONLY:  # timm's own arguments for that width (embed_dim / num_heads, dims)
+        from slim_plugins.integrations.timm import stock_kwargs
+
+        return timm.create_model(MODELS[arch], num_classes=num_classes, **stock_kwargs(exported))
     if arch == "mobilenetv2":
         names = {1.0: "mobilenetv2_100", 0.75: "mobilenetv2_075", 0.5: "mobilenetv2_050"}
         if width in names:
@@ -154,7 +164,7 @@ def plain_pair(model: nn.Module, arch: str, width: float, example: torch.Tensor)
     """``(stock, exported)``: the stock timm model of the same channels carrying the exported weights, and
     ``slim.export(model, width)``. Raises if the channels differ (then the comparison would be meaningless)."""
     exported = slim.export(model, width, example_input=example[:1]).eval()
-    stock = stock_timm(arch, width, num_classes=exported.num_classes)
+    stock = stock_timm(arch, width, num_classes=exported.num_classes, exported=exported)
     sd = exported.state_dict()
     ref = stock.state_dict()
     bad = [k for k in ref if k not in sd or sd[k].shape != ref[k].shape] + [k for k in sd if k not in ref]

@@ -7,7 +7,8 @@ fallback), BN post-statistics at 0.25 / 0.5 from one random batch, width 1.0 aga
 
 - ``exact``: every comparison within ``1e-4`` of the output's scale;
 - ``refused``: a typed ``slim_plugins`` error (the reason names the op / module);
-- ``untyped``: any other exception (a defect); ``fallback``: a ``SlimWarning``; ``mismatch``: outputs differ.
+- ``untyped``: any other exception (a defect); ``fallback``: a ``SlimWarning``; ``mismatch``: outputs differ;
+  ``unslimmed``: exact, but the export at 0.5 is no smaller than the model (nothing was slimmed).
 
 Rule for timm: for every module of ``timm.models`` that registers models, the registered model with the fewest
 parameters (counted on the meta device, no weights); families whose smallest model has more than 150 M parameters
@@ -88,7 +89,8 @@ def check_one(spec: str) -> dict:
 
     source, name = spec.split(":", 1)
     torch.manual_seed(0)
-    row = {"source": source, "model": name, "verdict": "", "reason": "", "params_m": "", "max_rel_diff": ""}
+    row = {"source": source, "model": name, "verdict": "", "reason": "", "params_m": "", "params_050_m": "",
+           "max_rel_diff": ""}
     try:
         if source == "timm":
             import timm
@@ -134,6 +136,7 @@ def check_one(spec: str) -> dict:
                     if w == 0.5:
                         plain = slim.export(model, 0.5)
                         worst = max(worst, diff(plain(x), y))
+                        row["params_050_m"] = f"{sum(p.numel() for p in plain.parameters()) / 1e6:.2f}"
     except SlimWarning as e:
         row.update(verdict="fallback", reason=f"SlimWarning: {e}"[:300])
         return row
@@ -145,6 +148,8 @@ def check_one(spec: str) -> dict:
         return row
     row["max_rel_diff"] = f"{worst:.2e}"
     row["verdict"] = "exact" if worst <= TOL else "mismatch"
+    if row["verdict"] == "exact" and float(row["params_050_m"]) >= float(row["params_m"]):
+        row.update(verdict="unslimmed", reason="the export at 0.5 has as many parameters as the model")
     return row
 
 
@@ -172,7 +177,7 @@ def run(picks, out_csv: Path, timeout: int):
         row["seconds"] = f"{time.time() - t0:.1f}"
         rows.append(row)
         print(f"{mod:28s} {name:40s} {row['verdict']:9s} {row.get('reason', '')[:110]}", flush=True)
-    fields = ["family", "model", "params_m", "verdict", "max_rel_diff", "seconds", "reason"]
+    fields = ["family", "model", "params_m", "params_050_m", "verdict", "max_rel_diff", "seconds", "reason"]
     tmp = out_csv.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -303,7 +303,7 @@ def _dim_map(name, node, s, t) -> list | None:
 _NEW_TENSOR = {"new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"}
 # Tensor methods that keep values and layout (a parameter read through them is still that parameter).
 _CAST = {"to", "type_as", "float", "half", "double", "bfloat16", "contiguous", "clone", "detach", "requires_grad_"}
-_LAYOUT = {"view", "reshape", "flatten", "transpose", "permute", "swapaxes", "contiguous", "unflatten", "squeeze",
+_LAYOUT = {"view", "reshape", "view_as", "reshape_as", "flatten", "transpose", "permute", "swapaxes", "contiguous", "unflatten", "squeeze",
            "unsqueeze", "movedim", "channel_shuffle", "pixel_shuffle", "pixel_unshuffle", "expand", "expand_as",
            "repeat"}
 
@@ -399,10 +399,13 @@ class _Builder:
         ids = self.tensor_ids(list(node.args) + list(node.kwargs.values()))
         return [t for t in ids if self.rank[t] >= 2 and self.cdim[t] is not None]
 
-    def opaque(self, node, why, cdim=1):
+    def opaque(self, node, why, cdim=None):
         ins = self.tensor_ids(list(node.args) + list(node.kwargs.values()))
         shape = _shape(node)
         if shape is not None:
+            if cdim is None:  # where the channels would be: as in an input of the same rank and size there
+                cdim = next((self.cdim[t] for t in ins if self.cdim[t] is not None and self.rank[t] == len(shape)
+                             and shape[self.cdim[t]] == self.full[t]), None)
             self.out_tensor(node, OPAQUE, ins, why, cdim)
         else:
             self.val[node] = None
@@ -814,11 +817,17 @@ class _Builder:
         k = self.cdim[src]
         m = _dim_map(name, node, sshape, shape)
         if m is not None and k in m:
-            return self.alias(node, src, m.index(k))
-        if name not in ("view", "reshape", "flatten", "unflatten"):
+            j = m.index(k)
+            if self._literal_size(node, name, j, len(shape)):
+                return self.opaque(node, f"{name} to a literal channel count {shape[j]} (dim {j}): at another width "
+                                         "the tensor has other channels; use -1 or x.shape")
+            return self.alias(node, src, j)
+        if name not in ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten"):
             return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} moves the channel dim")
         pre, c = _prod(sshape[:k]), sshape[k]
         for j in range(len(shape)):
+            if self._literal_size(node, name, j, len(shape)) and _prod(shape[:j]) <= pre * c <= _prod(shape[:j + 1]):
+                return self.opaque(node, f"{name} to a literal size {shape[j]} (dim {j}) that holds the channels")
             if _prod(shape[:j]) == pre and shape[j] % c == 0:
                 for e in range(k + 2, len(sshape) + 1):
                     if _prod(sshape[k:e]) == shape[j]:
@@ -828,6 +837,18 @@ class _Builder:
                     if _prod(sshape[b:k + 1]) == shape[j]:
                         return self.out_tensor(node, TILE, (src,), _prod(sshape[b:k]), cdim=j)
         return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} merges the channel dim")
+
+    @staticmethod
+    def _literal_size(node, name, j, rank) -> bool:
+        """The size of result dim ``j`` is a literal in a ``view`` / ``reshape`` call (not -1, not computed)."""
+        if name not in ("view", "reshape"):
+            return False
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = sizes[0]
+        if not sizes and "shape" in node.kwargs:
+            sizes = node.kwargs["shape"]
+        return len(sizes) == rank and isinstance(sizes[j], int) and sizes[j] != -1 and sizes[j] > 1
 
     def visit_layout(self, node, name):
         src_node = node.args[0] if node.args else None
@@ -852,10 +873,6 @@ class _Builder:
             return self.out_tensor(node, GROUPMAP, (src,), (r2, 1) if name == "pixel_shuffle" else (1, r2))
         if shape is None or sshape is None:
             return self.opaque(node, f"{name} of unknown shape")
-        if name == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            if start == 0:
-                return self.opaque(node, "flatten over the batch dim")
         if shape == sshape:
             return self.alias(node, src)
         if k == 1 and len(sshape) >= 3 and len(shape) == len(sshape) + 1 and shape[0] == sshape[0] and \

@@ -306,3 +306,43 @@ def test_registered_us_entry_points():
         assert slim.width_spec(m).min == 0.25
         with slim.width(0.25), torch.no_grad():
             assert m(x).shape == (1, 10)
+
+
+class LiteralView(nn.Module):
+    """``x.view(n, 32, h * w)``: a literal channel count that is wrong at every narrower width."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x, mask=None):
+        if mask is not None:  # a branch on an optional argument: traced at its default (None)
+            x = x * mask
+        n, _, h, w = x.shape
+        y = self.conv(x).view(n, 32, h * w)
+        return self.head(y.mean(2))
+
+
+def test_literal_channel_reshape_is_refused_and_optional_args_traced_at_default():
+    net = LiteralView()
+    with pytest.raises(slim.NotExactError, match="literal channel count 32"):
+        slim.convert(net, RANGE, example_input=torch.randn(2, 3, 8, 8))
+    assert type(net.conv) is nn.Conv2d
+    ok = slim.convert(LiteralView(), slim.WidthSpec.switches([1.0]), example_input=torch.randn(2, 3, 8, 8))
+    assert ok(torch.randn(1, 3, 8, 8)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("layer", ["LayerNormAct2d", "GroupNormAct", "RmsNormAct2d"])
+def test_timm_norm_act_layers_equal_their_export(layer):
+    na = pytest.importorskip("timm.layers.norm_act")
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    cls = getattr(na, layer)
+    norm = cls(16, num_groups=4, act_layer=nn.GELU) if layer == "GroupNormAct" else cls(16, act_layer=nn.GELU)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), norm, nn.Conv2d(16, 5, 1))
+    x = torch.randn(2, 3, 9, 9)
+    slim.convert(net, RANGE, example_input=x)
+    p = _export_matches(net, x, [0.25, 0.5, 1.0])[0.5]
+    assert type(p[1]) is cls and isinstance(p[1].act, nn.GELU)

@@ -168,12 +168,20 @@ def create_slim_model(model_name: str, widths: Sequence[float] | None = None,
         apply_cifar_stem(model)
     model = slim.convert(model, spec, fixed=[*fixed_layers(model), *fixed], bn=bn, output_averaging=output_averaging,
                          example_input=example_input(model))
-    if spec.max <= 1.0:  # widened (hi > 1) layers are sized per layer; units would outgrow them
-        set_expansion_units(model)
-        set_stage_units(model)
-        set_mlp_units(model)
-        slim.check_widths(model)  # the units changed the channel counts: plan the spec's widths again
+    set_units(model)
     return model
+
+
+def set_units(model: nn.Module) -> None:
+    """timm's channel rounding on a converted model: expansion convs (:func:`set_expansion_units`), Swin stage
+    widths and MLP hidden widths (``transformers``), then the spec's widths planned again. Nothing for a spec
+    above 1.0 (widened layers are sized per layer; units would outgrow them)."""
+    if slim.width_spec(model).max > 1.0:
+        return
+    set_expansion_units(model)
+    set_stage_units(model)
+    set_mlp_units(model)
+    slim.check_widths(model)  # the units changed the channel counts: plan the spec's widths again
 
 
 def example_input(model: nn.Module) -> torch.Tensor | None:
@@ -244,4 +252,4 @@ __all__ += ["ShuffleNetV1", "s_shufflenet_g3", "shufflenet_v1_g3"]
 from . import layers  # noqa: E402,F401  (norm, std-conv, blur-pool and attention counterparts)
 from .transformers import set_mlp_units, set_stage_units, stock_kwargs, us_convnext_atto, us_deit_tiny_patch16_224  # noqa: E402
 
-__all__ += ["set_mlp_units", "set_stage_units", "stock_kwargs", "us_convnext_atto", "us_deit_tiny_patch16_224"]
+__all__ += ["set_units", "set_mlp_units", "set_stage_units", "stock_kwargs", "us_convnext_atto", "us_deit_tiny_patch16_224"]

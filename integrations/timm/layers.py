@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import (Attention, BlurPool2d, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
                          ScaledStdConv2d, StdConv2d)
-from timm.layers.norm_act import GroupNorm1Act, GroupNormAct, LayerNormAct, LayerNormAct2d
+from timm.layers.norm_act import (GroupNorm1Act, GroupNormAct, LayerNormAct, LayerNormAct2d, RmsNormAct,
+                                  RmsNormAct2d)
 from torch import nn
 
 from slim_plugins.errors import NotExactError, UnsupportedModuleError
@@ -46,6 +47,16 @@ class SlimLayerNormAct(_NormAct, SlimLayerNorm):
 
 @register(LayerNormAct2d)
 class SlimLayerNormAct2d(_NormAct, SlimLayerNorm2d):
+    pass
+
+
+@register(RmsNormAct)
+class SlimRmsNormAct(_NormAct, SlimRMSNorm):
+    pass
+
+
+@register(RmsNormAct2d)
+class SlimRmsNormAct2d(_NormAct, SlimRMSNorm2d):
     pass
 
 
@@ -295,4 +306,5 @@ def _register_window_attention():
 SlimWindowAttention = _register_window_attention()
 
 __all__ = ["SlimAttention", "SlimWindowAttention", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
-           "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act"]
+           "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act", "SlimRmsNormAct",
+           "SlimRmsNormAct2d"]

@@ -12,7 +12,8 @@ from torch import nn
 
 import slim_plugins as slim
 
-from . import PAPER_SWITCHES, apply_cifar_stem, fixed_layers, set_expansion_units, spec_from_args
+from . import PAPER_SWITCHES, apply_cifar_stem, example_input, fixed_layers, set_units, spec_from_args
+from .transformers import US_ENTRIES
 
 __all__ = ["build_model", "create_loss"]
 
@@ -34,7 +35,8 @@ def build_model(cfg: dict, sync_bn: bool = False) -> nn.Module:
 
     name, kind = cfg["model"], "switches" if cfg["widths"] is not None else "range"
     for prefix, k in (("us_", "range"), ("s_", "switches")):
-        if name.startswith(prefix) and name[len(prefix):] in PAPER_SWITCHES:
+        if name.startswith(prefix) and (name[len(prefix):] in PAPER_SWITCHES or f"us_{name[len(prefix):]}" in
+                                        US_ENTRIES and prefix == "us_"):
             name, kind = name[len(prefix):], k
     spec = spec_from_args(cfg["widths"], cfg["width_range"], cfg["divisor"], name, kind)
     init = cfg["initial_checkpoint"]
@@ -64,9 +66,8 @@ def build_model(cfg: dict, sync_bn: bool = False) -> nn.Module:
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before conversion: slim keeps SyncBatchNorm
     model = slim.convert(model, spec, fixed=[*fixed_layers(model), *cfg["fixed_layers"]], bn=cfg["bn"],
-                         output_averaging=cfg["output_averaging"])
-    if spec.max <= 1.0:  # timm's channel rounding of the expansion convs (see set_expansion_units)
-        set_expansion_units(model)
+                         output_averaging=cfg["output_averaging"], example_input=example_input(model))
+    set_units(model)  # timm's channel rounding (expansion convs, MLP ratios, Swin stages)
     if slim_init:
         slim.load_checkpoint(init_ck, model)
     return model

@@ -83,7 +83,8 @@ def _opt_step(cfg, model, optimizer, loss_scaler):
     if loss_scaler is not None:  # NativeScaler steps inside its call; our backward passes ran per width before
         loss_scaler._scaler.unscale_(optimizer)
     if cfg["clip_grad"] is not None:
-        from timm.utils import dispatch_clip_grad, model_parameters
+        from timm.models import model_parameters
+        from timm.utils import dispatch_clip_grad
 
         params = model_parameters(getattr(model, "module", model), exclude_head="agc" in cfg["clip_mode"])
         dispatch_clip_grad(params, cfg["clip_grad"], mode=cfg["clip_mode"])

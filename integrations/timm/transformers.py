@@ -133,4 +133,6 @@ us_convnext_atto = _us_entry(
     "US ConvNeXt-atto (widths 0.25-1.0 by default): stage widths make_divisible(dims * w, 8), MLP 4x; "
     "``patch_size=2`` suits 32x32 inputs.")
 
+US_ENTRIES = ("us_deit_tiny_patch16_224", "us_convnext_atto")
+
 __all__ = ["stock_kwargs", "set_mlp_units", "set_stage_units", "us_deit_tiny_patch16_224", "us_convnext_atto"]
