@@ -12,12 +12,14 @@ fallback), BN post-statistics at 0.25 / 0.5 from one random batch, width 1.0 aga
 
 Rule for timm: for every module of ``timm.models`` that registers models, the registered model with the fewest
 parameters (counted on the meta device, no weights); families whose smallest model has more than 150 M parameters
-are skipped (listed as ``skipped``). Each model runs in its own process with a time limit.
+are skipped (listed as ``skipped``), as are torchvision models over 150 M. Each model runs in its own process
+with a time limit.
 
 Usage::
 
     python benchmarks/coverage.py                  # both sets -> benchmarks/coverage_{timm,torchvision}.csv
-    python benchmarks/coverage.py --set timm --only vit convnext
+    python benchmarks/coverage.py --set timm --only vit convnext          # -> coverage_timm_partial.csv
+    python benchmarks/coverage.py --set timm --only levit --merge        # update those rows of coverage_timm.csv
     python benchmarks/coverage.py --one timm:convnext_atto    # one model, JSON to stdout
 """
 from __future__ import annotations
@@ -61,10 +63,24 @@ def timm_picks() -> list[tuple[str, str, float]]:
 
 
 def torchvision_picks() -> list[tuple[str, str, float]]:
+    """Every torchvision classification model, with its parameter count (meta device)."""
+    import torch
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)
-    return [("torchvision", n, 0.0) for n in sorted(names)]
+    import warnings
+
+    out = []
+    for n in sorted(torchvision.models.list_models(module=torchvision.models)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.device("meta"):
+                    m = torchvision.models.get_model(n, weights=None)
+            except NotImplementedError:  # a builder that computes widths with tensors (RegNet): build it for real
+                m = torchvision.models.get_model(n, weights=None)
+        out.append(("torchvision", n, float(sum(p.numel() for p in m.parameters()))))
+        del m
+    return out
 
 
 def _input(model, source: str):
@@ -153,7 +169,10 @@ def check_one(spec: str) -> dict:
     return row
 
 
-def run(picks, out_csv: Path, timeout: int):
+FIELDS = ["family", "model", "params_m", "params_050_m", "verdict", "max_rel_diff", "seconds", "reason"]
+
+
+def run(picks, out_csv: Path, timeout: int, merge: bool = False):
     rows = []
     for mod, name, n in picks:
         if n > MAX_PARAMS:
@@ -177,7 +196,12 @@ def run(picks, out_csv: Path, timeout: int):
         row["seconds"] = f"{time.time() - t0:.1f}"
         rows.append(row)
         print(f"{mod:28s} {name:40s} {row['verdict']:9s} {row.get('reason', '')[:110]}", flush=True)
-    fields = ["family", "model", "params_m", "params_050_m", "verdict", "max_rel_diff", "seconds", "reason"]
+    fields = FIELDS
+    if merge and out_csv.exists():  # re-measured models replace their rows; the others stay
+        with open(out_csv, newline="") as f:
+            old = list(csv.DictReader(f))
+        new = {r["model"]: r for r in rows}
+        rows = [new.pop(r["model"], r) for r in old] + list(new.values())
     tmp = out_csv.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -199,6 +223,7 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="timm modules / torchvision models to run (default: all)")
     ap.add_argument("--one", help="source:model, run in this process, JSON to stdout")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per model")
+    ap.add_argument("--merge", action="store_true", help="with --only: update those rows of coverage_<set>.csv")
     ap.add_argument("--out", type=Path, default=HERE, help="folder for coverage_<set>.csv")
     args = ap.parse_args(argv)
     if args.one:
@@ -209,8 +234,8 @@ def main(argv=None):
         picks = timm_picks() if s == "timm" else torchvision_picks()
         if args.only:
             picks = [p for p in picks if p[0] in args.only or p[1] in args.only]
-        suffix = "" if not args.only else "_partial"
-        run(picks, args.out / f"coverage_{s}{suffix}.csv", args.timeout)
+        suffix = "" if not args.only or args.merge else "_partial"
+        run(picks, args.out / f"coverage_{s}{suffix}.csv", args.timeout, merge=args.merge)
 
 
 if __name__ == "__main__":

@@ -476,9 +476,15 @@ class _Builder:
         if isinstance(fv, _Factored):
             return self.visit_layout(node, name)
         if isinstance(fv, int) and fv in self.pmap and first in self._tids and shape is not None and \
-                (name in _LAYOUT or name in _CAST):  # a parameter read through a view or a cast
-            target, dims = self.pmap[fv]
-            m = _dim_map(name, node, _shape(first), shape)
+                (name in _LAYOUT or name in _CAST or node.target in self.layout_fns):  # a parameter read through a
+            target, dims = self.pmap[fv]                                             # view, a cast or a resample
+            if node.target in self.layout_fns:  # acts on tokens / pixels: the last dim stays the last
+                fs = _shape(first)
+                m = [None] * (len(shape) - 1) + [len(fs) - 1] if shape[-1] == fs[-1] else None
+            else:
+                m = _dim_map(name, node, _shape(first), shape)
+                if m is not None:  # a literal size (scale.view(self.shape)) cannot follow a sliced parameter
+                    m = [None if self._literal_size(node, name, j, len(shape)) else i for j, i in enumerate(m)]
             t = self.out_tensor(node, CONST, ())
             if m is not None:
                 self.pmap[t] = (target, [dims[i] if i is not None else None for i in m])
@@ -524,8 +530,8 @@ class _Builder:
         return self.visit_unary(node, ins[0])
 
     def _is_tuple_result(self, node):
-        tm = node.meta.get("tensor_meta")
-        return isinstance(tm, (tuple, list))
+        tm = node.meta.get("tensor_meta")  # TensorMetadata is itself a NamedTuple: a tuple *of* them is meant
+        return isinstance(tm, (tuple, list)) and not hasattr(tm, "shape")
 
     def _tuple_shapes(self, node):
         tm = node.meta.get("tensor_meta")

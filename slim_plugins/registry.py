@@ -55,9 +55,9 @@ def register_fx_autowrap(fn) -> None:
 
 
 def register_layout_fn(fn) -> None:
-    """Declare a function that only rearranges tokens or pixels (Swin's ``window_partition`` / ``window_reverse``):
-    its channel dim keeps its size and stays first (``(N, C, ...)``) or last (``(..., C)``). It is also recorded
-    as one fx call."""
+    """Declare a function that acts on tokens or pixels only, each channel on its own (Swin's ``window_partition``
+    / ``window_reverse``, timm's ``resample_abs_pos_embed``): its channel dim keeps its size and stays first
+    (``(N, C, ...)``) or last (``(..., C)``). It is also recorded as one fx call."""
     _LAYOUT_FNS.add(fn)
     _FX_AUTOWRAP.add(fn)
 
@@ -75,10 +75,19 @@ def fx_autowrap() -> tuple:
 
 
 def lookup(module_type: type) -> type | None:
-    """The slim class registered for exactly ``module_type`` (subclasses must be registered on their own)."""
+    """The slim class registered for ``module_type``, or for the nearest registered base class when the subclass
+    keeps that base's ``forward`` (e.g. timm's ``LayerNorm2dNoBias(LayerNorm2d)``, which only drops the bias);
+    a subclass with a forward of its own must be registered on its own."""
     if module_type not in _CONVERTERS:
         _ensure_adapter(module_type)
-    return _CONVERTERS.get(module_type)
+    hit = _CONVERTERS.get(module_type)
+    if hit is not None:
+        return hit
+    for base in module_type.__mro__[1:]:
+        if base in _CONVERTERS:
+            return _CONVERTERS[base] if getattr(module_type, "forward", None) is getattr(base, "forward", None) \
+                else None
+    return None
 
 
 def is_passthrough(module_type: type) -> bool:

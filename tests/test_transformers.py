@@ -262,6 +262,7 @@ def test_export_uses_the_convert_example_input():
 @pytest.mark.parametrize("name,kw,size", [
     ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4), 32),
     ("convnext_atto", {}, 64),
+    ("test_vit", {}, 160),  # dynamic_img_size: the position embedding goes through resample_abs_pos_embed
     ("swin_tiny_patch4_window7_224", dict(img_size=112, window_size=7, depths=(2, 2, 2, 2)), 112),
 ])
 def test_timm_transformer_exports_load_into_the_stock_model(name, kw, size):

@@ -99,9 +99,11 @@ def _register_fx_notrace() -> None:
             register_fx_autowrap(f)
 
 
-# timm's untraceable functions that only move tokens / pixels (window and grid partitions of Swin, MaxViT, ...).
+# timm's untraceable functions that act on tokens / pixels only (window and grid partitions of Swin, MaxViT, ...).
 _LAYOUT_FN_NAMES = {"window_partition", "window_reverse", "grid_partition", "grid_reverse", "window_partition_nchw",
-                    "window_reverse_nchw", "grid_partition_nchw", "grid_reverse_nchw"}
+                    "window_reverse_nchw", "grid_partition_nchw", "grid_reverse_nchw",
+                    # position embeddings interpolated over the token grid, each channel on its own
+                    "resample_abs_pos_embed", "resample_abs_pos_embed_nhwc"}
 
 
 _register_fx_notrace()
