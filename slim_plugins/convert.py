@@ -184,7 +184,8 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         model.__dict__.pop("_slim_state", None)
         raise
     for new in new_mods.values():  # only now: the parameters are shared with the caller's modules
-        track_data_writes(new)
+        for m in new.modules():  # an attention layer's own qkv / proj children too (their weights are cached)
+            track_data_writes(m)
     return model
 
 
@@ -326,7 +327,7 @@ def _analyse(model, root, planned, example_input, hosts):
                 f"{shapes} ({type(e).__name__}: {e}); {hint}") from e
     finally:
         restore_modules(snap)
-    b = _Builder(gm, roles, root, params, registry.layout_fns()).build()
+    b = _Builder(gm, roles, root, params, registry.layout_fns(), registry.tile_fns()).build()
     b.example_shapes = [tuple(a.shape) if torch.is_tensor(a) else None for a in args]
     return b
 

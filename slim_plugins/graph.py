@@ -319,9 +319,9 @@ class _Builder:
     """
 
     def __init__(self, gm: torch.fx.GraphModule, roles: dict, prefix: str, params: dict | None = None,
-                 layout_fns=frozenset()):
+                 layout_fns=frozenset(), tile_fns=None):
         self.gm, self.roles, self.prefix = gm, roles, prefix
-        self.layout_fns = layout_fns
+        self.layout_fns, self.tile_fns = layout_fns, tile_fns or {}
         self.host_params = params or {}
         self.ops: list[Op] = []
         self.calls: list[LayerCall] = []
@@ -522,6 +522,11 @@ class _Builder:
             return self.visit_tie(node, ins)
         if name in _DIM_OPS and self._dim_hits_channels(node):
             return self.opaque(node, f"{name} over the channel dim")
+        if node.target in self.tile_fns and shape is not None:
+            src = ins[0]
+            if self.cdim[src] == self.rank[src] - 1 and shape[-1] == self.full[src] * self.tile_fns[node.target]:
+                return self.out_tensor(node, TILE, (src,), self.tile_fns[node.target], cdim=len(shape) - 1)
+            return self.opaque(node, f"{name} on a tensor whose channels are not on the last dim")
         if node.target in self.layout_fns and shape is not None:
             src, k = ins[0], self.cdim[ins[0]]
             nk = len(shape) - 1 if k == self.rank[src] - 1 else k

@@ -66,6 +66,21 @@ def layout_fns() -> frozenset:
     return frozenset(_LAYOUT_FNS)
 
 
+_TILE_FNS: dict = {}
+
+
+def register_tile_fn(fn, copies: int) -> None:
+    """Declare a function whose result holds ``copies`` blocks of its input's channels on the last dim, block ``k``
+    at ``[k*C, (k+1)*C)`` (torchvision Swin's ``_patch_merging_pad``: four 2x2 neighbours concatenated). It is
+    also recorded as one fx call."""
+    _TILE_FNS[fn] = int(copies)
+    _FX_AUTOWRAP.add(fn)
+
+
+def tile_fns() -> dict:
+    return dict(_TILE_FNS)
+
+
 def fx_leaves() -> tuple:
     return tuple(_FX_LEAVES)
 

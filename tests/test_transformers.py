@@ -347,3 +347,16 @@ def test_timm_norm_act_layers_equal_their_export(layer):
     slim.convert(net, RANGE, example_input=x)
     p = _export_matches(net, x, [0.25, 0.5, 1.0])[0.5]
     assert type(p[1]) is cls and isinstance(p[1].act, nn.GELU)
+
+
+def test_torchvision_swin_window_attention_and_patch_merging():
+    tv = pytest.importorskip("torchvision")
+    net = tv.models.swin_t(num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    slim.convert(net, RANGE, example_input=x)
+    exports = _export_matches(net, x, [0.25, 0.5, 1.0], tol=1e-4)
+    attn = exports[0.5].features[1][0].attn
+    assert type(attn) is tv.models.swin_transformer.ShiftedWindowAttention
+    assert (attn.num_heads, attn.qkv.in_features, attn.relative_position_bias_table.shape[1]) == (2, 64, 2)
+    # patch merging concatenates four blocks of the active channels: its norm sees 4 x the stage width
+    assert exports[0.5].features[2].norm.normalized_shape == (4 * 64,)

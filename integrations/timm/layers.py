@@ -19,7 +19,8 @@ from timm.layers.norm_act import (GroupNorm1Act, GroupNormAct, LayerNormAct, Lay
                                   RmsNormAct2d)
 from torch import nn
 
-from slim_plugins.errors import NotExactError, UnsupportedModuleError
+from slim_plugins.errors import UnsupportedModuleError
+from slim_plugins.nn.attention import SlimHeadsAttention
 from slim_plugins.nn.layers import SlimConv2d
 from slim_plugins.nn.norm import (BNGeo, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel, SlimRMSNorm,
                                   SlimRMSNorm2d)
@@ -155,70 +156,8 @@ def _rows(t, g: BNGeo):
 
 
 # ---- attention ----------------------------------------------------------------------------------------------
-class _HeadsAttention(SlimPerChannel):
-    """Common part of the attention counterparts: ``qkv`` (``dim -> 3 * heads * head_dim``) and ``proj``
-    (``heads * head_dim -> dim``) restricted to the first ``H'`` heads and the active token channels."""
-
-    channel_dim = -1
-
-    @classmethod
-    def _dims(cls, m):
-        dim = m.qkv.in_features
-        heads = m.num_heads
-        attn_dim = m.qkv.out_features // 3
-        if attn_dim % heads or m.proj.out_features != dim or m.proj.in_features != attn_dim or dim % heads:
-            raise UnsupportedModuleError(
-                f"{type(m).__name__}(dim={dim}, heads={heads}, qkv->{m.qkv.out_features}, proj {m.proj.in_features}"
-                f"->{m.proj.out_features}): only attention with dim = heads x (dim / heads) in and out is slimmed "
-                "by heads")
-        return dim, heads, attn_dim // heads
-
-    @classmethod
-    def analysis_role(cls, m) -> dict:
-        dim, heads, _ = cls._dims(m)
-        return {"role": "norm", "dim": -1, "unit": dim // heads}
-
-    def heads(self, g: BNGeo) -> int:
-        dim, heads, _ = self._dims(self)
-        unit = dim // heads
-        if g.c % unit:
-            raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {unit}")
-        return g.c // unit
-
-    def _qkv(self, x, g: BNGeo, h: int):
-        """``qkv(x)`` for the first ``h`` heads of q, k and v: ``(N, L, 3 * h * head_dim)``."""
-        _, heads, hd = self._dims(self)
-        w, b = self.qkv.weight, self.qkv.bias
-        if h != heads:
-            a = heads * hd
-            w = w.view(3, a, -1)[:, :h * hd].reshape(3 * h * hd, -1)
-            b = None if b is None else b.view(3, a)[:, :h * hd].reshape(-1)
-        return F.linear(x, g.pick(w), b)
-
-    def _proj(self, y, g: BNGeo, h: int):
-        _, _, hd = self._dims(self)
-        b = self.proj.bias
-        return F.linear(y, _rows(self.proj.weight, g)[:, :h * hd], None if b is None else g.pick(b))
-
-    def _plain_qkv_proj(self, g: BNGeo, h: int):
-        """Plain ``nn.Linear`` qkv / proj holding the selected weights (for export)."""
-        _, heads, hd = self._dims(self)
-        w0 = self.qkv.weight
-        kw = dict(device=w0.device, dtype=w0.dtype)
-        with torch.no_grad():
-            qkv = nn.Linear(g.c, 3 * h * hd, self.qkv.bias is not None, **kw)
-            qkv.weight.copy_(g.pick(w0.view(3, heads * hd, -1)[:, :h * hd].reshape(3 * h * hd, -1)))
-            if self.qkv.bias is not None:
-                qkv.bias.copy_(self.qkv.bias.view(3, heads * hd)[:, :h * hd].reshape(-1))
-            proj = nn.Linear(h * hd, g.c, self.proj.bias is not None, **kw)
-            proj.weight.copy_(_rows(self.proj.weight, g)[:, :h * hd])
-            if self.proj.bias is not None:
-                proj.bias.copy_(g.pick(self.proj.bias))
-        return qkv, proj
-
-
 @register(Attention)
-class SlimAttention(_HeadsAttention, Attention):
+class SlimAttention(SlimHeadsAttention, Attention):
     """timm's ``Attention`` (ViT, DeiT, and the families built on it) slimmed by heads (module docstring):
     input and output ``(N, L, C_active)``; exports as ``Attention(dim=C_active, num_heads=H')``."""
 
@@ -234,7 +173,8 @@ class SlimAttention(_HeadsAttention, Attention):
         g = self.active_geometry(x)
         h = self.heads(g)
         hd = self.head_dim
-        q, k, v = self._qkv(x, g, h).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        wq, bq, wp, bp = self.head_weights(g, h)
+        q, k, v = F.linear(x, wq, bq).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
@@ -246,11 +186,11 @@ class SlimAttention(_HeadsAttention, Attention):
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
             y = self.attn_drop(attn.softmax(dim=-1)) @ v
         y = y.transpose(1, 2).reshape(B, N, h * hd)
-        return self.proj_drop(self._proj(y, g, h))
+        return self.proj_drop(F.linear(y, wp, bp))
 
     def to_plain(self, g: BNGeo, a=None) -> nn.Module:
         h = self.heads(g)
-        qkv, proj = self._plain_qkv_proj(g, h)
+        qkv, proj = self.plain_qkv_proj(g, h)
         p = self.plain_copy({}, num_heads=h, attn_dim=h * self.head_dim)
         p.qkv, p.proj = qkv, proj
         return p
@@ -260,7 +200,7 @@ def _register_window_attention():
     from timm.models.swin_transformer import WindowAttention
 
     @register(WindowAttention)
-    class SlimWindowAttention(_HeadsAttention, WindowAttention):
+    class SlimWindowAttention(SlimHeadsAttention, WindowAttention):
         """Swin's window attention slimmed by heads: the relative position bias table keeps the kept heads'
         columns. Exports as ``WindowAttention(dim=C_active, num_heads=H')``."""
 
@@ -273,7 +213,8 @@ def _register_window_attention():
             B_, N, _ = x.shape
             g = self.active_geometry(x)
             h = self.heads(g)
-            q, k, v = self._qkv(x, g, h).reshape(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            wq, bq, wp, bp = self.head_weights(g, h)
+            q, k, v = F.linear(x, wq, bq).reshape(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
             if self.fused_attn:
                 attn_mask = self._rel_bias(h)
                 if mask is not None:
@@ -290,11 +231,11 @@ def _register_window_attention():
                     attn = attn.view(-1, h, N, N)
                 y = self.attn_drop(self.softmax(attn)) @ v
             y = y.transpose(1, 2).reshape(B_, N, -1)
-            return self.proj_drop(self._proj(y, g, h))
+            return self.proj_drop(F.linear(y, wp, bp))
 
         def to_plain(self, g: BNGeo, a=None) -> nn.Module:
             h = self.heads(g)
-            qkv, proj = self._plain_qkv_proj(g, h)
+            qkv, proj = self.plain_qkv_proj(g, h)
             p = self.plain_copy({"relative_position_bias_table": self.relative_position_bias_table[:, :h]},
                                 num_heads=h, dim=g.c)
             p.qkv, p.proj = qkv, proj

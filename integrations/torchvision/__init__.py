@@ -34,3 +34,44 @@ class SlimFrozenBatchNorm2d(SlimPerChannel, FrozenBatchNorm2d):
             for k in ("weight", "bias", "running_mean", "running_var"):
                 getattr(p, k).copy_(g.pick(getattr(self, k)))
         return p.to(self.weight.device)
+
+
+def _register_swin() -> None:
+    """torchvision's Swin: window attention slimmed by heads, patch merging as four channel blocks."""
+    from torchvision.models import swin_transformer as tvswin
+
+    from slim_plugins.nn.attention import SlimHeadsAttention
+    from slim_plugins.registry import register_tile_fn
+
+    register_tile_fn(tvswin._patch_merging_pad, 4)
+
+    @register(tvswin.ShiftedWindowAttention)
+    class SlimShiftedWindowAttention(SlimHeadsAttention, tvswin.ShiftedWindowAttention):
+        """torchvision's ``ShiftedWindowAttention`` slimmed by heads (:mod:`slim_plugins.nn.attention`): torchvision's
+        own ``shifted_window_attention`` run with the kept heads' weights and relative-bias columns; input and output
+        ``(N, H, W, C_active)``. Exports as ``ShiftedWindowAttention(dim=C_active, num_heads=H')``."""
+
+        def forward(self, x):
+            g = self.active_geometry(x)
+            h = self.heads(g)
+            wq, bq, wp, bp = self.head_weights(g, h)
+            bias = tvswin._get_relative_position_bias(self.relative_position_bias_table[:, :h],
+                                                      self.relative_position_index, self.window_size)
+            return tvswin.shifted_window_attention(
+                x, wq, wp, bias, self.window_size, h, shift_size=self.shift_size,
+                attention_dropout=self.attention_dropout, dropout=self.dropout, qkv_bias=bq, proj_bias=bp,
+                training=self.training)
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            h = self.heads(g)
+            qkv, proj = self.plain_qkv_proj(g, h)
+            p = self.plain_copy({"relative_position_bias_table": self.relative_position_bias_table[:, :h]},
+                                num_heads=h)
+            p.qkv, p.proj = qkv, proj
+            return p
+
+    globals()["SlimShiftedWindowAttention"] = SlimShiftedWindowAttention
+    __all__.append("SlimShiftedWindowAttention")
+
+
+_register_swin()

@@ -611,7 +611,8 @@ class SlimRMSNorm2d(SlimRMSNorm):
 
 register(nn.RMSNorm)(SlimRMSNorm)
 
-_SLIM_ATTRS = {"_post", "_eval_cache", "_geo_cache", "_plain_cls", "_dp_width", "slim_name", "bn_mode", "frozen"}
+_SLIM_ATTRS = {"_post", "_eval_cache", "_geo_cache", "_plain_cls", "_dp_width", "slim_name", "bn_mode", "frozen",
+               "_head_cache"}
 
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
 _CACHED = ("weight", "bias", "running_mean", "running_var")

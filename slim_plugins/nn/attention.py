@@ -1,0 +1,116 @@
+"""Multi-head attention slimmed by heads (DESIGN rule 9).
+
+The width axis of attention is the number of heads with ``head_dim`` fixed (DynaBERT, Hou et al. 2020; Flextron,
+Cai et al. 2024): at a width the module reads tokens ``(..., C_active)`` and runs the first
+``H' = C_active / head_dim`` heads, so the softmax scale and every kept head are exactly those of the full model.
+``qkv`` (a ``Linear`` ``C -> 3 * H * head_dim``) keeps the rows of the kept heads of q, k and v and the columns
+of the active channels; ``proj`` (``H * head_dim -> C``) the columns of the kept heads and the rows of the active
+channels. The channel plan rounds the token width to whole heads (the class unit is ``head_dim``), which is
+``make_divisible`` on heads.
+
+:class:`SlimHeadsAttention` holds that part; a framework's attention class gets a counterpart by subclassing it
+with the framework's forward written for ``H'`` heads (timm's ``Attention`` and Swin ``WindowAttention`` in
+``slim_plugins.integrations.timm``, torchvision's ``ShiftedWindowAttention`` in
+``slim_plugins.integrations.torchvision``) and registering it (:func:`slim_plugins.registry.register`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import NotExactError, UnsupportedModuleError
+from .norm import BNGeo, SlimPerChannel
+
+
+def rows(t: torch.Tensor, g: BNGeo) -> torch.Tensor:
+    """The rows (dim 0) of ``t`` of the active channels of ``g``."""
+    i = g.index(t.device)
+    return t[:g.c] if i is None else t.index_select(0, i)
+
+
+class SlimHeadsAttention(SlimPerChannel):
+    """Base of the attention counterparts: children ``qkv`` and ``proj`` (``nn.Linear``) and ``num_heads``.
+
+    Input and output ``(..., C_active)``; the output has the input's channels (a residual stream). The weights of
+    a width are selected once per width in eval mode without autograd (cached while the parameters keep their
+    write counters), as the conv / linear layers do (DESIGN rule 7).
+
+    Raises:
+        UnsupportedModuleError: at convert time, an attention whose widths are not ``dim = heads x head_dim`` in
+            and out. NotExactError: an active width that is not whole heads.
+    """
+
+    channel_dim = -1
+
+    @classmethod
+    def head_dims(cls, m) -> tuple[int, int, int]:
+        """``(dim, heads, head_dim)`` of an attention module."""
+        dim, heads = m.qkv.in_features, m.num_heads
+        attn_dim = m.qkv.out_features // 3
+        if attn_dim % heads or m.proj.out_features != dim or m.proj.in_features != attn_dim or dim % heads \
+                or m.qkv.out_features != 3 * attn_dim:
+            raise UnsupportedModuleError(
+                f"{type(m).__name__}(dim={dim}, heads={heads}, qkv->{m.qkv.out_features}, proj {m.proj.in_features}"
+                f"->{m.proj.out_features}): only attention with dim = heads x (dim / heads) in and out is slimmed "
+                "by heads")
+        return dim, heads, attn_dim // heads
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        dim, heads, _ = cls.head_dims(m)
+        return {"role": "norm", "dim": -1, "unit": dim // heads}
+
+    def heads(self, g: BNGeo) -> int:
+        """The heads run at the active channels ``g``."""
+        dim, heads, _ = self.head_dims(self)
+        unit = dim // heads
+        if g.c % unit:
+            raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {unit}")
+        return g.c // unit
+
+    def _select(self, g: BNGeo, h: int):
+        _, heads, hd = self.head_dims(self)
+        w, b = self.qkv.weight, self.qkv.bias
+        if h != heads:
+            a = heads * hd
+            w = w.view(3, a, -1)[:, :h * hd].reshape(3 * h * hd, -1)
+            b = None if b is None else b.view(3, a)[:, :h * hd].reshape(-1)
+        pb = self.proj.bias
+        return g.pick(w), b, rows(self.proj.weight, g)[:, :h * hd], None if pb is None else g.pick(pb)
+
+    def head_weights(self, g: BNGeo, h: int):
+        """``(qkv weight, qkv bias, proj weight, proj bias)`` of the first ``h`` heads at channels ``g``."""
+        if torch.is_grad_enabled():
+            return self._select(g, h)
+        srcs = tuple(t for t in (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias) if t is not None)
+        cache = self.__dict__.setdefault("_head_cache", {})
+        key = (g.c, None if g.idx is None else g.idx.tobytes(), h)
+        hit = cache.get(key)
+        if hit is not None and all(t is s and t._version == v for t, (s, v) in zip(srcs, hit[0])):
+            return hit[1]
+        with torch.no_grad():
+            out = tuple(None if t is None else t.contiguous() for t in self._select(g, h))
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = (tuple((t, t._version) for t in srcs), out)
+        return out
+
+    def plain_qkv_proj(self, g: BNGeo, h: int):
+        """Plain ``nn.Linear`` qkv / proj holding the selected weights (for export)."""
+        with torch.no_grad():
+            wq, bq, wp, bp = (None if t is None else t.detach().clone() for t in self._select(g, h))
+            qkv = nn.Linear(wq.shape[1], wq.shape[0], bq is not None, device=wq.device, dtype=wq.dtype)
+            proj = nn.Linear(wp.shape[1], wp.shape[0], bp is not None, device=wp.device, dtype=wp.dtype)
+            for lin, w, b in ((qkv, wq, bq), (proj, wp, bp)):
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(b)
+        return qkv, proj
+
+    def __getstate__(self):  # copies drop the weight cache
+        d = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        d.pop("_head_cache", None)
+        return d
+
+
+__all__ = ["SlimHeadsAttention", "rows"]
