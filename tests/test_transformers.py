@@ -360,3 +360,23 @@ def test_torchvision_swin_window_attention_and_patch_merging():
     assert (attn.num_heads, attn.qkv.in_features, attn.relative_position_bias_table.shape[1]) == (2, 64, 2)
     # patch merging concatenates four blocks of the active channels: its norm sees 4 x the stage width
     assert exports[0.5].features[2].norm.normalized_shape == (4 * 64,)
+
+
+@pytest.mark.parametrize("layer", ["StdConv2d", "StdConv2dSame", "ScaledStdConv2d"])
+def test_weight_standardised_conv_equals_stock_conv_of_that_width(layer):
+    layers = pytest.importorskip("timm.layers")
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    cls = getattr(layers, layer)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), cls(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1))
+    with torch.no_grad():
+        if hasattr(net[1], "gain"):
+            net[1].gain.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 11, 11)
+    slim.convert(net, RANGE, example_input=x)
+    p = _export_matches(net, x, [0.25, 0.5, 1.0])[0.5]
+    stock = cls(8, 16, 3)  # built by its own constructor: standardises over its own (narrow) fan-in
+    stock.load_state_dict(p[1].state_dict())
+    z = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        _same(stock(z), p[1](z))

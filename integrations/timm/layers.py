@@ -14,7 +14,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from timm.layers import (Attention, BlurPool2d, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
-                         ScaledStdConv2d, StdConv2d)
+                         ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
+from timm.layers.padding import pad_same
 from timm.layers.norm_act import (GroupNorm1Act, GroupNormAct, LayerNormAct, LayerNormAct2d, RmsNormAct,
                                   RmsNormAct2d)
 from torch import nn
@@ -86,6 +87,8 @@ class _StdConv:
                             eps=self.eps).reshape_as(w)
 
     def forward(self, x):
+        if getattr(self, "same_pad", False):  # the *Same variants: TF "SAME" padding from the input size
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         a = self._slim_state.active(self._dp_width)
         geo = self.geometry(a, x.shape[1])
         w, b = SlimConv2d._weights(self, geo)
@@ -111,6 +114,7 @@ class _StdConv:
         return p
 
 
+@register(StdConv2dSame)
 @register(StdConv2d)
 class SlimStdConv2d(_StdConv, SlimConv2d):
     @classmethod
@@ -120,6 +124,7 @@ class SlimStdConv2d(_StdConv, SlimConv2d):
         return new
 
 
+@register(ScaledStdConv2dSame)
 @register(ScaledStdConv2d)
 class SlimScaledStdConv2d(_StdConv, SlimConv2d):
     @classmethod
