@@ -151,10 +151,13 @@ def _calibrate_from_data(model, cfg, widths, num_samples, device, log, method="e
     idx = train_idx[subset_indices(len(train_idx), n, cfg["seed"] + 1)]
     loader = make_loader(cfg, ds, idx, device=device)
     t0 = time.time()
-    slim.calibrate_bn(model, loader, widths=widths, num_samples=num_samples, method=method,
-                      forward=lambda m, b: m(_to_input(b[0], device, cfg)))
-    log(f"calibrated BN post-statistics of widths {[f'{w:g}' for w in widths]} on {n} training images "
-        f"({time.time() - t0:.1f}s)")
+    used = slim.calibrate_bn(model, loader, widths=widths, num_samples=num_samples, method=method,
+                             forward=lambda m, b: m(_to_input(b[0], device, cfg)))
+    if any(used.values()):
+        log(f"calibrated BN post-statistics of widths {[f'{w:g}' for w in widths]} on {n} training images "
+            f"({time.time() - t0:.1f}s)")
+    else:
+        log("no BN layers (LayerNorm / GroupNorm / RMSNorm keep no running statistics): no post-statistics")
     return n
 
 

@@ -500,10 +500,14 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
     for tag, m in models.items():
         if cfg["calib_samples"] != 0:
             t0 = time.time()
-            slim.calibrate_bn(m, loader_calib, widths=calib_widths, num_samples=cfg["calib_samples"],
-                              method=cfg["calib_method"], forward=lambda mm, b: mm(_to_input(b[0], device, cfg)))
-            log(f"calibrated BN post-statistics{' of the EMA' if tag else ''} at {len(calib_widths)} widths on "
-                f"{calib_n} training images ({time.time() - t0:.1f}s)")
+            used = slim.calibrate_bn(m, loader_calib, widths=calib_widths, num_samples=cfg["calib_samples"],
+                                     method=cfg["calib_method"],
+                                     forward=lambda mm, b: mm(_to_input(b[0], device, cfg)))
+            if any(used.values()):
+                log(f"calibrated BN post-statistics{' of the EMA' if tag else ''} at {len(calib_widths)} widths "
+                    f"on {calib_n} training images ({time.time() - t0:.1f}s)")
+            else:
+                log("no BN layers (LayerNorm / GroupNorm / RMSNorm keep no running statistics): no post-statistics")
         results[tag] = validate(m, loader_eval, eval_widths, device, cfg["channels_last"], amp_autocast,
                                 run.distributed)
     out = {"output": str(output), "checkpoint": str(output / "last.pth.tar"), "eval_widths": eval_widths,
