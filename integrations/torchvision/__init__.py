@@ -1,8 +1,10 @@
 """torchvision adapter: torchvision's own per-channel module types.
 
 ``torchvision.ops.FrozenBatchNorm2d`` (the frozen BN of torchvision's detection backbones) holds its statistics and
-affine parameters as buffers; converted, it selects them with the layer's active channels. Imported by
-``slim_plugins.registry`` the first time ``convert`` meets a torchvision module type.
+affine parameters as buffers; converted, it selects them with the layer's active channels. ConvNeXt's
+``LayerNorm2d`` is the core channels-first LayerNorm; Swin's ``ShiftedWindowAttention`` is slimmed by heads and its
+patch merging is four blocks of the channels. Imported by ``slim_plugins.registry`` the first time ``convert``
+meets a torchvision module type.
 """
 from __future__ import annotations
 
@@ -75,3 +77,15 @@ def _register_swin() -> None:
 
 
 _register_swin()
+
+
+def _register_convnext() -> None:
+    """torchvision's ConvNeXt ``LayerNorm2d`` (permute, ``layer_norm`` over the channels, permute back)."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    from slim_plugins.nn.norm import SlimLayerNorm2d
+
+    register(LayerNorm2d, SlimLayerNorm2d)
+
+
+_register_convnext()
