@@ -380,3 +380,27 @@ def test_weight_standardised_conv_equals_stock_conv_of_that_width(layer):
     z = torch.randn(2, 8, 7, 7)
     with torch.no_grad():
         _same(stock(z), p[1](z))
+
+
+def test_subclass_keeping_its_base_forward_uses_the_base_counterpart():
+    class NoBiasLN(nn.LayerNorm):  # timm's LayerNormNoBias pattern: only __init__ differs
+        def __init__(self, c):
+            super().__init__(c)
+            self.bias = None
+
+    class ScaledConv(nn.Conv2d):  # a forward of its own: not a plain conv, its weights are not sliced blindly
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    from slim_plugins import registry
+    from slim_plugins.nn.norm import SlimLayerNorm
+
+    assert registry.lookup(NoBiasLN) is SlimLayerNorm and registry.lookup(ScaledConv) is None
+    net = TokenMLP(NoBiasLN(32))
+    x = torch.randn(2, 3, 8)
+    slim.convert(net, RANGE, example_input=x)
+    p = _export_matches(net, x, [0.5])[0.5]
+    assert type(p.norm) is NoBiasLN and p.norm.weight.shape == (16,)
+    conv = nn.Sequential(nn.Conv2d(3, 16, 3), ScaledConv(16, 16, 3), nn.Conv2d(16, 2, 1))
+    with pytest.raises(slim.NotExactError, match="conv2d"):
+        slim.convert(conv, RANGE, example_input=torch.randn(1, 3, 9, 9))
