@@ -304,16 +304,18 @@ def _analyse(model, root, planned, example_input, hosts):
                 params[_join(hrel, pname)] = hname
     snap = snapshot_modules(part)
     try:
-        part.eval()  # the inference graph (dropout / drop-path branches do not move channels)
         x = example_input.get(root) if isinstance(example_input, Mapping) else example_input
         given = x is not None
         if x is None:
             x = _default_input(part, set(rel))
         args = x if isinstance(x, tuple) else (x,)
+        # traced in the model's own mode (layers only a training forward reaches, e.g. auxiliary heads, are seen),
+        # run once in eval mode (BN statistics untouched)
         gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap(), n_inputs=len(args))
         if x is None:
             raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
                                     "layer is not a Conv2d / Linear; pass example_input=")
+        part.eval()
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(*args)

@@ -470,6 +470,10 @@ class _Builder:
         name = _fname(node.target)
         if name == "getitem":
             return self.visit_getitem(node)
+        if isinstance(node.target, type) and issubclass(node.target, tuple):  # a namedtuple of outputs
+            ids = [self.tensor_ids(a) for a in list(node.args) + list(node.kwargs.values())]
+            self.val[node] = ("tuple", [i[0] if len(i) == 1 else None for i in ids])
+            return
         shape = _shape(node)
         first = node.args[0] if node.args else None
         fv = self.val.get(first) if isinstance(first, torch.fx.Node) else None

@@ -404,3 +404,17 @@ def test_subclass_keeping_its_base_forward_uses_the_base_counterpart():
     conv = nn.Sequential(nn.Conv2d(3, 16, 3), ScaledConv(16, 16, 3), nn.Conv2d(16, 2, 1))
     with pytest.raises(slim.NotExactError, match="conv2d"):
         slim.convert(conv, RANGE, example_input=torch.randn(1, 3, 9, 9))
+
+
+def test_auxiliary_heads_of_a_training_forward_are_output_layers():
+    """GoogLeNet returns a namedtuple (logits, aux2, aux1) in training mode only: the analysis traces the model
+    in its own mode, so every head is found from the graph and keeps its classes at every width."""
+    tv = pytest.importorskip("torchvision")
+    net = tv.models.googlenet(aux_logits=True, init_weights=True, num_classes=100).train()
+    x = torch.randn(2, 3, 96, 96)
+    slim.convert(net, RANGE, example_input=x)
+    assert net.fc.fixed_out and net.aux1.fc2.fixed_out and net.aux2.fc2.fixed_out
+    assert not net.aux1.fc1.fixed_out
+    with slim.width(0.25):
+        out = net(x)
+    assert [tuple(o.shape) for o in out] == [(2, 100)] * 3
