@@ -60,16 +60,22 @@ class SlimHeadsAttention(SlimPerChannel):
         dim, heads, _ = cls.head_dims(m)
         return {"role": "norm", "dim": -1, "unit": dim // heads}
 
+    def _dims(self):
+        d = self.__dict__.get("_head_dims")
+        if d is None:
+            d = self.__dict__["_head_dims"] = self.head_dims(self)
+        return d
+
     def heads(self, g: BNGeo) -> int:
         """The heads run at the active channels ``g``."""
-        dim, heads, _ = self.head_dims(self)
+        dim, heads, _ = self._dims()
         unit = dim // heads
         if g.c % unit:
             raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {unit}")
         return g.c // unit
 
     def _select(self, g: BNGeo, h: int):
-        _, heads, hd = self.head_dims(self)
+        _, heads, hd = self._dims()
         w, b = self.qkv.weight, self.qkv.bias
         if h != heads:
             a = heads * hd
@@ -82,17 +88,17 @@ class SlimHeadsAttention(SlimPerChannel):
         """``(qkv weight, qkv bias, proj weight, proj bias)`` of the first ``h`` heads at channels ``g``."""
         if torch.is_grad_enabled():
             return self._select(g, h)
-        srcs = tuple(t for t in (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias) if t is not None)
+        qp, pp = self._modules["qkv"]._parameters, self._modules["proj"]._parameters
+        srcs = (qp["weight"], qp.get("bias"), pp["weight"], pp.get("bias"))
         cache = self.__dict__.setdefault("_head_cache", {})
-        key = (g.c, None if g.idx is None else g.idx.tobytes(), h)
-        hit = cache.get(key)
-        if hit is not None and all(t is s and t._version == v for t, (s, v) in zip(srcs, hit[0])):
+        hit = cache.get((g, h))  # a width's geometry object is reused by every call at that width
+        if hit is not None and all(t is s and (t is None or t._version == v) for t, (s, v) in zip(srcs, hit[0])):
             return hit[1]
         with torch.no_grad():
             out = tuple(None if t is None else t.contiguous() for t in self._select(g, h))
         if len(cache) >= 8:
             cache.clear()
-        cache[key] = (tuple((t, t._version) for t in srcs), out)
+        cache[(g, h)] = (tuple((t, None if t is None else t._version) for t in srcs), out)
         return out
 
     def plain_qkv_proj(self, g: BNGeo, h: int):
@@ -110,6 +116,7 @@ class SlimHeadsAttention(SlimPerChannel):
     def __getstate__(self):  # copies drop the weight cache
         d = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         d.pop("_head_cache", None)
+        d.pop("_head_dims", None)
         return d
 
 

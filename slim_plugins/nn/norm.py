@@ -58,8 +58,9 @@ class BNGeo:
         """``t[..., selection]``: a view for a prefix, a gathered copy otherwise."""
         if t is None:
             return None
-        i = self.index(t.device)
-        return t[..., :self.c] if i is None else t.index_select(-1, i)
+        if self.idx is None:
+            return t if t.shape[-1] == self.c else t[..., :self.c]  # whole: no view to build (batch-1 latency)
+        return t.index_select(-1, self.index(t.device))
 
 
 @register(nn.BatchNorm2d)
@@ -455,6 +456,25 @@ class SlimPerChannel(CarriesWidth, nn.Module):
     def active_geometry(self, x) -> BNGeo:
         return self.geometry(self._slim_state.active(self._dp_width), x.shape[self.channel_dim])
 
+    def picked(self, g: BNGeo, *names):
+        """The parameters ``names`` at the active channels ``g``. Without autograd the selections are cached per
+        geometry while the parameters keep their write counters (DESIGN rule 7: building the slices costs more
+        than a batch-1 LayerNorm)."""
+        ps = self._parameters
+        if torch.is_grad_enabled() or g.idx is None and all(
+                ps.get(n) is None or ps[n].shape[-1] == g.c for n in names):
+            return tuple(g.pick(ps.get(n)) for n in names)
+        cache = self.__dict__.setdefault("_pick_cache", {})
+        srcs = tuple(ps.get(n) for n in names)
+        hit = cache.get((g, names))
+        if hit is not None and all(t is s and (t is None or t._version == v) for t, (s, v) in zip(srcs, hit[0])):
+            return hit[1]
+        out = tuple(None if t is None else g.pick(t.detach()).contiguous() for t in srcs)
+        if len(cache) >= 16:
+            cache.clear()
+        cache[(g, names)] = (tuple((t, None if t is None else t._version) for t in srcs), out)
+        return out
+
     def plain_copy(self, tensors: dict, **attrs) -> nn.Module:
         """An instance of the module's own class holding ``tensors`` (sliced parameters / buffers by name) and
         ``attrs``; every other attribute and child as in this layer."""
@@ -538,7 +558,8 @@ class SlimLayerNorm(SlimPerChannel, nn.LayerNorm):
         return {"role": "norm", "dim": cls.channel_dim}
 
     def _norm(self, x, g):
-        return F.layer_norm(x, (g.c,), g.pick(self.weight), g.pick(self.bias), self.eps)
+        w, b = self.picked(g, "weight", "bias")
+        return F.layer_norm(x, (g.c,), w, b, self.eps)
 
     def forward(self, x):
         return self._norm(x, self.active_geometry(x))
@@ -576,7 +597,8 @@ class SlimGroupNorm(SlimPerChannel, nn.GroupNorm):
 
     def forward(self, x):
         g = self.active_geometry(x)
-        return F.group_norm(x, self.num_groups, g.pick(self.weight), g.pick(self.bias), self.eps)
+        w, b = self.picked(g, "weight", "bias")
+        return F.group_norm(x, self.num_groups, w, b, self.eps)
 
     def to_plain(self, g: BNGeo, a=None) -> nn.Module:
         return self.plain_copy({"weight": g.pick(self.weight), "bias": g.pick(self.bias)}, num_channels=g.c)
@@ -597,9 +619,10 @@ class SlimRMSNorm(SlimPerChannel, nn.Module):
     def forward(self, x):
         g = self.active_geometry(x)
         eps = self.eps
+        w, = self.picked(g, "weight")
         if self.channel_dim == 1:
-            return F.rms_norm(x.permute(0, 2, 3, 1), (g.c,), g.pick(self.weight), eps).permute(0, 3, 1, 2)
-        return F.rms_norm(x, (g.c,), g.pick(self.weight), eps)
+            return F.rms_norm(x.permute(0, 2, 3, 1), (g.c,), w, eps).permute(0, 3, 1, 2)
+        return F.rms_norm(x, (g.c,), w, eps)
 
     def to_plain(self, g: BNGeo, a=None) -> nn.Module:
         return self.plain_copy({"weight": g.pick(self.weight)}, normalized_shape=(g.c,))
@@ -612,7 +635,7 @@ class SlimRMSNorm2d(SlimRMSNorm):
 register(nn.RMSNorm)(SlimRMSNorm)
 
 _SLIM_ATTRS = {"_post", "_eval_cache", "_geo_cache", "_plain_cls", "_dp_width", "slim_name", "bn_mode", "frozen",
-               "_head_cache"}
+               "_head_cache", "_head_dims", "_pick_cache"}
 
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
 _CACHED = ("weight", "bias", "running_mean", "running_var")

@@ -51,13 +51,27 @@ class ParamHost:
     """Mixin put in front of a module's own class: reads of its tied parameters return the active channels."""
 
     def __getattr__(self, name):
-        value = super().__getattr__(name)
         hosted = self.__dict__.get("_slim_hosted")
         if hosted is None or name not in hosted:
-            return value
+            return super().__getattr__(name)
+        value = super().__getattr__(name)
         slot, dim = hosted[name]
         geos = self._slim_state.active(None).geo
-        return select(value, dim, geos[slot] if geos is not None else None)
+        g = geos[slot] if geos is not None else None
+        if g is None or value is None or (g.idx is None and value.shape[dim] == g.c):
+            return value
+        if torch.is_grad_enabled():
+            return select(value, dim, g)
+        # no autograd: the selection is cached per geometry while the tensor keeps its write counter (rule 7)
+        cache = self.__dict__.setdefault("_slim_param_cache", {})
+        hit = cache.get((name, g))
+        if hit is not None and hit[0] is value and hit[1] == value._version:
+            return hit[2]
+        out = select(value.detach(), dim, g).contiguous()
+        if len(cache) >= 32:
+            cache.clear()
+        cache[(name, g)] = (value, value._version, out)
+        return out
 
 
 _HOSTED: dict[type, type] = {}
@@ -114,6 +128,7 @@ def unhost(module: nn.Module) -> None:
         module.__class__ = type(module)._slim_plain_class
     module.__dict__.pop("_slim_hosted", None)
     module.__dict__.pop("_slim_state", None)
+    module.__dict__.pop("_slim_param_cache", None)
 
 
 def export_hosted(module: nn.Module, a) -> None:
