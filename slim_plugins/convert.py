@@ -23,7 +23,7 @@ from .errors import (ChannelGroupError, ExampleInputError, NotExactError, NotSli
                      UnsupportedModuleError, WidthError)
 from .graph import ChannelGraph, _Builder, restore_modules, snapshot_modules, trace
 from .nn.layers import GROUP_MODES, SlimMixin, SlimWeightNormConv2d, is_weight_normed, track_data_writes
-from .nn.params import ParamSlot, host, unhost
+from .nn.params import ParamHost, ParamSlot, host, unhost
 from .width import WidthSpec, as_spec
 
 class SlimWarning(UserWarning):
@@ -185,6 +185,9 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         raise
     for new in new_mods.values():  # only now: the parameters are shared with the caller's modules
         for m in new.modules():  # an attention layer's own qkv / proj children too (their weights are cached)
+            track_data_writes(m)
+    for m in model.modules():  # modules holding tied parameters (their active channels are cached too)
+        if isinstance(m, ParamHost):
             track_data_writes(m)
     return model
 

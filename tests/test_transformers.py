@@ -418,3 +418,18 @@ def test_auxiliary_heads_of_a_training_forward_are_output_layers():
     with slim.width(0.25):
         out = net(x)
     assert [tuple(o.shape) for o in out] == [(2, 100)] * 3
+
+
+def test_eval_caches_follow_data_writes_of_tied_parameters_and_norms():
+    """An EMA that writes ``p.data`` (BasicSR's) must not leave a stale cached selection (DESIGN rule 7)."""
+    net = ChannelsLastBlock().eval()
+    x = torch.randn(1, 3, 8, 8)
+    slim.convert(net, RANGE, example_input=x)
+    net.eval()
+    with torch.no_grad(), slim.width(0.5):
+        net(x)  # fills the caches
+        for name in ("gamma", "norm.weight", "gn.weight"):  # the parameters themselves, as an EMA reaches them
+            net.get_parameter(name).data.mul_(3.0)          # (net.gamma inside a width reads the active channels)
+        y = net(x)
+    with slim.width(0.5), torch.no_grad():
+        _same(slim.export(net, 0.5)(x), y)
