@@ -433,3 +433,5 @@ def test_eval_caches_follow_data_writes_of_tied_parameters_and_norms():
         y = net(x)
     with slim.width(0.5), torch.no_grad():
         _same(slim.export(net, 0.5)(x), y)
+        # outside the forward the module's attribute is the parameter itself (optimizers, EMA, get_parameter)
+        assert net.gamma is net.get_parameter("gamma") and net.gamma.shape == (32,)

@@ -3,14 +3,16 @@ scales (``x * self.gamma``) — a parameter or buffer of a module that has no wi
 channel analysis finds tied elementwise to a channel tensor (DESIGN rule 9).
 
 ``convert`` gives each such parameter a *slot* (:class:`ParamSlot`) in the channel plan and switches the module
-that holds it to a subclass of its own class (:func:`host`) whose attribute read ``module.<name>`` returns the
-parameter restricted to the active channels at the current width, so the module's own forward runs unchanged.
-The stored parameter stays whole (state dict keys and shapes, optimizers and EMA copies see the full tensor);
-only reads inside the forward are sliced, and gradients flow to the selected entries.
+that holds it to a subclass of its own class (:func:`host`) whose attribute read ``module.<name>`` inside a
+forward returns the parameter restricted to the active channels at the current width, so the module's own forward
+runs unchanged. The stored parameter stays whole (state dict keys and shapes, ``get_parameter``, optimizers and
+EMA copies see the full tensor); only reads inside the forward are sliced, and gradients flow to the selected
+entries.
 """
 from __future__ import annotations
 
 import sys
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -47,12 +49,25 @@ def select(t: torch.Tensor, dim: int, g: BNGeo | None) -> torch.Tensor:
     return t.index_select(dim, i)
 
 
+# True while a host module's forward runs (per thread / task): reads are sliced there only, so
+# ``model.get_parameter(name)``, optimizers and EMA code outside the forward see the parameter itself.
+_in_forward: ContextVar = ContextVar("slim_plugins_host_forward", default=False)
+
+
 class ParamHost:
-    """Mixin put in front of a module's own class: reads of its tied parameters return the active channels."""
+    """Mixin put in front of a module's own class: inside its forward (``__call__``), reads of its tied parameters
+    return the active channels; elsewhere the parameter itself."""
+
+    def __call__(self, *args, **kwargs):
+        token = _in_forward.set(True)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            _in_forward.reset(token)
 
     def __getattr__(self, name):
         hosted = self.__dict__.get("_slim_hosted")
-        if hosted is None or name not in hosted:
+        if hosted is None or name not in hosted or not _in_forward.get():
             return super().__getattr__(name)
         value = super().__getattr__(name)
         slot, dim = hosted[name]
