@@ -23,7 +23,7 @@ from .errors import (ChannelGroupError, ExampleInputError, NotExactError, NotSli
                      UnsupportedModuleError, WidthError)
 from .graph import ChannelGraph, _Builder, restore_modules, snapshot_modules, trace
 from .nn.layers import GROUP_MODES, SlimMixin, SlimWeightNormConv2d, is_weight_normed, track_data_writes
-from .nn.params import ParamHost, ParamSlot, host, unhost
+from .nn.params import ParamHost, ParamSlot, host, host_root, unhost
 from .width import WidthSpec, as_spec
 
 class SlimWarning(UserWarning):
@@ -405,6 +405,8 @@ def _attach_graphs(model, state: SlimState, parts, new_mods):
                 layer = new_mods[g.calls[i].name]
                 if isinstance(layer, SlimMixin) and not layer.fixed_out:
                     layer.channel_multiple = math.lcm(layer.channel_multiple, u)
+    if any(isinstance(m, ParamHost) for m in model.modules()) and not isinstance(model, ParamHost):
+        host_root(model, state)  # tied parameters read by an ancestor's forward are sliced there too
     if params and state.spec.max > 1.0:
         raise ChannelGroupError(f"widths above 1.0 are not supported for models with tied parameters "
                                 f"({sorted(params)[:3]})")

@@ -435,3 +435,30 @@ def test_eval_caches_follow_data_writes_of_tied_parameters_and_norms():
         _same(slim.export(net, 0.5)(x), y)
         # outside the forward the module's attribute is the parameter itself (optimizers, EMA, get_parameter)
         assert net.gamma is net.get_parameter("gamma") and net.gamma.shape == (32,)
+
+
+class PosHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 9, 32))
+
+
+class ReadsChildParam(nn.Module):
+    """The root forward reads a parameter of a child that is never called (``self.pos.table``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 32)
+        self.pos = PosHolder()
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head((self.embed(x) + self.pos.table).mean(1))
+
+
+def test_tied_parameter_read_by_an_ancestor_forward():
+    net = ReadsChildParam()
+    x = torch.randn(2, 9, 4)
+    slim.convert(net, RANGE, example_input=x)
+    p = _export_matches(net, x, [0.25, 0.5, 1.0])[0.5]
+    assert type(p) is ReadsChildParam and type(p.pos) is PosHolder and p.pos.table.shape == (1, 9, 16)

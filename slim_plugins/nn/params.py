@@ -137,6 +137,15 @@ def host(module: nn.Module, attr: str, slot: int, dim: int, state) -> None:
     module.__dict__["_slim_state"] = state
 
 
+def host_root(model: nn.Module, state) -> None:
+    """Let the model's own forward mark the forward as running (tied parameters of its submodules are sliced when
+    the model's forward reads them directly)."""
+    if not isinstance(model, ParamHost):
+        model.__class__ = hosted_class(type(model))
+    model.__dict__.setdefault("_slim_hosted", {})
+    model.__dict__["_slim_state"] = state
+
+
 def unhost(module: nn.Module) -> None:
     """Give ``module`` its own class back (rollback of a failed convert, export)."""
     if isinstance(module, ParamHost):
@@ -161,4 +170,4 @@ def export_hosted(module: nn.Module, a) -> None:
     unhost(module)
 
 
-__all__ = ["ParamSlot", "ParamHost", "host", "unhost", "export_hosted", "hosted_class", "select"]
+__all__ = ["ParamSlot", "ParamHost", "host", "host_root", "unhost", "export_hosted", "hosted_class", "select"]
