@@ -19,7 +19,7 @@ from slim_plugins.cli import ConfigError, parse_overrides, plot_spectrum, print_
 
 from .config import resolve_config, resolve_widths
 from .data import build_datasets, make_loader, subset_indices
-from .train import _resolve_device, _to_input, build_model, train, validate
+from .train import _resolve_device, _to_input, build_model, calibration_line, train, validate
 
 __all__ = ["model_from_checkpoint", "uncalibrated_widths", "save_plain", "write_yaml", "cmd_train", "cmd_eval",
            "cmd_calibrate", "cmd_export", "cmd_profile", "cmd_serve"]
@@ -153,11 +153,7 @@ def _calibrate_from_data(model, cfg, widths, num_samples, device, log, method="e
     t0 = time.time()
     used = slim.calibrate_bn(model, loader, widths=widths, num_samples=num_samples, method=method,
                              forward=lambda m, b: m(_to_input(b[0], device, cfg)))
-    if any(used.values()):
-        log(f"calibrated BN post-statistics of widths {[f'{w:g}' for w in widths]} on {n} training images "
-            f"({time.time() - t0:.1f}s)")
-    else:
-        log("no BN layers (LayerNorm / GroupNorm / RMSNorm keep no running statistics): no post-statistics")
+    log(calibration_line(used, f" of widths {[f'{w:g}' for w in widths]}", n, time.time() - t0))
     return n
 
 

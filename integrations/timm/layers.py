@@ -114,25 +114,23 @@ class _StdConv:
         return p
 
 
+@register(ScaledStdConv2dSame)
+@register(ScaledStdConv2d)
 @register(StdConv2dSame)
 @register(StdConv2d)
 class SlimStdConv2d(_StdConv, SlimConv2d):
+    """timm's ``StdConv2d`` / ``ScaledStdConv2d`` (and their ``Same`` forms); exports as the module's own class."""
+
     @classmethod
     def from_module(cls, m, name, state, fixed_out):
         new = super().from_module(m, name, state, fixed_out)
         new._plain_cls = type(m)
+        if hasattr(m, "gain"):  # timm stores gamma * fan_in^-0.5 as `scale`; the fan-in changes with the width
+            new.gamma_ = m.scale * m.weight[0].numel() ** 0.5
         return new
 
 
-@register(ScaledStdConv2dSame)
-@register(ScaledStdConv2d)
-class SlimScaledStdConv2d(_StdConv, SlimConv2d):
-    @classmethod
-    def from_module(cls, m, name, state, fixed_out):
-        new = super().from_module(m, name, state, fixed_out)
-        new._plain_cls = type(m)
-        new.gamma_ = m.scale * m.weight[0].numel() ** 0.5  # timm stores gamma * fan_in^-0.5 as `scale`
-        return new
+SlimScaledStdConv2d = SlimStdConv2d
 
 
 @register(BlurPool2d)

@@ -79,6 +79,13 @@ def _default_width(module, w):
         slim.set_width(module, old)
 
 
+def calibration_line(used: dict, what: str, n: int, seconds: float) -> str:
+    """The log line after ``calibrate_bn`` (which returns 0 samples per width for a model without BN layers)."""
+    if not any(used.values()):
+        return "no BN layers (LayerNorm / GroupNorm / RMSNorm keep no running statistics): no post-statistics"
+    return f"calibrated BN post-statistics{what} on {n} training images ({seconds:.1f}s)"
+
+
 def _opt_step(cfg, model, optimizer, loss_scaler):
     if loss_scaler is not None:  # NativeScaler steps inside its call; our backward passes ran per width before
         loss_scaler._scaler.unscale_(optimizer)
@@ -503,11 +510,8 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
             used = slim.calibrate_bn(m, loader_calib, widths=calib_widths, num_samples=cfg["calib_samples"],
                                      method=cfg["calib_method"],
                                      forward=lambda mm, b: mm(_to_input(b[0], device, cfg)))
-            if any(used.values()):
-                log(f"calibrated BN post-statistics{' of the EMA' if tag else ''} at {len(calib_widths)} widths "
-                    f"on {calib_n} training images ({time.time() - t0:.1f}s)")
-            else:
-                log("no BN layers (LayerNorm / GroupNorm / RMSNorm keep no running statistics): no post-statistics")
+            log(calibration_line(used, f"{' of the EMA' if tag else ''} at {len(calib_widths)} widths", calib_n,
+                                 time.time() - t0))
         results[tag] = validate(m, loader_eval, eval_widths, device, cfg["channels_last"], amp_autocast,
                                 run.distributed)
     out = {"output": str(output), "checkpoint": str(output / "last.pth.tar"), "eval_widths": eval_widths,
