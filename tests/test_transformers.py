@@ -462,3 +462,17 @@ def test_tied_parameter_read_by_an_ancestor_forward():
     slim.convert(net, RANGE, example_input=x)
     p = _export_matches(net, x, [0.25, 0.5, 1.0])[0.5]
     assert type(p) is ReadsChildParam and type(p.pos) is PosHolder and p.pos.table.shape == (1, 9, 16)
+
+
+def test_training_at_a_width_reaches_only_the_active_channels_of_tied_parameters():
+    pytest.importorskip("timm")
+    import slim_plugins.integrations.timm as st
+
+    model = st.create_slim_model("deit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=3).train()
+    x = torch.randn(2, 3, 32, 32)
+    with slim.width(0.5):
+        model(x).sum().backward()
+    for p in (model.pos_embed, model.cls_token):
+        assert p.grad.shape == p.shape
+        assert p.grad[..., 128:].abs().max() == 0 and p.grad[..., :128].abs().max() > 0
+    assert model.blocks[0].attn.qkv.weight.grad[:, 128:].abs().max() == 0
