@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import warnings
 from typing import Iterable, Mapping
 
 import torch
@@ -297,14 +296,12 @@ def _analyse(model, root, planned, example_input, hosts):
     part = model.get_submodule(root) if root else model
     rel = {n[len(root) + 1:] if root else n: n for n in planned if _under(n, root) and n != root}
     roles = {r: _role_of(part.get_submodule(r)) for r in rel}
-    params = {}  # fx target (relative to the part) -> host module name, for parameters of unregistered modules
+    params = set()  # fx targets (relative to the part) of the parameters of modules without a counterpart
     for hname, hm in hosts.items():
-        if not _under(hname, root):
-            continue
-        hrel = hname[len(root) + 1:] if root and hname != root else ("" if hname == root else hname)
-        for pname, t in [*hm._parameters.items(), *hm._buffers.items()]:
-            if t is not None and t.is_floating_point() and t.dim() >= 1:
-                params[_join(hrel, pname)] = hname
+        if _under(hname, root):
+            hrel = hname[len(root):].lstrip(".") if root else hname
+            params.update(_join(hrel, k) for k, t in [*hm._parameters.items(), *hm._buffers.items()]
+                          if t is not None and t.is_floating_point() and t.dim() >= 1)
     snap = snapshot_modules(part)
     try:
         x = example_input.get(root) if isinstance(example_input, Mapping) else example_input
@@ -314,7 +311,7 @@ def _analyse(model, root, planned, example_input, hosts):
         args = x if isinstance(x, tuple) else (x,)
         # traced in the model's own mode (layers only a training forward reaches, e.g. auxiliary heads, are seen),
         # run once in eval mode (BN statistics untouched)
-        gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap(), n_inputs=len(args))
+        gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap(), n_inputs=len(args), snapshot=snap)
         if x is None:
             raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
                                     "layer is not a Conv2d / Linear; pass example_input=")

@@ -176,16 +176,17 @@ def _concrete_defaults(model: nn.Module, n_inputs: int) -> dict:
     return out
 
 
-def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: int | None = None
-          ) -> torch.fx.GraphModule:
+def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: int | None = None,
+          snapshot=None) -> torch.fx.GraphModule:
     """``torch.fx`` trace of ``model`` with the given leaves (``n_inputs``: the positional inputs the analysis
-    forward passes; later parameters with plain defaults are traced at their defaults).
+    forward passes; later parameters with plain defaults are traced at their defaults). The model is restored to
+    ``snapshot`` (:func:`snapshot_modules`; taken here when not given) before the graph module is built.
 
     Raises:
         ChannelGroupError: fx cannot trace the model (names the layer whose forward failed).
     """
     tracer = _Tracer(set(leaf_names), leaf_types, autowrap)
-    snap = snapshot_modules(model)
+    snap = snapshot_modules(model) if snapshot is None else snapshot
     consts: dict = {}
     try:
         try:
@@ -313,16 +314,16 @@ class _Builder:
 
     Every channel-carrying tensor records which dim holds its channels (``cdim``: 1 for ``(N, C, H, W)``, the last
     for tokens ``(N, L, C)`` and channels-last maps), followed through permutes, transposes and reshapes.
-    ``params`` maps the fx target of a parameter / buffer of a non-slim module (``{target: (host, name)}``) that the
-    model ties elementwise to its channels (class and position tokens, position embeddings, layer scales): it
+    ``params`` holds the fx targets of the parameters / buffers of non-slim modules; one the model ties
+    elementwise to its channels (class and position tokens, position embeddings, layer scales): it
     becomes a ``param`` call that takes the selection of the channels it is tied to.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, roles: dict, prefix: str, params: dict | None = None,
+    def __init__(self, gm: torch.fx.GraphModule, roles: dict, prefix: str, params=None,
                  layout_fns=frozenset(), tile_fns=None):
         self.gm, self.roles, self.prefix = gm, roles, prefix
         self.layout_fns, self.tile_fns = layout_fns, tile_fns or {}
-        self.host_params = params or {}
+        self.host_params = set(params or ())
         self.ops: list[Op] = []
         self.calls: list[LayerCall] = []
         self.full: list[int] = []       # full channel count of each tensor id (at trace time)
@@ -333,6 +334,7 @@ class _Builder:
         self.param_ids: dict = {}       # param target -> (tensor id, channel dim)
         self.seen_attrs: set = set()    # get_attr targets read by the forward
         self.fixed_layers: set = set()  # linear layers applied along a non-channel dim (token mixing): kept whole
+        self.made_by: dict = {}         # tensor id -> kind of the op that produced it
         self.mods = dict(gm.named_modules())
 
     def new(self, shape, cdim=1) -> int:
@@ -349,6 +351,8 @@ class _Builder:
 
     def emit(self, kind, ins, outs, where, arg=None):
         self.ops.append(Op(kind, tuple(ins), tuple(outs), where, arg))
+        for t in outs:
+            self.made_by[t] = kind
 
     def where(self, node) -> str:
         """``'<op> in <module>'`` for messages (the fx node name alone says little)."""
@@ -412,14 +416,7 @@ class _Builder:
             self.emit(OPAQUE, ins, (), self.where(node), why)
 
     def _always_full(self, t) -> bool:
-        p = self.producer_kind(t)
-        return p in (INPUT, CONST)
-
-    def producer_kind(self, t):
-        for op in reversed(self.ops):
-            if t in op.outs:
-                return op.kind
-        return None
+        return self.made_by.get(t) in (INPUT, CONST)
 
     def rehome(self, t, cdim, shape) -> int:
         """A tensor that is always whole (the model input, a constant) read with its channels on ``cdim``."""

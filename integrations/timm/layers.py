@@ -9,8 +9,6 @@ heads of q, k and v; ``proj`` the columns of the kept heads; a relative position
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from timm.layers import (Attention, BlurPool2d, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
@@ -22,7 +20,7 @@ from torch import nn
 
 from slim_plugins.errors import UnsupportedModuleError
 from slim_plugins.nn.attention import SlimHeadsAttention
-from slim_plugins.nn.layers import SlimConv2d
+from slim_plugins.nn.layers import SlimConv2d, plain_copy
 from slim_plugins.nn.norm import (BNGeo, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel, SlimRMSNorm,
                                   SlimRMSNorm2d)
 from slim_plugins.registry import register
@@ -80,9 +78,7 @@ class _StdConv:
     def _standardise(self, w, geo):
         gain = None
         if hasattr(self, "gain"):
-            oi = geo.index("out", w.device)
-            g = self.gain if geo.full else (self.gain[:geo.out_c] if oi is None else self.gain.index_select(0, oi))
-            gain = (g * (self.gamma_ * w[0].numel() ** -0.5)).view(-1)
+            gain = (geo.out_rows(self.gain) * (self._slim_gamma * w[0].numel() ** -0.5)).view(-1)
         return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, weight=gain, training=True, momentum=0.,
                             eps=self.eps).reshape_as(w)
 
@@ -98,20 +94,11 @@ class _StdConv:
 
     def to_plain(self, geo, a=None) -> nn.Module:
         w, b = self.plain_weights(geo)
-        p = copy.copy(self)
-        p.__class__ = self._plain_cls
-        p.__dict__ = {k: v for k, v in self.__dict__.items() if not k.startswith("_slim") and k not in (
-            "_w_cache", "_out_cache", "_plain_cls", "_dp_width", "slim_name", "fixed_out", "base_out", "depthwise",
-            "dw_multiplier", "averaging", "group_mode", "gamma_", "channel_multiple", "channel_unit")}
-        p._parameters = {"weight": nn.Parameter(w), "bias": None if b is None else nn.Parameter(b)}
-        if hasattr(self, "gain"):
-            oi = geo.index("out", w.device)
-            g = self.gain.detach()
-            p._parameters["gain"] = nn.Parameter((g[:geo.out_c] if oi is None else g.index_select(0, oi)).clone())
-            p.scale = self.gamma_ * w[0].numel() ** -0.5
-        p._buffers, p._modules = dict(self._buffers), {}
-        p.in_channels, p.out_channels, p.groups = geo.in_c, geo.out_c, geo.groups
-        return p
+        tensors, attrs = {"weight": w, "bias": b}, {}
+        if hasattr(self, "gain"):  # ScaledStdConv2d's `scale` is gamma * fan_in^-0.5 of its own (narrow) weight
+            tensors["gain"] = geo.out_rows(self.gain)
+            attrs["scale"] = self._slim_gamma * w[0].numel() ** -0.5
+        return plain_copy(self, tensors, in_channels=geo.in_c, out_channels=geo.out_c, groups=geo.groups, **attrs)
 
 
 @register(ScaledStdConv2dSame)
@@ -126,7 +113,7 @@ class SlimStdConv2d(_StdConv, SlimConv2d):
         new = super().from_module(m, name, state, fixed_out)
         new._plain_cls = type(m)
         if hasattr(m, "gain"):  # timm stores gamma * fan_in^-0.5 as `scale`; the fan-in changes with the width
-            new.gamma_ = m.scale * m.weight[0].numel() ** 0.5
+            new._slim_gamma = m.scale * m.weight[0].numel() ** 0.5
         return new
 
 
@@ -144,18 +131,13 @@ class SlimBlurPool2d(SlimPerChannel, BlurPool2d):
         if self.channels is None:
             w = self.filt.expand(g.c, 1, self.filt_size, self.filt_size)
         else:
-            w = _rows(self.filt, g)
+            w = g.take(self.filt, 0)
         return F.conv2d(x, w, stride=self.stride, groups=g.c)
 
     def to_plain(self, g: BNGeo, a=None) -> nn.Module:
         if self.channels is None:
             return self.plain_copy({})
-        return self.plain_copy({"filt": _rows(self.filt, g)}, channels=g.c)
-
-
-def _rows(t, g: BNGeo):
-    i = g.index(t.device)
-    return t[:g.c] if i is None else t.index_select(0, i)
+        return self.plain_copy({"filt": g.take(self.filt, 0)}, channels=g.c)
 
 
 # ---- attention ----------------------------------------------------------------------------------------------

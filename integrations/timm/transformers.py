@@ -52,18 +52,17 @@ def set_stage_units(model: nn.Module) -> None:
 
     if not isinstance(model, SwinTransformer):
         return
-    m0 = None
+    proj = model.patch_embed.proj
+    m0 = proj.channel_multiple if isinstance(proj, SlimMixin) else 1  # whole heads of stage 0
     for i, stage in enumerate(model.layers):
-        layers = [m for m in stage.modules() if isinstance(m, SlimMixin) and not m.fixed_out]
-        fc2s = [m.fc2 for m in stage.modules() if isinstance(m, (Mlp, ConvMlp))]
-        deciders = [m for m in layers if m in fc2s or m is getattr(getattr(stage, "downsample", None), "reduction",
-                                                                    None)]
         if i == 0:
-            m0 = model.patch_embed.proj.channel_multiple if isinstance(model.patch_embed.proj, SlimMixin) else 1
             continue
-        for d in deciders:
-            d.channel_multiple = math.lcm(d.channel_multiple, m0 * 2 ** i)
-            d._out_cache.clear()
+        reduction = getattr(getattr(stage, "downsample", None), "reduction", None)
+        deciders = [reduction, *(m.fc2 for m in stage.modules() if isinstance(m, (Mlp, ConvMlp)))]
+        for d in deciders:  # the layers that decide stage i's token width
+            if isinstance(d, SlimMixin) and not d.fixed_out:
+                d.channel_multiple = math.lcm(d.channel_multiple, m0 * 2 ** i)
+                d._out_cache.clear()
 
 
 def _hidden(mlp) -> int:

@@ -19,13 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import NotExactError, UnsupportedModuleError
+from .layers import cached
 from .norm import BNGeo, SlimPerChannel
-
-
-def rows(t: torch.Tensor, g: BNGeo) -> torch.Tensor:
-    """The rows (dim 0) of ``t`` of the active channels of ``g``."""
-    i = g.index(t.device)
-    return t[:g.c] if i is None else t.index_select(0, i)
 
 
 class SlimHeadsAttention(SlimPerChannel):
@@ -82,7 +77,7 @@ class SlimHeadsAttention(SlimPerChannel):
             w = w.view(3, a, -1)[:, :h * hd].reshape(3 * h * hd, -1)
             b = None if b is None else b.view(3, a)[:, :h * hd].reshape(-1)
         pb = self.proj.bias
-        return g.pick(w), b, rows(self.proj.weight, g)[:, :h * hd], None if pb is None else g.pick(pb)
+        return g.pick(w), b, g.take(self.proj.weight, 0)[:, :h * hd], g.pick(pb)
 
     def head_weights(self, g: BNGeo, h: int):
         """``(qkv weight, qkv bias, proj weight, proj bias)`` of the first ``h`` heads at channels ``g``."""
@@ -90,16 +85,9 @@ class SlimHeadsAttention(SlimPerChannel):
             return self._select(g, h)
         qp, pp = self._modules["qkv"]._parameters, self._modules["proj"]._parameters
         srcs = (qp["weight"], qp.get("bias"), pp["weight"], pp.get("bias"))
-        cache = self.__dict__.setdefault("_head_cache", {})
-        hit = cache.get((g, h))  # a width's geometry object is reused by every call at that width
-        if hit is not None and all(t is s and (t is None or t._version == v) for t, (s, v) in zip(srcs, hit[0])):
-            return hit[1]
-        with torch.no_grad():
-            out = tuple(None if t is None else t.contiguous() for t in self._select(g, h))
-        if len(cache) >= 8:
-            cache.clear()
-        cache[(g, h)] = (tuple((t, None if t is None else t._version) for t in srcs), out)
-        return out
+        # keyed by the width's geometry object, which every call at that width reuses
+        return cached(self, "_head_cache", (g, h), srcs,
+                      lambda: tuple(None if t is None else t.contiguous() for t in self._select(g, h)), size=8)
 
     def plain_qkv_proj(self, g: BNGeo, h: int):
         """Plain ``nn.Linear`` qkv / proj holding the selected weights (for export)."""
@@ -120,4 +108,4 @@ class SlimHeadsAttention(SlimPerChannel):
         return d
 
 
-__all__ = ["SlimHeadsAttention", "rows"]
+__all__ = ["SlimHeadsAttention"]

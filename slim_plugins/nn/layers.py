@@ -15,6 +15,7 @@ Grouped convolutions (1 < groups < in_channels) follow one of two conventions (`
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -62,6 +63,13 @@ class Geo:
     @property
     def is_prefix(self) -> bool:
         return self.out_idx is None and self.in_idx is None
+
+    def out_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows (dim 0) of ``t`` of the active output channels (a view for a prefix, a gather otherwise)."""
+        if t is None:
+            return None
+        oi = self.index("out", t.device)
+        return t[:self.out_c] if oi is None else t.index_select(0, oi)
 
 
 class SlimMixin(CarriesWidth):
@@ -178,9 +186,7 @@ class SlimMixin(CarriesWidth):
 
     def _select(self, w, b, geo: Geo):
         """The weight rows/columns of ``geo`` (views where prefixes, index gathers elsewhere)."""
-        oi = geo.index("out", w.device)
-        ws = w[:geo.out_c] if oi is None else w.index_select(0, oi)
-        bs = None if b is None else (b[:geo.out_c] if oi is None else b.index_select(0, oi))
+        ws, bs = geo.out_rows(w), geo.out_rows(b)
         ii = geo.index("in", w.device)
         if ii is None:
             per = geo.in_c // geo.groups
@@ -399,8 +405,7 @@ class SlimWeightNormConv2d(SlimConv2d):
         if geo.full:
             return torch._weight_norm(v, g, 0), b
         vs, bs = self._select(v, b, geo)
-        oi = geo.index("out", g.device)
-        gs = g[:geo.out_c] if oi is None else g.index_select(0, oi)
+        gs = geo.out_rows(g)
         return torch._weight_norm(vs, gs, 0), bs
 
     def plain_weights(self, geo: Geo):
@@ -411,8 +416,7 @@ class SlimWeightNormConv2d(SlimConv2d):
             g, v = self._gv()
             b = self._parameters.get("bias")
             vs, bs = self._select(v.detach(), None if b is None else b.detach(), geo)
-            oi = geo.index("out", g.device)
-            gs = g.detach()[:geo.out_c] if oi is None else g.detach().index_select(0, oi)
+            gs = geo.out_rows(g.detach())
             if geo.scale is not None:  # averaging scales the whole output: fold it into g and the bias
                 gs, bs = gs * geo.scale, (bs * geo.scale if bs is not None else None)
             p = nn.Conv2d(geo.in_c, geo.out_c, self.kernel_size, self.stride, self.padding, self.dilation,
@@ -423,6 +427,51 @@ class SlimWeightNormConv2d(SlimConv2d):
             p.parametrizations.weight.original0.copy_(gs)
             p.parametrizations.weight.original1.copy_(vs)
         return p
+
+
+def cached(owner: nn.Module, slot: str, key, srcs: tuple, make, size: int = 16):
+    """``make()`` computed once per ``key`` and kept in ``owner.__dict__[slot]`` while every tensor of ``srcs`` is
+    the same object with the same in-place write counter (DESIGN rule 7: selections built once per width for
+    inference without autograd; ``SlimParameter`` makes ``.data`` writes count)."""
+    cache = owner.__dict__.setdefault(slot, {})
+    hit = cache.get(key)
+    if hit is not None and all(t is s and (t is None or t._version == v) for t, (s, v) in zip(srcs, hit[0])):
+        return hit[1]
+    with torch.no_grad():
+        out = make()
+    if len(cache) >= size:
+        cache.clear()
+    cache[key] = (tuple((t, None if t is None else t._version) for t in srcs), out)
+    return out
+
+
+# Attributes of slim layers that the plain module of an export does not get.
+SLIM_ATTRS = {"_post", "_eval_cache", "_geo_cache", "_plain_cls", "_dp_width", "slim_name", "bn_mode", "frozen",
+              "_head_cache", "_head_dims", "_pick_cache", "_w_cache", "_out_cache", "fixed_out", "base_out",
+              "depthwise", "dw_multiplier", "averaging", "group_mode", "channel_multiple", "channel_unit"}
+
+
+def plain_copy(layer: nn.Module, tensors: dict, **attrs) -> nn.Module:
+    """An instance of the layer's own (framework) class, ``layer._plain_cls``, holding ``tensors`` (selected
+    parameters / buffers by name) and ``attrs``; every other attribute and child as in the layer (for export)."""
+    cls = layer._plain_cls
+    p = cls.__new__(cls)
+    d = {k: v for k, v in layer.__dict__.items() if not k.startswith("_slim") and k not in SLIM_ATTRS}
+    d["_parameters"], d["_buffers"] = dict(layer._parameters), dict(layer._buffers)
+    d["_modules"] = {k: copy.deepcopy(v) for k, v in layer._modules.items()}
+    p.__dict__.update(d)
+    with torch.no_grad():
+        for k, t in tensors.items():
+            if t is None:
+                continue
+            if k in p._parameters:
+                old = layer._parameters[k]
+                p._parameters[k] = nn.Parameter(t.detach().clone(), old.requires_grad if old is not None else True)
+            else:
+                p._buffers[k] = t.detach().clone()
+    for k, v in attrs.items():
+        setattr(p, k, v)
+    return p
 
 
 class SlimParameter(nn.Parameter):
@@ -470,4 +519,4 @@ def _assign(p: nn.Module, w, b):
 
 
 __all__ = ["Geo", "SlimMixin", "SlimConv2d", "SlimLinear", "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES",
-           "track_data_writes", "is_weight_normed"]
+           "track_data_writes", "is_weight_normed", "cached", "plain_copy"]

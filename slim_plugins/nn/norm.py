@@ -22,7 +22,6 @@ slice; the channel plan may give an index set, e.g. behind a concatenation). Sta
 from __future__ import annotations
 
 import contextlib
-import copy
 import operator
 
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 from ..context import CarriesWidth, _calibration
 from ..errors import UncalibratedWidthError
 from ..registry import register
-from .layers import Geo, _share, track_data_writes
+from .layers import Geo, _share, cached, plain_copy, track_data_writes
 
 _SWITCHABLE = ("switchable", "switchable_shared")
 
@@ -56,11 +55,16 @@ class BNGeo:
 
     def pick(self, t):
         """``t[..., selection]``: a view for a prefix, a gathered copy otherwise."""
+        return self.take(t, -1)
+
+    def take(self, t, dim: int):
+        """``t`` restricted to the selection along ``dim``: ``t`` itself when whole (no view to build: batch-1
+        latency), a narrow view for a prefix, a gathered copy otherwise."""
         if t is None:
             return None
         if self.idx is None:
-            return t if t.shape[-1] == self.c else t[..., :self.c]  # whole: no view to build (batch-1 latency)
-        return t.index_select(-1, self.index(t.device))
+            return t if t.shape[dim] == self.c else t.narrow(dim, 0, self.c)
+        return t.index_select(dim, self.index(t.device))
 
 
 @register(nn.BatchNorm2d)
@@ -461,40 +465,15 @@ class SlimPerChannel(CarriesWidth, nn.Module):
         geometry while the parameters keep their write counters (DESIGN rule 7: building the slices costs more
         than a batch-1 LayerNorm)."""
         ps = self._parameters
-        if torch.is_grad_enabled() or g.idx is None and all(
-                ps.get(n) is None or ps[n].shape[-1] == g.c for n in names):
-            return tuple(g.pick(ps.get(n)) for n in names)
-        cache = self.__dict__.setdefault("_pick_cache", {})
         srcs = tuple(ps.get(n) for n in names)
-        hit = cache.get((g, names))
-        if hit is not None and all(t is s and (t is None or t._version == v) for t, (s, v) in zip(srcs, hit[0])):
-            return hit[1]
-        out = tuple(None if t is None else g.pick(t.detach()).contiguous() for t in srcs)
-        if len(cache) >= 16:
-            cache.clear()
-        cache[(g, names)] = (tuple((t, None if t is None else t._version) for t in srcs), out)
-        return out
+        if torch.is_grad_enabled() or g.idx is None and all(t is None or t.shape[-1] == g.c for t in srcs):
+            return tuple(g.pick(t) for t in srcs)
+        return cached(self, "_pick_cache", (g, names), srcs,
+                      lambda: tuple(None if t is None else g.pick(t).contiguous() for t in srcs))
 
     def plain_copy(self, tensors: dict, **attrs) -> nn.Module:
-        """An instance of the module's own class holding ``tensors`` (sliced parameters / buffers by name) and
-        ``attrs``; every other attribute and child as in this layer."""
-        cls = getattr(self, "_plain_cls", None) or type(self).__mro__[2]
-        p = cls.__new__(cls)
-        d = {k: v for k, v in self.__dict__.items() if not k.startswith("_slim") and k not in _SLIM_ATTRS}
-        d["_parameters"], d["_buffers"] = dict(self._parameters), dict(self._buffers)
-        d["_modules"] = {k: copy.deepcopy(v) for k, v in self._modules.items()}
-        p.__dict__.update(d)
-        with torch.no_grad():
-            for k, t in tensors.items():
-                if t is None:
-                    continue
-                if k in p._parameters:
-                    p._parameters[k] = nn.Parameter(t.detach().clone(), self._parameters[k].requires_grad)
-                else:
-                    p._buffers[k] = t.detach().clone()
-        for k, v in attrs.items():
-            setattr(p, k, v)
-        return p
+        """The module's own class holding ``tensors`` and ``attrs`` (:func:`slim_plugins.nn.layers.plain_copy`)."""
+        return plain_copy(self, tensors, **attrs)
 
     def geometry(self, a, c):
         geos = a.geo
@@ -633,9 +612,6 @@ class SlimRMSNorm2d(SlimRMSNorm):
 
 
 register(nn.RMSNorm)(SlimRMSNorm)
-
-_SLIM_ATTRS = {"_post", "_eval_cache", "_geo_cache", "_plain_cls", "_dp_width", "slim_name", "bn_mode", "frozen",
-               "_head_cache", "_head_dims", "_pick_cache"}
 
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
 _CACHED = ("weight", "bias", "running_mean", "running_var")

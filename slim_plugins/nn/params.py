@@ -17,6 +17,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from .layers import cached
 from .norm import BNGeo
 
 
@@ -37,16 +38,6 @@ class ParamSlot:
     def geometry_from_plan(self, ls, full_in: int) -> BNGeo:
         s = ls.sel_in
         return BNGeo(s.n, None if s.prefix else s.idx)
-
-
-def select(t: torch.Tensor, dim: int, g: BNGeo | None) -> torch.Tensor:
-    """``t`` restricted to the channels of ``g`` along ``dim`` (a view for a prefix, a gather otherwise)."""
-    if g is None or t is None:
-        return t
-    i = g.index(t.device)
-    if i is None:
-        return t if g.c == t.shape[dim] else t.narrow(dim, 0, g.c)
-    return t.index_select(dim, i)
 
 
 # True while a host module's forward runs (per thread / task): reads are sliced there only, so
@@ -76,17 +67,8 @@ class ParamHost:
         if g is None or value is None or (g.idx is None and value.shape[dim] == g.c):
             return value
         if torch.is_grad_enabled():
-            return select(value, dim, g)
-        # no autograd: the selection is cached per geometry while the tensor keeps its write counter (rule 7)
-        cache = self.__dict__.setdefault("_slim_param_cache", {})
-        hit = cache.get((name, g))
-        if hit is not None and hit[0] is value and hit[1] == value._version:
-            return hit[2]
-        out = select(value.detach(), dim, g).contiguous()
-        if len(cache) >= 32:
-            cache.clear()
-        cache[(name, g)] = (value, value._version, out)
-        return out
+            return g.take(value, dim)
+        return cached(self, "_slim_param_cache", (name, g), (value,), lambda: g.take(value, dim).contiguous(), 32)
 
 
 _HOSTED: dict[type, type] = {}
@@ -155,6 +137,10 @@ def unhost(module: nn.Module) -> None:
     module.__dict__.pop("_slim_param_cache", None)
 
 
+def _take(t, dim, g: BNGeo | None):
+    return t if g is None else g.take(t, dim)
+
+
 def export_hosted(module: nn.Module, a) -> None:
     """In an exported copy: store each tied parameter's active channels at configuration ``a`` and restore the
     module's own class."""
@@ -164,10 +150,10 @@ def export_hosted(module: nn.Module, a) -> None:
             g = a.geo[slot] if a.geo is not None else None
             if attr in module._parameters and module._parameters[attr] is not None:
                 p = module._parameters[attr]
-                module._parameters[attr] = nn.Parameter(select(p.detach(), dim, g).clone(), p.requires_grad)
+                module._parameters[attr] = nn.Parameter(_take(p.detach(), dim, g).clone(), p.requires_grad)
             elif module._buffers.get(attr) is not None:
-                module._buffers[attr] = select(module._buffers[attr], dim, g).clone()
+                module._buffers[attr] = _take(module._buffers[attr], dim, g).clone()
     unhost(module)
 
 
-__all__ = ["ParamSlot", "ParamHost", "host", "host_root", "unhost", "export_hosted", "hosted_class", "select"]
+__all__ = ["ParamSlot", "ParamHost", "host", "host_root", "unhost", "export_hosted", "hosted_class"]
