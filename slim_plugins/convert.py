@@ -178,7 +178,7 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     except Exception:
         for name, m, _ in plan:
             _set_submodule(model, name, m)
-        for m in [model, *hosts.values()]:
+        for m in [model, *model.modules()]:  # hosts of tied parameters and of head counts
             unhost(m)
         model.__dict__.pop("_slim_state", None)
         raise
@@ -224,7 +224,10 @@ def _slim_class(name, m):
             "torch.nn.utils.parametrizations.weight_norm, which slim_plugins slices exactly")
     if isinstance(m, nn.PReLU) and m.num_parameters == 1:
         return None  # one shared slope: width-free
-    return registry.lookup(type(m))
+    cls = registry.lookup(type(m))
+    if cls is not None and hasattr(cls, "accepts") and not cls.accepts(m):
+        return None  # a configuration the counterpart does not cover: traced into like any module
+    return cls
 
 
 def _has_channel_state(m: nn.Module) -> bool:
@@ -311,7 +314,8 @@ def _analyse(model, root, planned, example_input, hosts):
         args = x if isinstance(x, tuple) else (x,)
         # traced in the model's own mode (layers only a training forward reaches, e.g. auxiliary heads, are seen),
         # run once in eval mode (BN statistics untouched)
-        gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap(), n_inputs=len(args), snapshot=snap)
+        gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap(), n_inputs=len(args), snapshot=snap,
+                   caches=registry.forward_caches())
         if x is None:
             raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
                                     "layer is not a Conv2d / Linear; pass example_input=")
@@ -331,6 +335,7 @@ def _analyse(model, root, planned, example_input, hosts):
         restore_modules(snap)
     b = _Builder(gm, roles, root, params, registry.layout_fns(), registry.tile_fns()).build()
     b.example_shapes = [tuple(a.shape) if torch.is_tensor(a) else None for a in args]
+    b.memos = [(_join(root, p), k) for p, k in gm.meta.get("slim_memos", [])]
     return b
 
 
@@ -342,11 +347,15 @@ def _check_hosts(model, hosts: dict, parts) -> None:
         missing = [k for k, t in [*m._parameters.items(), *m._buffers.items()]
                    if t is not None and t.is_floating_point() and t.numel() > 1 and _join(name, k) not in seen]
         if missing:
+            memo = [k for k, v in m.__dict__.items() if type(v) is dict and k not in registry.forward_caches()
+                    and any(torch.is_tensor(x) for x in v.values())]
+            hint = (f"; its forward may read them from the cache {memo} (a pure cache can be declared with "
+                    f"slim_plugins.registry.register_forward_cache({memo[0]!r}))" if memo else "")
             raise UnsupportedModuleError(
                 f"layer {name!r} of type {type(m).__module__}.{type(m).__qualname__} has parameters or per-channel "
                 f"buffers ({missing[:3]}) that the channel analysis cannot follow (its forward was not traced) and "
                 "no width-switchable counterpart; register one with slim_plugins.registry.register(...) "
-                f"(registered: {sorted(t.__name__ for t in registry.converters())})")
+                f"(registered: {sorted(t.__name__ for t in registry.converters())}){hint}")
 
 
 def _role_of(m) -> dict:
@@ -393,7 +402,9 @@ def _attach_graphs(model, state: SlimState, parts, new_mods):
                 state.layers.append(layer)
             if call.role == "param" and not g.always_whole(call.t_in):  # else nothing to slice
                 p = params[call.name]
-                host(model.get_submodule(p.host) if p.host else model, p.attr, p._slim_slot, p.dim, state)
+                hm = model.get_submodule(p.host) if p.host else model
+                _check_memos(hm, p.host, getattr(builder, "memos", ()))
+                host(hm, p.attr, p._slim_slot, p.dim, state)
         units = g.class_units()
         for c_id, u in units.items():
             if u <= 1:
@@ -407,6 +418,24 @@ def _attach_graphs(model, state: SlimState, parts, new_mods):
     if params and state.spec.max > 1.0:
         raise ChannelGroupError(f"widths above 1.0 are not supported for models with tied parameters "
                                 f"({sorted(params)[:3]})")
+
+
+def _check_memos(module, path: str, memos) -> None:
+    """A module whose tied parameters or head count follow the width must not keep tensors its forward computed
+    (a memo dict would hand one width's tensors to another): registered caches are emptied before each forward.
+
+    Raises:
+        UnsupportedModuleError: the module's forward fills an attribute that is not a registered cache."""
+    mine = sorted({k for p, k in memos if p == path} |
+                  {k for k in registry.forward_caches() if type(module.__dict__.get(k)) is dict})
+    bad = [k for k in mine if k not in registry.forward_caches()]
+    if bad:
+        raise UnsupportedModuleError(
+            f"layer {path!r} ({type(module).__name__}) stores what its forward computes in {bad}; those tensors "
+            "would not follow the width. Declare a pure cache with slim_plugins.registry.register_forward_cache("
+            f"{bad[0]!r}) (registered: {sorted(registry.forward_caches())})")
+    if mine:
+        module.__dict__["_slim_caches"] = tuple(mine)
 
 
 def check_widths(model: nn.Module) -> None:

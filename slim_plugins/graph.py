@@ -28,6 +28,7 @@ one with the model's own ops), the plan raises :class:`~slim_plugins.errors.NotE
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import heapq
 import math
@@ -176,8 +177,77 @@ def _concrete_defaults(model: nn.Module, n_inputs: int) -> dict:
     return out
 
 
+class AttrTag:
+    """Where a traced integer came from: attribute ``attr`` of the module at ``path``; ``escaped`` once the traced
+    forward used it in Python (arithmetic, a comparison, a size it passed to torch itself), where the analysis
+    cannot see what it decides."""
+
+    __slots__ = ("path", "attr", "escaped", "live")
+
+    def __init__(self, path: str, attr: str):
+        self.path, self.attr, self.escaped, self.live = path, attr, False, True
+
+    @property
+    def name(self) -> str:
+        return _join_name(self.path, self.attr)
+
+
+def _escape(name):
+    base = getattr(int, name)
+
+    def f(self, *args):
+        if self.tag.live and not any(isinstance(a, torch.fx.Proxy) for a in args):
+            self.tag.escaped = True
+        if any(isinstance(a, torch.fx.Proxy) for a in args):
+            return NotImplemented  # the proxy's reflected op records a graph node instead
+        return base(self, *args)
+
+    f.__name__ = name
+    return f
+
+
+class AttrInt(int):
+    """An ``int`` attribute of a module, read while tracing: it lands in the graph's arguments with its origin
+    (``tag``), so a literal head count in ``reshape(B, N, 3, self.num_heads, d)`` is known to be ``num_heads``."""
+
+    def __new__(cls, v, tag: AttrTag):
+        obj = super().__new__(cls, v)
+        obj.tag = tag
+        return obj
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+    def __deepcopy__(self, memo):
+        return int(self)
+
+    __hash__ = int.__hash__
+
+
+for _n in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__",
+           "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__lt__", "__le__",
+           "__gt__", "__ge__", "__eq__", "__ne__", "__index__", "__int__", "__float__", "__bool__", "__lshift__",
+           "__rshift__", "__and__", "__or__", "__divmod__"):
+    setattr(AttrInt, _n, _escape(_n))
+
+
+def _tag_ints(root: nn.Module) -> list[AttrTag]:
+    """Replace each module's plain ``int`` attributes by :class:`AttrInt` (restored with the module snapshot)."""
+    tags, seen = [], set()
+    for path, m in root.named_modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for k, v in list(m.__dict__.items()):
+            if type(v) is int and not k.startswith("_"):
+                tag = AttrTag(path, k)
+                tags.append(tag)
+                m.__dict__[k] = AttrInt(v, tag)
+    return tags
+
+
 def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: int | None = None,
-          snapshot=None) -> torch.fx.GraphModule:
+          snapshot=None, caches=()) -> torch.fx.GraphModule:
     """``torch.fx`` trace of ``model`` with the given leaves (``n_inputs``: the positional inputs the analysis
     forward passes; later parameters with plain defaults are traced at their defaults). The model is restored to
     ``snapshot`` (:func:`snapshot_modules`; taken here when not given) before the graph module is built.
@@ -188,15 +258,25 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: in
     tracer = _Tracer(set(leaf_names), leaf_types, autowrap)
     snap = snapshot_modules(model) if snapshot is None else snapshot
     consts: dict = {}
+    tags: list = []
+    memos: list = []
     try:
         try:
+            tags = _tag_ints(model)
+            for m in model.modules():  # registered caches filled by an earlier forward: traced as if empty
+                for k in caches:
+                    if type(m.__dict__.get(k)) is dict:
+                        m.__dict__[k] = {}
             concrete = _concrete_defaults(model, n_inputs) if n_inputs is not None else {}
             graph = tracer.trace(model, concrete_args=concrete or None)
             # tensor constants fx stored on the model while tracing (`_tensor_constant0`): kept for the graph only
             consts = {n.target: _resolve(model, n.target) for n in graph.nodes
                       if n.op == "get_attr" and n.target.rpartition(".")[2].startswith("_tensor_constant")}
         finally:  # a forward that assigns attributes (EDSR's self.mean) left fx proxies on the model
-            restore_modules(snap)
+            for tag in tags:
+                tag.live = False
+            paths = {id(m): n for n, m in model.named_modules()}
+            memos = [(paths.get(id(m), "?"), k) for m, k in restore_modules(snap)]
     except Exception as e:  # fx raises many types; re-raise one that names the layer
         where = tracer.failed_in or "<top level forward>"
         raise ChannelGroupError(
@@ -206,7 +286,9 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: in
     # The graph module's attributes come from the restored model (a dict root: the model gets nothing new).
     root = {n.target: consts[n.target] if n.target in consts else _resolve(model, n.target)
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    return torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm = torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.meta["slim_memos"] = memos  # (module path, attr) of dicts / lists the traced forward filled
+    return gm
 
 
 def _resolve(model, target: str):
@@ -224,17 +306,30 @@ def snapshot_modules(root: nn.Module):
         inner = {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules") if k in m.__dict__}
         bufs = {k: b.detach().clone() for k, b in m._buffers.items() if b is not None}
         vers = {k: p._version for k, p in m._parameters.items() if p is not None}
-        mods.append((m, dict(m.__dict__), inner, bufs, vers))
+        conts = {k: (v, copy.copy(v)) for k, v in m.__dict__.items()
+                 if type(v) in (dict, list) and k not in inner and not k.startswith("_slim")}
+        mods.append((m, dict(m.__dict__), inner, bufs, vers, conts))
     return mods
 
 
-def restore_modules(snap) -> None:
-    for m, d, inner, bufs, vers in snap:
+def restore_modules(snap) -> list:
+    """Put back what :func:`snapshot_modules` recorded; returns ``(module, attr)`` of the dicts / lists the
+    forward filled in place (memo caches such as timm's ``attention_bias_cache``), emptied back."""
+    memos = []
+    for m, d, inner, bufs, vers, conts in snap:
         m.__dict__.clear()
         m.__dict__.update(d)
         for k, v in inner.items():
             m.__dict__[k].clear()
             m.__dict__[k].update(v)
+        for k, (obj, saved) in conts.items():
+            same = len(obj) == len(saved) and (
+                all(a is b for a, b in zip(obj, saved)) if type(obj) is list else
+                all(x in obj and obj[x] is saved[x] for x in saved))
+            if not same:
+                memos.append((m, k))
+                obj.clear()
+                obj.extend(saved) if type(obj) is list else obj.update(saved)
         with torch.no_grad():
             for k, b in bufs.items():
                 cur = m._buffers.get(k)
@@ -244,6 +339,7 @@ def restore_modules(snap) -> None:
         if changed:
             raise ExampleInputError(f"the analysis forward wrote parameters {changed} of {type(m).__name__} in "
                                     "place; convert cannot analyse a model whose forward changes its weights")
+    return memos
 
 
 def _shape(node):
@@ -336,6 +432,8 @@ class _Builder:
         self.fixed_layers: set = set()  # linear layers applied along a non-channel dim (token mixing): kept whole
         self.made_by: dict = {}         # tensor id -> kind of the op that produced it
         self.mods = dict(gm.named_modules())
+        self.int_ids: dict = {}         # AttrTag -> param tensor id of a module int that sizes a channel dim
+        self.int_claims: dict = {}      # AttrTag -> graph arguments the analysis accounted for
 
     def new(self, shape, cdim=1) -> int:
         r = len(shape) if shape is not None else 0
@@ -367,6 +465,8 @@ class _Builder:
                 return [v]
             if isinstance(v, tuple) and v and v[0] == "tuple":
                 return [t for t in v[1] if t is not None]
+            if isinstance(v, _Runs):  # read by an op that is not a layout op: it must stay whole
+                return list(v.heads)
             return []
         if isinstance(a, (list, tuple)):
             return [t for x in a for t in self.tensor_ids(x)]
@@ -381,7 +481,101 @@ class _Builder:
         self._tids = set()
         for node in self.gm.graph.nodes:
             self.visit(node)
+        self._check_ints()
         return self
+
+    # -- module ints that size channel dims (num_heads) ------------------------------------------------------
+    def int_root(self, tag: AttrTag, value: int) -> int:
+        """The ``param`` tensor of a module int attribute (``num_heads``) that sizes a channel dim: at a width the
+        module reads it as that dim's active count (one per attribute, tied to every dim it sizes)."""
+        t = self.int_ids.get(tag)
+        if t is None:
+            t = len(self.full)
+            self.full.append(int(value))
+            self.rank.append(1)
+            self.cdim.append(0)
+            name = tag.name
+            self.emit(PARAM, (), (t,), f"attribute {_join_name(self.prefix, name)!r}")
+            self.calls.append(LayerCall(name, "param", t, t, pdim=0))
+            self.int_ids[tag] = t
+        return t
+
+    def claim_int(self, lit, t: int) -> None:
+        """``lit`` (an :class:`AttrInt`) sizes the channel dim of tensor ``t``: tie the attribute to it."""
+        r = self.int_root(lit.tag, int(lit))
+        self.int_claims[lit.tag] = self.int_claims.get(lit.tag, 0) + 1
+        x = self.new((1, self.full[t]), 1)
+        self.emit(TIE, (r, t), (x,), f"attribute {lit.tag.name!r}")
+
+    def chan_size(self, a):
+        """``(t, div)`` when graph value ``a`` is the channel count of tensor ``t`` (``x.shape[k]``,
+        ``x.size(k)``), floor-divided by the int ``div`` (1 if not divided); else ``None``."""
+        if not isinstance(a, torch.fx.Node):
+            return None
+        if a.op == "call_function" and a.target is operator.floordiv and len(a.args) == 2 and \
+                isinstance(a.args[1], int) and a.args[1] > 0:
+            inner = self.chan_size(a.args[0])
+            return (inner[0], a.args[1]) if inner is not None and inner[1] == 1 else None
+        x = j = None
+        if a.op == "call_function" and _fname(a.target) == "getitem" and isinstance(a.args[0], torch.fx.Node):
+            base, j = a.args
+            if base.op == "call_function" and _fname(base.target) == "getattr" and base.args[1] == "shape":
+                x = base.args[0]
+            elif base.op == "call_method" and base.target == "size" and len(base.args) == 1:
+                x = base.args[0]
+        elif a.op == "call_method" and a.target == "size" and len(a.args) == 2:
+            x, j = a.args
+        if isinstance(x, torch.fx.Node) and x in self._tids and isinstance(j, int):
+            t = self.val[x]
+            if self.cdim[t] is not None and self.rank[t] and j % self.rank[t] == self.cdim[t]:
+                return (t, 1)
+        return None
+
+    def tie_counts(self, a: int, b: int, where: str) -> None:
+        """Tensors ``a`` and ``b`` carry one channel set (a size read from one sizes the other)."""
+        x = self.new((1, self.full[b]), 1)
+        self.emit(TIE, (a, b), (x,), where)
+
+    def heads_of(self, t: int, d: int, where: str) -> int:
+        """The heads (groups of ``d`` channels) of tensor ``t``."""
+        g = self.new((1, self.full[t] // d), 1)
+        self.emit(GROUPMAP, (t,), (g,), where, (d, 1))
+        return g
+
+    def claim_node(self, node, tag) -> None:
+        """An arithmetic node that reads a hosted attribute (``C // self.num_heads``), accounted for once."""
+        seen = self.__dict__.setdefault("_claimed_nodes", set())
+        if node not in seen:
+            seen.add(node)
+            self.int_claims[tag] = self.int_claims.get(tag, 0) + 1
+
+    def _check_ints(self) -> None:
+        """A hosted int must be read only where the analysis saw it size a channel dim; any other use (Python
+        arithmetic or a comparison in the forward, another argument) keeps its tensors whole."""
+        if not self.int_ids:
+            return
+        uses: dict = {}
+
+        def walk(a):
+            if isinstance(a, AttrInt):
+                uses[a.tag] = uses.get(a.tag, 0) + 1
+            elif isinstance(a, (list, tuple)):
+                for x in a:
+                    walk(x)
+            elif isinstance(a, dict):
+                for x in a.values():
+                    walk(x)
+            elif isinstance(a, slice):
+                walk((a.start, a.stop, a.step))
+
+        for node in self.gm.graph.nodes:
+            walk(node.args)
+            walk(node.kwargs)
+        for tag, t in self.int_ids.items():
+            if tag.escaped or uses.get(tag, 0) != self.int_claims.get(tag, 0):
+                why = "computes with it in Python" if tag.escaped else "passes it where it does not size channels"
+                self.emit(OPAQUE, (t,), (), f"attribute {_join_name(self.prefix, tag.name)!r}",
+                          f"the forward {why}, so it cannot follow the width")
 
     # -- helpers -------------------------------------------------------------------------------------------
     def out_tensor(self, node, kind, ins, arg=None, cdim=1):
@@ -454,6 +648,9 @@ class _Builder:
                 t = self.out_tensor(node, INPUT if op == "placeholder" else CONST, ())
                 if op == "get_attr":
                     self.seen_attrs.add(node.target)
+                    owner = node.target.rpartition(".")[0]
+                    if owner in self.roles:  # a layer's weight used by another forward (F.linear(x, self.qkv.weight))
+                        self.fixed_layers.add(owner)
                     if node.target in self.host_params and len(shape) >= 1:
                         self.pmap[t] = (node.target, list(range(len(shape))))
             else:
@@ -476,6 +673,15 @@ class _Builder:
         fv = self.val.get(first) if isinstance(first, torch.fx.Node) else None
         if isinstance(fv, _Factored):
             return self.visit_layout(node, name)
+        if isinstance(fv, _Runs):
+            return self.visit_runs(node, name, fv)
+        if any(isinstance(self.val.get(a), _Runs) for a in node.all_input_nodes):
+            return self.opaque(node, f"{name} of a tensor split into heads")
+        if isinstance(fv, int) and fv in self.pmap and first in self._tids and shape is not None and \
+                self._param_pointwise(node, name, fv, shape):  # a parameter scaled by a number (self.gamma * 2)
+            t = self.out_tensor(node, CONST, ())
+            self.pmap[t] = self.pmap[fv]
+            return
         if isinstance(fv, int) and fv in self.pmap and first in self._tids and shape is not None and \
                 (name in _LAYOUT or name in _CAST or node.target in self.layout_fns):  # a parameter read through a
             target, dims = self.pmap[fv]                                             # view, a cast or a resample
@@ -511,6 +717,10 @@ class _Builder:
             self.out_tensor(node, CONST, ())
             return
         ins = [t for t in ins if t not in self.pmap]
+        if name in ("matmul", "bmm"):
+            return self.visit_matmul(node, ins)
+        if name == "scaled_dot_product_attention":
+            return self.visit_sdpa(node, ins)
         if name in _MIXING:
             return self.opaque(node, f"{name} mixes channels")
         if node.target in _CAT_FN or name in ("cat", "concat", "concatenate"):
@@ -534,6 +744,19 @@ class _Builder:
             if shape[nk] == self.full[src]:
                 return self.alias(node, src, nk)
         return self.visit_unary(node, ins[0])
+
+    _POINTWISE = {"exp", "sigmoid", "tanh", "abs", "neg", "sqrt", "rsqrt", "reciprocal", "log", "softplus", "relu",
+                  "clamp", "clamp_min", "clamp_max", "pow", "square"}
+
+    def _param_pointwise(self, node, name, t, shape) -> bool:
+        """An elementwise op of one parameter read and numbers only (its result is that parameter, transformed
+        entry by entry)."""
+        if _shape(node.args[0]) != tuple(shape):
+            return False
+        others = list(node.args[1:]) + list(node.kwargs.values())
+        if any(isinstance(a, torch.fx.Node) for a in others):
+            return False
+        return node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS or name in self._POINTWISE
 
     def _is_tuple_result(self, node):
         tm = node.meta.get("tensor_meta")  # TensorMetadata is itself a NamedTuple: a tuple *of* them is meant
@@ -679,13 +902,19 @@ class _Builder:
                 return
             self.val[node] = None
             return
+        if isinstance(v, _Runs):
+            return self.visit_runs(node, "getitem", v)
         if not (base in self._tids):
             self.val[node] = None  # size()[i], python containers
             return
         src = v
         shape, sshape = _shape(node), _shape(base)
         if src in self.pmap:
-            self.out_tensor(node, CONST, ())
+            t = self.out_tensor(node, CONST, ())
+            dims = self._indexed_dims(idx, sshape, shape)
+            if dims is not None:  # a bias table read by index (relative position bias): its head dim carried
+                target, pd = self.pmap[src]
+                self.pmap[t] = (target, [pd[i] if i is not None else None for i in dims])
             return
         k = self.cdim[src]
         if k is None:
@@ -700,6 +929,9 @@ class _Builder:
             if shape is not None and sshape is not None and len(shape) == len(sshape) and \
                     shape[:k + 1] == sshape[:k + 1]:
                 return self.alias(node, src)
+            dims = self._indexed_dims(idx, sshape, shape) if k != 0 else None
+            if dims is not None and k in dims:  # a gather along other dims (a bias table read by index)
+                return self.alias(node, src, dims.index(k))
             return self.opaque(node, "tensor indexing on the batch or channel dim")
         nk, p, chan = k, 0, None
         for i in idx:
@@ -723,6 +955,30 @@ class _Builder:
             a, b, _ = chan.indices(self.full[src])
             return self.out_tensor(node, SLICE, (src,), (a, b), nk)
         return self.opaque(node, f"channel index {chan!r}")
+
+    @staticmethod
+    def _indexed_dims(idx, sshape, shape):
+        """For ``x[idx]``: the source dim each result dim carries (full slices carried, ints dropped, one tensor
+        index replaced by its own dims), or ``None``."""
+        if sshape is None or shape is None:
+            return None
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if Ellipsis in idx or None in idx or len(idx) > len(sshape):
+            return None
+        idx = idx + (slice(None),) * (len(sshape) - len(idx))
+        tens = [p for p, i in enumerate(idx) if isinstance(i, torch.fx.Node)]
+        if len(tens) > 1 or any(not (isinstance(i, (int, torch.fx.Node)) or i == slice(None)) for i in idx):
+            return None
+        out = []
+        for p, i in enumerate(idx):
+            if i == slice(None):
+                out.append(p)
+            elif isinstance(i, torch.fx.Node):
+                ishape = _shape(i)
+                if ishape is None:
+                    return None
+                out.extend([None] * len(ishape))
+        return out if len(out) == len(shape) else None
 
     def visit_cat(self, node):
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -805,7 +1061,7 @@ class _Builder:
                         return self.opaque(node, f"parameter {target!r} is tied to the channels along another dim")
                     members.append(root)
                 continue
-            if self.rank[t] >= 2 and 0 <= tshape_k < self.rank[t] and c > 1 and self._size_at(t, node, tshape_k) == c:
+            if self.rank[t] >= 1 and 0 <= tshape_k < self.rank[t] and c > 1 and self._size_at(t, node, tshape_k) == c:
                 members.append(t)  # e.g. a constant of the channels' size: always whole
         if c <= 1 or not members:
             return self.out_tensor(node, CONST, ())
@@ -827,40 +1083,236 @@ class _Builder:
         if shape is None or sshape is None:
             return self.opaque(node, f"{name} of unknown shape")
         k = self.cdim[src]
+        if self.visit_heads(node, src, sshape, shape, name):
+            return None
         m = _dim_map(name, node, sshape, shape)
         if m is not None and k in m:
             j = m.index(k)
-            if self._literal_size(node, name, j, len(shape)):
+            lit = self._literal_at(node, name, j, len(shape))
+            if lit is not None and not isinstance(lit, AttrInt):
                 return self.opaque(node, f"{name} to a literal channel count {shape[j]} (dim {j}): at another width "
                                          "the tensor has other channels; use -1 or x.shape")
-            return self.alias(node, src, j)
+            sizes = self._sizes(node, name)
+            dyn = sizes[j] if sizes is not None and len(sizes) == len(shape) and \
+                isinstance(sizes[j], torch.fx.Node) else None
+            cs = self.chan_size(dyn) if dyn is not None else None
+            if dyn is not None and (cs is None or cs[1] != 1 or self.full[cs[0]] != shape[j]):
+                return self.opaque(node, f"{name} to a computed channel count (dim {j}) the analysis cannot follow")
+            t = self.alias(node, src, j)
+            if lit is not None:
+                self.claim_int(lit, t)
+            if cs is not None and cs[0] != src:
+                self.tie_counts(cs[0], t, self.where(node))
+            return t
         if name not in ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten"):
             return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} moves the channel dim")
         pre, c = _prod(sshape[:k]), sshape[k]
+        tagged = []
         for j in range(len(shape)):
-            if self._literal_size(node, name, j, len(shape)) and _prod(shape[:j]) <= pre * c <= _prod(shape[:j + 1]):
-                return self.opaque(node, f"{name} to a literal size {shape[j]} (dim {j}) that holds the channels")
-            if _prod(shape[:j]) == pre and shape[j] % c == 0:
-                for e in range(k + 2, len(sshape) + 1):
-                    if _prod(sshape[k:e]) == shape[j]:
-                        return self.out_tensor(node, FLATTEN, (src,), _prod(sshape[k + 1:e]), cdim=j)
-            if _prod(shape[:j + 1]) == pre * c and shape[j] % c == 0:
-                for b in range(1, k):
-                    if _prod(sshape[b:k + 1]) == shape[j]:
-                        return self.out_tensor(node, TILE, (src,), _prod(sshape[b:k]), cdim=j)
+            lit = self._literal_at(node, name, j, len(shape))
+            if lit is not None and _prod(shape[:j]) <= pre * c <= _prod(shape[:j + 1]):
+                if not isinstance(lit, AttrInt):
+                    return self.opaque(node, f"{name} to a literal size {shape[j]} (dim {j}) that holds the channels")
+                tagged.append((j, lit))
+        for kind in (FLATTEN, TILE):  # channel-major merges first (they win when c = 1)
+            for j in range(len(shape)):
+                made = None
+                if kind == FLATTEN and _prod(shape[:j]) == pre and shape[j] % c == 0:
+                    made = next((_prod(sshape[k + 1:e]) for e in range(k + 2, len(sshape) + 1)
+                                 if _prod(sshape[k:e]) == shape[j]), None)
+                elif kind == TILE and _prod(shape[:j + 1]) == pre * c and shape[j] % c == 0:
+                    made = next((_prod(sshape[b:k]) for b in range(1, k) if _prod(sshape[b:k + 1]) == shape[j]),
+                                None)
+                if made is None:
+                    continue
+                if any(jj != j for jj, _ in tagged):
+                    return self.opaque(node, f"{name} to a literal size that holds the channels")
+                sizes = self._sizes(node, name)
+                dyn = sizes[j] if sizes is not None and len(sizes) == len(shape) and \
+                    isinstance(sizes[j], torch.fx.Node) else None
+                cs = self.chan_size(dyn) if dyn is not None else None
+                if dyn is not None and (cs is None or cs[1] != 1 or self.full[cs[0]] != shape[j]):
+                    return self.opaque(node, f"{name} to a computed channel count (dim {j}) the analysis cannot "
+                                             "follow")
+                t = self.out_tensor(node, kind, (src,), made, cdim=j)
+                for _, lit in tagged:
+                    self.claim_int(lit, t)
+                if cs is not None:
+                    self.tie_counts(cs[0], t, self.where(node))
+                return t
         return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} merges the channel dim")
 
     @staticmethod
-    def _literal_size(node, name, j, rank) -> bool:
-        """The size of result dim ``j`` is a literal in a ``view`` / ``reshape`` call (not -1, not computed)."""
+    def _sizes(node, name):
+        """The size arguments of a ``view`` / ``reshape`` call (``None`` for other ops)."""
         if name not in ("view", "reshape"):
-            return False
+            return None
         sizes = node.args[1:]
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = sizes[0]
         if not sizes and "shape" in node.kwargs:
             sizes = node.kwargs["shape"]
-        return len(sizes) == rank and isinstance(sizes[j], int) and sizes[j] != -1 and sizes[j] > 1
+        return list(sizes)
+
+    @classmethod
+    def _literal_at(cls, node, name, j, rank):
+        """The literal size of result dim ``j`` in a ``view`` / ``reshape`` call (not -1, not computed), or
+        ``None``; an :class:`AttrInt` when it is a module attribute."""
+        sizes = cls._sizes(node, name)
+        if sizes is None or len(sizes) != rank:
+            return None
+        v = sizes[j]
+        return v if isinstance(v, int) and not isinstance(v, bool) and v != -1 and v > 1 else None
+
+    @classmethod
+    def _literal_size(cls, node, name, j, rank) -> bool:
+        """The size of result dim ``j`` is a literal in a ``view`` / ``reshape`` call (not -1, not computed)."""
+        return cls._literal_at(node, name, j, rank) is not None
+
+    def visit_heads(self, node, src, sshape, shape, name) -> bool:
+        """A reshape that splits the channel dim into heads: ``(..., C) -> (..., H, d)`` or, for a fused
+        projection, ``(..., r * C) -> (..., r, H, d)`` (``r`` a literal: q/k/v). ``d`` (the head dim) is fixed; the
+        head count ``H`` follows the width: it is computed (``-1``, ``C // d``) or a module attribute
+        (``self.num_heads``) that the module then reads as the active head count. Heads are one channel each
+        (a ``groupmap`` of ``d`` channels); the ``r`` runs are a ``split``. Returns whether it applied."""
+        sizes = self._sizes(node, name)
+        if sizes is None or len(sizes) != len(shape):
+            return False
+        k = self.cdim[src]
+        pre, c, post = _prod(sshape[:k]), sshape[k], _prod(sshape[k + 1:])
+        for j0 in range(len(shape)):
+            # a single head is a dim of size 1, told from other size-1 dims by its size argument
+            if _prod(shape[:j0]) != pre or shape[j0] < 1 or (shape[j0] == 1 and not isinstance(sizes[j0], AttrInt)):
+                continue
+            for n in (2, 3):
+                j1 = j0 + n
+                if j1 > len(shape) or _prod(shape[j0:j1]) != c or _prod(shape[j1:]) != post or shape[j1 - 1] <= 1:
+                    continue
+                lits = sizes[j0:j1]
+
+                def literal(v):
+                    return isinstance(v, int) and not isinstance(v, (bool, AttrInt)) and v != -1
+
+                if n == 2 and literal(lits[0]):  # (r, C / r): q / k / v runs of channels, no heads
+                    r, d, h_lit, d_lit = int(shape[j0]), 1, None, lits[1]
+                elif n == 2:
+                    r, d, h_lit, d_lit = 1, int(shape[j0 + 1]), lits[0], lits[1]
+                elif literal(lits[0]) and not literal(lits[1]):
+                    r, d, h_lit, d_lit = int(shape[j0]), int(shape[j0 + 2]), lits[1], lits[2]
+                else:
+                    continue
+                # computed sizes: the head count C // d or the head dim C // self.num_heads of some tensor's C
+                h_cs = self.chan_size(h_lit) if isinstance(h_lit, torch.fx.Node) else None
+                d_cs = self.chan_size(d_lit) if isinstance(d_lit, torch.fx.Node) else None
+                if isinstance(h_lit, torch.fx.Node) and (h_cs is None or h_cs[1] != d or d == 1):
+                    continue
+                if isinstance(d_lit, torch.fx.Node) and (
+                        d_cs is None or not isinstance(d_cs[1], AttrInt) or not isinstance(h_lit, AttrInt)
+                        or d_cs[1].tag is not h_lit.tag):
+                    continue
+                if isinstance(d_lit, AttrInt) and isinstance(h_lit, AttrInt) and d_lit.tag is h_lit.tag:
+                    continue
+                where = self.where(node)
+                pieces = [src]
+                if r > 1:
+                    ps = tuple(sshape[:k]) + (c // r,) + tuple(sshape[k + 1:])
+                    pieces = [self.new(ps, k) for _ in range(r)]
+                    self.emit(SPLIT, (src,), pieces, where, r)
+                heads = pieces
+                hshape = tuple(shape[:j0]) + tuple(shape[j0 + (r > 1):])
+                if d > 1:
+                    heads = [self.new(hshape, j0) for _ in pieces]
+                    for p, h in zip(pieces, heads):
+                        self.emit(GROUPMAP, (p,), (h,), where, (d, 1))
+                if isinstance(h_lit, AttrInt):
+                    self.claim_int(h_lit, heads[0])
+                for cs in (h_cs, d_cs):
+                    if cs is not None:  # that tensor's heads are these heads
+                        self.tie_counts(self.heads_of(cs[0], d, where), heads[0], where)
+                if d_cs is not None:
+                    self.claim_node(d_lit, h_lit.tag)
+                if r == 1:
+                    self._tids.add(node)
+                    self.val[node] = heads[0]
+                else:
+                    self.val[node] = _Runs(tuple(heads), j0, j0 + 1, tuple(shape))
+                return True
+        return False
+
+    def visit_runs(self, node, name, f: "_Runs"):
+        """Layout ops on a tensor split into ``r`` runs (``(B, N, 3, H, d)`` of a fused qkv): permutes move the
+        run and head dims; ``unbind`` / indexing along the run dim gives the pieces."""
+        shape = _shape(node)
+        if name in ("permute", "transpose", "swapaxes") and shape is not None:
+            m = _dim_map(name, node, f.shape, shape)
+            if m is not None:
+                self.val[node] = _Runs(f.heads, m.index(f.rdim), m.index(f.hdim), tuple(shape))
+                return None
+        elif name in _CAST and shape is not None and tuple(shape) == f.shape:
+            self.val[node] = f
+            return None
+        elif name == "unbind":
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            shapes = self._tuple_shapes(node) if self._is_tuple_result(node) else None
+            if isinstance(dim, int) and dim % len(f.shape) == f.rdim and shapes and len(shapes) == len(f.heads):
+                hd = f.hdim - (f.rdim < f.hdim)
+                outs = []
+                for h, s in zip(f.heads, shapes):
+                    t = self.new(s, hd)
+                    self.emit(PASS, (h,), (t,), node.name)
+                    outs.append(t)
+                self.val[node] = ("tuple", outs)
+                return None
+        elif name == "getitem":
+            idx = node.args[1]
+            idx = idx if isinstance(idx, tuple) else (idx,)
+            pos = [p for p, i in enumerate(idx) if i != slice(None)]
+            if len(pos) == 1 and pos[0] == f.rdim and isinstance(idx[f.rdim], int) and Ellipsis not in idx:
+                i = idx[f.rdim]
+                return self.alias(node, f.heads[i], f.hdim - (f.rdim < f.hdim))
+        why = f"{name} of a tensor split into heads"
+        if shape is not None:
+            self.out_tensor(node, OPAQUE, f.heads, why)
+        else:
+            self.val[node] = None
+            self.emit(OPAQUE, f.heads, (), self.where(node), why)
+        return None
+
+    def visit_matmul(self, node, ins):
+        """``a @ b``: channels on a batch dim of both (attention heads: ``q @ k^T``, ``attn @ v``) stay there
+        (one channel set); channels on the rows of ``a`` or the columns of ``b`` pass when the other operand has
+        none; a contracted channel dim mixes channels."""
+        shape = _shape(node)
+        a, b = (node.args + (None, None))[:2]
+        ta = self.val.get(a) if isinstance(a, torch.fx.Node) and a in self._tids else None
+        tb = self.val.get(b) if isinstance(b, torch.fx.Node) and b in self._tids else None
+        ta = ta if ta in ins else None
+        tb = tb if tb in ins else None
+        if shape is None or (ta is None and tb is None):
+            return self.opaque(node, "matmul mixes channels")
+        R = len(shape)
+        batch = []
+        for t, side in ((ta, 0), (tb, 1)):
+            if t is None:
+                continue
+            r, k = self.rank[t], self.cdim[t]
+            if r >= 3 and k < r - 2:
+                batch.append(t)
+            elif side == 0 and k == r - 2 and tb is None and r >= 2:
+                return self.alias(node, t, R - 2)
+            elif side == 1 and k == r - 1 and ta is None:
+                return self.alias(node, t, R - 1)
+            else:
+                return self.opaque(node, "matmul mixes channels")
+        return self.visit_tie(node, batch)
+
+    def visit_sdpa(self, node, ins):
+        """``scaled_dot_product_attention(q, k, v, attn_mask)``: heads (a batch dim of every operand) are one
+        channel set; channels on the token or feature dims are mixed."""
+        for t in ins:
+            if not (self.rank[t] >= 3 and self.cdim[t] < self.rank[t] - 2):
+                return self.opaque(node, "scaled_dot_product_attention mixes channels")
+        return self.visit_tie(node, ins)
 
     def visit_layout(self, node, name):
         src_node = node.args[0] if node.args else None
@@ -943,6 +1395,17 @@ class _Factored:
     swapped: bool
     full: int
     outer_literal: bool = False   # the first factor is a literal (constant group count)
+
+
+@dataclasses.dataclass
+class _Runs:
+    """A channel tensor split into ``r`` runs of heads (``(B, N, 3, H, d)``): ``heads`` holds the head tensor of
+    each run; ``rdim`` / ``hdim`` are the run and head dims in the current layout ``shape``."""
+
+    heads: tuple
+    rdim: int
+    hdim: int
+    shape: tuple
 
 
 # ---- the graph and its per-width plans ------------------------------------------------------------------------
@@ -1139,6 +1602,8 @@ class ChannelGraph:
                     need(t, u)
             elif op.kind in (SHUFFLE, SLICE):
                 need(op.ins[0], u)
+            elif op.kind == SPLIT:  # q / k / v runs of whole heads: the fused projection has r x (heads x d)
+                need(op.ins[0], u * op.arg)
         return unit
 
     # -- planning ----------------------------------------------------------------------------------------------

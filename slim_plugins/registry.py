@@ -81,6 +81,21 @@ def tile_fns() -> dict:
     return dict(_TILE_FNS)
 
 
+_FORWARD_CACHES: set[str] = set()
+
+
+def register_forward_cache(attr: str) -> None:
+    """Declare a dict attribute name that modules use as a cache of tensors their forward computes from their
+    parameters (timm's ``attention_bias_cache``). A module whose tied parameters follow the width gets it emptied
+    before each forward; a dict the analysis forward fills that is not declared makes ``convert`` refuse the
+    module (its cached tensors would not follow the width)."""
+    _FORWARD_CACHES.add(attr)
+
+
+def forward_caches() -> frozenset:
+    return frozenset(_FORWARD_CACHES)
+
+
 def fx_leaves() -> tuple:
     return tuple(_FX_LEAVES)
 

@@ -476,3 +476,133 @@ def test_training_at_a_width_reaches_only_the_active_channels_of_tied_parameters
         assert p.grad.shape == p.shape
         assert p.grad[..., 128:].abs().max() == 0 and p.grad[..., :128].abs().max() > 0
     assert model.blocks[0].attn.qkv.weight.grad[:, 128:].abs().max() == 0
+
+
+# ---- attention without a counterpart: the module's own forward at the active head count -----------------------
+class UserAttention(nn.Module):
+    """A user's attention (no registered counterpart): fused qkv, ``self.num_heads`` in the reshape."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+class UserCrossAttention(nn.Module):
+    """Separate q and kv projections, SDPA, the head dim computed as ``C // self.num_heads`` (CaiT's style)."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class PythonHeads(UserAttention):
+    """Computes with ``num_heads`` in Python: the analysis cannot see what that decides."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+
+
+class TinyTokenNet(nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 64, 4, stride=4)
+        self.norm1, self.attn = nn.LayerNorm(64), attn
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(64), nn.Linear(64, 128), nn.Linear(128, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("attn", [UserAttention, UserCrossAttention])
+def test_attention_without_counterpart_runs_its_own_forward_at_the_active_heads(attn):
+    torch.manual_seed(0)
+    net = TinyTokenNet(attn())
+    ref = copy.deepcopy(net).eval()
+    x = torch.randn(2, 3, 16, 16)
+    model = slim.convert(net, RANGE, example_input=x).eval()
+    with torch.no_grad():
+        _same(model(x), ref(x))
+        exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0])
+    a = model.attn
+    assert isinstance(a, attn) and a.num_heads == 4 and type(vars(a).get("num_heads", 4)) is int
+    for w, heads in ((0.25, 1), (0.5, 2), (1.0, 4)):
+        p = exports[w].attn
+        assert type(p) is attn and p.num_heads == heads
+        assert p.proj.in_features == heads * 16  # the head dim is kept: whole heads are dropped
+    # the kept heads are heads 0, 1 of q, k and v of the full projection
+    if attn is UserAttention:
+        full = model.attn.qkv.weight.detach()
+        kept = exports[0.5].attn.qkv.weight
+        torch.testing.assert_close(kept[32:64], full[64:96, :kept.shape[1]])
+
+
+def test_attention_computing_with_its_head_count_in_python_is_refused():
+    net = TinyTokenNet(PythonHeads())
+    with pytest.raises(slim.NotExactError, match="literal size 64|num_heads"):
+        slim.convert(net, RANGE, example_input=torch.randn(2, 3, 16, 16))
+    assert type(net.attn) is PythonHeads and type(net.attn.num_heads) is int
+
+
+class CachedScale(nn.Module):
+    """A layer scale whose forward keeps ``gamma * 2`` in a dict (as timm's ``attention_bias_cache`` does)."""
+
+    def __init__(self, cache: str, c=32):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.cache = cache
+        setattr(self, cache, {})
+
+    def forward(self, x):
+        memo = getattr(self, self.cache)
+        if "k" not in memo:
+            memo["k"] = self.gamma * 2
+        return x * memo["k"]
+
+
+class CachedNet(nn.Module):
+    def __init__(self, cache):
+        super().__init__()
+        self.fc1, self.scale, self.fc2 = nn.Linear(8, 32), CachedScale(cache), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.scale(self.fc1(x))))
+
+
+def test_a_forward_cache_of_width_dependent_tensors_is_refused_or_emptied_per_forward():
+    from slim_plugins import registry
+
+    x = torch.randn(3, 8)
+    net = CachedNet("memo")
+    net(x)  # the cache holds a full-width tensor before convert
+    with pytest.raises(slim.UnsupportedModuleError, match="'memo'.*register_forward_cache"):
+        slim.convert(net, RANGE, example_input=x)
+    assert type(net.scale) is CachedScale and set(net.scale.memo) == {"k"}
+    registry.register_forward_cache("slim_test_cache")
+    net = CachedNet("slim_test_cache")
+    net(x)
+    model = slim.convert(net, RANGE, example_input=x).eval()
+    for w in (0.5, 1.0, 0.25, 0.5):  # each forward recomputes the cached tensor at its own width
+        with slim.width(w), torch.no_grad():
+            _same(model(x), slim.export(model, w)(x))

@@ -20,7 +20,8 @@ from torch import nn
 import slim_plugins as slim
 from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from slim_plugins.nn.norm import load_bn
-from slim_plugins.registry import register, register_fx_autowrap, register_fx_leaf, register_layout_fn
+from slim_plugins.registry import (register, register_forward_cache, register_fx_autowrap, register_fx_leaf,
+                                   register_layout_fn)
 from slim_plugins.width import WidthSpec
 
 __all__ = ["SlimBatchNormAct2d", "SlimConv2dSame", "create_slim_model", "spec_from_args", "fixed_layers",
@@ -107,6 +108,9 @@ _LAYOUT_FN_NAMES = {"window_partition", "window_reverse", "grid_partition", "gri
 
 
 _register_fx_notrace()
+# LeViT / EfficientFormer / TinyViT attention: eval-mode cache of the indexed bias table (a pure cache; emptied
+# before each forward once the table follows the width)
+register_forward_cache("attention_bias_cache")
 
 
 def fixed_layers(model: nn.Module) -> list[str]:

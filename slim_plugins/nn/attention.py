@@ -51,6 +51,16 @@ class SlimHeadsAttention(SlimPerChannel):
         return dim, heads, attn_dim // heads
 
     @classmethod
+    def accepts(cls, m) -> bool:
+        """Whether this counterpart covers module ``m``; ``convert`` traces into one it does not (its own forward
+        then runs at the active head count, :mod:`slim_plugins.graph`)."""
+        try:
+            cls.analysis_role(m)
+        except UnsupportedModuleError:
+            return False
+        return True
+
+    @classmethod
     def analysis_role(cls, m) -> dict:
         dim, heads, _ = cls.head_dims(m)
         return {"role": "norm", "dim": -1, "unit": dim // heads}

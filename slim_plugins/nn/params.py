@@ -50,6 +50,8 @@ class ParamHost:
     return the active channels; elsewhere the parameter itself."""
 
     def __call__(self, *args, **kwargs):
+        for k in self.__dict__.get("_slim_caches", ()):  # tensors cached at another width (register_forward_cache)
+            self.__dict__[k].clear()
         token = _in_forward.set(True)
         try:
             return super().__call__(*args, **kwargs)
@@ -57,6 +59,15 @@ class ParamHost:
             _in_forward.reset(token)
 
     def __getattr__(self, name):
+        ints = self.__dict__.get("_slim_ints")
+        if ints is not None and name in ints:  # a head count: the active one inside a forward
+            if _in_forward.get():
+                slot = self.__dict__["_slim_hosted"][name][0]
+                geos = self._slim_state.active(None).geo
+                g = geos[slot] if geos is not None else None
+                if g is not None:
+                    return g.c
+            return ints[name]
         hosted = self.__dict__.get("_slim_hosted")
         if hosted is None or name not in hosted or not _in_forward.get():
             return super().__getattr__(name)
@@ -112,9 +123,13 @@ def __getattr__(name):  # unpickling a hosted module in a fresh process recreate
 
 
 def host(module: nn.Module, attr: str, slot: int, dim: int, state) -> None:
-    """Make ``module.<attr>`` read as its active channels (slot ``slot`` of the plan, channels on ``dim``)."""
+    """Make ``module.<attr>`` read as its active channels (slot ``slot`` of the plan, channels on ``dim``); an
+    ``int`` attribute (a head count that sizes a channel dim) reads as the active count."""
     if not isinstance(module, ParamHost):
         module.__class__ = hosted_class(type(module))
+    if attr not in module._parameters and attr not in module._buffers:
+        v = module.__dict__.pop(attr)  # so that reads reach __getattr__
+        module.__dict__.setdefault("_slim_ints", {})[attr] = v
     module.__dict__.setdefault("_slim_hosted", {})[attr] = (slot, dim)
     module.__dict__["_slim_state"] = state
 
@@ -132,7 +147,10 @@ def unhost(module: nn.Module) -> None:
     """Give ``module`` its own class back (rollback of a failed convert, export)."""
     if isinstance(module, ParamHost):
         module.__class__ = type(module)._slim_plain_class
+    for attr, v in (module.__dict__.pop("_slim_ints", None) or {}).items():
+        module.__dict__.setdefault(attr, v)
     module.__dict__.pop("_slim_hosted", None)
+    module.__dict__.pop("_slim_caches", None)
     module.__dict__.pop("_slim_state", None)
     module.__dict__.pop("_slim_param_cache", None)
 
@@ -145,10 +163,16 @@ def export_hosted(module: nn.Module, a) -> None:
     """In an exported copy: store each tied parameter's active channels at configuration ``a`` and restore the
     module's own class."""
     hosted = module.__dict__.get("_slim_hosted") or {}
+    ints = module.__dict__.get("_slim_ints") or {}
+    for k in module.__dict__.get("_slim_caches", ()):  # filled at some width of the dynamic model
+        module.__dict__[k].clear()
     with torch.no_grad():
         for attr, (slot, dim) in hosted.items():
             g = a.geo[slot] if a.geo is not None else None
-            if attr in module._parameters and module._parameters[attr] is not None:
+            if attr in ints:
+                module.__dict__[attr] = g.c if g is not None else ints[attr]
+                ints.pop(attr)
+            elif attr in module._parameters and module._parameters[attr] is not None:
                 p = module._parameters[attr]
                 module._parameters[attr] = nn.Parameter(_take(p.detach(), dim, g).clone(), p.requires_grad)
             elif module._buffers.get(attr) is not None:
