@@ -82,7 +82,7 @@ class Load:
 
 
 def build_model():
-    from slim_plugins.cli import load_yaml_config
+    from slim_plugins.config import load_yaml_config
     from slim_plugins.integrations.timm.train import build_model, resolve_config
 
     cfg = resolve_config(load_yaml_config(os.path.join(RUN, "config.yaml")))

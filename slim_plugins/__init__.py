@@ -19,7 +19,7 @@ from .context import (active_channels, checkpoint, checkpoint_context_fn, get_wi
                       width_spec)
 from .control import CallRecord, ControllerReport, WidthController
 from .convert import channel_groups, check_widths, convert, slim_layers
-from .errors import (ChannelGroupError, CheckpointError, EmptyLoaderError, ExampleInputError, InvalidArgumentError, LossError,
+from .errors import (ChannelGroupError, CheckpointError, ConfigError, EmptyLoaderError, ExampleInputError, InvalidArgumentError, LossError,
                      NotExactError, NotSlimmableError, SlimError, UncalibratedWidthError, UnknownLayerError,
                      UnsupportedModuleError, WidthError, WidthSpecMismatchError)
 from .export import export, export_onnx
@@ -35,7 +35,7 @@ __all__ = [
     "active_channels", "width_spec", "measure_latency", "checkpoint", "checkpoint_context_fn", "NotExactError", "CheckpointError", "LossError", "InvalidArgumentError",
     "calibrate_bn", "calibrated_widths", "clear_statistics", "freeze_bn", "MultiWidthStep", "StepResult", "WidthPass", "WidthResult", "reduce_loss", "export", "export_onnx", "profile", "ProfileTable",
     "WidthProfile", "count_mflops", "register", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-    "SlimError", "ExampleInputError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",
+    "SlimError", "ExampleInputError", "ConfigError", "WidthError", "UncalibratedWidthError", "EmptyLoaderError", "WidthSpecMismatchError",
     "NotSlimmableError", "UnsupportedModuleError", "ChannelGroupError", "UnknownLayerError",
     "WidthController", "ControllerReport", "CallRecord",
 ]

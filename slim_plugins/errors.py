@@ -58,6 +58,10 @@ class InvalidArgumentError(SlimError, ValueError):
     """An argument outside its allowed values (names the value and what was allowed)."""
 
 
+class ConfigError(SlimError, ValueError):
+    """A config file or command-line override is malformed: unknown key, wrong type, unreadable YAML."""
+
+
 class ExampleInputError(SlimError, ValueError):
     """The channel analysis could not run the model once on its example input (the default ``(2, C, 64, 64)`` or
     the one given): ``convert`` needs every tensor's shape, so pass ``example_input=`` with an input the model

@@ -358,8 +358,9 @@ def test_short_run_beats_bicubic_on_set5_at_every_width(tmp_path, slim_data, mon
 
 @pytest.mark.parametrize("name", ["us_wdsr_x2_sr.yml", "us_wdsr_x2_div2k.yml"])
 def test_shipped_options_are_valid(name, monkeypatch, tmp_path):
-    from slim_plugins.cli import ConfigError, load_yaml_config
+    from slim_plugins.errors import ConfigError
 
+    from slim_plugins.config import load_yaml_config
     path = REPO / "configs" / "basicsr" / name
     monkeypatch.delenv("DIV2K_ROOT", raising=False)
     if "div2k" in name:
@@ -405,7 +406,7 @@ def test_resume_continues_the_same_width_schedule_and_ema(tmp_path, mad):
 
 
 def test_overrides_set_nested_keys_and_null(tmp_path, monkeypatch):
-    from slim_plugins.cli import ConfigError
+    from slim_plugins.errors import ConfigError
     from slim_plugins.integrations.basicsr.train import expanded_options
 
     monkeypatch.setenv("SLIM_DATA", "/data")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import slim_plugins as slim
-from slim_plugins.cli import main, plot_spectrum, read_spectrum_csv, write_spectrum_csv
+from slim_plugins.cli import main
+from slim_plugins.spectrum import plot_spectrum, read_spectrum_csv, write_spectrum_csv
 from slim_plugins.integrations.timm import cli as C
 from slim_plugins.integrations.timm import train as T
 

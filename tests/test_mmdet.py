@@ -21,7 +21,7 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 
 import slim_plugins as slim  # noqa: E402
-from slim_plugins.cli import read_spectrum_csv  # noqa: E402
+from slim_plugins.spectrum import read_spectrum_csv  # noqa: E402
 from slim_plugins.errors import InvalidArgumentError, WidthError  # noqa: E402
 from slim_plugins.integrations import mmdet as smd  # noqa: E402
 from mmdet_utils import CONFIGS, REPO, small_cfg  # noqa: E402

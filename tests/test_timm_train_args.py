@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 import slim_plugins as slim
-from slim_plugins.cli import ConfigError
+from slim_plugins.errors import ConfigError
 from slim_plugins.integrations.timm import train as T
 from slim_plugins.integrations.timm.config import DEFAULTS, REJECTED, TIMM_ARGS
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 import slim_plugins as slim
-from slim_plugins.cli import ConfigError, expand_env
+from slim_plugins.errors import ConfigError
+from slim_plugins.config import expand_env
 from slim_plugins.integrations.timm import data as D
 from slim_plugins.integrations.timm import train as T
 

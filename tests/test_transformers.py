@@ -545,6 +545,9 @@ def test_attention_without_counterpart_runs_its_own_forward_at_the_active_heads(
     with torch.no_grad():
         _same(model(x), ref(x))
         exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0])
+    from slim_plugins.graph import AttrInt
+
+    assert not any(isinstance(v, AttrInt) for m in model.modules() for v in vars(m).values())  # tags stay in the trace
     a = model.attn
     assert isinstance(a, attn) and a.num_heads == 4 and type(vars(a).get("num_heads", 4)) is int
     for w, heads in ((0.25, 1), (0.5, 2), (1.0, 4)):

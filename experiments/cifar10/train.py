@@ -132,7 +132,7 @@ class Curves:
 
 
 def main(argv=None) -> int:
-    from slim_plugins.cli import parse_overrides
+    from slim_plugins.config import parse_overrides
     from slim_plugins.integrations.timm.train import build_datasets, train
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     tag = args.tag or f"{args.device}_{args.iters}it"
 
     import slim_plugins as slim
-    from slim_plugins.cli import load_yaml_config
+    from slim_plugins.config import load_yaml_config
     from slim_plugins.integrations.basicsr.model import evaluate_widths
     from slim_plugins.integrations.basicsr.train import run_pipeline
 

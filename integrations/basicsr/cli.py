@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 
-from slim_plugins.cli import ConfigError, parse_overrides
-from slim_plugins.cli import requested_widths as _widths
+from slim_plugins.errors import ConfigError
+from slim_plugins.config import parse_overrides
+from slim_plugins.config import requested_widths as _widths
 
 CONFIG_SUFFIXES = (".yml", ".yaml")
 
@@ -82,7 +83,7 @@ def claims_checkpoint(path: str) -> bool:
     opts = _options_next_to(path)
     if not (isinstance(ck, dict) and "params" in ck and opts):
         return False
-    from slim_plugins.cli import load_yaml_config
+    from slim_plugins.config import load_yaml_config
 
     try:
         return load_yaml_config(opts).get("model_type") == "SlimSRModel"
@@ -98,7 +99,7 @@ def _loaded(args):
 
     import slim_plugins as slim
     import slim_plugins.integrations.basicsr  # noqa: F401  registers WDSR
-    from slim_plugins.cli import load_yaml_config
+    from slim_plugins.config import load_yaml_config
 
     from .model import parse_slimmable
 
@@ -128,7 +129,7 @@ def cmd_eval(args) -> int:
     from basicsr.data import build_dataloader, build_dataset
 
     import slim_plugins as slim
-    from slim_plugins.cli import plot_spectrum, print_table, write_spectrum_csv
+    from slim_plugins.spectrum import plot_spectrum, print_table, write_spectrum_csv
 
     from .model import evaluate_widths
 
@@ -207,7 +208,7 @@ def cmd_profile(args) -> int:
     import torch
 
     import slim_plugins as slim
-    from slim_plugins.cli import print_table
+    from slim_plugins.spectrum import print_table
 
     opt, net, settings = _loaded(args)
     size = tuple(args.input_size[-2:]) if args.input_size else settings.flops_lq_size

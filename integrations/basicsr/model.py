@@ -34,7 +34,7 @@ from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
 
 import slim_plugins as slim
-from slim_plugins.cli import write_spectrum_csv
+from slim_plugins.spectrum import write_spectrum_csv
 from slim_plugins.errors import InvalidArgumentError, NotSlimmableError
 from slim_plugins.width import (WidthSpec, distill_from_config, eval_widths_from_config, schedule_from_config,
                                 spec_from_config)

@@ -25,8 +25,9 @@ def expanded_options(path: str, tmpdir: str, overrides: dict | None = None) -> s
     """
     import yaml
 
-    from slim_plugins.cli import ConfigError, load_yaml_config
+    from slim_plugins.errors import ConfigError
 
+    from slim_plugins.config import load_yaml_config
     opt = load_yaml_config(path)
     for key, value in (overrides or {}).items():
         node, parts = opt, key.split(".")

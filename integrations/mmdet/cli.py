@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from slim_plugins.cli import ConfigError, parse_overrides, print_table
-from slim_plugins.cli import requested_widths as _widths
+from slim_plugins.errors import ConfigError
+from slim_plugins.config import parse_overrides
+from slim_plugins.spectrum import print_table
+from slim_plugins.config import requested_widths as _widths
 
 CONFIG_SUFFIXES = (".py",)
 
@@ -145,7 +147,7 @@ def cmd_eval(args) -> int:
         cfg.test_dataloader.num_workers = args.workers
     runner = _runner(cfg)
     metrics = runner.test()
-    from slim_plugins.cli import read_spectrum_csv
+    from slim_plugins.spectrum import read_spectrum_csv
 
     rows = read_spectrum_csv(os.path.join(runner.work_dir, "spectrum.csv"))
     cols = [("width", "width", "{:g}"), ("mflops", "MFLOPs", "{:.0f}"), ("params_m", "params (M)", "{:.2f}")]
@@ -156,7 +158,7 @@ def cmd_eval(args) -> int:
 
         shutil.copyfile(os.path.join(runner.work_dir, "spectrum.csv"), args.csv)
     if args.plot:
-        from slim_plugins.cli import plot_spectrum
+        from slim_plugins.spectrum import plot_spectrum
 
         plot_spectrum([os.path.join(runner.work_dir, "spectrum.csv")], args.plot)
     return 0 if metrics is not None else 1

@@ -221,7 +221,7 @@ def evaluate_widths(loop, widths: Sequence[float] | None = None) -> dict:
         rows.append({"width": w, **_cost(runner, w), **_ap_columns(m)})
         runner.logger.info(f"width {w:g}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()
                                                          if isinstance(v, (int, float)) and "mAP" in k))
-    from slim_plugins.cli import write_spectrum_csv
+    from slim_plugins.spectrum import write_spectrum_csv
 
     if runner.rank == 0:
         write_spectrum_csv(rows, os.path.join(runner.work_dir, "spectrum.csv"))

@@ -11,7 +11,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 
 import slim_plugins as slim
-from slim_plugins.cli import write_spectrum_csv
+from slim_plugins.spectrum import write_spectrum_csv
 from slim_plugins.profile import count_mflops
 
 from .ppo import ActorCriticGraph, SlimmablePPO

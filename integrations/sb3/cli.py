@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from slim_plugins.cli import ConfigError, parse_overrides, print_table
+from slim_plugins.errors import ConfigError
 
+from slim_plugins.config import parse_overrides
+from slim_plugins.spectrum import print_table
 CONFIG_SUFFIXES = (".yml", ".yaml")
 _ZOO_ONLY = ("n_timesteps", "n_envs", "frame_stack", "env_wrapper", "normalize", "policy", "eval_freq",
              "n_eval_episodes", "vec_env_wrapper", "callback", "env_kwargs")
@@ -169,7 +171,7 @@ def claims_checkpoint(path: str) -> bool:
 def _loaded(args):
     """``(model, env_id, hp)``: the ``SlimmablePPO`` of the zip and the ``config.yml`` written next to it by
     ``slim train`` (``--config`` to give another)."""
-    from slim_plugins.cli import load_yaml_config
+    from slim_plugins.config import load_yaml_config
 
     from .ppo import SlimmablePPO
 
@@ -195,8 +197,9 @@ def cmd_eval(args) -> int:
     model's ``eval_widths``) on the config's environment, ``n_eval_episodes`` games (default 10; stochastic
     actions on Atari); rich table, spectrum CSV (``--csv``, default ``eval_spectrum.csv`` next to the zip, beside
     the training's ``spectrum.csv``) and plot (``--plot``)."""
-    from slim_plugins.cli import plot_spectrum, print_table, requested_widths, write_spectrum_csv
+    from slim_plugins.spectrum import plot_spectrum, print_table, write_spectrum_csv
 
+    from slim_plugins.config import requested_widths
     from .callbacks import evaluate_widths
 
     model, env_id, hp = _loaded(args)
@@ -221,8 +224,9 @@ def cmd_profile(args) -> int:
     import torch
 
     import slim_plugins as slim
-    from slim_plugins.cli import print_table, requested_widths
+    from slim_plugins.spectrum import print_table
 
+    from slim_plugins.config import requested_widths
     from .ppo import ActorCriticGraph
 
     model, _, _ = _loaded(args)

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 import slim_plugins as slim
-from slim_plugins.cli import ConfigError, expand_env
+from slim_plugins.errors import ConfigError
+from slim_plugins.config import expand_env
 from slim_plugins.train import DISTILL_LOSSES
 from slim_plugins.width import SAMPLING_RULES, WidthSpec
 

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from slim_plugins.cli import ConfigError, default_data_root
+from slim_plugins.errors import ConfigError
 
+from slim_plugins.config import default_data_root
 __all__ = ["ArrayImageDataset", "TransformSubset", "cache_root", "prepare_split", "build_datasets", "make_loader",
            "digits_datasets", "subset_indices", "DIGITS_MEAN", "DIGITS_STD"]
 

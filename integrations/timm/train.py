@@ -38,12 +38,15 @@ from rich.console import Console  # at import: rich draws from `random` when fir
 from torch import nn
 
 import slim_plugins as slim
-from slim_plugins.cli import ConfigError, expand_env, print_table
+from slim_plugins.errors import ConfigError
 
+from slim_plugins.config import expand_env
+from slim_plugins.spectrum import print_table
 from .model import build_model, create_loss
 from .utils import checkpoint_saver, distribute_bn, rng_state, set_rng_state
 from .config import DEFAULTS, DIGITS_JOB, config_widths, resolve_config, resolve_widths
 from .data import _data_config, build_datasets, make_loader, subset_indices
+from .outputs import to_input as _to_input, write_spectrum, write_yaml
 
 __all__ = ["DEFAULTS", "DIGITS_JOB", "resolve_config", "build_model", "build_datasets", "make_loader",
            "resolve_widths", "train", "train_one_epoch", "validate", "TrainHooks"]
@@ -422,7 +425,6 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
     run.output = str(output)
     if run.main:
         output.mkdir(parents=True, exist_ok=True)
-        from .cli import write_spectrum, write_yaml
 
         write_yaml(cfg, output / "config.yaml")
         write_yaml({k: cfg[k] for k in DEFAULTS}, output / "args.yaml")
@@ -548,8 +550,3 @@ def _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn) -> dict:
 
 def _state(obj):
     return obj.state_dict() if obj is not None else None
-
-
-def _to_input(x, device, cfg):
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
