@@ -127,6 +127,9 @@ def _fname(target) -> str:
 class _Tracer(torch.fx.Tracer):
     """Keeps slim layers (and modules adapters mark as fx leaves) as leaves; remembers where tracing failed."""
 
+    # buffers read by a forward are graph attributes, not constants: the analysis sees them (a mask, a bias table)
+    proxy_buffer_attributes = True
+
     def __init__(self, leaf_names, leaf_types=(), autowrap=()):
         super().__init__(autowrap_functions=tuple(autowrap))
         self.leaf_names, self.leaf_types = leaf_names, tuple(leaf_types)
@@ -239,10 +242,20 @@ def _tag_ints(root: nn.Module) -> list[AttrTag]:
             continue
         seen.add(id(m))
         for k, v in list(m.__dict__.items()):
-            if type(v) is int and not k.startswith("_"):
+            if k.startswith("_"):
+                continue
+            if type(v) is int:
                 tag = AttrTag(path, k)
                 tags.append(tag)
                 m.__dict__[k] = AttrInt(v, tag)
+            elif type(v) is tuple and any(type(x) is int for x in v):  # a shape: (N, N, num_heads)
+                items = []
+                for i, x in enumerate(v):
+                    if type(x) is int:
+                        tags.append(AttrTag(path, f"{k}[{i}]"))
+                        x = AttrInt(x, tags[-1])
+                    items.append(x)
+                m.__dict__[k] = tuple(items)
     return tags
 
 

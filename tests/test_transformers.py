@@ -510,6 +510,24 @@ class UserCrossAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
 
+class UserRelBiasAttention(UserAttention):
+    """A per-head bias from an MLP over token offsets, viewed to ``self.bias_shape = (N, N, heads)`` (timm's
+    ``RelPosMlp`` style): the head count inside a tuple attribute."""
+
+    def __init__(self, dim=64, heads=4, tokens=16):
+        super().__init__(dim, heads)
+        self.register_buffer("coords", torch.randn(tokens * tokens, 2))
+        self.bias_mlp = nn.Linear(2, heads)
+        self.bias_shape = (tokens, tokens, heads)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.bias_mlp(self.coords).view(self.bias_shape).permute(2, 0, 1).unsqueeze(0)
+        attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
 class PythonHeads(UserAttention):
     """Computes with ``num_heads`` in Python: the analysis cannot see what that decides."""
 
@@ -535,7 +553,7 @@ class TinyTokenNet(nn.Module):
         return self.head(x.mean(1))
 
 
-@pytest.mark.parametrize("attn", [UserAttention, UserCrossAttention])
+@pytest.mark.parametrize("attn", [UserAttention, UserCrossAttention, UserRelBiasAttention])
 def test_attention_without_counterpart_runs_its_own_forward_at_the_active_heads(attn):
     torch.manual_seed(0)
     net = TinyTokenNet(attn())
@@ -554,6 +572,8 @@ def test_attention_without_counterpart_runs_its_own_forward_at_the_active_heads(
         p = exports[w].attn
         assert type(p) is attn and p.num_heads == heads
         assert p.proj.in_features == heads * 16  # the head dim is kept: whole heads are dropped
+        if attn is UserRelBiasAttention:
+            assert p.bias_shape == (16, 16, heads) and p.bias_mlp.out_features == heads
     # the kept heads are heads 0, 1 of q, k and v of the full projection
     if attn is UserAttention:
         full = model.attn.qkv.weight.detach()

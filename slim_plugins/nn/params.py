@@ -62,11 +62,9 @@ class ParamHost:
         ints = self.__dict__.get("_slim_ints")
         if ints is not None and name in ints:  # a head count: the active one inside a forward
             if _in_forward.get():
-                slot = self.__dict__["_slim_hosted"][name][0]
                 geos = self._slim_state.active(None).geo
-                g = geos[slot] if geos is not None else None
-                if g is not None:
-                    return g.c
+                if geos is not None:
+                    return _active_int(ints[name], name, self.__dict__["_slim_hosted"], geos)
             return ints[name]
         hosted = self.__dict__.get("_slim_hosted")
         if hosted is None or name not in hosted or not _in_forward.get():
@@ -80,6 +78,25 @@ class ParamHost:
         if torch.is_grad_enabled():
             return g.take(value, dim)
         return cached(self, "_slim_param_cache", (name, g), (value,), lambda: g.take(value, dim).contiguous(), 32)
+
+
+def _active_int(value, name, hosted, geos):
+    """``value`` (an int, or a tuple of them such as a bias shape) with each hosted entry at its active count."""
+    if isinstance(value, tuple):
+        out = list(value)
+        for i in range(len(out)):
+            hit = hosted.get(f"{name}[{i}]")
+            g = geos[hit[0]] if hit is not None else None
+            if g is not None:
+                out[i] = g.c
+        return tuple(out)
+    g = geos[hosted[name][0]]
+    return value if g is None else g.c
+
+
+def _int_attr(attr: str) -> str:
+    """``'bias_shape'`` for a hosted tuple entry ``'bias_shape[2]'``."""
+    return attr.partition("[")[0]
 
 
 _HOSTED: dict[type, type] = {}
@@ -128,8 +145,10 @@ def host(module: nn.Module, attr: str, slot: int, dim: int, state) -> None:
     if not isinstance(module, ParamHost):
         module.__class__ = hosted_class(type(module))
     if attr not in module._parameters and attr not in module._buffers:
-        v = module.__dict__.pop(attr)  # so that reads reach __getattr__
-        module.__dict__.setdefault("_slim_ints", {})[attr] = v
+        base = _int_attr(attr)
+        ints = module.__dict__.setdefault("_slim_ints", {})
+        if base not in ints:
+            ints[base] = module.__dict__.pop(base)  # so that reads reach __getattr__
     module.__dict__.setdefault("_slim_hosted", {})[attr] = (slot, dim)
     module.__dict__["_slim_state"] = state
 
@@ -166,12 +185,14 @@ def export_hosted(module: nn.Module, a) -> None:
     ints = module.__dict__.get("_slim_ints") or {}
     for k in module.__dict__.get("_slim_caches", ()):  # filled at some width of the dynamic model
         module.__dict__[k].clear()
+    if ints and a.geo is not None:
+        for base in list(ints):
+            module.__dict__[base] = _active_int(ints.pop(base), base, hosted, a.geo)
     with torch.no_grad():
         for attr, (slot, dim) in hosted.items():
             g = a.geo[slot] if a.geo is not None else None
-            if attr in ints:
-                module.__dict__[attr] = g.c if g is not None else ints[attr]
-                ints.pop(attr)
+            if _int_attr(attr) in ints:
+                continue
             elif attr in module._parameters and module._parameters[attr] is not None:
                 p = module._parameters[attr]
                 module._parameters[attr] = nn.Parameter(_take(p.detach(), dim, g).clone(), p.requires_grad)
