@@ -1350,8 +1350,8 @@ class _Builder:
             return self.out_tensor(node, GROUPMAP, (src,), (r2, 1) if name == "pixel_shuffle" else (1, r2))
         if shape is None or sshape is None:
             return self.opaque(node, f"{name} of unknown shape")
-        if shape == sshape:
-            return self.alias(node, src)
+        if shape == sshape and name not in ("permute", "transpose", "swapaxes", "movedim"):
+            return self.alias(node, src)  # (a permute of equal-sized dims still moves the channels)
         if k == 1 and len(sshape) >= 3 and len(shape) == len(sshape) + 1 and shape[0] == sshape[0] and \
                 shape[1] * shape[2] == sshape[1] and tuple(shape[3:]) == tuple(sshape[2:]) and \
                 name in ("view", "reshape", "unflatten"):
