@@ -631,6 +631,21 @@ class _Builder:
         self.emit(INPUT, (), (n,), f"input read along dim {cdim}")
         return n
 
+    def _param_literal(self, node, name, j, rank, i, target, dims):
+        """Source dim of result dim ``j`` of a parameter view: ``None`` for a literal size, kept for a module int
+        (claimed once the parameter is tied along that dim)."""
+        lit = self._literal_at(node, name, j, rank)
+        if lit is None or i is None:
+            return i
+        if not isinstance(lit, AttrInt) or dims[i] is None:
+            return None
+        hit = self.param_ids.get(target)
+        if hit is not None and hit[1] == dims[i]:
+            self.claim_int(lit, hit[0])
+        else:
+            self.__dict__.setdefault("_pending_ints", []).append((lit, target, dims[i]))
+        return i
+
     def param_root(self, target, pdim) -> int | None:
         """The ``param`` tensor of a host parameter with its channels on ``pdim`` (one per parameter)."""
         hit = self.param_ids.get(target)
@@ -644,6 +659,9 @@ class _Builder:
         self.emit(PARAM, (), (t,), f"parameter {_join_name(self.prefix, target)!r}")
         self.calls.append(LayerCall(target, "param", t, t, pdim=pdim))
         self.param_ids[target] = (t, pdim)
+        for lit, tg, pd in self.__dict__.get("_pending_ints", []):
+            if tg == target and pd == pdim:
+                self.claim_int(lit, t)
         return t
 
     def _attr_shape(self, target):
@@ -703,8 +721,9 @@ class _Builder:
                 m = [None] * (len(shape) - 1) + [len(fs) - 1] if shape[-1] == fs[-1] else None
             else:
                 m = _dim_map(name, node, _shape(first), shape)
-                if m is not None:  # a literal size (scale.view(self.shape)) cannot follow a sliced parameter
-                    m = [None if self._literal_size(node, name, j, len(shape)) else i for j, i in enumerate(m)]
+                if m is not None:  # a literal size (scale.view(self.shape)) cannot follow a sliced parameter,
+                    m = [self._param_literal(node, name, j, len(shape), i, target, dims)  # unless it is a module
+                         for j, i in enumerate(m)]                                      # attribute (num_heads)
             t = self.out_tensor(node, CONST, ())
             if m is not None:
                 self.pmap[t] = (target, [dims[i] if i is not None else None for i in m])
