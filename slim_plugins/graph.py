@@ -46,12 +46,13 @@ from .errors import ChannelGroupError, ExampleInputError, NotExactError
 # group count), "norm" (BN and other per-channel layers: output = input selection), "dw" (group width 1,
 # multiplier m: depthwise), "gwidth" (grouped conv keeping its group width), "fixed" (decider with fixed outputs),
 # "gnorm" (GroupNorm: a norm whose channels split into `groups` equal runs), "param" (a tied parameter).
-LAYER, INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TIE, PASS, OPAQUE, OUTPUT, TILE, PARAM = (
+LAYER, INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TIE, PASS, OPAQUE, OUTPUT, TILE, PARAM, SPLITV = (
     "layer", "input", "const", "cat", "split", "shuffle", "slice", "flatten", "groupmap", "tie", "pass", "opaque",
-    "output", "tile", "param")
+    "output", "tile", "param", "splitv")
 # FLATTEN: channel-major merge (N, C, H, W) -> (N, C*H*W), arg H*W; TILE: channel-minor merge (N, H, W, C) ->
-# (N, H*W*C), arg H*W; PARAM: a parameter tied to the channels (takes its class's selection, decides nothing).
-_DERIVED = (INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, OPAQUE, TILE)
+# (N, H*W*C), arg H*W; PARAM: a parameter tied to the channels (takes its class's selection, decides nothing);
+# SPLITV: split into pieces of module-attribute sizes (arg: their full sizes), each piece's count read by the module.
+_DERIVED = (INPUT, CONST, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, OPAQUE, TILE, SPLITV)
 
 
 @dataclasses.dataclass
@@ -1052,6 +1053,15 @@ class _Builder:
         # chunk(k) splits the runtime tensor in k equal runs; split(n) with a literal n does not follow the width.
         dynamic = name == "chunk" or isinstance(arg, torch.fx.Node)
         if not (equal and dynamic):
+            if name == "split" and isinstance(arg, (list, tuple)) and len(arg) == len(shapes) and \
+                    all(isinstance(a, AttrInt) for a in arg) and sum(sizes) == self.full[sid]:
+                # sizes the module holds (FasterNet's [self.dim_conv3, self.dim_untouched]): they follow the width
+                outs = [self.new(sh, k) for sh in shapes]
+                self.emit(SPLITV, (sid,), outs, self.where(node), tuple(int(x) for x in sizes))
+                self.val[node] = ("tuple", outs)
+                for a, t in zip(arg, outs):
+                    self.claim_int(a, t)
+                return
             return self.opaque(node, f"{name} with literal sizes {arg!r} (only chunk(k) or split(x.size(1)//k) "
                                      "follow the width)")
         outs = [self.new(s, k) for s in shapes]
@@ -1553,6 +1563,9 @@ class ChannelGraph:
                 elif op.kind == SPLIT:
                     for t in op.outs:
                         full[t] = full[op.ins[0]] // op.arg
+                elif op.kind == SPLITV:
+                    for t, f in zip(op.outs, op.arg):
+                        full[t] = f
                 elif op.kind == SHUFFLE:
                     full[op.outs[0]] = full[op.ins[0]]
                 elif op.kind == SLICE:
@@ -1590,7 +1603,7 @@ class ChannelGraph:
                 elif c.role in ("dw", "gwidth"):
                     stack.append(c.t_in)
                 continue
-            if op.kind in (PASS, TIE, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TILE):
+            if op.kind in (PASS, TIE, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TILE, SPLITV):
                 stack.extend(op.ins)
         return found
 
@@ -1708,7 +1721,7 @@ class ChannelGraph:
                 parent[find(a)] = find(b)
 
             for op in self.ops:
-                if op.kind in (CAT, SPLIT, SHUFFLE, SLICE, GROUPMAP, FLATTEN, TILE):
+                if op.kind in (CAT, SPLIT, SHUFFLE, SLICE, GROUPMAP, FLATTEN, TILE, SPLITV):
                     for t in (*op.ins, *op.outs):
                         union(self.cls[t], self.cls[op.outs[0]])
                 elif op.kind == LAYER:
@@ -1788,6 +1801,14 @@ class ChannelGraph:
                     align[cls[c.t_in]] = math.lcm(align.get(cls[c.t_in], 1), c.gw[0])
             elif op.kind in (SHUFFLE, SPLIT):
                 runs(op.ins[0], op.arg, op.where)
+            elif op.kind == SPLITV:  # piece j: runtime positions [P_j, P_j + n_j) hold full channels of piece j
+                c = cls[op.ins[0]]
+                p_off = f_off = 0
+                for t, f in zip(op.outs, op.arg):
+                    n = count[cls[t]]
+                    np.maximum(lo[c][p_off:p_off + n], f_off, out=lo[c][p_off:p_off + n])
+                    np.minimum(hi[c][p_off:p_off + n], f_off + f, out=hi[c][p_off:p_off + n])
+                    p_off, f_off = p_off + n, f_off + f
             elif op.kind == GROUPMAP and op.arg[0] > 1:
                 align[cls[op.ins[0]]] = math.lcm(align.get(cls[op.ins[0]], 1), op.arg[0])
             elif op.kind == SLICE:
@@ -1914,6 +1935,8 @@ class ChannelGraph:
             return None
         if k == SPLIT:
             return [n // op.arg] * op.arg
+        if k == SPLITV:
+            return _splitv_counts(n, op.arg)
         if k == SHUFFLE:
             return n
         if k == SLICE:
@@ -1953,6 +1976,15 @@ class ChannelGraph:
                 sl = slice(j * n // kk, (j + 1) * n // kk)
                 np.maximum(lo[c_in][sl], lo[c] + j * f // kk, out=lo[c_in][sl])
                 np.minimum(hi[c_in][sl], _sat_add(hi[c], j * f // kk), out=hi[c_in][sl])
+        elif k == SPLITV:
+            c_in = cls[op.ins[0]]
+            p_off = f_off = 0
+            for t, f in zip(op.outs, op.arg):
+                c, n = cls[t], count[cls[t]]
+                sl = slice(p_off, p_off + n)
+                np.maximum(lo[c_in][sl], lo[c] + f_off, out=lo[c_in][sl])
+                np.minimum(hi[c_in][sl], _sat_add(hi[c], f_off), out=hi[c_in][sl])
+                p_off, f_off = p_off + n, f_off + f
         elif k == SHUFFLE:
             g = op.arg
             c_in, c_out = cls[op.ins[0]], cls[op.outs[0]]
@@ -2008,6 +2040,17 @@ class ChannelGraph:
                                         "channels of another chunk of the full tensor")
                 out.append(Sel(piece, full[t]))
             return out
+        if k == SPLITV:
+            counts = _splitv_counts(s.n, op.arg)
+            out, p_off, f_off = [], 0, 0
+            for t, f, n in zip(op.outs, op.arg, counts):
+                piece = s.idx[p_off:p_off + n] - f_off
+                if np.any(piece < 0) or np.any(piece >= f):
+                    raise NotExactError(f"{where}: at width {width_key} piece {len(out)} of the narrow tensor holds "
+                                        "channels of another piece of the full tensor")
+                out.append(Sel(piece, full[t]))
+                p_off, f_off = p_off + n, f_off + f
+            return out
         if k == SHUFFLE:
             g, n = op.arg, s.n
             if n % g:
@@ -2039,6 +2082,30 @@ class ChannelGraph:
             gi, go = op.arg
             return [Sel(_groupmap(s, gi, go, where, width_key), full[op.outs[0]])]
         raise AssertionError(k)
+
+
+def _splitv_counts(n: int, fulls) -> list[int]:
+    """Active counts of the pieces of a split with module-held sizes when its input has ``n`` channels: each piece
+    keeps its share of the full width (largest remainders first), at least one channel where ``n`` allows."""
+    f = sum(fulls)
+    if n >= f:
+        return list(fulls)
+    out = [min(fi, n * fi // f) for fi in fulls]
+    order = sorted(range(len(fulls)), key=lambda i: (-(n * fulls[i] % f), i))
+    for i in order:
+        if sum(out) >= n:
+            break
+        if out[i] < fulls[i]:
+            out[i] += 1
+    for i in range(len(out)):  # an empty piece would be a zero-channel conv: borrow from the largest
+        if out[i] == 0 and n >= len(out):
+            j = max(range(len(out)), key=lambda q: out[q])
+            out[j] -= 1
+            out[i] = 1
+    while sum(out) < n:  # only when shares were capped at their full size
+        i = next(i for i in range(len(out)) if out[i] < fulls[i])
+        out[i] += 1
+    return out
 
 
 def _tag(e: NotExactError, c_id) -> NotExactError:

@@ -629,3 +629,38 @@ def test_a_forward_cache_of_width_dependent_tensors_is_refused_or_emptied_per_fo
     for w in (0.5, 1.0, 0.25, 0.5):  # each forward recomputes the cached tensor at its own width
         with slim.width(w), torch.no_grad():
             _same(model(x), slim.export(model, w)(x))
+
+
+class PartialConvNet(nn.Module):
+    """FasterNet's partial convolution: ``torch.split(x, [self.dim_conv, self.dim_untouched])`` with sizes the
+    module holds, a 3x3 conv on the first piece only."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dim_conv, self.dim_untouched = c // 4, c - c // 4
+        self.pconv = nn.Conv2d(c // 4, c // 4, 3, padding=1, bias=False)
+        self.pw = nn.Conv2d(c, c, 1)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x1, x2 = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
+        x = x + self.pw(torch.cat((self.pconv(x1), x2), 1))
+        return self.head(x.mean((2, 3)))
+
+
+def test_split_with_module_held_sizes_follows_the_width():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    net = PartialConvNet()
+    ref = copy.deepcopy(net).eval()
+    model = slim.convert(net, RANGE, example_input=x).eval()
+    with torch.no_grad():
+        _same(model(x), ref(x))
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0])
+    for w in (0.25, 0.5, 1.0):
+        p = exports[w]
+        assert p.dim_conv + p.dim_untouched == p.stem.out_channels
+        assert p.pconv.in_channels == p.dim_conv >= 1 and p.dim_conv <= 8
+    assert exports[0.5].stem.out_channels < 32 and exports[0.5].dim_conv < 8  # each piece narrows with the width
