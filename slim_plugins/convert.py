@@ -409,7 +409,7 @@ def _attach_graphs(model, state: SlimState, parts, new_mods):
                 p = params[call.name]
                 hm = model.get_submodule(p.host) if p.host else model
                 _check_memos(hm, p.host, getattr(builder, "memos", ()))
-                host(hm, p.attr, p._slim_slot, p.dim, state)
+                host(hm, p.attr, p._slim_slot, p.dim, state, scale=call.scale)
         units = g.class_units()
         for c_id, u in units.items():
             if u <= 1:

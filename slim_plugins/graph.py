@@ -77,6 +77,7 @@ class LayerCall:
     gw: tuple = (1, 1)
     unit: int = 1                 # the active count must be a multiple of it (attention: the head dim)
     pdim: int = 0                 # param: the dim of the parameter that holds the channels
+    scale: tuple = (1, 1)         # module int: the channels it sizes are attribute * scale[0] // scale[1]
 
 
 class Sel:
@@ -186,10 +187,19 @@ class AttrTag:
     forward used it in Python (arithmetic, a comparison, a size it passed to torch itself), where the analysis
     cannot see what it decides."""
 
-    __slots__ = ("path", "attr", "escaped", "live")
+    __slots__ = ("path", "attr", "escaped", "live", "base", "scale")
 
-    def __init__(self, path: str, attr: str):
+    def __init__(self, path: str, attr: str, base: "AttrTag | None" = None, scale=(1, 1)):
         self.path, self.attr, self.escaped, self.live = path, attr, False, True
+        self.base, self.scale = base, scale  # a derived value: base * scale[0] // scale[1] (self.c // 2)
+
+    @property
+    def root(self) -> "AttrTag":
+        return self.base or self
+
+    @property
+    def key(self) -> tuple:
+        return (self.root, self.scale)
 
     @property
     def name(self) -> str:
@@ -200,10 +210,24 @@ def _escape(name):
     base = getattr(int, name)
 
     def f(self, *args):
-        if self.tag.live and not any(isinstance(a, torch.fx.Proxy) for a in args):
-            self.tag.escaped = True
         if any(isinstance(a, torch.fx.Proxy) for a in args):
             return NotImplemented  # the proxy's reflected op records a graph node instead
+        tag = self.tag
+        live = tag.root.live  # tracing (afterwards, e.g. while the builder reads the value, nothing escapes)
+        if live and name in ("__floordiv__", "__mul__", "__rmul__") and len(args) == 1 and \
+                isinstance(args[0], int) and not isinstance(args[0], bool) and args[0] > 0:
+            k = args[0].v if isinstance(args[0], AttrInt) else args[0]  # self.c // 2: scales with the attribute
+            if isinstance(args[0], AttrInt):
+                args[0].tag.root.escaped = True  # the other operand is a constant here
+            m, d = tag.scale
+            if name == "__floordiv__" and self.v % k == 0:
+                g = math.gcd(m, d * k)
+                return AttrInt(self.v // k, AttrTag(tag.path, tag.attr, tag.root, (m // g, d * k // g)))
+            if name != "__floordiv__":
+                g = math.gcd(m * k, d)
+                return AttrInt(self.v * k, AttrTag(tag.path, tag.attr, tag.root, (m * k // g, d // g)))
+        if live:
+            tag.root.escaped = True
         return base(self, *args)
 
     f.__name__ = name
@@ -216,7 +240,7 @@ class AttrInt(int):
 
     def __new__(cls, v, tag: AttrTag):
         obj = super().__new__(cls, v)
-        obj.tag = tag
+        obj.tag, obj.v = tag, int.__int__(v) if isinstance(v, AttrInt) else v  # v: the plain value
         return obj
 
     def __reduce__(self):
@@ -502,7 +526,7 @@ class _Builder:
     def int_root(self, tag: AttrTag, value: int) -> int:
         """The ``param`` tensor of a module int attribute (``num_heads``) that sizes a channel dim: at a width the
         module reads it as that dim's active count (one per attribute, tied to every dim it sizes)."""
-        t = self.int_ids.get(tag)
+        t = self.int_ids.get(tag.key)
         if t is None:
             t = len(self.full)
             self.full.append(int(value))
@@ -510,14 +534,14 @@ class _Builder:
             self.cdim.append(0)
             name = tag.name
             self.emit(PARAM, (), (t,), f"attribute {_join_name(self.prefix, name)!r}")
-            self.calls.append(LayerCall(name, "param", t, t, pdim=0))
-            self.int_ids[tag] = t
+            self.calls.append(LayerCall(name, "param", t, t, pdim=0, scale=tag.scale))
+            self.int_ids[tag.key] = t
         return t
 
     def claim_int(self, lit, t: int) -> None:
         """``lit`` (an :class:`AttrInt`) sizes the channel dim of tensor ``t``: tie the attribute to it."""
         r = self.int_root(lit.tag, int(lit))
-        self.int_claims[lit.tag] = self.int_claims.get(lit.tag, 0) + 1
+        self.int_claims[lit.tag.key] = self.int_claims.get(lit.tag.key, 0) + 1
         x = self.new((1, self.full[t]), 1)
         self.emit(TIE, (r, t), (x,), f"attribute {lit.tag.name!r}")
 
@@ -561,7 +585,7 @@ class _Builder:
         seen = self.__dict__.setdefault("_claimed_nodes", set())
         if node not in seen:
             seen.add(node)
-            self.int_claims[tag] = self.int_claims.get(tag, 0) + 1
+            self.int_claims[tag.key] = self.int_claims.get(tag.key, 0) + 1
 
     def _check_ints(self) -> None:
         """A hosted int must be read only where the analysis saw it size a channel dim; any other use (Python
@@ -572,7 +596,7 @@ class _Builder:
 
         def walk(a):
             if isinstance(a, AttrInt):
-                uses[a.tag] = uses.get(a.tag, 0) + 1
+                uses[a.tag.key] = uses.get(a.tag.key, 0) + 1
             elif isinstance(a, (list, tuple)):
                 for x in a:
                     walk(x)
@@ -585,8 +609,14 @@ class _Builder:
         for node in self.gm.graph.nodes:
             walk(node.args)
             walk(node.kwargs)
-        for tag, t in self.int_ids.items():
-            if tag.escaped or uses.get(tag, 0) != self.int_claims.get(tag, 0):
+        roots: dict = {}
+        for key in self.int_ids:
+            roots.setdefault(key[0], []).append(key)
+        for key, t in self.int_ids.items():
+            tag = key[0]
+            # every use seen sizing channels, and one scale of the attribute (the module reads one value)
+            other = len(roots[tag]) > 1 or any(k[0] is tag and k not in self.int_ids for k in uses)
+            if tag.escaped or other or uses.get(key, 0) != self.int_claims.get(key, 0):
                 why = "computes with it in Python" if tag.escaped else "passes it where it does not size channels"
                 self.emit(OPAQUE, (t,), (), f"attribute {_join_name(self.prefix, tag.name)!r}",
                           f"the forward {why}, so it cannot follow the width")
@@ -1051,7 +1081,7 @@ class _Builder:
         sizes = [s[k] for s in shapes]
         equal = len(set(sizes)) == 1 and sum(sizes) == self.full[sid]
         # chunk(k) splits the runtime tensor in k equal runs; split(n) with a literal n does not follow the width.
-        dynamic = name == "chunk" or isinstance(arg, torch.fx.Node)
+        dynamic = name == "chunk" or isinstance(arg, (torch.fx.Node, AttrInt))
         if not (equal and dynamic):
             if name == "split" and isinstance(arg, (list, tuple)) and len(arg) == len(shapes) and \
                     all(isinstance(a, AttrInt) for a in arg) and sum(sizes) == self.full[sid]:
@@ -1067,6 +1097,8 @@ class _Builder:
         outs = [self.new(s, k) for s in shapes]
         self.emit(SPLIT, (sid,), outs, self.where(node), len(outs))
         self.val[node] = ("tuple", outs)
+        if isinstance(arg, AttrInt):  # x.split(self.c // 2): the module reads the attribute at the piece size
+            self.claim_int(arg, outs[0])
 
     def visit_tie(self, node, ins):
         """An elementwise op (residual add, gating, a scale): its tensors' channels are one set. Broadcasting

@@ -664,3 +664,37 @@ def test_split_with_module_held_sizes_follows_the_width():
         assert p.dim_conv + p.dim_untouched == p.stem.out_channels
         assert p.pconv.in_channels == p.dim_conv >= 1 and p.dim_conv <= 8
     assert exports[0.5].stem.out_channels < 32 and exports[0.5].dim_conv < 8  # each piece narrows with the width
+
+
+class CrossStageNet(nn.Module):
+    """CSPNet's cross stage: ``x.split(self.expand_chs // 2, dim=1)``, a size computed from a module attribute."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.expand_chs = c
+        self.conv_exp = nn.Conv2d(3, c, 3, padding=1)
+        self.block = nn.Conv2d(c // 2, c // 2, 3, padding=1)
+        self.transition = nn.Conv2d(c, 24, 1)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        xs, xb = self.conv_exp(x).split(self.expand_chs // 2, dim=1)
+        return self.head(self.transition(torch.cat([xs, self.block(xb)], 1)).mean((2, 3)))
+
+
+class ComputedSize(CrossStageNet):
+    def forward(self, x):  # the attribute also used unscaled elsewhere: two values, so refused
+        xs, xb = self.conv_exp(x).split(self.expand_chs // 2, dim=1)
+        y = torch.cat([xs, self.block(xb)], 1).reshape(x.shape[0], self.expand_chs, -1)
+        return self.head(self.transition(y.unsqueeze(-1)).mean((2, 3)))
+
+
+def test_split_size_computed_from_a_module_attribute():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = slim.convert(CrossStageNet(), RANGE, example_input=x).eval()
+    exports = _export_matches(model, x, [0.25, 0.5, 1.0])
+    assert exports[0.5].expand_chs == exports[0.5].conv_exp.out_channels < 32
+    assert model.expand_chs == 32  # outside a forward: the attribute itself
+    with pytest.raises(slim.NotExactError, match="expand_chs"):
+        slim.convert(ComputedSize(), RANGE, example_input=x)

@@ -88,10 +88,21 @@ def _active_int(value, name, hosted, geos):
             hit = hosted.get(f"{name}[{i}]")
             g = geos[hit[0]] if hit is not None else None
             if g is not None:
-                out[i] = g.c
+                out[i] = _unscale(g.c, hit[1], name)
         return tuple(out)
-    g = geos[hosted[name][0]]
-    return value if g is None else g.c
+    slot, scale = hosted[name]
+    g = geos[slot]
+    return value if g is None else _unscale(g.c, scale, name)
+
+
+def _unscale(c: int, scale, name) -> int:
+    """The attribute value whose ``* scale[0] // scale[1]`` is the active count ``c``."""
+    m, d = scale
+    if (c * d) % m:
+        from ..errors import NotExactError
+
+        raise NotExactError(f"attribute {name!r}: {c} active channels are not {m}/{d} of a whole value")
+    return c * d // m
 
 
 def _int_attr(attr: str) -> str:
@@ -139,7 +150,7 @@ def __getattr__(name):  # unpickling a hosted module in a fresh process recreate
     raise AttributeError(name)
 
 
-def host(module: nn.Module, attr: str, slot: int, dim: int, state) -> None:
+def host(module: nn.Module, attr: str, slot: int, dim: int, state, scale=(1, 1)) -> None:
     """Make ``module.<attr>`` read as its active channels (slot ``slot`` of the plan, channels on ``dim``); an
     ``int`` attribute (a head count that sizes a channel dim) reads as the active count."""
     if not isinstance(module, ParamHost):
@@ -149,6 +160,7 @@ def host(module: nn.Module, attr: str, slot: int, dim: int, state) -> None:
         ints = module.__dict__.setdefault("_slim_ints", {})
         if base not in ints:
             ints[base] = module.__dict__.pop(base)  # so that reads reach __getattr__
+        dim = tuple(scale)  # an int: the sized channels are attribute * scale[0] // scale[1]
     module.__dict__.setdefault("_slim_hosted", {})[attr] = (slot, dim)
     module.__dict__["_slim_state"] = state
 
