@@ -315,7 +315,7 @@ def _analyse(model, root, planned, example_input, hosts):
         # traced in the model's own mode (layers only a training forward reaches, e.g. auxiliary heads, are seen),
         # run once in eval mode (BN statistics untouched)
         gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap(), n_inputs=len(args), snapshot=snap,
-                   caches=registry.forward_caches())
+                   caches=registry.forward_caches(), inputs=args if x is not None else None)
         if x is None:
             raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
                                     "layer is not a Conv2d / Linear; pass example_input=")

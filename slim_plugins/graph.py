@@ -126,17 +126,85 @@ def _fname(target) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
+_UNKNOWN = object()
+
+
 class _Tracer(torch.fx.Tracer):
     """Keeps slim layers (and modules adapters mark as fx leaves) as leaves; remembers where tracing failed."""
 
     # buffers read by a forward are graph attributes, not constants: the analysis sees them (a mask, a bias table)
     proxy_buffer_attributes = True
 
-    def __init__(self, leaf_names, leaf_types=(), autowrap=()):
+    def __init__(self, leaf_names, leaf_types=(), autowrap=(), inputs=None):
         super().__init__(autowrap_functions=tuple(autowrap))
         self.leaf_names, self.leaf_types = leaf_names, tuple(leaf_types)
         self.stack: list[str] = []
         self.failed_in: str | None = None
+        # the example input, run along while tracing: a branch on a shape (``if H % self.window``) is taken as it
+        # is for that input (the channel plan is made for it), instead of failing the trace
+        self.inputs = list(inputs) if inputs is not None else None
+        self.values: dict = {}
+        self.shape_only: set = set()
+        self._placeholders = 0
+
+    def _value(self, a):
+        if isinstance(a, torch.fx.Node):
+            v = self.values.get(a, _UNKNOWN)
+            if v is _UNKNOWN:
+                raise LookupError(a.name)
+            return v
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._value(x) for x in a) if not hasattr(a, "_fields") else \
+                type(a)(*(self._value(x) for x in a))
+        if isinstance(a, dict):
+            return {k: self._value(v) for k, v in a.items()}
+        if isinstance(a, slice):
+            return slice(self._value(a.start), self._value(a.stop), self._value(a.step))
+        if isinstance(a, AttrInt):
+            return a.v  # the eager run is not a use of the attribute
+        return a
+
+    def _evaluate(self, node):
+        if node.op == "placeholder":
+            i = self._placeholders
+            self._placeholders += 1
+            return self.inputs[i] if i < len(self.inputs) else _UNKNOWN
+        if node.op == "output":
+            return _UNKNOWN
+        args, kwargs = self._value(node.args), self._value(node.kwargs)
+        self._eager = True  # fx's patches (module calls, parameter reads) pass straight through meanwhile
+        try:
+            if node.op == "get_attr":
+                return _resolve(self.root, node.target)
+            with torch.no_grad():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                if node.op == "call_module":
+                    return self.root.get_submodule(node.target)(*args, **kwargs)
+        finally:
+            self._eager = False
+        return _UNKNOWN
+
+    _eager = False
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._eager:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def to_bool(self, obj):
+        v = self.values.get(obj.node, _UNKNOWN)
+        if v is _UNKNOWN or obj.node not in self.shape_only:  # a branch on the data stays untraceable
+            return super().to_bool(obj)
+        return bool(v)
+
+    def iter(self, obj):
+        v = self.values.get(obj.node, _UNKNOWN)
+        if v is _UNKNOWN or obj.node not in self.shape_only or not isinstance(v, (tuple, list, torch.Size)):
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(v))])
 
     def is_leaf_module(self, m, qualname):
         if qualname in self.leaf_names:
@@ -150,9 +218,24 @@ class _Tracer(torch.fx.Tracer):
         node = super().create_node(*args, **kwargs)
         if self.stack:
             node.meta["slim_module"] = self.stack[-1]  # the module whose forward made it, for messages
+        if self.inputs is not None:
+            try:
+                v = self.values[node] = self._evaluate(node)
+            except Exception:  # an op the eager run cannot repeat: its branches stay untraceable
+                v = self.values[node] = _UNKNOWN
+            # a value computed from shapes only (not from tensor data): a branch on it is fixed by the input size
+            if v is not _UNKNOWN and not torch.is_tensor(v) and (
+                    (node.op == "call_method" and node.target in ("size", "dim", "numel")) or
+                    (node.op == "call_function" and _fname(node.target) == "getattr" and len(node.args) > 1 and
+                     node.args[1] in ("shape", "ndim")) or
+                    (node.op in ("call_function", "call_method") and node.all_input_nodes and
+                     all(a in self.shape_only for a in node.all_input_nodes))):
+                self.shape_only.add(node)
         return node
 
     def call_module(self, m, forward, args, kwargs):
+        if self._eager:
+            return forward(*args, **kwargs)
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -285,7 +368,7 @@ def _tag_ints(root: nn.Module) -> list[AttrTag]:
 
 
 def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: int | None = None,
-          snapshot=None, caches=()) -> torch.fx.GraphModule:
+          snapshot=None, caches=(), inputs=None) -> torch.fx.GraphModule:
     """``torch.fx`` trace of ``model`` with the given leaves (``n_inputs``: the positional inputs the analysis
     forward passes; later parameters with plain defaults are traced at their defaults). The model is restored to
     ``snapshot`` (:func:`snapshot_modules`; taken here when not given) before the graph module is built.
@@ -293,7 +376,8 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: in
     Raises:
         ChannelGroupError: fx cannot trace the model (names the layer whose forward failed).
     """
-    tracer = _Tracer(set(leaf_names), leaf_types, autowrap)
+    tracer = _Tracer(set(leaf_names), leaf_types, autowrap,
+                     inputs=[a.clone() if torch.is_tensor(a) else a for a in inputs] if inputs is not None else None)
     snap = snapshot_modules(model) if snapshot is None else snapshot
     consts: dict = {}
     tags: list = []

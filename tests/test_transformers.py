@@ -698,3 +698,31 @@ def test_split_size_computed_from_a_module_attribute():
     assert model.expand_chs == 32  # outside a forward: the attribute itself
     with pytest.raises(slim.NotExactError, match="expand_chs"):
         slim.convert(ComputedSize(), RANGE, example_input=x)
+
+
+class ShapeBranch(nn.Module):
+    """Pads to a multiple of its window when the input needs it: a branch on a shape (fx alone cannot trace it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.window = 4
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool_proj = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.shape[-1] % self.window:
+            x = nn.functional.pad(x, (0, self.window - x.shape[-1] % self.window))
+        x = self.pool_proj(nn.functional.avg_pool2d(x, self.window))
+        return self.head(x.mean((2, 3)))
+
+
+def test_branch_on_a_shape_is_traced_as_the_example_input_takes_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 10)  # 10 % 4: the padding branch
+    net = ShapeBranch()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(net)  # plain fx fails on the branch
+    model = slim.convert(net, RANGE, example_input=x).eval()
+    _export_matches(model, x, [0.25, 0.5, 1.0])
