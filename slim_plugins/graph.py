@@ -589,6 +589,8 @@ class _Builder:
                 return [t for t in v[1] if t is not None]
             if isinstance(v, _Runs):  # read by an op that is not a layout op: it must stay whole
                 return list(v.heads)
+            if isinstance(v, _Factored):
+                return [v.src]
             return []
         if isinstance(a, (list, tuple)):
             return [t for x in a for t in self.tensor_ids(x)]
