@@ -60,6 +60,8 @@ def record_widths(model: nn.Module, w, example_input=None) -> dict:
 
     def hook(mod, args, out):
         inp = args[0]
+        if isinstance(out, tuple):  # (output, attention weights)
+            out = out[0]
         geo = layer_geometry(mod, a, inp)
         d = channel_dim(mod)
         r = {"geo": geo, "in": inp.shape[d], "out": out.shape[d], "groups": getattr(geo, "groups", 1)}

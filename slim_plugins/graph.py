@@ -1028,9 +1028,19 @@ class _Builder:
         r_out = len(shape) if shape is not None else 0
         out_dim = (want % r_out if r_out else 1) if role["role"] in ("decider", "gdecider", "fixed") else \
             (self.cdim[t_in] if self.cdim[t_in] is not None else 1)
+        if role.get("tie_inputs") and len(set(src_ids)) > 1:  # query, key, value of one attention: one channel set
+            x = self.new((1, self.full[t_in]), 1)
+            self.emit(TIE, tuple(dict.fromkeys(src_ids)), (x,), self.where(node))
+        if role.get("outputs", 1) > 1:  # (output, attention weights): the output is the channel tensor
+            shape = self._tuple_shapes(node)[0] if self._is_tuple_result(node) else None
+            r_out = len(shape) if shape is not None else 0
+            out_dim = self.cdim[t_in] if self.cdim[t_in] is not None else 1
         t_out = self.new(shape, out_dim)
-        self._tids.add(node)
-        self.val[node] = t_out
+        if role.get("outputs", 1) > 1:
+            self.val[node] = ("tuple", [t_out] + [None] * (role["outputs"] - 1))
+        else:
+            self._tids.add(node)
+            self.val[node] = t_out
         call = LayerCall(target, role["role"], t_in, t_out, role.get("groups", 1), role.get("mult", 1),
                          role.get("gw", (1, 1)), role.get("unit", 1))
         self.calls.append(call)

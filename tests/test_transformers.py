@@ -726,3 +726,38 @@ def test_branch_on_a_shape_is_traced_as_the_example_input_takes_it():
         torch.fx.symbolic_trace(net)  # plain fx fails on the branch
     model = slim.convert(net, RANGE, example_input=x).eval()
     _export_matches(model, x, [0.25, 0.5, 1.0])
+
+
+class TorchMHANet(nn.Module):
+    """Tokens through ``nn.MultiheadAttention`` (self-attention; ``batch_first`` either way), then an MLP."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Conv2d(3, 64, 4, stride=4)
+        self.norm = nn.LayerNorm(64)
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=batch_first)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)        # (N, L, C)
+        if not self.batch_first:
+            x = x.transpose(0, 1)                            # (L, N, C)
+        y = self.norm(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return self.fc(x.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_multihead_attention_is_slimmed_by_heads(batch_first):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    net = TorchMHANet(batch_first)
+    ref = copy.deepcopy(net).eval()
+    model = slim.convert(net, RANGE, example_input=x).eval()
+    with torch.no_grad():
+        _same(model(x), ref(x))
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0])
+    for w, heads in ((0.25, 1), (0.5, 2), (1.0, 4)):
+        a = exports[w].attn
+        assert type(a) is nn.MultiheadAttention and (a.num_heads, a.head_dim, a.batch_first) == (heads, 16, batch_first)

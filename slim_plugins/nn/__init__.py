@@ -1,5 +1,6 @@
 """Width-switchable layers (DESIGN rule 1: input decides in-channels, width decides out-channels)."""
 from .layers import SlimConv2d, SlimLinear, SlimMixin
 from .norm import SlimBatchNorm2d
+from .attention import SlimMultiheadAttention  # noqa: E402 (registers nn.MultiheadAttention)
 
-__all__ = ["SlimConv2d", "SlimLinear", "SlimMixin", "SlimBatchNorm2d"]
+__all__ = ["SlimConv2d", "SlimLinear", "SlimMixin", "SlimBatchNorm2d", "SlimMultiheadAttention"]

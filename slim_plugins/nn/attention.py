@@ -16,9 +16,11 @@ with the framework's forward written for ``H'`` heads (timm's ``Attention`` and 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NotExactError, UnsupportedModuleError
+from ..registry import register
 from .layers import cached
 from .norm import BNGeo, SlimPerChannel
 
@@ -118,4 +120,76 @@ class SlimHeadsAttention(SlimPerChannel):
         return d
 
 
-__all__ = ["SlimHeadsAttention"]
+@register(nn.MultiheadAttention)
+class SlimMultiheadAttention(SlimHeadsAttention, nn.MultiheadAttention):
+    """torch's ``nn.MultiheadAttention`` slimmed by heads (module docstring): query, key and value ``(L, N,
+    E_active)`` (``(N, L, E_active)`` with ``batch_first``) carry one channel set (the analysis ties them); the
+    first ``H' = E_active / head_dim`` heads of the packed ``in_proj`` run. Returns ``(output, weights)`` as torch
+    does; exports as ``nn.MultiheadAttention(E_active, H')``.
+
+    Raises:
+        UnsupportedModuleError: at convert time, separate k / v dims, ``bias_k`` / ``bias_v`` or ``add_zero_attn``.
+        NotExactError: a per-head 3-D ``attn_mask`` at a narrow width (its heads would not be the kept ones).
+    """
+
+    @classmethod
+    def head_dims(cls, m) -> tuple[int, int, int]:
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise UnsupportedModuleError(
+                f"MultiheadAttention(kdim={m.kdim}, vdim={m.vdim}, bias_kv={m.bias_k is not None}, add_zero_attn="
+                f"{m.add_zero_attn}): only the packed in_proj without extra key / value biases is slimmed by heads")
+        return m.embed_dim, m.num_heads, m.head_dim
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        dim, heads, hd = cls.head_dims(m)
+        return {"role": "norm", "dim": -1, "unit": hd, "tie_inputs": True, "outputs": 2}
+
+    def _select(self, g: BNGeo, h: int):
+        dim, heads, hd = self._dims()
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if h != heads:
+            w = w.view(3, dim, -1)[:, :h * hd].reshape(3 * h * hd, -1)
+            b = None if b is None else b.view(3, dim)[:, :h * hd].reshape(-1)
+        return g.pick(w), b, g.take(self.out_proj.weight, 0)[:, :h * hd], g.pick(self.out_proj.bias)
+
+    def head_weights(self, g: BNGeo, h: int):
+        if torch.is_grad_enabled():
+            return self._select(g, h)
+        pp = self._modules["out_proj"]._parameters
+        srcs = (self._parameters["in_proj_weight"], self._parameters.get("in_proj_bias"), pp["weight"],
+                pp.get("bias"))
+        return cached(self, "_head_cache", (g, h), srcs,
+                      lambda: tuple(None if t is None else t.contiguous() for t in self._select(g, h)), size=8)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        g = self.active_geometry(query)
+        h = self.heads(g)
+        if attn_mask is not None and attn_mask.dim() == 3 and h != self.num_heads:
+            raise NotExactError(f"{self.slim_name}: a per-head attn_mask ({tuple(attn_mask.shape)}) at {h} of "
+                                f"{self.num_heads} heads")
+        wq, bq, wp, bp = self.head_weights(g, h)
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, g.c, h, wq, bq, None, None, False, self.dropout, wp, bp, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return (out.transpose(0, 1) if self.batch_first else out), weights
+
+    def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+        h = self.heads(g)
+        wq, bq, wp, bp = (None if t is None else t.detach().clone() for t in self._select(g, h))
+        p = nn.MultiheadAttention(g.c, h, dropout=self.dropout, bias=bq is not None, batch_first=self.batch_first,
+                                  device=wq.device, dtype=wq.dtype)
+        with torch.no_grad():
+            p.in_proj_weight.copy_(wq)
+            p.out_proj.weight.copy_(wp)
+            if bq is not None:
+                p.in_proj_bias.copy_(bq)
+                p.out_proj.bias.copy_(bp)
+        return p.train(self.training)
+
+
+__all__ = ["SlimHeadsAttention", "SlimMultiheadAttention"]
