@@ -258,7 +258,9 @@ def active_channels(model, w: WidthLike) -> dict:
     if not st.graphs:
         raise ChannelGroupError("this model has no channel plan (it could not be traced at convert time)")
     a = st.resolve(w)
-    return {n: (torch.as_tensor(i), torch.as_tensor(o)) for n, (i, o) in a.sels.items()}
+    slot_of = {n: st.layers[i] for n, i in st.slots.items()}
+    return {n: (torch.as_tensor(i), torch.as_tensor(o)) for n, (i, o) in a.sels.items()
+            if isinstance(slot_of.get(n), torch.nn.Module)}  # layers only (not tied parameters / head counts)
 
 
 def width_spec(model) -> WidthSpec:

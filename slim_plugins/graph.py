@@ -1109,11 +1109,48 @@ class _Builder:
             p += 1
         if chan is None or chan == slice(None):
             return self.alias(node, src, nk)
+        if isinstance(chan, slice) and chan.step in (None, 1) and (
+                isinstance(chan.stop, AttrInt) and chan.start in (None, 0) or
+                isinstance(chan.start, AttrInt) and chan.stop is None):
+            return self.visit_attr_slice(node, src, chan, nk)
         if isinstance(chan, slice) and chan.step in (None, 1) and all(
                 v is None or isinstance(v, int) for v in (chan.start, chan.stop)):
             a, b, _ = chan.indices(self.full[src])
             return self.out_tensor(node, SLICE, (src,), (a, b), nk)
         return self.opaque(node, f"channel index {chan!r}")
+
+    def visit_attr_slice(self, node, src, chan, nk):
+        """``x[:, :self.c]`` / ``x[:, self.c:]`` (ReXNet's shortcut, DPN's dual path): the two pieces of a split
+        at a module attribute, which the module reads as the first piece's active count."""
+        lit = chan.stop if isinstance(chan.stop, AttrInt) else chan.start
+        b = int(lit)
+        f = self.full[src]
+        if b == f and chan.stop is lit:  # x[:, :self.out_chs] of exactly out_chs channels (GhostNet): all of them
+            self.claim_int(lit, src)
+            return self.alias(node, src, nk)
+        if not 0 < b < f:
+            return self.opaque(node, f"channel slice at {lit.tag.name} = {b} of {f} channels")
+        pieces = self.__dict__.setdefault("_attr_slices", {})
+        key = (src, lit.tag.key)
+        if key not in pieces:
+            k = self.cdim[src]
+            sshape = list(self._src_shape(node, src))
+            outs = []
+            for n in (b, f - b):
+                sh = list(sshape)
+                sh[k] = n
+                outs.append(self.new(tuple(sh), k))
+            self.emit(SPLITV, (src,), tuple(outs), self.where(node), (b, f - b))
+            pieces[key] = outs
+        piece = pieces[key][0 if chan.stop is lit else 1]
+        self.claim_int(lit, pieces[key][0])
+        return self.alias(node, piece, nk)
+
+    def _src_shape(self, node, src):
+        for a in node.all_input_nodes:
+            if a in self._tids and self.val.get(a) == src:
+                return _shape(a)
+        return None
 
     @staticmethod
     def _indexed_dims(idx, sshape, shape):

@@ -761,3 +761,29 @@ def test_torch_multihead_attention_is_slimmed_by_heads(batch_first):
     for w, heads in ((0.25, 1), (0.5, 2), (1.0, 4)):
         a = exports[w].attn
         assert type(a) is nn.MultiheadAttention and (a.num_heads, a.head_dim, a.batch_first) == (heads, 16, batch_first)
+
+
+class PartialShortcut(nn.Module):
+    """ReXNet's shortcut into the first ``self.in_channels`` channels of a wider output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.in_channels = 16
+        self.conv = nn.Conv2d(16, 24, 3, padding=1)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.conv(s)
+        y = torch.cat([y[:, 0:self.in_channels] + s, y[:, self.in_channels:]], dim=1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_channel_slice_at_a_module_attribute():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = slim.convert(PartialShortcut(), RANGE, example_input=x).eval()
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0])
+    p = exports[0.5]
+    assert p.in_channels == p.stem.out_channels < 16 and p.conv.out_channels < 24
