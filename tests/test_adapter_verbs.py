@@ -196,16 +196,33 @@ def test_per_channel_modules_convert_or_are_refused(mad):
     with torch.no_grad():
         assert mad(plain(x), y) <= 1e-6
 
-    class ChannelScale(nn.Module):  # per-channel state in a buffer, unknown to slim_plugins
+    class ChannelScale(nn.Module):  # per-channel state in a buffer, unknown to slim_plugins: the forward reads it
         def __init__(self, c):
             super().__init__()
-            self.register_buffer("scale", torch.ones(c))
+            self.register_buffer("scale", torch.rand(c) + 0.5)
 
         def forward(self, x):
             return x * self.scale.view(1, -1, 1, 1)
 
-    with pytest.raises(slim.UnsupportedModuleError, match="'1'.*ChannelScale"):
-        slim.convert(nn.Sequential(nn.Conv2d(3, 16, 3), ChannelScale(16), nn.Conv2d(16, 4, 1)),
+    model = slim.convert(nn.Sequential(nn.Conv2d(3, 16, 3), ChannelScale(16), nn.Conv2d(16, 4, 1)),
+                         slim.WidthSpec.range(0.25, 1.0))
+    plain = slim.export(model, 0.5, example_input=x[:1])
+    assert plain[1].scale.shape == (8,)  # the buffer follows the channels it scales
+    with torch.no_grad():
+        with slim.width(0.5):
+            y = model(x)
+        assert mad(plain(x), y) <= 1e-6
+
+    class ChannelStats(nn.Module):  # per-channel state the forward never reads: the analysis cannot follow it
+        def __init__(self, c):
+            super().__init__()
+            self.register_buffer("ema", torch.zeros(c))
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(slim.UnsupportedModuleError, match="'1'.*ChannelStats"):
+        slim.convert(nn.Sequential(nn.Conv2d(3, 16, 3), ChannelStats(16), nn.Conv2d(16, 4, 1)),
                      slim.WidthSpec.range(0.25, 1.0))
 
 
