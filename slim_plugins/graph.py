@@ -1516,10 +1516,21 @@ class _Builder:
     def visit_sdpa(self, node, ins):
         """``scaled_dot_product_attention(q, k, v, attn_mask)``: heads (a batch dim of every operand) are one
         channel set; channels on the token or feature dims are mixed."""
+        heads = []
         for t in ins:
-            if not (self.rank[t] >= 3 and self.cdim[t] < self.rank[t] - 2):
+            r, k = self.rank[t], self.cdim[t]
+            if r >= 3 and k < r - 2:
+                heads.append(t)
+            elif r >= 3 and k >= r - 2 and self._size_at(t, node, r - 3) == 1 and not self._always_full(t):
+                # one key / value head broadcast over the query heads (multi-query attention): its channels are
+                # the head dim, which stays whole at every width
+                c = self.new((1, self.full[t]), 1)
+                self.emit(CONST, (), (c,), self.where(node))
+                x = self.new((1, self.full[t]), 1)
+                self.emit(TIE, (t, c), (x,), self.where(node))
+            elif not self._always_full(t):
                 return self.opaque(node, "scaled_dot_product_attention mixes channels")
-        return self.visit_tie(node, ins)
+        return self.visit_tie(node, heads)
 
     def visit_layout(self, node, name):
         src_node = node.args[0] if node.args else None

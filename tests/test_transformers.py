@@ -787,3 +787,28 @@ def test_channel_slice_at_a_module_attribute():
     exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0])
     p = exports[0.5]
     assert p.in_channels == p.stem.out_channels < 16 and p.conv.out_channels < 24
+
+
+class MultiQueryAttention(nn.Module):
+    """One key / value head shared by every query head (multi-query attention): k and v keep the head dim."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * (dim // heads)), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).unsqueeze(1).chunk(2, dim=-1)            # (B, 1, N, head_dim) each
+        y = nn.functional.scaled_dot_product_attention(q, k, v)    # broadcast over the query heads
+        return self.proj(y.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_multi_query_attention_keeps_its_single_key_value_head_whole():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = slim.convert(TinyTokenNet(MultiQueryAttention()), RANGE, example_input=x).eval()
+    exports = _export_matches(model, x, [0.25, 0.5, 1.0])
+    p = exports[0.5].attn
+    assert p.num_heads == 2 and p.kv.out_features == 32 and p.q.out_features == 32
