@@ -628,8 +628,7 @@ class _Builder:
         """``lit`` (an :class:`AttrInt`) sizes the channel dim of tensor ``t``: tie the attribute to it."""
         r = self.int_root(lit.tag, int(lit))
         self.int_claims[lit.tag.key] = self.int_claims.get(lit.tag.key, 0) + 1
-        x = self.new((1, self.full[t]), 1)
-        self.emit(TIE, (r, t), (x,), f"attribute {lit.tag.name!r}")
+        self.tie_counts(r, t, f"attribute {lit.tag.name!r}")
 
     def chan_size(self, a):
         """``(t, div)`` when graph value ``a`` is the channel count of tensor ``t`` (``x.shape[k]``,
@@ -1147,6 +1146,7 @@ class _Builder:
         return self.alias(node, piece, nk)
 
     def _src_shape(self, node, src):
+        """The shape of the input of ``node`` that holds tensor ``src``."""
         for a in node.all_input_nodes:
             if a in self._tids and self.val.get(a) == src:
                 return _shape(a)
@@ -1275,18 +1275,15 @@ class _Builder:
         return self.out_tensor(node, TIE, members, cdim=k)
 
     def _size_at(self, t, node, d):
-        for a in node.all_input_nodes:
-            if a in self._tids and self.val.get(a) == t:
-                s = _shape(a)
-                return s[d] if s is not None and d < len(s) else None
-        return None
+        s = self._src_shape(node, t)
+        return s[d] if s is not None and d < len(s) else None
 
     def visit_reshape(self, node, src, name="reshape"):
         """A view / reshape / flatten of a channel tensor: the channel dim is carried to its new place, merged
         with the dims after it (channel-major, ``(N, C, H, W) -> (N, C*H*W)``) or with those before it
         (channel-minor, ``(N, H, W, C) -> (N, H*W*C)``)."""
         shape = _shape(node)
-        sshape = next((_shape(a) for a in node.all_input_nodes if a in self._tids and self.val.get(a) == src), None)
+        sshape = self._src_shape(node, src)
         if shape is None or sshape is None:
             return self.opaque(node, f"{name} of unknown shape")
         k = self.cdim[src]
@@ -1299,11 +1296,8 @@ class _Builder:
             if lit is not None and not isinstance(lit, AttrInt):
                 return self.opaque(node, f"{name} to a literal channel count {shape[j]} (dim {j}): at another width "
                                          "the tensor has other channels; use -1 or x.shape")
-            sizes = self._sizes(node, name)
-            dyn = sizes[j] if sizes is not None and len(sizes) == len(shape) and \
-                isinstance(sizes[j], torch.fx.Node) else None
-            cs = self.chan_size(dyn) if dyn is not None else None
-            if dyn is not None and (cs is None or cs[1] != 1 or self.full[cs[0]] != shape[j]):
+            cs = self._computed_size(node, name, shape, j)
+            if cs is False:
                 return self.opaque(node, f"{name} to a computed channel count (dim {j}) the analysis cannot follow")
             t = self.alias(node, src, j)
             if lit is not None:
@@ -1334,11 +1328,8 @@ class _Builder:
                     continue
                 if any(jj != j for jj, _ in tagged):
                     return self.opaque(node, f"{name} to a literal size that holds the channels")
-                sizes = self._sizes(node, name)
-                dyn = sizes[j] if sizes is not None and len(sizes) == len(shape) and \
-                    isinstance(sizes[j], torch.fx.Node) else None
-                cs = self.chan_size(dyn) if dyn is not None else None
-                if dyn is not None and (cs is None or cs[1] != 1 or self.full[cs[0]] != shape[j]):
+                cs = self._computed_size(node, name, shape, j)
+                if cs is False:
                     return self.opaque(node, f"{name} to a computed channel count (dim {j}) the analysis cannot "
                                              "follow")
                 t = self.out_tensor(node, kind, (src,), made, cdim=j)
@@ -1348,6 +1339,16 @@ class _Builder:
                     self.tie_counts(cs[0], t, self.where(node))
                 return t
         return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} merges the channel dim")
+
+    def _computed_size(self, node, name, shape, j):
+        """The size argument of result dim ``j`` when it is computed (a graph value): ``(t, 1)`` when it is the
+        channel count of tensor ``t`` of that size, ``False`` when the analysis cannot read it; ``None`` when the
+        size is not computed."""
+        sizes = self._sizes(node, name)
+        if sizes is None or len(sizes) != len(shape) or not isinstance(sizes[j], torch.fx.Node):
+            return None
+        cs = self.chan_size(sizes[j])
+        return cs if cs is not None and cs[1] == 1 and self.full[cs[0]] == shape[j] else False
 
     @staticmethod
     def _sizes(node, name):
@@ -1526,8 +1527,7 @@ class _Builder:
                 # the head dim, which stays whole at every width
                 c = self.new((1, self.full[t]), 1)
                 self.emit(CONST, (), (c,), self.where(node))
-                x = self.new((1, self.full[t]), 1)
-                self.emit(TIE, (t, c), (x,), self.where(node))
+                self.tie_counts(t, c, self.where(node))
             elif not self._always_full(t):
                 return self.opaque(node, "scaled_dot_product_attention mixes channels")
         return self.visit_tie(node, heads)
