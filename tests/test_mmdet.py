@@ -247,7 +247,7 @@ def test_resume_continues_training_under_weights_only(tmp_path):
     cfg2.resume = True
     runner = RUNNERS.build(cfg2)
     seen = []
-    orig = smd.runner.multi_width_train_step
+    orig = smd.train_step.multi_width_train_step
 
     def spy(model, data, ow, step, iteration):
         seen.append((iteration, step.widths(iteration)))
@@ -255,11 +255,11 @@ def test_resume_continues_training_under_weights_only(tmp_path):
             torch.testing.assert_close(model.backbone.conv1.weight, w_first)
         return orig(model, data, ow, step, iteration)
 
-    smd.runner.multi_width_train_step = spy
+    smd.train_step.multi_width_train_step = spy
     try:
         runner.train()
     finally:
-        smd.runner.multi_width_train_step = orig
+        smd.train_step.multi_width_train_step = orig
     assert [i for i, _ in seen] == [2]  # iterations 0 and 1 were done; the width sequence continues at 2
     assert seen[0][1] == first.train_loop.slim_step.widths(2)
 

@@ -20,13 +20,17 @@ from .keypoints import KeypointRCNN, KeypointRCNNHead, KeypointRoIHead
 from .export import export_detector, plain_config
 from .model import (DEFAULT_SCOPE, SlimPretrainedInit, init_slim_detector, SlimResNet, SlimSettings, USResNet, is_slimmable,
                     make_slimmable, parse_slimmable, slim_settings)
-from .runner import (SlimEpochBasedTrainLoop, SlimIterBasedTrainLoop, SlimRunner, SlimTestLoop, SlimValLoop,
-                     PlainMessageHubHook, build_step, evaluate_widths, multi_width_train_step)
+from .cost import detector_input_size, width_cost
+from .evaluation import SlimTestLoop, SlimValLoop, calibrate_widths, evaluate_widths
+from .hooks import PlainMessageHubHook
+from .runner import SlimRunner
+from .train_step import SlimEpochBasedTrainLoop, SlimIterBasedTrainLoop, build_step, multi_width_train_step
 
 __all__ = ["SlimRunner", "CocoDatasetUniqueIds", "init_slim_detector", "SlimResNet", "USResNet", "SlimSettings", "SlimPretrainedInit", "make_slimmable",
            "parse_slimmable", "is_slimmable", "slim_settings", "export_detector", "plain_config",
            "SlimEpochBasedTrainLoop", "SlimIterBasedTrainLoop", "SlimValLoop", "SlimTestLoop", "build_step",
-           "evaluate_widths", "multi_width_train_step", "PlainMessageHubHook", "DEFAULT_SCOPE",
+           "evaluate_widths", "calibrate_widths", "width_cost", "detector_input_size", "multi_width_train_step",
+           "PlainMessageHubHook", "DEFAULT_SCOPE",
            "KeypointRCNN", "KeypointRoIHead", "KeypointRCNNHead", "CocoKeypointDataset", "CocoKeypointMetric",
            "LoadKeypointAnnotations", "KeypointResize", "KeypointRandomFlip", "PackKeypointDetInputs",
            "coco_keypoint_sigmas", "flip_indices"]

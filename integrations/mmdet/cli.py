@@ -180,7 +180,7 @@ def cmd_export(args) -> int:
 
     w = slim_settings(model).spec.validate(args.width)
     if not slim_settings(model).spec.is_switches:
-        from .runner import _calibrate
+        from .evaluation import calibrate_widths as _calibrate
 
         _calibrate(runner, model, [w], slim_settings(model))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "exported", f"width_{w:g}")
@@ -193,7 +193,7 @@ def cmd_profile(args) -> int:
     """``slim profile CKPT``: MFLOPs of backbone + FPN at the test size, params and latency per width."""
     import slim_plugins as slim
 
-    from .runner import _cost, detector_input_size
+    from .cost import detector_input_size, width_cost as _cost
 
     cfg, runner, model, settings, widths = _loaded(args)
     if args.input_size:
@@ -230,7 +230,7 @@ def cmd_serve(args) -> int:
     from mmdet.apis import inference_detector
     from slim_plugins.control import serve_command
 
-    from .runner import _calibrate
+    from .evaluation import calibrate_widths as _calibrate
 
     cfg, runner, model, settings, widths = _loaded(args)
     if args.table:

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
+from mmengine.model import is_model_wrapper
 from mmengine.registry import WEIGHT_INITIALIZERS
 from torch import nn
 
@@ -130,6 +131,11 @@ def slim_settings(model: nn.Module) -> SlimSettings:
 
 def _unwrap(model):
     return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+
+
+def _module(model):
+    """The detector inside an mmengine model wrapper (DDP), or ``model`` itself."""
+    return model.module if is_model_wrapper(model) else model
 
 
 def make_slimmable(detector: nn.Module, slimmable: Mapping | SlimSettings | bool | None = None) -> nn.Module:
