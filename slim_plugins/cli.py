@@ -1,8 +1,9 @@
 """The ``slim`` command: train / eval / calibrate / export / profile / serve / spectrum.
 
-Framework-free: argument parsing and dispatch (config files: :mod:`slim_plugins.config`; the spectrum CSV, table
-and plot: :mod:`slim_plugins.spectrum`), dispatch to the commands module each adapter registers under the entry-point group ``slim_plugins.frameworks``,
-imported only when a command needs it. The framework comes from the config (its ``framework:`` key, or the
+Framework-free: argument parsing and dispatch to the adapter each framework registers under the entry-point
+group ``slim_plugins.frameworks`` (imported only when a command needs it; the protocol: :mod:`slim_plugins.adapter`).
+Every option given is checked against what that adapter reads and every value validated before any work; the
+checkpoint verbs are written once, in :mod:`slim_plugins.commands`. The framework comes from the config (its ``framework:`` key, or the
 adapter that claims the file, e.g. by suffix) or the checkpoint's ``"framework"`` entry (default ``timm``)::
 
     slim train configs/timm/cifar10_us_mobilenetv2.yaml      # timm-style YAML + slimmable keys
@@ -16,8 +17,9 @@ adapter that claims the file, e.g. by suffix) or the checkpoint's ``"framework"`
     slim serve output/run/last.pth.tar --budget-ms 5 --calls 1000 --plot serve.png
     slim spectrum run_a/spectrum.csv run_b/spectrum.csv -o compare.png
 
-Errors of the library (:class:`~slim_plugins.errors.SlimError`), bad configs and missing files print one line
-``error: <Type>: <message>`` on stderr and exit with status 2 (``SLIM_DEBUG=1`` shows the traceback).
+Errors of the library (:class:`~slim_plugins.errors.SlimError`), bad configs, bad arguments, missing files and
+failed writes (``OSError``: disk full, permission) print one line ``error: <Type>: <message>`` on stderr and exit
+with status 2 (``SLIM_DEBUG=1`` shows the traceback); nothing is written then.
 """
 from __future__ import annotations
 
@@ -47,8 +49,15 @@ def _width_list(values):
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: UsageError: ...``, exit status 2) like every other refusal."""
+
+    def error(self, message):
+        self.exit(2, f"error: UsageError: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slim", description="Train, evaluate, calibrate, export and profile "
+    p = _Parser(prog="slim", description="Train, evaluate, calibrate, export and profile "
                                 "slimmable networks (S-Nets / US-Nets).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -95,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--widths", nargs="+", help="widths to calibrate (default: the config's eval widths)")
     c.add_argument("--step", type=float)
     c.add_argument("--num-samples", type=int, dest="num_samples", help="training samples per width (default 2000)")
-    c.add_argument("--method", choices=("exact", "moving"), default="exact")
+    c.add_argument("--method", choices=("exact", "moving"), help="post-statistics average (default exact)")
     c.add_argument("--data-dir", "--data", dest="data_dir")
     c.add_argument("--batch-size", "-b", type=int, dest="batch_size")
     c.add_argument("--workers", "-j", type=int)
@@ -120,29 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--step", type=float)
     pr.add_argument("--input-size", nargs="+", type=int, dest="input_size",
                     help="H, H W or C H W (default: the config's input size)")
-    pr.add_argument("--batch-size", "-b", type=int, default=1, dest="batch_size")
+    pr.add_argument("--batch-size", "-b", type=int, dest="batch_size", help="default 1")
     pr.add_argument("--no-latency", action="store_true", dest="no_latency")
-    pr.add_argument("--repeats", type=int, default=20)
+    pr.add_argument("--repeats", type=int, help="timed calls per width (default 20)")
     pr.add_argument("--csv", help="write the table as CSV (width, mflops, params_m, latency_ms)")
-    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--device", help="default cpu")
     pr.add_argument("--config", help="framework config when the checkpoint does not carry one (mmengine)")
 
     sv = sub.add_parser("serve", help="serve a checkpoint under a latency budget, switching width as the machine's "
                         "speed changes (live display; PNG of latency and width over time)")
     sv.add_argument("checkpoint")
     sv.add_argument("--budget-ms", type=float, required=True, dest="budget_ms", help="latency budget per call (ms)")
-    sv.add_argument("--percentile", type=float, default=95.0, help="the budget holds for this percentile (95)")
-    sv.add_argument("--calls", type=int, default=500)
+    sv.add_argument("--percentile", type=float, help="the budget holds for this percentile (default 95)")
+    sv.add_argument("--calls", type=int, help="default 500")
     sv.add_argument("--widths", nargs="+", help="widths it may use (default: the calibrated ones)")
     sv.add_argument("--step", type=float)
     sv.add_argument("--table", help="profile CSV (slim profile --csv) instead of profiling now")
     sv.add_argument("--input-size", nargs="+", type=int, dest="input_size",
                     help="H, H W or C H W (default: the config's input size)")
-    sv.add_argument("--batch-size", "-b", type=int, default=1, dest="batch_size")
-    sv.add_argument("--plot", default="serve.png", help="PNG of latency and width over time (serve.png)")
+    sv.add_argument("--batch-size", "-b", type=int, dest="batch_size", help="default 1")
+    sv.add_argument("--plot", help="PNG of latency and width over time (default serve.png)")
     sv.add_argument("--csv", help="write every call (t_s, width, latency_ms, expected_ms, budget_ms)")
     sv.add_argument("--no-live", action="store_true", dest="no_live", help="no live display")
-    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--device", help="default cpu")
     sv.add_argument("--config", help="framework config when the checkpoint does not carry one (mmengine)")
 
     s = sub.add_parser("spectrum", help="plot the FLOPs-accuracy spectrum of one or more spectrum CSVs")
@@ -155,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: Entry-point group through which each framework adapter registers its commands module: a module with
-#: ``cmd_train(args, cfg)``, ``cmd_eval(args)``, ... and optionally ``CONFIG_SUFFIXES`` (file suffixes it reads,
-#: e.g. ``(".py",)`` for mmengine configs) and ``claims_config(path, cfg) -> bool``.
+#: Entry-point group through which each framework adapter registers its commands module (the adapter protocol of
+#: :mod:`slim_plugins.adapter`: ``HONOURS``, ``cmd_train(args, cfg)``, ``open_checkpoint(args)`` and optionally
+#: ``CONFIG_SUFFIXES``, ``claims_config(path, cfg)``, ``claims_checkpoint(path)``).
 ENTRY_POINT_GROUP = "slim_plugins.frameworks"
 
 
@@ -211,44 +220,62 @@ def _checkpoint_claimed(path: str) -> str | None:
     return None
 
 
+def _spectrum(args) -> int:
+    from .commands import check_output_path
+
+    check_output_path(args.out, "-o/--out")
+    out = plot_spectrum(args.csv, args.out, labels=args.labels, title=args.title, x=args.x, metric=args.metric)
+    print(f"wrote {out}")
+    return 0
+
+
+def _framework_of_train(args) -> tuple[str, dict | None]:
+    if args.config and args.default:
+        raise ConfigError("give either CONFIG or --default, not both")
+    if not args.config:
+        return "timm", {}
+    if not os.path.isfile(args.config):
+        raise FileNotFoundError(f"config file {str(args.config)!r} does not exist")
+    cfg = load_yaml_config(args.config) if Path(args.config).suffix.lower() in (".yaml", ".yml") else None
+    return framework_of_config(args.config, cfg), cfg
+
+
+def _framework_of_checkpoint(args) -> str:
+    from .checkpoint import read_checkpoint
+    from .errors import CheckpointError
+
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist (or is not a file)")
+    try:
+        args.payload = read_checkpoint(args.checkpoint)
+        return args.payload.get("framework", "timm")
+    except CheckpointError:
+        args.payload = None
+        framework = _checkpoint_claimed(args.checkpoint)  # another framework's checkpoint format
+        if framework is None:
+            raise
+        return framework
+
+
 def _dispatch(args) -> int:
+    from .commands import VERBS, check_options, check_values
+
     if args.command == "spectrum":
-        out = plot_spectrum(args.csv, args.out, labels=args.labels, title=args.title, x=args.x, metric=args.metric)
-        print(f"wrote {out}")
-        return 0
+        return _spectrum(args)
     for attr in ("widths",):
         if getattr(args, attr, None) is not None:
             setattr(args, attr, _width_list(getattr(args, attr)))
-    if args.command == "train":
-        cfg = {}
-        framework = "timm"
-        if args.config and args.default:
-            raise ConfigError("give either CONFIG or --default, not both")
-        if args.config:
-            if not os.path.isfile(args.config):
-                raise FileNotFoundError(f"config file {str(args.config)!r} does not exist")
-            cfg = load_yaml_config(args.config) if Path(args.config).suffix.lower() in (".yaml", ".yml") else None
-            framework = framework_of_config(args.config, cfg)
+    verb = args.command
+    if verb == "train":
+        framework, cfg = _framework_of_train(args)
     else:
-        from .checkpoint import read_checkpoint
-        from .errors import CheckpointError
-
-        if not os.path.isfile(args.checkpoint):
-            raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
-        try:
-            args.payload = read_checkpoint(args.checkpoint)
-            framework = args.payload.get("framework", "timm")
-        except CheckpointError:
-            framework = _checkpoint_claimed(args.checkpoint)  # another framework's checkpoint format
-            if framework is None:
-                raise
-            args.payload = None
-        cfg = None
+        framework, cfg = _framework_of_checkpoint(args), None
     mod = _integration(framework)
-    fn = getattr(mod, f"cmd_{args.command}", None)
-    if fn is None:
-        raise ConfigError(f"the {framework!r} integration has no `slim {args.command}` command")
-    return int(fn(args, cfg) or 0) if args.command == "train" else int(fn(args) or 0)
+    check_options(mod, framework, verb, args)  # every option given is read by this adapter, or refused
+    check_values(args, verb)  # every value valid, before any work
+    if verb == "train":
+        return int(mod.cmd_train(args, cfg) or 0)
+    return int(VERBS[verb](mod.open_checkpoint(args), args) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (SlimError, FileNotFoundError, ValueError) as e:
+    except (SlimError, OSError, ValueError) as e:  # OSError: a missing file, disk full, permission, ...
         if os.environ.get("SLIM_DEBUG"):
             raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -87,13 +87,17 @@ class ControllerReport:
         return dict(sorted(c.items()))
 
     def to_csv(self, path: str) -> None:
-        """``t_s, width, latency_ms, expected_ms, budget_ms`` per call."""
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["t_s", "width", "latency_ms", "expected_ms", "budget_ms"])
-            for r in self.records:
-                w.writerow([f"{r.t:.6f}", f"{r.width:g}", f"{r.latency_ms:.4f}", f"{r.expected_ms:.4f}",
-                            f"{self.budget_ms:g}"])
+        """``t_s, width, latency_ms, expected_ms, budget_ms`` per call, written atomically."""
+        from .checkpoint import atomic_write
+
+        atomic_write(path, self._write_csv, mode="w")
+
+    def _write_csv(self, f) -> None:
+        w = csv.writer(f)
+        w.writerow(["t_s", "width", "latency_ms", "expected_ms", "budget_ms"])
+        for r in self.records:
+            w.writerow([f"{r.t:.6f}", f"{r.width:g}", f"{r.latency_ms:.4f}", f"{r.expected_ms:.4f}",
+                        f"{self.budget_ms:g}"])
 
     def draw(self, ax_latency, ax_width, shade: Sequence[tuple] = (), title: str | None = None) -> None:
         """Draw onto two matplotlib axes: latency per call with the budget line, and width over time.
@@ -123,8 +127,12 @@ class ControllerReport:
         fig, (a, b) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
         self.draw(a, b, shade, title)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        from .checkpoint import atomic_write
+
+        try:
+            atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+        finally:
+            plt.close(fig)
         return path
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import math
+import os
 import dataclasses
 import statistics
 import time
@@ -49,18 +51,54 @@ class ProfileTable(list):
                              f"width {cheapest.width} needs {cheapest.latency_ms:.3f} ms, {cheapest.mflops:.1f} MFLOPs")
         return max(ok, key=lambda r: r.width).width
 
-    def to_csv(self, path: str) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["width", "mflops", "params_m", "latency_ms"])
-            for r in self:
-                w.writerow([r.width, f"{r.mflops:.3f}", f"{r.params_m:.4f}", f"{r.latency_ms:.4f}"])
+    def to_csv(self, path: str) -> str:
+        """``width, mflops, params_m, latency_ms`` per width, written atomically (an unmeasured latency is an empty
+        cell); the format :meth:`from_csv` and ``slim serve --table`` read."""
+        import io
+
+        from .checkpoint import atomic_write
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["width", "mflops", "params_m", "latency_ms"])
+        for r in self:
+            lat = "" if r.latency_ms is None or math.isnan(r.latency_ms) else f"{r.latency_ms:.4f}"
+            w.writerow([f"{r.width:g}", f"{r.mflops:.3f}", f"{r.params_m:.4f}", lat])
+        return atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
 
     @classmethod
     def from_csv(cls, path: str) -> "ProfileTable":
-        with open(path) as f:
-            return cls(WidthProfile(float(r["width"]), float(r["mflops"]), float(r["params_m"]),
-                                    float(r["latency_ms"])) for r in csv.DictReader(f))
+        """Read a table written by :meth:`to_csv` (``slim profile --csv``) or a spectrum CSV with ``latency_ms``.
+
+        Raises:
+            FileNotFoundError: no such file. ConfigError: a missing column, an empty or non-numeric cell (but
+            ``latency_ms``, which reads as NaN when not measured), no rows.
+        """
+        from .errors import ConfigError
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"profile table {path!r} does not exist")
+        need = ("width", "mflops", "params_m", "latency_ms")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in need if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ConfigError(f"{path!r} lacks column(s) {missing}; a profile table (slim profile --csv) has "
+                                  f"{list(need)}")
+            out = cls()
+            for line, r in enumerate(reader, start=2):
+                try:
+                    if None in r:
+                        raise ValueError("more cells than columns")
+                    lat = r["latency_ms"]
+                    out.append(WidthProfile(float(r["width"]), float(r["mflops"]), float(r["params_m"]),
+                                            float("nan") if lat in ("", None) else float(lat)))
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"{path!r} line {line}: {e} (every row needs numbers in {list(need)}; "
+                                      "an empty latency cell reads as NaN)") from None
+        if not out:
+            raise ConfigError(f"{path!r} has no rows")
+        return out
 
 
 @torch.no_grad()

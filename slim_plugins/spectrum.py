@@ -63,7 +63,21 @@ def read_spectrum_csv(path: str) -> list[dict]:
             raise ConfigError(f"{path!r} lacks column(s) {missing or ['<a metric>']}; a spectrum CSV has width, "
                               "mflops, params_m and metric columns (top1, bbox_AP, psnr, ...), written by "
                               "`slim train` and `slim eval --csv`")
-        return [{k: float(v) for k, v in r.items() if v not in (None, "")} for r in reader]
+        rows = []
+        for line, r in enumerate(reader, start=2):
+            if None in r:  # more cells than the header names
+                raise ConfigError(f"{path!r} line {line}: {len(names) + len(r[None])} cells under {len(names)} "
+                                  "columns")
+            try:
+                row = {k: float(v) for k, v in r.items() if v not in (None, "")}
+            except ValueError as e:
+                raise ConfigError(f"{path!r} line {line}: {e}") from None
+            if "width" not in row or "mflops" not in row:
+                raise ConfigError(f"{path!r} line {line}: the width / mflops cell is empty")
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path!r} has a header but no rows")
+    return rows
 
 
 _METRIC_LABELS = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "bbox_AP": "box AP (%)",
@@ -89,14 +103,20 @@ def plot_spectrum(sources: Sequence, out: str, labels: Sequence[str] | None = No
     xlabel = {"mflops": "MFLOPs (multiply-adds)", "width": "width multiplier", "params_m": "params (M)"}
     if x not in xlabel:
         raise ConfigError(f"x axis must be one of {sorted(xlabel)}, got {x!r}")
+    if labels is not None and len(labels) != len(sources):
+        raise ConfigError(f"{len(labels)} label(s) for {len(sources)} spectrum source(s); give one per source")
+    # read and check every source before drawing anything
+    tables = [read_spectrum_csv(src) if isinstance(src, (str, os.PathLike)) else list(src) for src in sources]
+    for src, rows in zip(sources, tables):
+        m = metric or (spectrum_metrics(rows) or [None])[0]
+        if m is None or any(m not in r for r in rows) or any(x not in r for r in rows):
+            raise ConfigError(f"metric {m!r} / axis {x!r} is not in every row of "
+                              f"{src if isinstance(src, (str, os.PathLike)) else 'the rows'}; it has "
+                              f"{spectrum_metrics(rows)}")
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for i, src in enumerate(sources):
-        rows = read_spectrum_csv(src) if isinstance(src, (str, os.PathLike)) else list(src)
+    for i, (src, rows) in enumerate(zip(sources, tables)):
         rows = sorted(rows, key=lambda r: r[x])
         metric = metric or spectrum_metrics(rows)[0]
-        if any(metric not in r for r in rows):
-            raise ConfigError(f"metric {metric!r} is not in {src if isinstance(src, str) else 'the rows'}; it has "
-                              f"{spectrum_metrics(rows)}")
         if labels and i < len(labels):
             label = labels[i]
         elif isinstance(src, (str, os.PathLike)):  # a run's spectrum.csv is named after its run folder
