@@ -381,6 +381,15 @@ def test_mmdet_tools_train_and_slim_commands(tmp_path, slim_data):
     assert plain.backbone.base_channels == 48
     r = subprocess.run(slim_bin + ["export", str(ck), "--width", "0.3"], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "not a switch" in r.stderr
+    # `slim profile --no-latency --csv`: the one table format, read back by ProfileTable.from_csv
+    r = subprocess.run(slim_bin + ["profile", str(ck), "--no-latency", "--input-size", "320", "--csv",
+                                   str(tmp_path / "prof.csv")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from slim_plugins import ProfileTable
+
+    table = ProfileTable.from_csv(str(tmp_path / "prof.csv"))
+    assert [p.width for p in table] == [0.25, 0.5, 0.75, 1.0] and all(p.latency_ms != p.latency_ms for p in table)
+    assert table[0].mflops < table[-1].mflops
     # `slim serve`: inference_detector under a budget every width meets: the widest serves every call
     r = subprocess.run(slim_bin + ["serve", str(ck), "--budget-ms", "1e9", "--widths", "0.25", "1.0", "--calls",
                                    "3", "--no-live", "--csv", str(tmp_path / "calls.csv"), "--plot",

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 
+from slim_plugins.adapter import OpenedCheckpoint
 from slim_plugins.errors import ConfigError
 from slim_plugins.config import parse_overrides
-from slim_plugins.config import requested_widths as _widths
 
 CONFIG_SUFFIXES = (".yml", ".yaml")
 
@@ -54,12 +54,6 @@ def cmd_train(args, file_cfg) -> int:
     not apply (BasicSR counts iterations: ``--set train.total_iter=N``)."""
     from .train import run_pipeline
 
-    if args.default:
-        raise ConfigError("--default runs the embedded timm job; give a BasicSR options file without it")
-    for flag in ("epochs", "data_dir", "onnx"):
-        if getattr(args, flag, None):
-            raise ConfigError(f"--{flag.replace('_', '-')} does not apply to BasicSR options; BasicSR counts "
-                              "iterations (--set train.total_iter=N) and takes data roots from datasets.*.dataroot_*")
     run_pipeline(args.config, overrides=_train_overrides(args))
     return 0
 
@@ -122,135 +116,110 @@ def _n(opt, settings, w) -> int:
     return settings.spec.channels(int(opt["network_g"].get("num_feat", 64)), w)
 
 
-def cmd_eval(args) -> int:
-    """``slim eval CKPT``: PSNR / SSIM (the options' ``val.metrics``) on every ``val*`` dataset of the options at
-    each width; rich table, spectrum CSV (``--csv``, default ``<exp>/spectrum.csv``) and plot (``--plot``)."""
-    import torch
-    from basicsr.data import build_dataloader, build_dataset
-
-    import slim_plugins as slim
-    from slim_plugins.spectrum import plot_spectrum, print_table, write_spectrum_csv
-
-    from .model import evaluate_widths
-
-    opt, net, settings = _loaded(args)
-    widths = _widths(args, settings)
-    metrics = (opt.get("val") or {}).get("metrics")
-    if not metrics:
-        raise ConfigError("the options have no val.metrics to evaluate (e.g. psnr: {type: calculate_psnr, ...})")
-    device = next(net.parameters()).device
-    x = torch.zeros(1, 3, *settings.flops_lq_size, device=device)
-    rows = {r.width: {"width": r.width, "n": _n(opt, settings, r.width), "mflops": r.mflops, "params_m": r.params_m}
-            for r in slim.profile(net, x, widths=widths, latency=False)}
-    for phase, d in opt["datasets"].items():
-        if not phase.startswith(("val", "test")):
-            continue
-        d = dict(d, phase="val", scale=opt["scale"])
-        loader = build_dataloader(build_dataset(d), d, num_gpu=0, dist=False)
-        for w, vals in evaluate_widths(net, loader, widths, metrics, device).items():
-            rows[w].update({f"{d['name']}/{m}": v for m, v in vals.items()})
-    rows = [rows[w] for w in sorted(rows)]
-    cols = [("width", "width", "{:g}"), ("n", "n", "{}"), ("mflops", "MFLOPs", "{:.0f}"),
-            ("params_m", "params (M)", "{:.3f}")]
-    cols += [(k, k, "{:.2f}" if k.endswith("psnr") else "{:.4f}") for k in rows[0] if "/" in k]
-    print_table(rows, title=f"{args.checkpoint} (MFLOPs at a {x.shape[2]}x{x.shape[3]} LR input)", columns=cols)
-    out = args.csv or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))),
-                                   "spectrum.csv")
-    write_spectrum_csv([{k: v for k, v in r.items() if k != "n"} for r in rows], out)
-    if args.plot:
-        plot_spectrum([out], args.plot)
-    return 0
+#: The options each verb reads (the adapter protocol, :mod:`slim_plugins.adapter`); the core refuses the others.
+HONOURS = {
+    "train": {"config", "resume", "output", "batch_size", "lr", "workers", "seed", "device", "set"},
+    "eval": {"device", "config"},
+    "calibrate": set(),
+    "export": {"onnx", "device", "config"},
+    "profile": {"input_size", "batch_size", "device", "config"},
+    "serve": {"input_size", "batch_size", "device", "config"},
+}
+REFUSALS = {"default": "--default runs the embedded timm job", "epochs": "BasicSR counts iterations: "
+            "--set train.total_iter=N", "data_dir": "the options' datasets.*.dataroot_* name the data",
+            "onnx": "export a width with `slim export --onnx`", "fuse_bn": "WDSR has no BatchNorm",
+            "calib_samples": "WDSR has no BatchNorm", "no_calibrate": "WDSR has no BatchNorm",
+            "batch_size": "BasicSR validates one image at a time", "workers": "BasicSR validates one image at a time"}
+NOT_APPLICABLE = {"calibrate": "the generator has no BatchNorm (weight normalisation keeps no statistics)"}
 
 
-def cmd_export(args) -> int:
-    """``slim export CKPT --width W``: the plain weight-normed network of that width as a BasicSR checkpoint
-    (``{'params': ...}``, loadable by the stock arch with ``num_feat = n``) plus BasicSR test options for it
-    (``basicsr/test.py -opt``); ``--onnx`` also writes the ONNX graph. Files are written atomically."""
-    import torch
-    import yaml
+class SRCheckpoint(OpenedCheckpoint):
+    """A ``SlimSRModel`` generator checkpoint (EMA weights when present) with the experiment's options."""
 
-    import slim_plugins as slim
-    from slim_plugins.checkpoint import atomic_write
+    framework = "basicsr"
+    cost_columns = (("width", "width", "{:g}"), ("n", "n", "{}"), ("mflops", "MFLOPs", "{:.0f}"),
+                    ("params_m", "params (M)", "{:.3f}"))
 
-    if args.fuse_bn:
-        raise ConfigError("--fuse-bn does not apply: WDSR has no BN (weight normalisation stays in the export)")
-    opt, net, settings = _loaded(args)
-    w = settings.spec.validate(args.width)
-    n = _n(opt, settings, w)
-    x = torch.zeros(1, 3, *settings.flops_lq_size)
-    plain = slim.export(net.cpu(), w, example_input=x)
-    exp = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint)))
-    out = args.out or os.path.join(exp, "exported", f"net_g_n{n}.pth")
-    atomic_write(out, lambda f: torch.save({"params": plain.state_dict()}, f))
-    net_g = dict(opt["network_g"])
-    if "num_feat" in net_g:
-        net_g["num_feat"] = n
-    test_opt = {"name": f"{opt.get('name', 'wdsr')}_n{n}", "model_type": "SRModel", "scale": opt["scale"],
-                "num_gpu": "auto", "manual_seed": opt.get("manual_seed", 0),
-                "datasets": {f"test_{i + 1}": d for i, d in
-                             enumerate(v for k, v in opt["datasets"].items() if k.startswith(("val", "test")))},
-                "network_g": net_g,
-                "path": {"pretrain_network_g": os.path.abspath(out), "strict_load_g": True, "param_key_g": "params"},
-                "val": {"save_img": True, "suffix": None, "metrics": (opt.get("val") or {}).get("metrics")}}
-    opts_path = os.path.splitext(out)[0] + "_test.yml"
-    atomic_write(opts_path, lambda f: yaml.safe_dump(test_opt, f, sort_keys=False), mode="w")
-    msg = f"wrote {out} and {opts_path} (width {w:g}: num_feat {n})"
-    if args.onnx:
-        onnx = slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx", dynamic_hw=True)  # any image size
-        msg += f" and {onnx}"
-    print(msg)
-    return 0
+    def __init__(self, args, opt, net, settings):
+        exp = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint)))
+        super().__init__(args.checkpoint, net, settings.spec, settings.eval_widths, args.checkpoint, exp,
+                         next(net.parameters()).device)
+        self.opt, self.settings = opt, settings
+        self.input_size = (3, *settings.flops_lq_size)
+        self.default_eval_csv = os.path.join(exp, "spectrum.csv")
+
+    def example_input(self, batch_size, input_size=None):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        return (torch.rand(batch_size, *self.resolve_input_size(input_size), generator=g).to(self.device),)
+
+    def costs(self, widths, inputs):
+        rows = super().costs(widths, inputs)
+        return [{"width": r["width"], "n": _n(self.opt, self.settings, r["width"]), "mflops": r["mflops"],
+                 "params_m": r["params_m"]} for r in rows]
+
+    def evaluate(self, widths, args):
+        """PSNR / SSIM (the options' ``val.metrics``) on every ``val*`` / ``test*`` dataset of the options; MFLOPs
+        at the options' ``flops_lq_size`` LR input."""
+        from basicsr.data import build_dataloader, build_dataset
+
+        from .model import evaluate_widths
+
+        opt = self.opt
+        metrics = (opt.get("val") or {}).get("metrics")
+        if not metrics:
+            raise ConfigError("the options have no val.metrics to evaluate (e.g. psnr: {type: calculate_psnr, ...})")
+        rows = {c["width"]: c for c in self.costs(widths, self.example_input(1))}
+        for phase, d in opt["datasets"].items():
+            if not phase.startswith(("val", "test")):
+                continue
+            d = dict(d, phase="val", scale=opt["scale"])
+            loader = build_dataloader(build_dataset(d), d, num_gpu=0, dist=False)
+            for w, vals in evaluate_widths(self.model, loader, widths, metrics, self.device).items():
+                rows[w].update({f"{d['name']}/{m}": v for m, v in vals.items()})
+        rows = [rows[w] for w in sorted(rows)]
+        keys = [k for k in rows[0] if "/" in k]
+        self.metric_columns = [(k, k, "{:.2f}" if k.endswith("psnr") else "{:.4f}") for k in keys]
+        self.title = f"{self.path} (MFLOPs at a {self.input_size[1]}x{self.input_size[2]} LR input)"
+        return [{k: v for k, v in r.items() if k != "n"} for r in rows]
+
+    def default_export_path(self, width, fuse_bn):
+        return os.path.join(self.run_dir, "exported", f"net_g_n{_n(self.opt, self.settings, width)}.pth")
+
+    def export(self, w, out, onnx, fuse_bn):
+        """The plain weight-normed network of width ``w`` as a BasicSR checkpoint (``{'params': ...}``, loadable
+        by the stock arch with ``num_feat = n``) plus BasicSR test options for it (``basicsr/test.py -opt``)."""
+        import torch
+        import yaml
+
+        import slim_plugins as slim
+        from slim_plugins.checkpoint import atomic_write
+
+        opt, n = self.opt, _n(self.opt, self.settings, w)
+        x = torch.zeros(1, *self.input_size)
+        plain = slim.export(self.model.cpu(), w, example_input=x)
+        net_g = dict(opt["network_g"])
+        if "num_feat" in net_g:
+            net_g["num_feat"] = n
+        test_opt = {"name": f"{opt.get('name', 'wdsr')}_n{n}", "model_type": "SRModel", "scale": opt["scale"],
+                    "num_gpu": "auto", "manual_seed": opt.get("manual_seed", 0),
+                    "datasets": {f"test_{i + 1}": d for i, d in
+                                 enumerate(v for k, v in opt["datasets"].items() if k.startswith(("val", "test")))},
+                    "network_g": net_g,
+                    "path": {"pretrain_network_g": os.path.abspath(out), "strict_load_g": True,
+                             "param_key_g": "params"},
+                    "val": {"save_img": True, "suffix": None, "metrics": (opt.get("val") or {}).get("metrics")}}
+        opts_path = os.path.splitext(out)[0] + "_test.yml"
+        atomic_write(out, lambda f: torch.save({"params": plain.state_dict()}, f))
+        atomic_write(opts_path, lambda f: yaml.safe_dump(test_opt, f, sort_keys=False), mode="w")
+        paths = [out, opts_path]
+        if onnx:
+            paths.append(slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx", dynamic_hw=True))
+        print(f"width {w:g}: num_feat {n}")
+        return paths
 
 
-def cmd_profile(args) -> int:
-    """``slim profile CKPT [--input-size H W]``: MFLOPs (multiply-adds), params and latency per width for an LR
-    input of ``H x W`` (default the options' ``flops_lq_size``, 48x48 as US-Nets Fig. 4); ``--csv`` writes it."""
-    import torch
-
-    import slim_plugins as slim
-    from slim_plugins.spectrum import print_table
-
-    opt, net, settings = _loaded(args)
-    size = tuple(args.input_size[-2:]) if args.input_size else settings.flops_lq_size
-    if len(size) == 1:
-        size = (size[0], size[0])
-    x = torch.zeros(args.batch_size, 3, *size, device=next(net.parameters()).device)
-    table = slim.profile(net, x, widths=_widths(args, settings), latency=not args.no_latency, repeats=args.repeats)
-    rows = [{"width": r.width, "n": _n(opt, settings, r.width), "mflops": r.mflops, "params_m": r.params_m,
-             "latency_ms": r.latency_ms} for r in table]
-    print_table(rows, title=f"{args.checkpoint} at {size[0]}x{size[1]} LR, batch {args.batch_size}",
-                columns=[("width", "width", "{:g}"), ("n", "n", "{}"), ("mflops", "MFLOPs", "{:.0f}"),
-                         ("params_m", "params (M)", "{:.3f}"), ("latency_ms", "ms", "{:.1f}")])
-    if args.csv:
-        table.to_csv(args.csv)  # the format `slim serve --table` reads
-    return 0
-
-
-def cmd_serve(args) -> int:
-    """``slim serve CKPT --budget-ms B``: super-resolve an LR input of ``--input-size H W`` (default the options'
-    ``flops_lq_size``) call after call under a :class:`~slim_plugins.WidthController` that picks the widest width
-    whose latency fits the budget; live display, PNG and CSV of latency and width per call."""
-    import torch
-
-    import slim_plugins as slim
-    from slim_plugins.control import serve_command
-
-    opt, net, settings = _loaded(args)
-    widths = _widths(args, settings)
-    size = tuple(args.input_size[-2:]) if args.input_size else settings.flops_lq_size
-    if len(size) == 1:
-        size = (size[0], size[0])
-    x = torch.rand(args.batch_size, 3, *size, device=next(net.parameters()).device)
-
-    @torch.no_grad()
-    def call():
-        return net(x)
-
-    if args.table:
-        table = slim.ProfileTable.from_csv(args.table)
-    else:
-        print(f"profiling widths {[f'{w:g}' for w in widths]} on a {size[0]}x{size[1]} LR input")
-        table = slim.profile(net, x, widths=widths, repeats=5)
-    ctl = slim.WidthController(net, args.budget_ms, table, percentile=args.percentile, fn=call)
-    serve_command(ctl, lambda i: (), args.calls, live=not args.no_live, csv_path=args.csv, plot_path=args.plot)
-    return 0
+def open_checkpoint(args) -> SRCheckpoint:
+    """The adapter protocol's loader: the generator of ``args.checkpoint`` with the experiment's options."""
+    return SRCheckpoint(args, *_loaded(args))

@@ -42,6 +42,63 @@ def expanded_options(path: str, tmpdir: str, overrides: dict | None = None) -> s
     return out
 
 
+def validate_options(opt: dict) -> None:
+    """Check BasicSR options as far as can be done without writing anything: what ``train_pipeline`` would only
+    find out after creating (or archiving) the experiment folder.
+
+    Raises:
+        ConfigError: not a mapping, no ``model_type`` / ``network_g`` / ``datasets.train``, an unregistered model,
+            arch or dataset type, a network the arch cannot build, a missing data folder, a bad ``total_iter``.
+        SlimError: a bad ``slimmable`` block, or a generator ``convert`` refuses.
+    """
+    import slim_plugins as slim
+    from slim_plugins.errors import ConfigError
+
+    import slim_plugins.integrations.basicsr  # noqa: F401  registers WDSR, BicubicHRDataset, SlimSRModel
+    import basicsr.archs  # noqa: F401  fills the registries, as train_pipeline does
+    import basicsr.data  # noqa: F401
+    import basicsr.models  # noqa: F401
+    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+
+    if not isinstance(opt, dict):
+        raise ConfigError(f"BasicSR options must be a mapping, got {type(opt).__name__}")
+    for key in ("model_type", "network_g", "datasets", "scale"):
+        if key not in opt:
+            raise ConfigError(f"the options have no {key!r} (BasicSR needs model_type, scale, network_g, datasets)")
+    if opt["model_type"] not in MODEL_REGISTRY:
+        raise ConfigError(f"model_type {opt['model_type']!r} is not registered; known: {sorted(MODEL_REGISTRY._obj_map)}")
+    if not isinstance(opt["scale"], int) or isinstance(opt["scale"], bool) or opt["scale"] < 1:
+        raise ConfigError(f"scale must be a positive integer, got {opt['scale']!r}")
+    net_g = opt["network_g"]
+    if not isinstance(net_g, dict) or net_g.get("type") not in ARCH_REGISTRY:
+        known = sorted(ARCH_REGISTRY._obj_map)
+        raise ConfigError(f"network_g.type {net_g.get('type') if isinstance(net_g, dict) else net_g!r} is not a "
+                          f"registered arch; known: {known}")
+    try:
+        net = ARCH_REGISTRY.get(net_g["type"])(**{k: v for k, v in net_g.items() if k != "type"})
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"network_g {net_g}: {e}") from None
+    if opt.get("slimmable"):
+        from .model import parse_slimmable
+
+        settings = parse_slimmable(opt["slimmable"], seed=int(opt.get("manual_seed") or 0))
+        slim.convert(net, settings.spec)  # the refusals of SlimSRModel, before any folder exists
+    datasets = opt["datasets"]
+    if not isinstance(datasets, dict) or "train" not in datasets:
+        raise ConfigError("the options have no datasets.train")
+    for phase, d in datasets.items():
+        if not isinstance(d, dict) or d.get("type") not in DATASET_REGISTRY:
+            raise ConfigError(f"datasets.{phase}.type {d.get('type') if isinstance(d, dict) else d!r} is not a "
+                              f"registered dataset; known: {sorted(DATASET_REGISTRY._obj_map)}")
+        for k, v in d.items():
+            if k.startswith("dataroot") and isinstance(v, str) and d.get("io_backend", {}).get("type", "disk") == \
+                    "disk" and not os.path.exists(v):
+                raise ConfigError(f"datasets.{phase}.{k} {v!r} does not exist")
+    total = (opt.get("train") or {}).get("total_iter")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or total < 1):
+        raise ConfigError(f"train.total_iter must be a positive number, got {total!r}")
+
+
 def _reset_basicsr_logger() -> None:
     """BasicSR's ``get_root_logger`` sets up the ``basicsr`` logger once per process (the first caller wins): a
     second ``train_pipeline`` in one process (an experiment running several trainings, a test session) would get
@@ -66,6 +123,9 @@ def run_pipeline(opt_path: str, extra_args: Sequence[str] = (), root_path: str |
 
     with tempfile.TemporaryDirectory(prefix="slim-basicsr-") as tmp:
         opt = expanded_options(opt_path, tmp, overrides)
+        from slim_plugins.config import load_yaml_config
+
+        validate_options(load_yaml_config(opt))  # before train_pipeline creates or archives any folder
         argv = sys.argv
         sys.argv = [argv[0], "-opt", opt, *extra_args]  # BasicSR's parse_options reads sys.argv
         _reset_basicsr_logger()

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
+from slim_plugins.adapter import OpenedCheckpoint
 from slim_plugins.errors import ConfigError
 from slim_plugins.config import parse_overrides
-from slim_plugins.spectrum import print_table
-from slim_plugins.config import requested_widths as _widths
 
 CONFIG_SUFFIXES = (".py",)
 
@@ -52,9 +51,13 @@ def _load(path: str):
 def _config(path_or_text: str, from_checkpoint: bool = False):
     from mmengine.config import Config
 
-    if from_checkpoint:
-        return Config.fromstring(path_or_text, file_format=".py")
-    return Config.fromfile(path_or_text)
+    try:
+        if from_checkpoint:
+            return Config.fromstring(path_or_text, file_format=".py")
+        return Config.fromfile(path_or_text)
+    except (SyntaxError, NameError, ImportError, KeyError, TypeError, AttributeError) as e:
+        where = "the checkpoint's config" if from_checkpoint else repr(path_or_text)
+        raise ConfigError(f"{where} is not a valid mmengine config: {type(e).__name__}: {e}") from None
 
 
 def _runner(cfg):
@@ -93,14 +96,36 @@ def _apply_train_args(cfg, args) -> None:
         cfg.merge_from_dict(parse_overrides(args.set))
 
 
+def validate_config(cfg) -> None:
+    """What the Runner would only find out after creating the work dir, its log and config dump.
+
+    Raises:
+        ConfigError: no ``model`` / an unregistered model type, no ``train_dataloader`` / ``train_cfg``.
+        SlimError: a bad ``slimmable`` entry (:func:`~slim_plugins.integrations.mmdet.model.parse_slimmable`).
+    """
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from .model import parse_slimmable
+
+    register_all_modules(init_default_scope=False)
+    model = cfg.get("model")
+    if not isinstance(model, dict) or "type" not in model:
+        raise ConfigError("the config has no `model` dict with a `type` (an mmdet detector config)")
+    if MODELS.get(model["type"]) is None:
+        raise ConfigError(f"model.type {model['type']!r} is not a registered mmdet model")
+    for key in ("train_dataloader", "train_cfg", "optim_wrapper"):
+        if not cfg.get(key):
+            raise ConfigError(f"the config has no {key!r}: `slim train` needs a training config")
+    if cfg.get("slimmable") not in (None, False):
+        parse_slimmable(cfg.slimmable)
+
+
 def cmd_train(args, file_cfg) -> int:
     """``slim train CONFIG.py``: what ``tools/train.py CONFIG.py`` does, with the slimmable runner."""
-    if args.default:
-        raise ConfigError("--default runs the embedded timm job; give an mmdet config without it")
-    if args.onnx:
-        raise ConfigError("--onnx is not available for detectors; export a width with `slim export`")
     cfg = _config(args.config)
     _apply_train_args(cfg, args)
+    validate_config(cfg)
     runner = _runner(cfg)
     runner.train()
     return 0
@@ -113,141 +138,164 @@ def _from_checkpoint(args):
     return ck, cfg
 
 
-def _loaded(args):
-    """``(cfg, runner, model, settings, widths)`` of ``args.checkpoint`` loaded into a ``SlimRunner``; the widths
-    are ``--widths`` / ``--step`` or the config's eval widths."""
-    from .model import slim_settings
-
-    _, cfg = _from_checkpoint(args)
-    runner = _runner(cfg)
-    runner.load_checkpoint(args.checkpoint)
-    settings = slim_settings(runner.model)
-    return cfg, runner, runner.model, settings, _widths(args, settings)
-
-
-def cmd_eval(args) -> int:
-    """``slim eval CKPT``: the test loop at every width (``tools/test.py`` with ``SlimRunner``), COCO AP per width,
-    the spectrum CSV in the work dir (and at ``--csv``)."""
-    from .model import parse_slimmable
-
-    ck, cfg = _from_checkpoint(args)
-    cfg.load_from = args.checkpoint
-    cfg.work_dir = cfg.get("work_dir") or os.path.dirname(os.path.abspath(args.checkpoint))
-    if args.widths or args.step:
-        s = dict(cfg.get("slimmable") or {})
-        if s:
-            spec = parse_slimmable(s)
-            s["eval_widths"] = _widths(args, spec)
-            cfg.slimmable = s
-    if args.calib_samples:
-        cfg.slimmable = dict(cfg.get("slimmable") or {}, calib_samples=args.calib_samples)
-    if args.batch_size:
-        cfg.test_dataloader.batch_size = args.batch_size
-    if args.workers is not None:
-        cfg.test_dataloader.num_workers = args.workers
-    runner = _runner(cfg)
-    metrics = runner.test()
-    from slim_plugins.spectrum import read_spectrum_csv
-
-    rows = read_spectrum_csv(os.path.join(runner.work_dir, "spectrum.csv"))
-    cols = [("width", "width", "{:g}"), ("mflops", "MFLOPs", "{:.0f}"), ("params_m", "params (M)", "{:.2f}")]
-    cols += [(k, k, "{:.1f}") for k in rows[0] if k.endswith(("_AP", "_AP50"))]
-    print_table(rows, title=f"{args.checkpoint}", columns=cols)
-    if args.csv:
-        import shutil
-
-        shutil.copyfile(os.path.join(runner.work_dir, "spectrum.csv"), args.csv)
-    if args.plot:
-        from slim_plugins.spectrum import plot_spectrum
-
-        plot_spectrum([os.path.join(runner.work_dir, "spectrum.csv")], args.plot)
-    return 0 if metrics is not None else 1
+#: The options each verb reads (the adapter protocol, :mod:`slim_plugins.adapter`); the core refuses the others.
+HONOURS = {
+    "train": {"config", "resume", "output", "epochs", "batch_size", "lr", "workers", "seed", "set"},
+    "eval": {"batch_size", "workers", "calib_samples", "config"},
+    "calibrate": set(),
+    "export": {"calib_samples", "config"},
+    "profile": {"input_size", "batch_size", "config"},
+    "serve": {"config"},
+}
+REFUSALS = {"default": "--default runs the embedded timm job", "onnx": "mmdeploy exports mmdet models",
+            "fuse_bn": "mmdeploy exports mmdet models", "device": "mmengine's Runner places the model",
+            "data_dir": "the config's data_root / ann_file name the data (--set)",
+            "no_calibrate": "US detectors are calibrated from the training images at every evaluation",
+            "val_num_samples": "the test dataloader's dataset decides (--set)",
+            "input_size": "serve runs inference_detector on the first test image, at the test pipeline's size",
+            "batch_size": "serve runs inference_detector on one image"}
+NOT_APPLICABLE = {"calibrate": "a US detector's BN post-statistics are computed from the training images at every "
+                  "evaluation (slim eval / export / serve) and not stored"}
 
 
-def cmd_export(args) -> int:
-    """``slim export CKPT --width W [--out DIR]``: a plain mmdet config + checkpoint of one width."""
-    from .export import export_detector
+class DetCheckpoint(OpenedCheckpoint):
+    """An mmengine checkpoint of a slimmable detector; the ``SlimRunner`` is built on first use (it creates the
+    work dir and its log), after every option and width was checked against the config."""
 
-    if args.onnx or args.fuse_bn:
-        raise ConfigError("--onnx / --fuse-bn are not available for detectors (mmdeploy exports mmdet models)")
-    ck, cfg = _from_checkpoint(args)
-    cfg.load_from = args.checkpoint
-    cfg.work_dir = cfg.get("work_dir") or os.path.dirname(os.path.abspath(args.checkpoint))
-    runner = _runner(cfg)
-    runner.load_checkpoint(args.checkpoint)
-    model = runner.model
-    from .model import slim_settings
+    framework = "mmdet"
+    cost_columns = (("width", "width", "{:g}"), ("mflops", "MFLOPs", "{:.0f}"), ("params_m", "params (M)", "{:.2f}"))
 
-    w = slim_settings(model).spec.validate(args.width)
-    if not slim_settings(model).spec.is_switches:
-        from .evaluation import calibrate_widths as _calibrate
+    def __init__(self, args):
+        from .cost import detector_input_size
+        from .model import parse_slimmable
 
-        _calibrate(runner, model, [w], slim_settings(model))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "exported", f"width_{w:g}")
-    res = export_detector(model, cfg, w, out, dataset_meta=ck.get("meta", {}).get("dataset_meta"))
-    print(f"wrote {res['config']} and {res['checkpoint']} (width {w:g}: {res['channels']})")
-    return 0
+        self.ck, self.cfg = _from_checkpoint(args)
+        declared = self.cfg.get("slimmable") or (self.cfg.get("model", {}).get("backbone") or {}).get("slimmable")
+        if not declared:
+            raise ConfigError(f"the config of {args.checkpoint!r} has no `slimmable` entry nor a slimmable backbone")
+        self.declared = declared if isinstance(declared, dict) else {}
+        self.settings = parse_slimmable(declared)
+        for w in (getattr(args, "widths", None) or []) + ([args.width] if getattr(args, "width", None) else []):
+            self.settings.spec.validate(w)  # before the runner writes its work dir
+        self.cfg.work_dir = self.cfg.get("work_dir") or os.path.dirname(os.path.abspath(args.checkpoint))
+        super().__init__(args.checkpoint, None, self.settings.spec, self.settings.eval_widths, args.checkpoint,
+                         self.cfg.work_dir)
+        self.input_size = (3, *detector_input_size(self.cfg))
+        self._runner = None
+        self.args = args
 
+    @property
+    def runner(self):
+        if self._runner is None:
+            self._runner = _runner(self.cfg)
+            self._runner.load_checkpoint(self.path)
+            self._runner.model.eval()
+        return self._runner
 
-def cmd_profile(args) -> int:
-    """``slim profile CKPT``: MFLOPs of backbone + FPN at the test size, params and latency per width."""
-    import slim_plugins as slim
+    @property
+    def model(self):
+        return self.runner.model
 
-    from .cost import detector_input_size, width_cost as _cost
+    def prepare_eval(self, widths, args):  # the test loop calibrates US widths itself
+        pass
 
-    cfg, runner, model, settings, widths = _loaded(args)
-    if args.input_size:
-        size = args.input_size[-2:] if len(args.input_size) >= 2 else args.input_size * 2
-        cfg.test_dataloader.dataset.pipeline = [dict(type="Resize", scale=(max(size), min(size)))]
-    h, w_ = detector_input_size(cfg)
-    model.eval()
-    rows = []
-    x = torch.zeros(args.batch_size, 3, h, w_)
-    for w in widths:
-        row = {"width": w, **_cost(runner, w)}
-        if not args.no_latency:
-            with slim.width(w), torch.no_grad():
-                row["latency_ms"] = slim.measure_latency(lambda: model.extract_feat(x), repeats=args.repeats)
-        rows.append(row)
-    cols = [("width", "width", "{:g}"), ("mflops", "MFLOPs", "{:.0f}"), ("params_m", "params (M)", "{:.2f}"),
-            ("latency_ms", "backbone+FPN ms", "{:.1f}")]
-    print_table(rows, title=f"{args.checkpoint} at {h}x{w_}", columns=cols)
-    if args.csv:
-        import csv
+    def prepare_serving(self, widths):
+        from .evaluation import calibrate_widths
 
-        with open(args.csv, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
-    return 0
+        if not self.settings.spec.is_switches:
+            calibrate_widths(self.runner, self.model, widths, self.settings)  # from the training images
 
+    def calibrate(self, widths, num_samples, method="exact"):
+        from .evaluation import calibrate_widths
 
-def cmd_serve(args) -> int:
-    """``slim serve CKPT --budget-ms B``: ``inference_detector`` on the first test image (pipeline, model and
-    post-processing: the whole call is what the budget covers) under a :class:`~slim_plugins.WidthController`;
-    live display, PNG and CSV of latency and width per call."""
-    import slim_plugins as slim
-    from mmdet.apis import inference_detector
-    from slim_plugins.control import serve_command
+        if num_samples:
+            self.settings.calib_samples = num_samples
+        calibrate_widths(self.runner, self.model, widths, self.settings)
+        return self.settings.calib_samples
 
-    from .evaluation import calibrate_widths as _calibrate
+    def evaluate(self, widths, args):
+        """``tools/test.py`` with ``SlimRunner``: the test loop at every width, COCO AP (%) per width; the loop
+        writes ``spectrum.csv`` in the work dir."""
+        from slim_plugins.spectrum import read_spectrum_csv
 
-    cfg, runner, model, settings, widths = _loaded(args)
-    if args.table:
-        table = slim.ProfileTable.from_csv(args.table)
-        widths = [r.width for r in table]
-    if not settings.spec.is_switches:
-        _calibrate(runner, model, widths, settings)  # BN post-statistics from the training images
-    model.cfg = cfg  # inference_detector builds its test pipeline from model.cfg
-    model.eval()
-    img = runner.build_dataloader(cfg.test_dataloader).dataset.get_data_info(0)["img_path"]
-    call = lambda: inference_detector(model, img)  # noqa: E731
-    if not args.table:
-        print(f"profiling widths {[f'{w:g}' for w in widths]}: inference_detector on {img}")
-        table = {}
+        cfg = self.cfg
+        cfg.load_from = self.path
+        cfg.slimmable = dict(cfg.get("slimmable") or self.declared, eval_widths=list(widths))
+        if args.calib_samples:
+            cfg.slimmable["calib_samples"] = args.calib_samples
+        if args.batch_size:
+            cfg.test_dataloader.batch_size = args.batch_size
+        if args.workers is not None:
+            cfg.test_dataloader.num_workers = args.workers
+        runner = _runner(cfg)
+        if runner.test() is None:
+            raise ConfigError("the test loop returned no metrics (is test_evaluator set?)")
+        rows = read_spectrum_csv(os.path.join(runner.work_dir, "spectrum.csv"))
+        self.metric_columns = [(k, k, "{:.1f}") for k in rows[0] if k.endswith(("_AP", "_AP50"))]
+        return rows
+
+    def example_input(self, batch_size, input_size=None):
+        size = self.resolve_input_size(input_size)
+        return (torch.zeros(batch_size, *size, device=next(self.model.parameters()).device),)
+
+    def costs(self, widths, inputs):
+        """MFLOPs (multiply-adds) of backbone + FPN for ``inputs``, params (M) of the whole plain detector."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        import slim_plugins as slim
+
+        from .cost import _width_params
+        from .model import _module
+
+        module = _module(self.model)
+        rows = []
         for w in widths:
-            with slim.width(w):
-                table[w] = slim.measure_latency(call, warmup=1, repeats=5)
-    ctl = slim.WidthController(model, args.budget_ms, table, percentile=args.percentile, fn=call)
-    serve_command(ctl, lambda i: (), args.calls, live=not args.no_live, csv_path=args.csv, plot_path=args.plot)
-    return 0
+            with torch.no_grad(), slim.width(w), FlopCounterMode(display=False) as fc:
+                module.extract_feat(inputs[0])
+            rows.append({"width": w, "mflops": fc.get_total_flops() / 2e6,
+                         "params_m": sum(int(t.numel()) for t in _width_params(module, w)) / 1e6})
+        return rows
+
+    def calibrate_for_profiling(self, widths, inputs):
+        import slim_plugins as slim
+
+        from .model import _module
+
+        slim.calibrate_bn(_module(self.model), [inputs[0]], widths=list(widths), num_samples=None,
+                          forward=lambda m, b: m.extract_feat(b))
+
+    def call(self, inputs):
+        if self.args.command == "serve":  # the whole inference_detector call: pipeline, model, post-processing
+            from mmdet.apis import inference_detector
+
+            model = self.model
+            model.cfg = self.cfg  # inference_detector builds its test pipeline from model.cfg
+            img = self.runner.build_dataloader(self.cfg.test_dataloader).dataset.get_data_info(0)["img_path"]
+            return lambda: inference_detector(model, img)
+        module = self.model
+
+        @torch.no_grad()
+        def run():
+            return module.extract_feat(inputs[0])
+
+        return run
+
+    export_to_folder = True
+
+    def default_export_path(self, width, fuse_bn):
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), "exported", f"width_{width:g}")
+
+    def export(self, w, out, onnx, fuse_bn):
+        """A plain mmdet config + checkpoint of width ``w`` in the folder ``out``."""
+        from .export import export_detector
+
+        if not self.settings.spec.is_switches:
+            self.calibrate([w], self.args.calib_samples)
+        res = export_detector(self.model, self.cfg, w, out, dataset_meta=self.ck.get("meta", {}).get("dataset_meta"))
+        print(f"width {w:g}: {res['channels']}")
+        return [res["config"], res["checkpoint"]]
+
+
+def open_checkpoint(args) -> DetCheckpoint:
+    """The adapter protocol's loader: the checkpoint's config (``--config`` to give another)."""
+    return DetCheckpoint(args)
