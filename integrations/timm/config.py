@@ -37,11 +37,12 @@ SLIM_KEYS: dict = {
     "inplace_distill": False, "distill_temperature": 1.0, "eval_widths": None, "export_widths": None,
     "calib_samples": 2000, "calib_method": "exact", "onnx": False, "fuse_bn": False, "tensorboard": True,
     "crop_mode": None,  # the eval crop, as timm's validate.py names it (resolved from the model like crop_pct)
+    "num_threads": None,  # torch CPU threads for the run (None: torch's default); results depend on it on CPU
 }
 _TYPES.update({"divisor": "int", "num_widths": "int", "distill_temperature": "float", "calib_samples": "int",
                "onnx": "bool", "fuse_bn": "bool", "tensorboard": "bool", "output_averaging": "bool",
                "cifar_stem": "bool", "warmup_epochs": "float", "decay_epochs": "float", "widths": "list",
-               "width_range": "list"})
+               "width_range": "list", "num_threads": "int"})
 
 #: Every key with its default: timm's, except ``device: auto`` (CUDA when there is one; timm's default is cuda).
 DEFAULTS: dict = {**TIMM_ARGS, "device": "auto", **SLIM_KEYS}
@@ -76,7 +77,8 @@ REJECTED: dict = {
 _ALIASES = {"data": "data_dir", "drop_rate": "drop", "drop_path_rate": "drop_path", "re_prob": "reprob"}
 
 #: The embedded default job: scikit-learn digits at 16x16, a cifar-stem US-MobileNetV2 0.35-1.0x trained with the
-#: sandwich rule (n=4) and inplace distillation. About 3 minutes on 2 CPU cores (one torch thread).
+#: sandwich rule (n=4) and inplace distillation. About 3 minutes on 2 CPU cores. One torch thread: a CPU float sum
+#: is split across threads, so another thread count gives (slightly) different weights and accuracies.
 DIGITS_JOB: dict = {
     "dataset": "digits", "model": "us_mobilenetv2_100", "num_classes": 10, "cifar_stem": True,
     "width_range": [0.35, 1.0], "num_widths": 4, "inplace_distill": True, "eval_widths": [0.35, 0.5, 0.75, 1.0],
@@ -84,7 +86,7 @@ DIGITS_JOB: dict = {
     "train_interpolation": "bilinear", "crop_pct": 1.0, "scale": [0.7, 1.0], "ratio": [0.85, 1.15], "hflip": 0.0,
     "color_jitter": 0.0, "head_init_scale": 0.0, "channels_last": True, "opt": "adamw", "lr": 4e-3,
     "weight_decay": 0.02, "sched": "cosine", "warmup_epochs": 0, "min_lr": 1e-5, "epochs": 10, "batch_size": 64,
-    "smoothing": 0.0, "workers": 0, "log_interval": 11, "calib_samples": 2000, "seed": 0,
+    "smoothing": 0.0, "workers": 0, "log_interval": 11, "calib_samples": 2000, "seed": 0, "num_threads": 1,
 }
 
 

@@ -274,15 +274,21 @@ def train(user_cfg: dict | None = None, overrides: dict | None = None, resume: s
                 overrides = {**(overrides or {}), "output": str(Path(resume).resolve().parent)}
     cfg = resolve_config(user_cfg, overrides, default=default or (user_cfg is None and resume is None))
     cfg["resume"] = ""
+    if cfg["num_threads"] is not None and cfg["num_threads"] < 1:
+        raise ConfigError(f"num_threads must be a positive integer, got {cfg['num_threads']}")
     for mod in cfg["device_modules"] or []:
         __import__(mod)
     d = init_distributed_device_so(device=_resolve_device(cfg["device"]))
     run = SimpleNamespace(distributed=d["distributed"], main=d["global_rank"] == 0, rank=d["global_rank"],
                           world=d["world_size"], writer=None, output=None, num_updates=0)
     device = torch.device(d["device"])
+    threads = torch.get_num_threads()
+    if cfg["num_threads"] is not None:
+        torch.set_num_threads(cfg["num_threads"])
     try:
         return _train(cfg, ck, resume, run, device, t_start, hooks, datasets_fn or build_datasets)
     finally:
+        torch.set_num_threads(threads)
         if run.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
