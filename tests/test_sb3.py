@@ -297,3 +297,196 @@ def test_parse_errors():
     with pytest.raises(InvalidArgumentError, match="share_features_extractor"):
         SlimmablePPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1),
                      policy_kwargs=dict(share_features_extractor=False))
+
+
+# ---- slim train: periodic checkpoints, exact --resume, the config checked before anything is written ----------
+CARTPOLE_YAML = """\
+CartPole-v1:
+  policy: MlpPolicy
+  n_envs: 2
+  n_steps: 32
+  batch_size: 32
+  n_epochs: 2
+  n_timesteps: 512
+  learning_rate: lin_1e-3
+  clip_range: lin_0.2
+  eval_freq: 128
+  n_eval_episodes: 2
+  save_freq: 128
+  policy_kwargs:
+    net_arch: [32, 32]
+    slimmable:
+      width_range: [0.25, 1.0]
+      eval_widths: [0.25, 1.0]
+"""
+
+BREAKOUT_YAML = """\
+BreakoutNoFrameskip-v4:
+  env_wrapper: stable_baselines3.common.atari_wrappers.AtariWrapper
+  frame_stack: 4
+  policy: CnnPolicy
+  n_envs: 2
+  n_steps: 32
+  n_epochs: 1
+  batch_size: 64
+  n_timesteps: 384
+  learning_rate: lin_2.5e-4
+  clip_range: lin_0.1
+  ent_coef: 0.01
+  eval_freq: 128
+  n_eval_episodes: 1
+  save_freq: 128
+  policy_kwargs:
+    features_extractor_class: slim_plugins.integrations.sb3.USNetsAtariCNN
+    net_arch: []
+    slimmable:
+      width_range: [0.25, 1.0]
+      eval_widths: [0.25, 1.0]
+"""
+
+
+def _yaml(folder, text, name="zoo.yaml"):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def _assert_same_policy(a_zip, b_zip):
+    a, b = SlimmablePPO.load(a_zip), SlimmablePPO.load(b_zip)
+    sa, sb = a.policy.state_dict(), b.policy.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert (a.num_timesteps, a._n_updates, a.width_iteration) == (b.num_timesteps, b._n_updates, b.width_iteration)
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its size and mtime (to show a refused command changed nothing)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for n in files:
+            st = os.stat(os.path.join(root, n))
+            out[os.path.relpath(os.path.join(root, n), folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cartpole_run(tmp_path_factory):
+    """An uninterrupted CartPole run with checkpoints every 128 steps (2 envs x 32 steps per roll-out)."""
+    from slim_plugins.cli import main
+
+    root = tmp_path_factory.mktemp("cartpole")
+    yaml_path = _yaml(root / "cfg", CARTPOLE_YAML)
+    assert main(["train", yaml_path, "--output", str(root / "full")]) == 0
+    return yaml_path, root / "full"
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(cartpole_run, tmp_path):
+    """A run killed mid-roll-out after its 384-step checkpoint, resumed from the 256-step one in its own folder,
+    ends with the uninterrupted run's weights (torch.equal), counters and evaluations.csv rows."""
+    from slim_plugins.cli import main
+    from slim_plugins.integrations.sb3.callbacks import WidthEvalCallback as CB
+
+    yaml_path, full = cartpole_run
+    assert sorted(os.listdir(full / "checkpoints")) == [f"rl_model_{n}_steps.zip" for n in (128, 256, 384)]
+    run = tmp_path / "run"
+    on_step = CB._on_step
+
+    def killed(self):
+        if self.num_timesteps >= 416:
+            raise KeyboardInterrupt  # as a kill: no final save, nothing cleaned up
+        return on_step(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CB, "_on_step", killed)
+        assert main(["train", yaml_path, "--output", str(run)]) == 130
+    assert not (run / "CartPole-v1.zip").exists() and sorted(os.listdir(run / "checkpoints")) == \
+        sorted(os.listdir(full / "checkpoints"))  # atomic writes: no temporary file left behind
+    ckpt = run / "checkpoints" / "rl_model_256_steps.zip"
+    loaded = SlimmablePPO.load(ckpt)  # SB3's own load reads a checkpoint (it skips the resume entry)
+    assert loaded.num_timesteps == 256 and loaded.width_iteration > 0
+    assert main(["train", yaml_path, "--resume", str(ckpt)]) == 0  # no --output: the checkpoint's run folder
+    _assert_same_policy(full / "CartPole-v1.zip", run / "CartPole-v1.zip")
+    _assert_same_policy(full / "checkpoints" / "rl_model_384_steps.zip", run / "checkpoints" / "rl_model_384_steps.zip")
+    assert (full / "evaluations.csv").read_text() == (run / "evaluations.csv").read_text()
+
+
+def test_breakout_resume_restores_the_emulators(tmp_path):
+    """Atari: the ALE emulators (and their RNG), the frame stacks, the stochastic evaluation's env and the eval
+    counter come back: resumed at 128 of 384 steps (evaluations at 128, 256 and 384) into another --output, the
+    final weights and every evaluation equal the uninterrupted run's."""
+    from slim_plugins.cli import main
+
+    yaml_path = _yaml(tmp_path / "cfg", BREAKOUT_YAML)
+    assert main(["train", yaml_path, "--output", str(tmp_path / "full")]) == 0
+    ckpt = tmp_path / "full" / "checkpoints" / "rl_model_128_steps.zip"
+    assert main(["train", yaml_path, "--resume", str(ckpt), "--output", str(tmp_path / "resumed")]) == 0
+    _assert_same_policy(tmp_path / "full" / "BreakoutNoFrameskip-v4.zip",
+                        tmp_path / "resumed" / "BreakoutNoFrameskip-v4.zip")
+    full_rows = (tmp_path / "full" / "evaluations.csv").read_text()
+    assert full_rows == (tmp_path / "resumed" / "evaluations.csv").read_text()
+    assert [float(r["timesteps"]) for r in csv.DictReader(full_rows.splitlines())] == [128] * 2 + [256] * 2 + [384] * 4
+
+
+def test_resume_refuses_other_files_and_other_configs(cartpole_run, tmp_path, capsys):
+    """Not a periodic SlimmablePPO checkpoint, or a config that differs from the checkpoint's: exit status 2
+    naming the problem, before any file is written (the run folder unchanged, no --output folder)."""
+    from slim_plugins.cli import main
+
+    yaml_path, full = cartpole_run
+    ckpt = str(full / "checkpoints" / "rl_model_256_steps.zip")
+    before = _tree(full)
+    text = tmp_path / "notes.zip"
+    text.write_text("not a zip")
+    PPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1), verbose=0).save(tmp_path / "plain.zip")
+    acrobot = _yaml(tmp_path / "cfg", CARTPOLE_YAML.replace("CartPole-v1", "Acrobot-v1"))
+    out = tmp_path / "out"
+    cases = [
+        ([yaml_path, "--resume", str(text)], "not a Stable-Baselines3 checkpoint"),
+        ([yaml_path, "--resume", str(tmp_path / "plain.zip")], "not a SlimmablePPO checkpoint"),
+        ([yaml_path, "--resume", str(full / "CartPole-v1.zip")], "without resume state"),
+        ([yaml_path, "--resume", str(tmp_path / "missing.zip")], "FileNotFoundError"),
+        ([acrobot, "--resume", ckpt], "trains 'CartPole-v1'"),
+        ([yaml_path, "--resume", ckpt, "--set", "n_steps=16"], "n_steps: checkpoint 32, now 16"),
+        ([yaml_path, "--resume", ckpt, "--seed", "3"], "seed: checkpoint 0, now 3"),
+        ([yaml_path, "--resume", ckpt, "--set", "policy_kwargs={net_arch: [32, 32], slimmable: {widths: [0.5, 1.0]}}"],
+         "policy_kwargs: checkpoint"),
+        ([yaml_path, "--resume", ckpt, "--set", "n_timesteps=256"], "n_timesteps=256 is not allowed"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(["train", *argv, "--output", str(out)]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+        assert not out.exists(), argv
+    assert main(["train", yaml_path, "--resume", ckpt, "--set", "n_steps=16"]) == 2  # default output: the run folder
+    assert _tree(full) == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("n_timesteps=abc", "n_timesteps='abc' is not allowed"),
+    ("n_timesteps=0", "n_timesteps=0 is not allowed"),
+    ("n_timesteps=-5", "n_timesteps=-5 is not allowed"),
+    ("n_envs=0", "n_envs=0 is not allowed"),
+    ("n_envs=-2", "n_envs=-2 is not allowed"),
+    ("n_step=64", "unknown key(s) ['n_step']"),
+    ("policy_kwargs={net_arch: [32], net_arc: [8]}", "unknown policy_kwargs key(s) ['net_arc']"),
+    ("policy_kwargs={slimmable: {width_range: [0.25, 1.0], eval_widths: []}}", "eval_widths=[] is not allowed"),
+    ("policy_kwargs={slimmable: {width_range: [0.25, 1.0], temperature: 2}}", "unknown slimmable key"),
+    ("eval_widths=[]", "eval_widths=[] is not allowed"),
+    ("save_freq=-1", "save_freq=-1 is not allowed"),
+    ("n_eval_episodes=0", "n_eval_episodes=0 is not allowed"),
+    ("eval_freq=0", "eval_freq=0 is not allowed"),
+    ("eval_freq=-100", "eval_freq=-100 is not allowed"),
+    ("policy=LstmPolicy", "policy='LstmPolicy' is not allowed"),
+])
+def test_bad_train_config_is_refused_before_any_file(tmp_path, monkeypatch, capsys, override, message):
+    from slim_plugins.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default output, logs/us_ppo/..., would land here
+    yaml_path = _yaml(tmp_path / "cfg", CARTPOLE_YAML)
+    assert main(["train", yaml_path, "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and message in err, err
+    assert sorted(os.listdir(tmp_path)) == ["cfg"] and os.listdir(tmp_path / "cfg") == ["zoo.yaml"]

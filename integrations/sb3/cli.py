@@ -102,58 +102,11 @@ def make_env(env_id: str, hp: dict, n_envs: int, seed: int):
 
 
 def cmd_train(args, cfg: dict) -> int:
-    """``slim train ZOO.yaml``: ``SlimmablePPO`` with the file's hyperparameters; evaluates every width at the end
-    (and every ``eval_freq`` steps) with SB3's ``evaluate_policy`` (stochastic actions on Atari, as rl-zoo
-    evaluates it; deterministic otherwise)."""
-    import yaml
+    """``slim train ZOO.yaml [--resume CKPT]``: see :func:`slim_plugins.integrations.sb3.train.train` (the config
+    checked whole before anything is written, checkpoints every ``save_freq`` steps, exact resume)."""
+    from .train import train
 
-    from slim_plugins.checkpoint import atomic_write
-
-    from .callbacks import WidthEvalCallback
-    from .ppo import SlimmablePPO
-
-    if args.default or args.epochs or args.onnx or args.data_dir:
-        raise ConfigError("--default/--epochs/--onnx/--data-dir do not apply to an RL config; use "
-                          "--set n_timesteps=N")
-    (env_id, hp), = cfg.items()
-    hp = dict(hp)
-    hp.update(parse_overrides(args.set))
-    seed = args.seed if args.seed is not None else int(hp.pop("seed", 0))
-    out = args.output or os.path.join("logs", "us_ppo", f"{env_id}_1")
-    n_envs = int(hp.get("n_envs", 1))
-    env = make_env(env_id, hp, n_envs, seed)
-    eval_env = make_env(env_id, hp, 1, seed + 1000)
-    kwargs = ppo_kwargs(hp)
-    if args.lr is not None:
-        kwargs["learning_rate"] = args.lr
-    if args.batch_size is not None:
-        kwargs["batch_size"] = args.batch_size
-    import inspect
-
-    from stable_baselines3 import PPO
-
-    allowed = set(inspect.signature(PPO.__init__).parameters) - {"self", "policy", "env"}
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {env_id!r}: not a PPO argument nor an rl-zoo key "
-                          f"{list(_ZOO_ONLY)}; PPO takes {sorted(allowed)}")
-    device = args.device or "auto"
-    model = SlimmablePPO(hp["policy"], env, seed=seed, tensorboard_log=out, device=device, verbose=1, **kwargs)
-    n_eval = int(hp.get("n_eval_episodes", 5))
-    deterministic = not is_atari(env_id, hp)
-    cb = WidthEvalCallback(eval_env, eval_freq=max(1, int(hp.get("eval_freq", 25_000)) // n_envs),
-                           n_eval_episodes=n_eval, deterministic=deterministic, log_path=out, verbose=1)
-    os.makedirs(out, exist_ok=True)
-    atomic_write(os.path.join(out, "config.yml"), lambda f: yaml.safe_dump({env_id: dict(hp, seed=seed)}, f),
-                 mode="w")
-    model.learn(int(float(hp["n_timesteps"])), callback=cb)
-    tmp = os.path.join(out, f".{env_id}.tmp.zip")  # SB3 writes the zip in place: save, then rename (atomic)
-    model.save(tmp)
-    os.replace(tmp, os.path.join(out, f"{env_id}.zip"))
-    rows = cb.evaluate()  # the final evaluation: logged, spectrum.csv and evaluations.csv like the periodic ones
-    print_table(rows, title=f"{env_id}: mean episode reward per width ({n_eval} episodes)",
-                columns=_columns([("mean_reward", "reward", "{:.1f}"), ("std_reward", "± std", "{:.1f}")]))
-    return 0
+    return train(args, cfg)
 
 
 def claims_checkpoint(path: str) -> bool:
