@@ -233,6 +233,10 @@ def _framework_of_train(args) -> tuple[str, dict | None]:
     if args.config and args.default:
         raise ConfigError("give either CONFIG or --default, not both")
     if not args.config:
+        if args.resume and not args.default:  # the checkpoint says which framework continues
+            if not os.path.isfile(args.resume):
+                raise FileNotFoundError(f"--resume {args.resume!r} is not a file")
+            return _framework_of_file(args.resume)[0], None
         return "timm", {}
     if not os.path.isfile(args.config):
         raise FileNotFoundError(f"config file {str(args.config)!r} does not exist")
@@ -240,21 +244,31 @@ def _framework_of_train(args) -> tuple[str, dict | None]:
     return framework_of_config(args.config, cfg), cfg
 
 
-def _framework_of_checkpoint(args) -> str:
+def _framework_of_file(path: str) -> tuple[str, dict | None]:
+    """``(framework, payload)`` of a checkpoint: a ``slim_plugins`` checkpoint names its framework (``timm`` when
+    it does not); another format is the adapter's whose ``claims_checkpoint`` accepts it (payload ``None``).
+
+    Raises:
+        CheckpointError: neither.
+    """
     from .checkpoint import read_checkpoint
     from .errors import CheckpointError
 
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist (or is not a file)")
     try:
-        args.payload = read_checkpoint(args.checkpoint)
-        return args.payload.get("framework", "timm")
+        payload = read_checkpoint(path)
+        return payload.get("framework", "timm"), payload
     except CheckpointError:
-        args.payload = None
-        framework = _checkpoint_claimed(args.checkpoint)  # another framework's checkpoint format
+        framework = _checkpoint_claimed(path)  # another framework's checkpoint format
         if framework is None:
             raise
-        return framework
+        return framework, None
+
+
+def _framework_of_checkpoint(args) -> str:
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist (or is not a file)")
+    framework, args.payload = _framework_of_file(args.checkpoint)
+    return framework
 
 
 def _dispatch(args) -> int:

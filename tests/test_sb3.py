@@ -256,6 +256,12 @@ def test_slim_train_on_the_zoo_yaml(tmp_path):
         rows = list(csv.DictReader(f))
     assert [float(r["width"]) for r in rows] == [0.25, 0.6] and float(rows[0]["mflops"]) < float(rows[1]["mflops"])
     assert main(["profile", zip_path, "--no-latency", "--csv", str(tmp_path / "prof.csv")]) == 0
+    # every verb for every adapter: `slim serve` on a policy; `slim calibrate` refused with the reason
+    assert main(["serve", zip_path, "--budget-ms", "1e9", "--calls", "4", "--no-live", "--widths", "0.25", "1.0",
+                 "--csv", str(tmp_path / "calls.csv"), "--plot", str(tmp_path / "serve.png")]) == 0
+    calls = (tmp_path / "calls.csv").read_text().splitlines()
+    assert len(calls) == 5 and all(c.split(",")[1] == "1" for c in calls[1:])  # any budget: the widest width
+    assert main(["calibrate", zip_path]) == 2
     assert main(["eval", zip_path, "--widths", "0.1"]) == 2  # outside the range: a typed error, exit status 2
     yaml_path = os.path.join(REPO, "configs", "sb3", "breakout_us_ppo.yaml")
     assert main(["train", yaml_path, "--output", str(tmp_path / "bad"), "--set", "n_step=64"]) == 2  # a typo
@@ -422,7 +428,8 @@ def test_breakout_resume_restores_the_emulators(tmp_path):
     yaml_path = _yaml(tmp_path / "cfg", BREAKOUT_YAML)
     assert main(["train", yaml_path, "--output", str(tmp_path / "full")]) == 0
     ckpt = tmp_path / "full" / "checkpoints" / "rl_model_128_steps.zip"
-    assert main(["train", yaml_path, "--resume", str(ckpt), "--output", str(tmp_path / "resumed")]) == 0
+    # no YAML: the framework and the config come from the checkpoint
+    assert main(["train", "--resume", str(ckpt), "--output", str(tmp_path / "resumed")]) == 0
     _assert_same_policy(tmp_path / "full" / "BreakoutNoFrameskip-v4.zip",
                         tmp_path / "resumed" / "BreakoutNoFrameskip-v4.zip")
     full_rows = (tmp_path / "full" / "evaluations.csv").read_text()

@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from slim_plugins.adapter import OpenedCheckpoint
 from slim_plugins.errors import ConfigError
 
-from slim_plugins.config import parse_overrides
-from slim_plugins.spectrum import print_table
 CONFIG_SUFFIXES = (".yml", ".yaml")
 _ZOO_ONLY = ("n_timesteps", "n_envs", "frame_stack", "env_wrapper", "normalize", "policy", "eval_freq",
              "n_eval_episodes", "vec_env_wrapper", "callback", "env_kwargs")
@@ -128,8 +127,10 @@ def _loaded(args):
 
     from .ppo import SlimmablePPO
 
-    path = getattr(args, "config", None) or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                                         "config.yml")
+    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    if os.path.basename(folder) == "checkpoints" and not os.path.isfile(os.path.join(folder, "config.yml")):
+        folder = os.path.dirname(folder)  # a periodic checkpoint: <run>/checkpoints/rl_model_<n>_steps.zip
+    path = getattr(args, "config", None) or os.path.join(folder, "config.yml")
     if not os.path.isfile(path):
         raise ConfigError(f"no rl-zoo config next to {args.checkpoint!r} (expected {path}); give it with --config")
     cfg = load_yaml_config(path)
@@ -145,82 +146,82 @@ def _columns(extra=()):
             *extra]
 
 
-def cmd_eval(args) -> int:
-    """``slim eval MODEL.zip``: SB3's ``evaluate_policy`` at each width (``--widths`` / ``--step``, default the
-    model's ``eval_widths``) on the config's environment, ``n_eval_episodes`` games (default 10; stochastic
-    actions on Atari); rich table, spectrum CSV (``--csv``, default ``eval_spectrum.csv`` next to the zip, beside
-    the training's ``spectrum.csv``) and plot (``--plot``)."""
-    from slim_plugins.spectrum import plot_spectrum, print_table, write_spectrum_csv
-
-    from slim_plugins.config import requested_widths
-    from .callbacks import evaluate_widths
-
-    model, env_id, hp = _loaded(args)
-    widths = requested_widths(args, model.slim_settings)
-    env = make_env(env_id, hp, 1, int(hp.get("seed", 0)) + 1000)
-    n = int(hp.get("n_eval_episodes", 10))
-    deterministic = not is_atari(env_id, hp)
-    rows = evaluate_widths(model, env, widths, n, deterministic=deterministic)
-    print_table(rows, title=f"{env_id}: mean episode reward per width ({n} episodes, "
-                f"{'deterministic' if deterministic else 'stochastic'} actions)",
-                columns=_columns([("mean_reward", "reward", "{:.1f}"), ("std_reward", "± std", "{:.1f}")]))
-    out = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval_spectrum.csv")
-    write_spectrum_csv(rows, out)
-    if args.plot:
-        plot_spectrum([out], args.plot)
-    return 0
+#: The options each verb reads (the adapter protocol, :mod:`slim_plugins.adapter`); the core refuses the others.
+HONOURS = {
+    "train": {"config", "resume", "output", "batch_size", "lr", "seed", "device", "set"},
+    "eval": {"device", "config"},
+    "calibrate": set(),
+    "export": {"onnx", "device", "config"},
+    "profile": {"batch_size", "device", "config"},
+    "serve": {"batch_size", "device", "config"},
+}
+REFUSALS = {"default": "--default runs the embedded timm job", "epochs": "RL counts steps: --set n_timesteps=N",
+            "data_dir": "the environment is the data", "workers": "the environments are SB3's vectorised envs",
+            "onnx": "export a width with `slim export --onnx`", "fuse_bn": "not implemented for SB3 policies",
+            "input_size": "the observation shape is the environment's", "calib_samples": "no BN post-statistics",
+            "no_calibrate": "no BN post-statistics", "val_num_samples": "the config's n_eval_episodes decides",
+            "batch_size": "SB3's evaluate_policy steps one environment"}
+NOT_APPLICABLE = {"calibrate": "S-Net policies keep private BN statistics per switch and US policies have no BN "
+                  "(refused at training), so there are no post-statistics to compute"}
 
 
-def cmd_profile(args) -> int:
-    """``slim profile MODEL.zip``: MFLOPs (multiply-adds), params and latency of the actor-critic per width for a
-    batch of ``--batch-size`` observations; ``--csv`` writes the table (the format ``slim serve --table`` reads)."""
-    import torch
+class PolicyCheckpoint(OpenedCheckpoint):
+    """A ``SlimmablePPO`` zip: its actor-critic as one module (:class:`ActorCriticGraph`, ``obs -> (logits,
+    value)``) and the ``config.yml`` written next to it (the environment to evaluate on)."""
 
-    import slim_plugins as slim
-    from slim_plugins.spectrum import print_table
+    framework = "sb3"
+    metric_columns = (("mean_reward", "reward", "{:.1f}"), ("std_reward", "± std", "{:.1f}"))
+    cost_columns = (("width", "width", "{:g}"), ("mflops", "MFLOPs/obs", "{:.2f}"), ("params_m", "params (M)", "{:.3f}"))
 
-    from slim_plugins.config import requested_widths
-    from .ppo import ActorCriticGraph
+    def __init__(self, args):
+        from .ppo import ActorCriticGraph
 
-    model, _, _ = _loaded(args)
-    net = ActorCriticGraph(model.policy)
-    x = torch.zeros(args.batch_size, *model.policy.observation_space.shape, device=model.device)
-    table = slim.profile(net, x, widths=requested_widths(args, model.slim_settings), latency=not args.no_latency,
-                         repeats=args.repeats)
-    rows = [{"width": r.width, "mflops": r.mflops, "params_m": r.params_m, "latency_ms": r.latency_ms}
-            for r in table]
-    print_table(rows, title=f"{args.checkpoint}: batch {args.batch_size} of {tuple(x.shape[1:])} observations",
-                columns=_columns([("latency_ms", "ms", "{:.2f}")]))
-    if args.csv:
-        table.to_csv(args.csv)
-    return 0
+        self.ppo, self.env_id, self.hp = _loaded(args)
+        s = self.ppo.slim_settings
+        super().__init__(args.checkpoint, ActorCriticGraph(self.ppo.policy), s.spec, s.eval_widths, self.env_id,
+                         os.path.dirname(os.path.abspath(args.checkpoint)), self.ppo.device)
+        self.default_eval_csv = os.path.join(self.run_dir, "eval_spectrum.csv")
+
+    def example_input(self, batch_size, input_size=None):
+        import torch
+
+        if input_size:
+            self.resolve_input_size(input_size)  # refused: the observation shape is fixed
+        return (torch.zeros(batch_size, *self.ppo.policy.observation_space.shape, device=self.device),)
+
+    def uncalibrated(self, widths):
+        return []  # S-Net BN keeps statistics per switch; a US policy has no BN
+
+    def evaluate(self, widths, args):
+        """SB3's ``evaluate_policy`` at each width on the config's environment, ``n_eval_episodes`` games (default
+        10; stochastic actions on Atari, as rl-zoo evaluates it)."""
+        from .callbacks import evaluate_widths
+
+        env = make_env(self.env_id, self.hp, 1, int(self.hp.get("seed", 0)) + 1000)
+        n = int(self.hp.get("n_eval_episodes", 10))
+        deterministic = not is_atari(self.env_id, self.hp)
+        self.title = (f"{self.env_id}: mean episode reward per width ({n} episodes, "
+                      f"{'deterministic' if deterministic else 'stochastic'} actions)")
+        return evaluate_widths(self.ppo, env, widths, n, deterministic=deterministic)
+
+    def export(self, w, out, onnx, fuse_bn):
+        """The plain fixed-width actor-critic (``obs -> (action logits, value)``, SB3's image scaling included; for
+        a Gaussian policy the first output is the action mean, ``log_std`` is not in the graph) saved whole with
+        ``torch.save``; ``onnx``: its ONNX graph too (outputs ``logits``, ``value``; dynamic batch)."""
+        import torch
+
+        import slim_plugins as slim
+        from slim_plugins.checkpoint import atomic_write
+
+        net = self.model.cpu()
+        x = torch.as_tensor(self.ppo.policy.observation_space.sample()[None]).float()
+        plain = slim.export(net, w, example_input=x)
+        atomic_write(out, lambda f: torch.save(plain, f))
+        if not onnx:
+            return [out]
+        return [out, slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx", output_names=("logits", "value"))]
 
 
-def cmd_export(args) -> int:
-    """``slim export MODEL.zip --width W``: the plain fixed-width actor-critic (``obs -> (action logits, value)``,
-    SB3's image scaling included; for a Gaussian policy the first output is the action mean, ``log_std`` is not
-    in the graph) saved whole with ``torch.save`` (default ``exported/width_<w>.pth`` next to the zip); ``--onnx``
-    also writes its ONNX graph (outputs ``logits``, ``value``; dynamic batch). Written atomically."""
-    import torch
-
-    import slim_plugins as slim
-    from slim_plugins.checkpoint import atomic_write
-
-    from .ppo import ActorCriticGraph
-
-    if args.fuse_bn:
-        raise ConfigError("--fuse-bn is not implemented for SB3 policies")
-    model, _, _ = _loaded(args)
-    w = model.slim_settings.spec.validate(args.width)
-    net = ActorCriticGraph(model.policy).cpu()
-    x = torch.as_tensor(model.policy.observation_space.sample()[None]).float()
-    plain = slim.export(net, w, example_input=x)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "exported",
-                                   f"width_{w:g}.pth")
-    atomic_write(out, lambda f: torch.save(plain, f))
-    msg = f"wrote {out}"
-    if args.onnx:
-        msg += " and " + slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx",
-                                          output_names=("logits", "value"))
-    print(msg)
-    return 0
+def open_checkpoint(args) -> PolicyCheckpoint:
+    """The adapter protocol's loader: the ``SlimmablePPO`` of the zip and its ``config.yml``."""
+    return PolicyCheckpoint(args)

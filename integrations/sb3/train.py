@@ -180,9 +180,9 @@ def validate(args, cfg: dict) -> Plan:
     """
     import stable_baselines3
 
-    if args.default or args.epochs or args.onnx or args.data_dir:
-        raise ConfigError("--default/--epochs/--onnx/--data-dir do not apply to an RL config; use "
-                          "--set n_timesteps=N")
+    if cfg is None:  # `slim train --resume CKPT` without the YAML: the checkpoint's own config
+        state = read_resume_state(args.resume)
+        cfg = {state["env_id"]: dict(state["config"])}
     (env_id, hp), = cfg.items()
     hp = dict(hp)
     hp.update(parse_overrides(args.set))
