@@ -91,6 +91,9 @@ def cmd_train(args, file_cfg: dict | None) -> int:
         v = getattr(args, k, None)
         if v is not None:
             overrides[k] = v
+    if args.config and not file_cfg:
+        raise ConfigError(f"config file {args.config!r} is empty; give the keys of the run (model, dataset, widths "
+                          "or width_range, ...) or run `slim train` alone for the embedded default job")
     user = file_cfg if args.config else None
     train(user, overrides, resume=args.resume, default=bool(args.default) or (user is None and not args.resume))
     return 0

@@ -194,6 +194,13 @@ def resolve_config(user: dict | None = None, overrides: dict | None = None, defa
     for k in ("eval_widths", "export_widths"):
         if cfg[k] is not None and not isinstance(cfg[k], (int, float)):
             cfg[k] = _coerce("mean", cfg[k])
+    if cfg["eval_widths"] is not None and not isinstance(cfg["eval_widths"], (int, float)) and \
+            not cfg["eval_widths"]:
+        raise ConfigError("eval_widths is empty: name the widths to evaluate (or leave it out: every switch / a 0.05 "
+                          "sweep of the range)")
+    if cfg["num_classes"] is not None and cfg["num_classes"] < 1:
+        raise ConfigError(f"num_classes must be >= 1 (the classifier's outputs), got {cfg['num_classes']}")
+    _check_model_and_dataset(cfg)
     if cfg["dist_bn"] not in ("", "broadcast", "reduce"):
         raise ConfigError(f"dist_bn must be '', 'broadcast' or 'reduce' (timm), got {cfg['dist_bn']!r}")
     if cfg["eval_metric"] not in ("top1", "top5", "loss"):
@@ -207,6 +214,29 @@ def resolve_config(user: dict | None = None, overrides: dict | None = None, defa
             raise ConfigError(f"{k} must be a mapping, got {cfg[k]!r}")
         cfg[k] = dict(cfg[k] or {})
     return cfg
+
+
+#: timm ``create_dataset`` name prefixes (``torch/cifar10``, ``hfds/...``); bare names: the folders and digits.
+_DATASET_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
+_DATASET_NAMES = ("", "folder", "imagefolder", "digits")
+
+
+def _check_model_and_dataset(cfg: dict) -> None:
+    """A model timm can create and a dataset name ``build_datasets`` reads, before anything is built or written."""
+    import timm
+
+    import slim_plugins.integrations.timm  # noqa: F401  registers the slimmable model names (us_mobilenetv2_100)
+
+    name = str(cfg["model"] or "")
+    bare = [name] + [name[len(p):] for p in ("us_", "s_") if name.startswith(p)]  # the adapter's entry points
+    if ":" not in name and not any(timm.is_model(n) for n in bare):  # hf-hub: / local-dir: are timm's to resolve
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConfigError(f"model {name!r} is not a timm model" + (f"; did you mean {close}?" if close else "")
+                          + " (timm.list_models() lists them)")
+    ds = str(cfg["dataset"] or "")
+    if ds.lower() not in _DATASET_NAMES and not ds.startswith(_DATASET_PREFIXES):
+        raise ConfigError(f"dataset {ds!r} is not one slim train reads: {list(_DATASET_NAMES[1:])} or a timm "
+                          f"create_dataset name with a prefix {list(_DATASET_PREFIXES)} (e.g. torch/cifar10)")
 
 
 def resolve_widths(spec: WidthSpec, widths, default_step: float = 0.05) -> list[float]:
