@@ -77,7 +77,8 @@ def calibrate_bn(model: torch.nn.Module, batches: Iterable, widths: Sequence | N
 
     Raises:
         EmptyLoaderError: ``batches`` yields nothing. WidthError: a width not allowed by the spec.
-        InvalidArgumentError: ``num_samples`` not a positive integer or ``None``; unknown ``method``.
+        InvalidArgumentError: ``num_samples`` not a positive integer or ``None``; unknown ``method``; empty
+            ``widths``.
     The model's statistics are only written after every width succeeded.
     """
     state = find_state(model)
@@ -88,6 +89,8 @@ def calibrate_bn(model: torch.nn.Module, batches: Iterable, widths: Sequence | N
     if method not in ("exact", "moving"):
         raise InvalidArgumentError(f"method must be 'exact' or 'moving', got {method!r}")
     widths = list(widths) if widths is not None else (list(spec.widths) if spec.is_switches else [spec.min, spec.max])
+    if not widths:
+        raise InvalidArgumentError("widths is empty: name the widths to calibrate (None: every switch / min and max)")
     actives = [state.resolve(w) for w in widths]  # validates every width before any work
     forward = forward or _default_forward
     bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d) and not m.frozen]

@@ -389,10 +389,14 @@ def _as_latency_table(latency_ms) -> dict:
         from .profile import ProfileTable
 
         latency_ms = ProfileTable.from_csv(latency_ms)
-    if isinstance(latency_ms, Mapping):
-        table = {float(w): float(v) for w, v in latency_ms.items()}
-    else:
-        table = {float(r.width): float(r.latency_ms) for r in latency_ms}
+    try:
+        if isinstance(latency_ms, Mapping):
+            table = {float(w): float(v) for w, v in latency_ms.items()}
+        else:
+            table = {float(r.width): float(r.latency_ms) for r in latency_ms}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise InvalidArgumentError(f"the latency table must map width multipliers to latencies (ms), or be a "
+                                   f"profile table; got {latency_ms!r} ({e})") from None
     bad = {w: v for w, v in table.items() if not (v > 0 and math.isfinite(v))}
     if not table or bad:
         raise InvalidArgumentError(f"the latency table needs a positive latency (ms) per width, got "

@@ -226,3 +226,14 @@ def test_untraceable_with_range_above_one(make_untraceable_net):
     with pytest.raises(slim.ChannelGroupError, match="'block'"):
         slim.convert(net, slim.WidthSpec.range(0.25, 1.5))  # widening needs the channel graph
     assert _structure(net) == before and net.stem.weight.shape == (16, 3, 3, 3)
+
+
+def test_empty_calibration_widths_and_a_non_numeric_latency_table_are_typed_errors():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    m = slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=torch.zeros(1, 3, 8, 8))
+    snap = _snapshot(m)
+    with pytest.raises(slim.InvalidArgumentError, match="widths is empty"):
+        slim.calibrate_bn(m, [torch.randn(4, 3, 8, 8)], widths=[])
+    with pytest.raises(slim.InvalidArgumentError, match="'a'"):
+        slim.WidthController(m, 10, {"a": 1.0})
+    _assert_same(m, snap)
