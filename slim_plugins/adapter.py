@@ -88,6 +88,9 @@ class OpenedCheckpoint:
         """The converted (slimmable) model, eval mode."""
         return self._model
 
+    def close(self) -> None:
+        """Release what opening took (temporary folders); called by the ``slim`` command when the verb ends."""
+
     # ---- inputs ----------------------------------------------------------------------------------------------
     def resolve_input_size(self, given: Sequence[int] | None) -> tuple:
         """The per-sample input size: ``given`` as H, H W or C H W over :attr:`input_size`.

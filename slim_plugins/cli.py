@@ -289,7 +289,11 @@ def _dispatch(args) -> int:
     check_values(args, verb)  # every value valid, before any work
     if verb == "train":
         return int(mod.cmd_train(args, cfg) or 0)
-    return int(VERBS[verb](mod.open_checkpoint(args), args) or 0)
+    op = mod.open_checkpoint(args)
+    try:
+        return int(VERBS[verb](op, args) or 0)
+    finally:
+        op.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

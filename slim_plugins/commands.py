@@ -140,6 +140,10 @@ def check_values(args, verb: str) -> None:
     check_device(getattr(args, "device", None))
     for name in ("csv", "plot"):
         check_output_path(getattr(args, name, None), option_flag(name))
+    if getattr(args, "no_latency", False) and getattr(args, "repeats", None) is not None:
+        raise ConfigError("--repeats times the latency, which --no-latency skips; give one of them")
+    if getattr(args, "no_calibrate", False) and getattr(args, "calib_samples", None) is not None:
+        raise ConfigError("--calib-samples sizes the calibration that --no-calibrate forbids; give one of them")
     if getattr(args, "in_place", False) and getattr(args, "out", None):
         raise ConfigError("give --out or --in-place, not both")
     for name in ("table", "config", "resume"):
@@ -190,11 +194,18 @@ def _merge_costs(op: OpenedCheckpoint, rows: list[dict]) -> list[dict]:
              **{k: v for k, v in r.items() if k not in ("width", "mflops", "params_m")}} for r in rows]
 
 
+def _refuse_calib_samples_on_switches(op: OpenedCheckpoint, args) -> None:
+    if getattr(args, "calib_samples", None) is not None and op.spec.is_switches:
+        raise NotApplicableError("--calib-samples does not apply to an S-Net: each switch keeps its own BN "
+                                 "statistics from training (switchable BN), nothing is calibrated")
+
+
 def cmd_eval(op: OpenedCheckpoint, args) -> int:
     """``slim eval``: the framework's metric at each width, a table, the spectrum CSV and plot."""
     from .spectrum import plot_spectrum, print_table, write_spectrum_csv
 
     console = _console()
+    _refuse_calib_samples_on_switches(op, args)
     widths = widths_of(op, args)
     for name in ("csv", "plot"):
         check_output_path(getattr(args, name), option_flag(name))
@@ -226,11 +237,13 @@ def cmd_calibrate(op: OpenedCheckpoint, args) -> int:
 
 def cmd_export(op: OpenedCheckpoint, args) -> int:
     """``slim export --width W``: the plain fixed-width model (and ONNX with ``--onnx``)."""
+    _refuse_calib_samples_on_switches(op, args)
     w = op.spec.validate(args.width)
     out = args.out or op.default_export_path(w, bool(args.fuse_bn))
     if op.export_to_folder:
         if os.path.exists(out) and not os.path.isdir(out):
             raise ConfigError(f"--out {out!r} is a file; this adapter exports into a folder")
+        check_output_path(os.path.join(out, "x"), "--out")  # no file on the way to the folder
     else:
         check_output_path(out, "--out")
     if op.uncalibrated([w]):
@@ -297,7 +310,6 @@ def cmd_serve(op: OpenedCheckpoint, args) -> int:
     from .profile import ProfileTable
 
     bs = args.batch_size or DEFAULTS["batch_size"]
-    inputs = op.example_input(bs, args.input_size)
     if args.table:
         table = ProfileTable.from_csv(args.table)
         for r in table:
@@ -317,6 +329,7 @@ def cmd_serve(op: OpenedCheckpoint, args) -> int:
             from .calibrate import calibrated_widths
 
             widths = calibrated_widths(op.model, widths) or widths
+    inputs = op.example_input(bs, args.input_size)
     op.prepare_serving(widths)
     if not args.table:
         print(f"profiling widths {[f'{w:g}' for w in widths]} on {op.device}")

@@ -84,7 +84,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
     """``["lr=0.1", "widths=[0.5, 1.0]"]`` -> ``{"lr": 0.1, "widths": [0.5, 1.0]}`` (values parsed as YAML).
 
     Raises:
-        ConfigError: an item without ``=``.
+        ConfigError: an item without ``=`` or without a key.
     """
     import yaml
 
@@ -93,6 +93,8 @@ def parse_overrides(items: Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like KEY=VALUE (e.g. lr=0.05)")
         k, v = item.split("=", 1)
+        if not k.strip():
+            raise ConfigError(f"override {item!r} has no key before '=' (KEY=VALUE, e.g. lr=0.05)")
         try:
             out[k.strip().replace("-", "_")] = _expand_all(yaml.safe_load(v))
         except yaml.YAMLError:

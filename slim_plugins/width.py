@@ -224,7 +224,7 @@ def spec_from_config(cfg, divisor: int = 8, allowed: Iterable[str] | None = None
     Raises:
         InvalidArgumentError: not a mapping, a key outside ``allowed``, both or neither of ``widths`` /
             ``width_range``, or a range that is not ``[lo, hi]``.
-        WidthError: a bad switch list or range.
+        WidthError: a bad switch list or range, or a width above 1.
     """
     if allowed is not None:
         if not isinstance(cfg, Mapping):
@@ -237,11 +237,17 @@ def spec_from_config(cfg, divisor: int = 8, allowed: Iterable[str] | None = None
                                    f"width_range=[lo, hi] (US-Net), got keys {sorted(cfg)}")
     divisor = cfg.get("divisor", divisor)
     if "widths" in cfg:
-        return WidthSpec.switches(cfg["widths"], divisor)
-    rng = cfg["width_range"]
-    if not isinstance(rng, Sequence) or isinstance(rng, str) or len(rng) != 2:
-        raise InvalidArgumentError(f"width_range must be [lo, hi], got {rng!r}")
-    return WidthSpec.range(rng[0], rng[1], divisor)
+        spec = WidthSpec.switches(cfg["widths"], divisor)
+    else:
+        rng = cfg["width_range"]
+        if not isinstance(rng, Sequence) or isinstance(rng, str) or len(rng) != 2:
+            raise InvalidArgumentError(f"width_range must be [lo, hi], got {rng!r}")
+        spec = WidthSpec.range(rng[0], rng[1], divisor)
+    if spec.max > 1:  # a converted model has the channels of width 1.0 at most
+        key = "widths" if "widths" in cfg else "width_range"
+        raise WidthError(f"{key} {cfg[key]!r}: width multipliers of a slimmable model are in (0, 1] (1.0: the "
+                         "model's own channels)")
+    return spec
 
 
 def schedule_from_config(cfg) -> tuple:

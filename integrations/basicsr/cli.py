@@ -26,6 +26,22 @@ def claims_config(path: str, cfg) -> bool:
     return isinstance(cfg, dict) and "model_type" in cfg and "network_g" in cfg
 
 
+def _check_resume_state(path: str) -> None:
+    """Raises CheckpointError: ``path`` is not a BasicSR training state (``experiments/<name>/training_states/
+    <iter>.state``: ``iter``, ``epoch``, ``optimizers``, ``schedulers``)."""
+    import torch
+
+    from slim_plugins.errors import CheckpointError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # optimizer states: the user's own file
+    except Exception as e:  # noqa: BLE001  not a torch file at all
+        raise CheckpointError(f"--resume {path!r} is not a BasicSR training state ({type(e).__name__})") from None
+    if not (isinstance(state, dict) and {"iter", "epoch", "optimizers"} <= set(state)):
+        raise CheckpointError(f"--resume {path!r} is not a BasicSR training state (give experiments/<name>/"
+                              "training_states/<iter>.state)")
+
+
 def _train_overrides(args) -> dict:
     o = {}
     if args.output:
@@ -44,6 +60,7 @@ def _train_overrides(args) -> dict:
             raise ConfigError(f"--device must be cpu or cuda, got {args.device!r}")
         o["num_gpu"] = 0 if args.device == "cpu" else "auto"
     if args.resume:
+        _check_resume_state(args.resume)
         o["path.resume_state"] = os.path.abspath(args.resume)
     o.update(parse_overrides(args.set))
     return o

@@ -9,6 +9,7 @@ config exactly as mmdet's ``tools/train.py`` / ``tools/test.py`` do, so both pat
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from pathlib import Path
@@ -91,6 +92,11 @@ def _apply_train_args(cfg, args) -> None:
     if args.seed is not None:
         cfg.randomness = dict(cfg.get("randomness", {}), seed=args.seed)
     if args.resume:
+        if not claims_checkpoint(args.resume):
+            from slim_plugins.errors import CheckpointError
+
+            raise CheckpointError(f"--resume {args.resume!r} is not an mmengine checkpoint of a slimmable detector "
+                                  "(give a work dir's epoch_N.pth / iter_N.pth)")
         cfg.resume, cfg.load_from = True, args.resume
     if args.set:
         cfg.merge_from_dict(parse_overrides(args.set))
@@ -170,6 +176,9 @@ class DetCheckpoint(OpenedCheckpoint):
         from .model import parse_slimmable
 
         self.ck, self.cfg = _from_checkpoint(args)
+        if not isinstance(self.cfg.get("model"), dict):
+            raise ConfigError(f"{getattr(args, 'config', None) or 'the checkpoint config'!r} is not an mmdet config "
+                              "(no `model` dict)")
         declared = self.cfg.get("slimmable") or (self.cfg.get("model", {}).get("backbone") or {}).get("slimmable")
         if not declared:
             raise ConfigError(f"the config of {args.checkpoint!r} has no `slimmable` entry nor a slimmable backbone")
@@ -177,17 +186,43 @@ class DetCheckpoint(OpenedCheckpoint):
         self.settings = parse_slimmable(declared)
         for w in (getattr(args, "widths", None) or []) + ([args.width] if getattr(args, "width", None) else []):
             self.settings.spec.validate(w)  # before the runner writes its work dir
-        self.cfg.work_dir = self.cfg.get("work_dir") or os.path.dirname(os.path.abspath(args.checkpoint))
+        work_dir = self.cfg.get("work_dir") or os.path.dirname(os.path.abspath(args.checkpoint))
         super().__init__(args.checkpoint, None, self.settings.spec, self.settings.eval_widths, args.checkpoint,
-                         self.cfg.work_dir)
+                         work_dir)
+        self.default_eval_csv = os.path.join(work_dir, "spectrum.csv")
         self.input_size = (3, *detector_input_size(self.cfg))
-        self._runner = None
+        self._runner, self._tmp = None, None
         self.args = args
+
+    def _work_dir(self) -> str:
+        """The Runner's work dir: a temporary folder (its logs and config dump are not what a command writes; the
+        command's own outputs go where its options say)."""
+        import tempfile
+
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="slim-mmdet-")
+        return self._tmp
+
+    def close(self):
+        import logging
+        import shutil
+
+        if self._tmp is None:
+            return
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for h in list(getattr(logger, "handlers", [])):
+                if str(getattr(h, "baseFilename", "")).startswith(self._tmp):
+                    logger.removeHandler(h)
+                    h.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp = None
 
     @property
     def runner(self):
         if self._runner is None:
-            self._runner = _runner(self.cfg)
+            cfg = copy.deepcopy(self.cfg)  # self.cfg stays the checkpoint's (exported configs derive from it)
+            cfg.work_dir = self._work_dir()
+            self._runner = _runner(cfg)
             self._runner.load_checkpoint(self.path)
             self._runner.model.eval()
         return self._runner
@@ -218,8 +253,9 @@ class DetCheckpoint(OpenedCheckpoint):
         writes ``spectrum.csv`` in the work dir."""
         from slim_plugins.spectrum import read_spectrum_csv
 
-        cfg = self.cfg
+        cfg = copy.deepcopy(self.cfg)
         cfg.load_from = self.path
+        cfg.work_dir = self._work_dir()
         cfg.slimmable = dict(cfg.get("slimmable") or self.declared, eval_widths=list(widths))
         if args.calib_samples:
             cfg.slimmable["calib_samples"] = args.calib_samples

@@ -121,10 +121,27 @@ def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, d
     plain = slim.export(module, w, example_input=_example_input(module))
     channels = _resnet_channels(plain.backbone, w)
     new_cfg = plain_config(cfg, channels, plain.backbone.out_indices)
-    os.makedirs(out_dir, exist_ok=True)
     meta = {"dataset_meta": dataset_meta or getattr(module, "dataset_meta", None) or {},
             "slim_export": {"width": w, "spec": slim.width_spec(module).to_dict(), **channels}}
-    ck_path, cfg_path = os.path.join(out_dir, "model.pth"), os.path.join(out_dir, "config.py")
-    atomic_write(ck_path, lambda f: torch.save({"meta": meta, "state_dict": plain.state_dict()}, f))
-    atomic_write(cfg_path, lambda f: f.write(new_cfg.pretty_text), "w")
-    return {"config": cfg_path, "checkpoint": ck_path, "width": w, "channels": channels}
+    # a new folder is written whole in a temporary sibling and renamed into place: a failed write leaves no folder
+    fresh = not os.path.isdir(out_dir)
+    target = out_dir
+    if fresh:
+        import tempfile
+
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        target = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        ck_path, cfg_path = os.path.join(target, "model.pth"), os.path.join(target, "config.py")
+        atomic_write(ck_path, lambda f: torch.save({"meta": meta, "state_dict": plain.state_dict()}, f))
+        atomic_write(cfg_path, lambda f: f.write(new_cfg.pretty_text), "w")
+        if fresh:
+            os.replace(target, out_dir)
+    finally:
+        if fresh and os.path.isdir(target):
+            import shutil
+
+            shutil.rmtree(target, ignore_errors=True)
+    return {"config": os.path.join(out_dir, "config.py"), "checkpoint": os.path.join(out_dir, "model.pth"),
+            "width": w, "channels": channels}

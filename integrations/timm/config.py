@@ -179,6 +179,11 @@ def resolve_config(user: dict | None = None, overrides: dict | None = None, defa
             raise ConfigError(f"img_size must be an int or [H, W], got {cfg['img_size']!r}")
         cfg["input_size"] = cfg["input_size"] or [int(cfg["in_chans"] or 3), int(s[0]), int(s[-1])]
         cfg["img_size"] = None
+    for k in ("widths", "width_range"):
+        bad = [w for w in cfg[k] or [] if not isinstance(w, (int, float)) or not 0 < w <= 1]
+        if bad:
+            raise ConfigError(f"{k} {cfg[k]!r}: {bad} not width multipliers in (0, 1] (1.0: the model's own "
+                              "channels)")
     if cfg["widths"] is not None and cfg["width_range"] is not None:
         raise ConfigError("give either widths (S-Net switches) or width_range (US-Net), not both")
     if cfg["sample_rule"] is not None and cfg["sample_rule"] not in SAMPLING_RULES:
