@@ -29,6 +29,32 @@ def atomic_write(path: str, write, mode: str = "wb") -> str:
     return path
 
 
+def rng_state(cuda: bool | None = None) -> dict:
+    """The Python, NumPy, torch (and CUDA: by default when available) global generator states, for a resume that
+    continues the random streams exactly; :func:`set_rng_state` restores them."""
+    import random
+
+    import numpy as np
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if (torch.cuda.is_available() if cuda is None else cuda and torch.cuda.is_available()):
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    """Restore :func:`rng_state` (CUDA states only where the dict has them and CUDA is available)."""
+    import random
+
+    import numpy as np
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def save_checkpoint(path: str, model, **extra) -> str:
     """Save ``{"model": state_dict, "width_spec": ..., "bn_mode": ..., **extra}`` to ``path`` atomically
     (temporary file in the same folder, then ``os.replace``): a crash never leaves a half-written file."""

@@ -102,19 +102,4 @@ def parse_overrides(items: Iterable[str]) -> dict:
     return out
 
 
-def requested_widths(args, settings) -> list:
-    """The widths an adapter's eval / profile / serve command works on: ``--widths`` (each checked against
-    ``settings.spec``), else a ``--step`` sweep of the spec, else ``settings.eval_widths``.
-
-    Raises:
-        WidthError: a width outside the spec.
-    """
-    if getattr(args, "widths", None):
-        return [settings.spec.validate(w) for w in args.widths]
-    if getattr(args, "step", None):
-        return settings.spec.grid(args.step)
-    return list(settings.eval_widths)
-
-
-__all__ = ["ConfigError", "default_data_root", "expand_env", "load_yaml_config", "parse_overrides",
-           "requested_widths"]
+__all__ = ["ConfigError", "default_data_root", "expand_env", "load_yaml_config", "parse_overrides"]

@@ -124,8 +124,8 @@ def test_calibrate_writes_new_checkpoint(digits_run, tmp_path):
     ck = slim.read_checkpoint(dst)
     assert 0.6 in ck["calibrated"] and 0.9 in ck["calibrated"] and ck["config"]["model"] == "us_mobilenetv2_100"
     model, _ = C.model_from_checkpoint(ck)
-    assert C.uncalibrated_widths(model, [0.35, 0.6, 0.9, 1.0]) == []
-    assert C.uncalibrated_widths(model, [0.7]) == [0.7]
+    assert slim.calibrated_widths(model, [0.35, 0.6, 0.9, 1.0]) == [0.35, 0.6, 0.9, 1.0]
+    assert slim.calibrated_widths(model, [0.7]) == []
     r = run_slim("eval", dst, "--widths", "0.6", "--no-calibrate", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not list(tmp_path.glob("*.tmp"))

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import pickle
-import random
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
+from slim_plugins.checkpoint import rng_state, set_rng_state
 from slim_plugins.config import parse_overrides
 from slim_plugins.errors import CheckpointError, ConfigError, SlimError
 from slim_plugins.spectrum import print_table
@@ -291,26 +291,6 @@ def dumps_env(obj) -> bytes:
     return buf.getvalue()
 
 
-def rng_state(device=None) -> dict:
-    """The python, numpy, torch (and, on a CUDA device, CUDA) global RNG states."""
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _run_dir(checkpoint: str) -> str:
     """The run folder of ``<run>/checkpoints/rl_model_<n>_steps.zip`` (the zip's folder otherwise)."""
     folder = os.path.dirname(os.path.abspath(checkpoint))
@@ -412,7 +392,7 @@ class ResumeCheckpointCallback(BaseCallback):
         n = self.model.num_timesteps
         cb = self.eval_callback
         state = {"format": RESUME_FORMAT, "env_id": self.env_id, "config": self.config, "num_timesteps": n,
-                 "rng": rng_state(self.model.device),
+                 "rng": rng_state(cuda=self.model.device.type == "cuda"),
                  "eval_callback": {"n_calls": cb.n_calls, "history": list(cb.history),
                                    "last_rows": list(cb.last_rows), "costs": cb._costs},
                  "envs": dumps_env((self.model.env, cb.eval_env)) if self.env_state else None}

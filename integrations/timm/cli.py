@@ -23,14 +23,8 @@ from .data import build_datasets, make_loader, subset_indices
 from .outputs import save_plain, write_yaml
 from .train import _resolve_device, _to_input, build_model, calibration_line, train, validate
 
-__all__ = ["HONOURS", "TimmCheckpoint", "model_from_checkpoint", "uncalibrated_widths", "save_plain", "write_yaml",
+__all__ = ["HONOURS", "TimmCheckpoint", "model_from_checkpoint", "save_plain", "write_yaml",
            "cmd_train", "open_checkpoint"]
-
-
-def uncalibrated_widths(model, widths) -> list[float]:
-    """The widths of ``widths`` that have no BN statistics yet (US-Nets; always empty for S-Nets)."""
-    have = slim.calibrated_widths(model, widths)
-    return [w for w in widths if w not in have]
 
 
 class _Log:

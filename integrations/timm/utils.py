@@ -1,34 +1,16 @@
 """Slim versions of the ``timm.utils`` pieces the trainer uses: timm's ``CheckpointSaver`` writing slim checkpoints,
-``distribute_bn`` that also covers the US-Net min width's statistics, and the RNG state an exact resume needs."""
+``distribute_bn`` that also covers the US-Net min width's statistics; the RNG state an exact resume needs is the
+core's (:func:`slim_plugins.checkpoint.rng_state`)."""
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 import slim_plugins as slim
+from slim_plugins.checkpoint import rng_state, set_rng_state
 
 __all__ = ["rng_state", "set_rng_state", "distribute_bn", "checkpoint_saver"]
-
-
-def rng_state() -> dict:
-    """The torch, numpy, Python (and CUDA) generator states."""
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    """Restore :func:`rng_state`."""
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def distribute_bn(module, world, reduce):
