@@ -45,8 +45,10 @@ def small_cfg(name: str, work_dir, n_train: int = 4, n_val: int = 4, scale=(160,
     # the first one's folder
     cfg.visualizer.name = f"visualizer:{work_dir}"
     cfg.randomness = dict(seed=0)
-    if slimmable and cfg.get("slimmable") is not None:
-        cfg.slimmable = dict(cfg.slimmable, **slimmable)
+    if slimmable:
+        from slim_plugins.integrations.mmdet.model import set_slimmable_entry, slimmable_entry
+
+        set_slimmable_entry(cfg, dict(slimmable_entry(cfg), **slimmable))
     return cfg
 
 

@@ -34,7 +34,7 @@ def _build(cfg):
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmdet")
-    return MODELS.build(copy.deepcopy(cfg.model))
+    return MODELS.build(smd.architecture_of(copy.deepcopy(cfg.model)))  # the plain detector (SlimDetector unwrapped)
 
 
 def _image(slim_data):
@@ -75,7 +75,7 @@ def test_each_width_is_the_detector_of_that_width(faster_cfg):
     detector has the FLOPs and parameter count of a plain mmdet detector with ResNet base_channels = 64 w."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    det = smd.make_slimmable(_build(faster_cfg), faster_cfg.slimmable).eval()
+    det = smd.make_slimmable(_build(faster_cfg), smd.slimmable_entry(faster_cfg)).eval()
     x = torch.randn(1, 3, 128, 160)
     for w in SWITCHES:
         c = int(64 * w)
@@ -96,7 +96,7 @@ def test_each_width_is_the_detector_of_that_width(faster_cfg):
 
 def test_registered_backbone_type_has_the_same_effect(faster_cfg, tmp_path):
     cfg = copy.deepcopy(faster_cfg)
-    cfg.pop("slimmable")
+    cfg.model = smd.architecture_of(cfg.model)  # the plain FasterRCNN; the backbone names the widths instead
     cfg.model.backbone.type = "SlimResNet"
     cfg.model.backbone.widths = SWITCHES
     det = _build(cfg)
@@ -104,7 +104,7 @@ def test_registered_backbone_type_has_the_same_effect(faster_cfg, tmp_path):
         det.backbone(torch.zeros(1, 3, 64, 64))
     smd.make_slimmable(det)
     assert slim.width_spec(det) == slim.WidthSpec.switches(SWITCHES)
-    assert smd.slim_settings(det).spec == smd.parse_slimmable(faster_cfg.slimmable).spec
+    assert smd.slim_settings(det).spec == smd.parse_slimmable(smd.slimmable_entry(faster_cfg)).spec
     with pytest.raises(InvalidArgumentError, match="name the widths in one place"):
         smd.make_slimmable(_build(cfg), dict(widths=[0.5, 1.0]))
 
@@ -147,6 +147,34 @@ def test_runner_trains_every_switch_and_evaluates_each(name, tmp_path):
 
     assert slim_main(["spectrum", str(tmp_path / "spectrum.csv"), "-o", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_mmdet_init_detector_and_inferencer_build_the_slimmable_detector(tmp_path, slim_data):
+    """mmdet's own entry points on the documented config (model type SlimDetector): init_detector and DetInferencer
+    build the slimmable detector, the checkpoint of a SlimRunner run loads into it tensor for tensor (no size
+    mismatch), and its detections at every switch are the runner model's."""
+    from mmdet.apis import DetInferencer, inference_detector, init_detector
+
+    cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path / "run", iters=1, depth=18)
+    runner = _run(cfg)
+    path = tmp_path / "config.py"
+    cfg.dump(str(path))
+    ck = tmp_path / "run" / "iter_1.pth"
+    det = init_detector(str(path), str(ck), device="cpu")
+    assert smd.is_slimmable(det) and slim.width_spec(det) == slim.WidthSpec.switches(SWITCHES)
+    saved = torch.load(ck, map_location="cpu", weights_only=True)["state_dict"]
+    own = det.state_dict()
+    assert saved.keys() == own.keys() and all(torch.equal(own[k], v) for k, v in saved.items())
+    img = _image(slim_data)
+    trained = runner.model.eval()
+    trained.cfg = det.cfg
+    for w in SWITCHES:
+        with slim.width(w), torch.no_grad():
+            a, b = inference_detector(det, img).pred_instances, inference_detector(trained, img).pred_instances
+        assert torch.equal(a.bboxes, b.bboxes) and torch.equal(a.scores, b.scores), w
+    inferencer = DetInferencer(model=str(path), weights=str(ck), device="cpu", show_progress=False)
+    assert smd.is_slimmable(inferencer.model)
+    assert all(torch.equal(inferencer.model.state_dict()[k], v) for k, v in saved.items())
 
 
 def _scalars(work_dir: Path) -> list[dict]:
@@ -196,7 +224,7 @@ def test_export_is_a_plain_mmdet_detector_with_equal_outputs(tmp_path, slim_data
 
 def test_export_of_a_width_no_resnet_config_can_hold_is_refused(tmp_path):
     cfg = small_cfg("faster-rcnn_r50_fpn_us-net_coco128.py", tmp_path)
-    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    det = smd.make_slimmable(_build(cfg), smd.slimmable_entry(cfg))
     slim.calibrate_bn(det, [torch.randn(2, 3, 64, 64)], widths=[0.3], forward=lambda m, x: m.extract_feat(x))
     with pytest.raises(InvalidArgumentError, match="cannot be written as an mmdet ResNet"):
         smd.export_detector(det, cfg, 0.3, str(tmp_path / "x"))
@@ -221,7 +249,7 @@ def test_slim_train_resnet50_checkpoint_initialises_the_backbone(tmp_path):
     path = slim.save_checkpoint(str(tmp_path / "s_resnet50.pth.tar"), cls)
     cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path)
     cfg.model.backbone.init_cfg = dict(type="SlimPretrained", checkpoint=path)
-    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    det = smd.make_slimmable(_build(cfg), smd.slimmable_entry(cfg))
     det.init_weights()
     src = cls.state_dict()
     dst = det.backbone.state_dict()
@@ -231,7 +259,7 @@ def test_slim_train_resnet50_checkpoint_initialises_the_backbone(tmp_path):
     other = timm.create_model("us_resnet50", num_classes=10)
     bad = slim.save_checkpoint(str(tmp_path / "us.pth.tar"), other)
     cfg.model.backbone.init_cfg = dict(type="SlimPretrained", checkpoint=bad)
-    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    det = smd.make_slimmable(_build(cfg), smd.slimmable_entry(cfg))
     with pytest.raises(slim.WidthSpecMismatchError):
         det.init_weights()
 
@@ -291,7 +319,7 @@ def test_amp_optim_wrapper_scales_every_width(tmp_path):
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
     cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path)
-    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    det = smd.make_slimmable(_build(cfg), smd.slimmable_entry(cfg))
     opt = torch.optim.SGD(det.parameters(), lr=0.0)
     ow = AmpOptimWrapper.__new__(AmpOptimWrapper)
     OptimWrapper.__init__(ow, opt)
@@ -319,7 +347,7 @@ def test_unsupported_optim_wrapper_is_named(tmp_path):
     from mmengine.optim import OptimWrapperDict
 
     cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path)
-    det = smd.make_slimmable(_build(cfg), cfg.slimmable)
+    det = smd.make_slimmable(_build(cfg), smd.slimmable_entry(cfg))
     with pytest.raises(InvalidArgumentError, match="OptimWrapperDict"):
         smd.multi_width_train_step(det, {}, OptimWrapperDict(), smd.build_step(det, smd.slim_settings(det)), 0)
 

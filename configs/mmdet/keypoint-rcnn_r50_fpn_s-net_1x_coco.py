@@ -3,6 +3,6 @@
 # (timm s_resnet50) with the same widths; its per-switch BN statistics stay frozen (norm_eval=True, as the paper).
 #   COCO_ROOT=/data/coco/ SLIM_BACKBONE=output/s_resnet50/last.pth.tar python $(mmdet tools)/train.py THIS_FILE
 _base_ = './keypoint-rcnn_r50_fpn_1x_coco.py'
+model = dict(type='SlimDetector', detector='KeypointRCNN', slimmable=dict(widths=[0.25, 0.5, 0.75, 1.0]),
+             backbone=dict(init_cfg=dict(type='SlimPretrained', checkpoint='{{$SLIM_BACKBONE:s_resnet50.pth.tar}}'))
 runner_type = 'SlimRunner'
-slimmable = dict(widths=[0.25, 0.5, 0.75, 1.0])
-model = dict(backbone=dict(init_cfg=dict(type='SlimPretrained', checkpoint='{{$SLIM_BACKBONE:s_resnet50.pth.tar}}')))

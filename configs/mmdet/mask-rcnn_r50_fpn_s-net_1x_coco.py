@@ -4,11 +4,11 @@
 #   COCO_ROOT=/data/coco/ SLIM_BACKBONE=output/s_resnet50/last.pth.tar python $(mmdet tools)/train.py THIS_FILE
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['slim_plugins.integrations.mmdet'], allow_failed_imports=False)
+model = dict(type='SlimDetector', detector='MaskRCNN', slimmable=dict(widths=[0.25, 0.5, 0.75, 1.0]),
+             backbone=dict(init_cfg=dict(type='SlimPretrained', checkpoint='{{$SLIM_BACKBONE:s_resnet50.pth.tar}}'))
 runner_type = 'SlimRunner'
-slimmable = dict(widths=[0.25, 0.5, 0.75, 1.0])
 
 data_root = '{{$COCO_ROOT:data/coco/}}'
-model = dict(backbone=dict(init_cfg=dict(type='SlimPretrained', checkpoint='{{$SLIM_BACKBONE:s_resnet50.pth.tar}}')))
 train_dataloader = dict(dataset=dict(data_root=data_root))
 val_dataloader = dict(dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader

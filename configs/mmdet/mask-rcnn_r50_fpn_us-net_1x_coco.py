@@ -4,11 +4,11 @@
 #   COCO_ROOT=/data/coco/ SLIM_BACKBONE=output/us_resnet50/last.pth.tar python $(mmdet tools)/train.py THIS_FILE
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['slim_plugins.integrations.mmdet'], allow_failed_imports=False)
+model = dict(type='SlimDetector', detector='MaskRCNN', slimmable=dict(width_range=[0.25, 1.0], num_widths=4),
+             backbone=dict(init_cfg=dict(type='SlimPretrained', checkpoint='{{$SLIM_BACKBONE:us_resnet50.pth.tar}}'))
 runner_type = 'SlimRunner'
-slimmable = dict(width_range=[0.25, 1.0], num_widths=4)
 
 data_root = '{{$COCO_ROOT:data/coco/}}'
-model = dict(backbone=dict(init_cfg=dict(type='SlimPretrained', checkpoint='{{$SLIM_BACKBONE:us_resnet50.pth.tar}}')))
 train_dataloader = dict(dataset=dict(data_root=data_root))
 val_dataloader = dict(dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader

@@ -37,7 +37,7 @@ def claims_checkpoint(path: str) -> bool:
     if not (isinstance(ck, dict) and "state_dict" in ck):
         return False
     text = str(ck.get("meta", {}).get("cfg", ""))
-    return any(s in text for s in ("slimmable", "SlimResNet", "USResNet"))
+    return any(s in text for s in ("slimmable", "SlimResNet", "USResNet", "SlimDetector"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,7 +112,7 @@ def validate_config(cfg) -> None:
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    from .model import parse_slimmable
+    from .model import SLIM_DETECTOR, architecture_of, parse_slimmable, slimmable_entry
 
     register_all_modules(init_default_scope=False)
     model = cfg.get("model")
@@ -120,11 +120,20 @@ def validate_config(cfg) -> None:
         raise ConfigError("the config has no `model` dict with a `type` (an mmdet detector config)")
     if MODELS.get(model["type"]) is None:
         raise ConfigError(f"model.type {model['type']!r} is not a registered mmdet model")
+    if str(model["type"]).split(".")[-1] == SLIM_DETECTOR:
+        det = architecture_of(model)["type"]
+        if MODELS.get(det) is None:
+            raise ConfigError(f"model.detector {det!r} is not a registered mmdet model")
     for key in ("train_dataloader", "train_cfg", "optim_wrapper"):
         if not cfg.get(key):
             raise ConfigError(f"the config has no {key!r}: `slim train` needs a training config")
-    if cfg.get("slimmable") not in (None, False):
-        parse_slimmable(cfg.slimmable)
+    entry = slimmable_entry(cfg)
+    if entry is not None:
+        spec = parse_slimmable(entry).spec
+        top = cfg.get("slimmable")
+        if top not in (None, False) and parse_slimmable(top).spec != spec:  # what SlimRunner.build_model refuses
+            raise ConfigError(f"the top-level slimmable {top} and the SlimDetector model's {entry} name different "
+                              "widths; name them in one place")
 
 
 def cmd_train(args, file_cfg) -> int:
@@ -173,16 +182,16 @@ class DetCheckpoint(OpenedCheckpoint):
 
     def __init__(self, args):
         from .cost import detector_input_size
-        from .model import parse_slimmable
+        from .model import parse_slimmable, slimmable_entry
 
         self.ck, self.cfg = _from_checkpoint(args)
         if not isinstance(self.cfg.get("model"), dict):
             raise ConfigError(f"{getattr(args, 'config', None) or 'the checkpoint config'!r} is not an mmdet config "
                               "(no `model` dict)")
-        declared = self.cfg.get("slimmable") or (self.cfg.get("model", {}).get("backbone") or {}).get("slimmable")
+        declared = slimmable_entry(self.cfg)
         if not declared:
             raise ConfigError(f"the config of {args.checkpoint!r} has no `slimmable` entry nor a slimmable backbone")
-        self.declared = declared if isinstance(declared, dict) else {}
+        self.declared = dict(declared) if isinstance(declared, dict) else {"widths": [0.25, 0.5, 0.75, 1.0]}
         self.settings = parse_slimmable(declared)
         for w in (getattr(args, "widths", None) or []) + ([args.width] if getattr(args, "width", None) else []):
             self.settings.spec.validate(w)  # before the runner writes its work dir
@@ -253,12 +262,15 @@ class DetCheckpoint(OpenedCheckpoint):
         writes ``spectrum.csv`` in the work dir."""
         from slim_plugins.spectrum import read_spectrum_csv
 
+        from .model import set_slimmable_entry
+
         cfg = copy.deepcopy(self.cfg)
         cfg.load_from = self.path
         cfg.work_dir = self._work_dir()
-        cfg.slimmable = dict(cfg.get("slimmable") or self.declared, eval_widths=list(widths))
+        entry = dict(self.declared, eval_widths=list(widths))
         if args.calib_samples:
-            cfg.slimmable["calib_samples"] = args.calib_samples
+            entry["calib_samples"] = args.calib_samples
+        set_slimmable_entry(cfg, entry)
         if args.batch_size:
             cfg.test_dataloader.batch_size = args.batch_size
         if args.workers is not None:

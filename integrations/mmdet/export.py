@@ -11,14 +11,14 @@ import copy
 import os
 
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from torch import nn
 
 import slim_plugins as slim
 from slim_plugins.checkpoint import atomic_write
 from slim_plugins.errors import InvalidArgumentError
 
-from .model import slim_settings
+from .model import architecture_of, slim_settings
 
 __all__ = ["export_detector", "plain_config"]
 
@@ -71,6 +71,7 @@ def _resnet_channels(backbone: nn.Module, w: float) -> dict:
 def plain_config(cfg: Config, channels: dict, out_indices) -> Config:
     """``cfg`` with the slimmable parts replaced by mmdet's plain ones at the exported channel counts."""
     new = copy.deepcopy(cfg)
+    new.model = ConfigDict(architecture_of(new.model))  # a SlimDetector's plain mmdet model
     bb = new.model.backbone
     for k in ("widths", "width_range", "num_widths"):
         bb.pop(k, None)

@@ -25,7 +25,8 @@ from slim_plugins.nn.layers import SlimMixin
 from slim_plugins.width import WidthSpec, schedule_from_config, spec_from_config
 
 __all__ = ["SlimSettings", "parse_slimmable", "make_slimmable", "init_slim_detector", "is_slimmable", "slim_settings", "SlimResNet",
-           "USResNet", "SlimPretrainedInit", "DEFAULT_SCOPE"]
+           "USResNet", "SlimPretrainedInit", "DEFAULT_SCOPE", "SLIM_DETECTOR", "build_slim_detector", "architecture_of", "slimmable_entry",
+           "set_slimmable_entry"]
 
 #: Converted parts of a detector: the backbone and the FPN lateral convs (their inputs are the backbone outputs).
 DEFAULT_SCOPE = ("backbone", "neck.lateral_convs")
@@ -180,6 +181,83 @@ def make_slimmable(detector: nn.Module, slimmable: Mapping | SlimSettings | bool
     return detector
 
 
+#: The model type of a detector that is slimmable from the moment it is built. Merged into a base config's model::
+#:
+#:     model = dict(type='SlimDetector', detector='FasterRCNN', slimmable=dict(widths=[0.25, 0.5, 0.75, 1.0]))
+#:
+#: the base model's keys (backbone, neck, heads, data_preprocessor, train_cfg, test_cfg) stay where mmdet's tools
+#: look for them (``init_detector`` reads ``model.backbone``; an mmrazor-style ``architecture=`` nesting would hide
+#: them).
+SLIM_DETECTOR = "SlimDetector"
+
+
+def architecture_of(model_cfg: Mapping) -> dict:
+    """The plain mmdet model dict of a ``SlimDetector`` model config (``detector`` as the type, the other keys but
+    ``slimmable``); any other model config as it is.
+
+    Raises:
+        InvalidArgumentError: a ``SlimDetector`` without ``detector``.
+    """
+    d = dict(model_cfg)
+    if str(d.get("type", "")).split(".")[-1] != SLIM_DETECTOR:
+        return d
+    d.pop("type")
+    d.pop("slimmable", None)
+    det = d.pop("detector", None)
+    if not isinstance(det, str) or not det:
+        raise InvalidArgumentError(f"SlimDetector needs detector='<the mmdet model type, e.g. FasterRCNN>' (its "
+                                   f"other keys are that detector's), got detector={det!r}")
+    return dict(d, type=det)
+
+
+@MODELS.register_module(name=SLIM_DETECTOR)
+def build_slim_detector(slimmable: Mapping | bool = True, **model_cfg) -> nn.Module:
+    """``MODELS.build(dict(type='SlimDetector', detector=..., slimmable=..., **detector keys))``: the mmdet
+    detector, converted by :func:`make_slimmable` before anything else
+    sees it (compare mmrazor's ``SlimmableNetwork``, a model type wrapping an architecture). It is the detector
+    itself, not a wrapper: checkpoint keys are the detector's, so every path that builds from the config --
+    ``init_detector``, ``DetInferencer``, ``tools/train.py``, ``tools/test.py``, ``get_flops.py``, ``slim`` -- gets
+    the same slimmable model, and a checkpoint of one loads into the others.
+
+    Raises:
+        InvalidArgumentError / WidthError: a bad ``slimmable`` entry or model dict (before anything is built).
+    """
+    if slimmable in (None, False):
+        raise InvalidArgumentError("SlimDetector needs slimmable=dict(widths=[...]) or dict(width_range=[lo, hi]) "
+                                   "(or True for the paper's switches)")
+    settings = parse_slimmable(slimmable)  # checked before the (slow) build
+    arch = architecture_of(dict(model_cfg, type=SLIM_DETECTOR))
+    return make_slimmable(MODELS.build(arch), settings)
+
+
+def slimmable_entry(cfg) -> Mapping | bool | None:
+    """The ``slimmable`` entry of an mmdet config: ``model.slimmable`` of a ``SlimDetector`` model, else the
+    top-level ``slimmable`` key (the runner-only form), else a :class:`SlimResNet` / :class:`USResNet` backbone's
+    widths; ``None`` when the config names none."""
+    model = cfg.get("model") or {}
+    if str(model.get("type", "")).split(".")[-1] == SLIM_DETECTOR:
+        return model.get("slimmable", True)
+    if cfg.get("slimmable") not in (None, False):
+        return cfg.get("slimmable")
+    bb = architecture_of(model).get("backbone") or {} if model else {}
+    t = str(bb.get("type", "")).split(".")[-1]
+    if t == "SlimResNet":
+        return {"widths": list(bb.get("widths", (0.25, 0.5, 0.75, 1.0)))}
+    if t == "USResNet":
+        return {"width_range": list(bb.get("width_range", (0.25, 1.0))), "num_widths": int(bb.get("num_widths", 4))}
+    return None
+
+
+def set_slimmable_entry(cfg, entry: Mapping) -> None:
+    """Write ``entry`` where :func:`slimmable_entry` reads it (``model.slimmable`` of a ``SlimDetector``, else the
+    top-level key)."""
+    model = cfg.get("model") or {}
+    if str(model.get("type", "")).split(".")[-1] == SLIM_DETECTOR:
+        cfg.model.slimmable = dict(entry)
+    else:
+        cfg.slimmable = dict(entry)
+
+
 def _device(model):
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -286,7 +364,8 @@ def init_slim_detector(config, checkpoint: str | None = None, device: str = "cpu
         cfg.merge_from_dict(cfg_options)
     init_default_scope(cfg.get("default_scope", "mmdet"))
     model = MODELS.build(cfg.model)
-    make_slimmable(model, cfg.get("slimmable", None))
+    if not is_slimmable(model):  # the runner-only form (top-level `slimmable`) or a SlimResNet backbone
+        make_slimmable(model, cfg.get("slimmable", None))
     if checkpoint is not None:
         ck = load_checkpoint(model, checkpoint, map_location="cpu")  # torch.load(weights_only=True)
         meta = ck.get("meta", {}) if isinstance(ck, dict) else {}

@@ -13,7 +13,7 @@ from mmengine.runner import Runner
 from slim_plugins.errors import InvalidArgumentError
 
 from .hooks import PlainMessageHubHook
-from .model import is_slimmable, make_slimmable
+from .model import is_slimmable, make_slimmable, parse_slimmable, slim_settings
 
 __all__ = ["SlimRunner"]
 
@@ -69,8 +69,12 @@ class SlimRunner(Runner):
 
     def build_model(self, model):
         model = super().build_model(model)
-        if not is_slimmable(model):
-            make_slimmable(model, self.cfg.get("slimmable", None))
+        top = self.cfg.get("slimmable", None)
+        if not is_slimmable(model):  # the runner-only form: a top-level `slimmable` or a SlimResNet backbone
+            make_slimmable(model, top)
+        elif top not in (None, False) and parse_slimmable(top).spec != slim_settings(model).spec:
+            raise InvalidArgumentError(f"the config's top-level slimmable {top} and its SlimDetector model "
+                                       f"{slim_settings(model).spec.to_dict()} differ; name the widths in one place")
         return model
 
     def build_train_loop(self, loop):
