@@ -247,6 +247,24 @@ class _Tracer(torch.fx.Tracer):
             self.stack.pop()
 
 
+def _nested_inputs(model: nn.Module, inputs, n_inputs: int | None) -> dict:
+    """``{parameter name: (PH, PH, ...)}`` for each positional input given as a tuple / list of tensors."""
+    import inspect
+
+    if not inputs or n_inputs is None:
+        return {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[:n_inputs]
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p, a in zip(params, inputs):
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and isinstance(a, (tuple, list)) and a and \
+                all(torch.is_tensor(t) for t in a):
+            out[p.name] = type(a)(torch.fx._symbolic_trace.PH for _ in a)
+    return out
+
+
 def _concrete_defaults(model: nn.Module, n_inputs: int) -> dict:
     """Forward parameters after the first ``n_inputs`` whose default is ``None`` / a bool / a number / a string
     (``mask=None``, ``is_causal=False``): traced at that default, as the analysis forward calls them."""
@@ -376,8 +394,16 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: in
     Raises:
         ChannelGroupError: fx cannot trace the model (names the layer whose forward failed).
     """
+    # a positional input that is a tuple / list of tensors (an FPN's backbone features) becomes one placeholder per
+    # tensor (fx's pytree concrete_args), so len() / indexing / iteration of it trace
+    nested = _nested_inputs(model, inputs, n_inputs)
+    flat = None
+    if inputs is not None:
+        flat = []
+        for a in inputs:
+            flat.extend(a if isinstance(a, (tuple, list)) and a and all(torch.is_tensor(t) for t in a) else [a])
     tracer = _Tracer(set(leaf_names), leaf_types, autowrap,
-                     inputs=[a.clone() if torch.is_tensor(a) else a for a in inputs] if inputs is not None else None)
+                     inputs=[a.clone() if torch.is_tensor(a) else a for a in flat] if flat is not None else None)
     snap = snapshot_modules(model) if snapshot is None else snapshot
     consts: dict = {}
     tags: list = []
@@ -390,6 +416,7 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: in
                     if type(m.__dict__.get(k)) is dict:
                         m.__dict__[k] = {}
             concrete = _concrete_defaults(model, n_inputs) if n_inputs is not None else {}
+            concrete.update(nested)
             graph = tracer.trace(model, concrete_args=concrete or None)
             # tensor constants fx stored on the model while tracing (`_tensor_constant0`): kept for the graph only
             consts = {n.target: _resolve(model, n.target) for n in graph.nodes

@@ -51,6 +51,8 @@ def _image(slim_data):
     (dict(widths=[0.5, 1.0], switches=[1.0]), r"unknown slimmable key\(s\) \['switches'\]"),
     (dict(width_range=[0.25]), "width_range must be"),
     ("yes", "slimmable must be true or a mapping"),
+    (dict(widths=[0.5, 1.0], distill_weight="abc"), "distill_weight must be a finite number >= 0, got 'abc'"),
+    (dict(widths=[0.5, 1.0], seed="x"), "seed must be an integer >= 0, got 'x'"),
 ])
 def test_bad_slimmable_config_names_the_value(bad, match):
     with pytest.raises(InvalidArgumentError, match=match):

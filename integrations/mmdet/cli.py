@@ -112,7 +112,7 @@ def validate_config(cfg) -> None:
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    from .model import SLIM_DETECTOR, architecture_of, parse_slimmable, slimmable_entry
+    from .model import SLIM_DETECTOR, architecture_of, check_slimmable_entries
 
     register_all_modules(init_default_scope=False)
     model = cfg.get("model")
@@ -127,13 +127,7 @@ def validate_config(cfg) -> None:
     for key in ("train_dataloader", "train_cfg", "optim_wrapper"):
         if not cfg.get(key):
             raise ConfigError(f"the config has no {key!r}: `slim train` needs a training config")
-    entry = slimmable_entry(cfg)
-    if entry is not None:
-        spec = parse_slimmable(entry).spec
-        top = cfg.get("slimmable")
-        if top not in (None, False) and parse_slimmable(top).spec != spec:  # what SlimRunner.build_model refuses
-            raise ConfigError(f"the top-level slimmable {top} and the SlimDetector model's {entry} name different "
-                              "widths; name them in one place")
+    check_slimmable_entries(cfg)
 
 
 def cmd_train(args, file_cfg) -> int:

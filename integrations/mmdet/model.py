@@ -26,12 +26,15 @@ from slim_plugins.width import WidthSpec, schedule_from_config, spec_from_config
 
 __all__ = ["SlimSettings", "parse_slimmable", "make_slimmable", "init_slim_detector", "is_slimmable", "slim_settings", "SlimResNet",
            "USResNet", "SlimPretrainedInit", "DEFAULT_SCOPE", "SLIM_DETECTOR", "build_slim_detector", "architecture_of", "slimmable_entry",
-           "set_slimmable_entry"]
+           "set_slimmable_entry", "check_slimmable_entries"]
 
-#: Converted parts of a detector: the backbone and the FPN lateral convs (their inputs are the backbone outputs).
-DEFAULT_SCOPE = ("backbone", "neck.lateral_convs")
-#: Their outputs stay fixed (the FPN's 256 channels, shared by every width).
-DEFAULT_FIXED = ("neck.lateral_convs.*",)
+#: Converted parts of a detector: the backbone and the neck. Which neck layers follow the width comes from the
+#: neck's graph: every layer reading a backbone output (an FPN's lateral convs, RetinaNet's extra conv on C5 with
+#: ``add_extra_convs='on_input'``) takes the active channels of its input.
+DEFAULT_SCOPE = ("backbone", "neck")
+#: The neck's layers keep their output channels (the FPN's 256, shared by every width): from the neck on, every
+#: width has the same tensors, so the heads are shared and fixed.
+DEFAULT_FIXED = ("neck.*",)
 
 _KEYS = ("widths", "width_range", "divisor", "num_widths", "rule", "distill", "distill_weight", "eval_widths",
          "calib_samples", "seed", "scope", "fixed")
@@ -103,11 +106,14 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool | None) -> SlimSettings:
         eval_widths = tuple(spec.widths)
     else:
         eval_widths = tuple(sorted({spec.min, spec.max, *[w for w in (0.5, 0.75) if spec.min < w < spec.max]}))
-    weight = float(cfg.get("distill_weight", 1.0))
-    if not (math.isfinite(weight) and weight >= 0):
+    weight = cfg.get("distill_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
         raise InvalidArgumentError(f"distill_weight must be a finite number >= 0, got {weight!r}")
-    return SlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_weight=weight,
-                        eval_widths=eval_widths, calib_samples=calib, seed=int(cfg.get("seed", 0)),
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidArgumentError(f"seed must be an integer >= 0, got {seed!r}")
+    return SlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_weight=float(weight),
+                        eval_widths=eval_widths, calib_samples=calib, seed=seed,
                         scope=tuple(cfg.get("scope", DEFAULT_SCOPE)), fixed=tuple(cfg.get("fixed", DEFAULT_FIXED)))
 
 
@@ -174,9 +180,21 @@ def make_slimmable(detector: nn.Module, slimmable: Mapping | SlimSettings | bool
         raise InvalidArgumentError(f"{type(detector).__name__} is already slimmable")
     backbone = getattr(detector, "backbone", None)
     frozen = bool(getattr(backbone, "norm_eval", False))
-    example = {"backbone": torch.zeros(2, 3, 64, 64, device=_device(detector))}  # stride 32: 2x2 at the last stage
-    slim.convert(detector, settings.spec, scope=list(settings.scope), fixed=list(settings.fixed),
-                 example_input=example, frozen_bn=frozen)
+    x = torch.zeros(2, 3, 64, 64, device=_device(detector))  # stride 32: 2x2 at the last stage
+    example = {"backbone": x}
+    scope = [r for r in settings.scope if r != "neck" or getattr(detector, "neck", None) is not None]
+    fixed = [p for p in settings.fixed if "neck" in scope or not p.startswith("neck")]
+    if "neck" in scope:  # the neck is analysed on what the backbone gives it
+        was = backbone.training
+        backbone.eval()
+        try:
+            # a SlimResNet refuses to run unconverted; its ResNet forward is what the neck sees
+            fwd = super(_DeclaresWidths, backbone).forward if isinstance(backbone, _DeclaresWidths) else backbone
+            with torch.no_grad():
+                example["neck"] = (tuple(fwd(x)),)
+        finally:
+            backbone.train(was)
+    slim.convert(detector, settings.spec, scope=scope, fixed=fixed, example_input=example, frozen_bn=frozen)
     detector.slim_settings = settings
     return detector
 
@@ -246,6 +264,25 @@ def slimmable_entry(cfg) -> Mapping | bool | None:
     if t == "USResNet":
         return {"width_range": list(bb.get("width_range", (0.25, 1.0))), "num_widths": int(bb.get("num_widths", 4))}
     return None
+
+
+def check_slimmable_entries(cfg) -> "SlimSettings | None":
+    """The settings of a config's ``slimmable`` entry (:func:`slimmable_entry`), checked before anything is built or
+    written; ``None`` when it names none.
+
+    Raises:
+        InvalidArgumentError / WidthError: a bad entry, or a top-level ``slimmable`` naming other widths than the
+            ``SlimDetector`` model's.
+    """
+    entry = slimmable_entry(cfg)
+    if entry is None:
+        return None
+    settings = parse_slimmable(entry)
+    top = cfg.get("slimmable")
+    if top not in (None, False) and parse_slimmable(top).spec != settings.spec:
+        raise InvalidArgumentError(f"the top-level slimmable {top} and the SlimDetector model's {entry} name "
+                                   "different widths; name them in one place")
+    return settings
 
 
 def set_slimmable_entry(cfg, entry: Mapping) -> None:

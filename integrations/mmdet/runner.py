@@ -13,7 +13,7 @@ from mmengine.runner import Runner
 from slim_plugins.errors import InvalidArgumentError
 
 from .hooks import PlainMessageHubHook
-from .model import is_slimmable, make_slimmable, parse_slimmable, slim_settings
+from .model import check_slimmable_entries, is_slimmable, make_slimmable, parse_slimmable, slim_settings
 
 __all__ = ["SlimRunner"]
 
@@ -40,6 +40,13 @@ class SlimRunner(Runner):
     loading), swaps mmengine's stock loops for the slimmable ones (multi-width training, per-width evaluation),
     and writes checkpoints that load with ``torch.load(weights_only=True)`` (:class:`PlainMessageHubHook`).
     """
+
+    @classmethod
+    def from_cfg(cls, cfg):
+        # before Runner.__init__ creates the work dir, its log and its config dump: a bad `slimmable` entry (in a
+        # SlimDetector model or at the top level) leaves no files behind
+        check_slimmable_entries(cfg)
+        return super().from_cfg(cfg)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
