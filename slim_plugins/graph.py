@@ -129,6 +129,13 @@ def _fname(target) -> str:
 _UNKNOWN = object()
 
 
+class _ShapeAwareProxy(torch.fx.Proxy):
+    """A proxy whose ``len()`` the tracer answers for shapes known from the example input."""
+
+    def __len__(self):
+        return self.tracer.length(self)
+
+
 class _Tracer(torch.fx.Tracer):
     """Keeps slim layers (and modules adapters mark as fx leaves) as leaves; remembers where tracing failed."""
 
@@ -205,6 +212,17 @@ class _Tracer(torch.fx.Tracer):
         if v is _UNKNOWN or obj.node not in self.shape_only or not isinstance(v, (tuple, list, torch.Size)):
             return super().iter(obj)
         return iter([obj[i] for i in range(len(v))])
+
+    def proxy(self, node):
+        return _ShapeAwareProxy(node, self)
+
+    def length(self, obj):
+        """``len()`` of a value computed from shapes only (``len(x.shape[-2:])``); anything else stays untraceable."""
+        v = self.values.get(obj.node, _UNKNOWN)
+        if v is _UNKNOWN or obj.node not in self.shape_only or not isinstance(v, (tuple, list, torch.Size)):
+            raise RuntimeError("'len' is not supported in symbolic tracing by default (the value is not a shape "
+                               "known from the example input)")
+        return len(v)
 
     def is_leaf_module(self, m, qualname):
         if qualname in self.leaf_names:

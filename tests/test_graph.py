@@ -203,3 +203,49 @@ def test_stock_models_run_exactly_at_every_width(name, mad, masked_ref):
         plain = slim.export(model, w, example_input=x[:1])
         with torch.no_grad():
             assert mad(plain(x), y) <= 1e-5
+
+
+def test_len_of_a_shape_and_a_tuple_of_feature_maps_trace():
+    """An FPN-style forward: a tuple of tensors as input (one placeholder each, so len() / indexing trace) and
+    len() of a shape known from the example input; the convs reading the inputs follow their channels."""
+    import torch.nn.functional as F
+
+    class Neck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lat = nn.ModuleList([nn.Conv2d(8, 4, 1), nn.Conv2d(16, 4, 1)])
+            self.extra = nn.Conv2d(16, 4, 3, stride=2, padding=1)  # reads the last input, as RetinaNet's on_input
+
+        def forward(self, inputs):
+            assert len(inputs) == len(self.lat)
+            outs = [lat(x) for lat, x in zip(self.lat, inputs)]
+            size = outs[0].shape[-2:]
+            assert len(size) == 2
+            outs[0] = outs[0] + F.interpolate(outs[1], size=size)
+            return tuple(outs) + (self.extra(inputs[-1]),)
+
+    class Det(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.neck = Neck()
+
+        def forward(self, x):
+            a = self.backbone(x)
+            return self.neck((a, self.down(a)))
+
+    det = Det().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        a = det.backbone(x)
+        feats = (a, det.down(a))
+    slim.convert(det, slim.WidthSpec.switches([0.5, 1.0]), scope=["backbone", "down", "neck"], fixed=["neck.*"],
+                 example_input={"backbone": x, "down": a, "neck": (feats,)})
+    with torch.no_grad(), slim.width(0.5):
+        outs = det(x)
+    assert [o.shape[1] for o in outs] == [4, 4, 4]
+    plain = slim.export(det, 0.5, example_input=x)
+    assert plain.neck.extra.in_channels == 8 and plain.neck.lat[1].in_channels == 8
+    with torch.no_grad(), slim.width(0.5):
+        assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(plain(x), det(x)))

@@ -103,6 +103,17 @@ def _ap_columns(m: dict) -> dict:
 
 class _SlimEval:
     def run(self) -> dict:
+        # RNG-neutral: calibration reads augmented training batches; training continues with the states it had,
+        # so a run resumed from a checkpoint written before this evaluation draws the same numbers
+        from .hooks import plain_rng_state, set_plain_rng_state
+
+        rng = plain_rng_state()
+        try:
+            return self._run()
+        finally:
+            set_plain_rng_state(rng)
+
+    def _run(self) -> dict:
         kind = "val" if isinstance(self, ValLoop) else "test"
         self.runner.call_hook(f"before_{kind}")
         self.runner.call_hook(f"before_{kind}_epoch")

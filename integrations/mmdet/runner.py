@@ -4,6 +4,7 @@ No mmdet or mmengine class is patched."""
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from mmengine.model import is_model_wrapper
@@ -12,7 +13,7 @@ from mmengine.runner import Runner
 
 from slim_plugins.errors import InvalidArgumentError
 
-from .hooks import PlainMessageHubHook
+from .hooks import PlainMessageHubHook, ResumeRNGHook
 from .model import check_slimmable_entries, is_slimmable, make_slimmable, parse_slimmable, slim_settings
 
 __all__ = ["SlimRunner"]
@@ -52,6 +53,21 @@ class SlimRunner(Runner):
         super().__init__(*args, **kwargs)
         if not any(isinstance(h, PlainMessageHubHook) for h in self.hooks):
             self.register_hook(PlainMessageHubHook())
+        if not any(isinstance(h, ResumeRNGHook) for h in self.hooks):
+            self.register_hook(ResumeRNGHook())
+
+    def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs):
+        # atomic: written under a temporary name in the same folder, then renamed, so a kill mid-write never leaves
+        # a partial epoch_N.pth (nor a last_checkpoint pointing at one: CheckpointHook writes that afterwards)
+        if not os.path.isdir(out_dir) or kwargs.get("backend_args") or kwargs.get("file_client_args"):
+            return super().save_checkpoint(out_dir, filename, *args, **kwargs)  # remote storage: the backend's way
+        tmp = f".{filename}.tmp"
+        try:
+            super().save_checkpoint(out_dir, tmp, *args, **kwargs)
+            os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, filename))
+        finally:
+            if os.path.exists(os.path.join(out_dir, tmp)):
+                os.remove(os.path.join(out_dir, tmp))
 
     def setup_env(self, env_cfg: dict) -> None:
         # mmengine 0.10.7's `pytorch` launcher calls torch.cuda.set_device unconditionally; on a machine without

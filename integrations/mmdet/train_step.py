@@ -139,9 +139,44 @@ class _SlimTrain:
         self._iter += 1
 
 
+    def _restore_rng(self) -> None:
+        """The random states of the checkpoint this run resumed from (:class:`~.hooks.ResumeRNGHook`), once."""
+        rng = getattr(self.runner, "_slim_pending_rng", None)
+        if rng is not None:
+            from .hooks import set_plain_rng_state
+
+            set_plain_rng_state(rng)
+            self.runner._slim_pending_rng = None
+
+
+class _RestoreBeforeBatch:
+    """The loop's infinite dataloader iterator, restoring the resumed random states right before batch ``at`` is
+    loaded (mmengine's iteration-based loop first skips the batches already trained on, drawing augmentations)."""
+
+    def __init__(self, it, at: int, restore):
+        self.it, self.at, self.restore, self.n = it, at, restore, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n == self.at and self.restore is not None:
+            self.restore()
+            self.restore = None
+        self.n += 1
+        return next(self.it)
+
+    def __getattr__(self, name):
+        return getattr(self.it, name)
+
+
 @LOOPS.register_module()
 class SlimEpochBasedTrainLoop(_SlimTrain, EpochBasedTrainLoop):
     """``EpochBasedTrainLoop`` whose iterations train every width (S-Nets) or the sandwich widths (US-Nets)."""
+
+    def run(self):
+        self._restore_rng()  # a resumed run starts at an epoch boundary, where the checkpoint was written
+        return super().run()
 
     def run_iter(self, idx, data_batch) -> None:
         self._slim_iter(data_batch, batch_idx=idx)
@@ -150,6 +185,11 @@ class SlimEpochBasedTrainLoop(_SlimTrain, EpochBasedTrainLoop):
 @LOOPS.register_module()
 class SlimIterBasedTrainLoop(_SlimTrain, IterBasedTrainLoop):
     """``IterBasedTrainLoop`` whose iterations train every width (S-Nets) or the sandwich widths (US-Nets)."""
+
+    def run(self):
+        if getattr(self.runner, "_slim_pending_rng", None) is not None:
+            self.dataloader_iterator = _RestoreBeforeBatch(self.dataloader_iterator, self._iter, self._restore_rng)
+        return super().run()
 
     def run_iter(self, data_batch) -> None:
         self._slim_iter(data_batch, batch_idx=self._iter)
