@@ -483,6 +483,8 @@ def test_mmdet_tools_train_and_slim_commands(tmp_path, slim_data):
     calls = (tmp_path / "calls.csv").read_text().splitlines()
     assert len(calls) == 4 and all(c.split(",")[1] == "1" for c in calls[1:])  # any budget: the widest width
     assert (tmp_path / "serve.png").stat().st_size > 0
+    # the commands' Runner works in a temporary folder: no log folders or config dumps beside the checkpoint
+    assert not list((tmp_path / "slim").glob("tmp*.py"))
 
 
 # ---- learning at every width --------------------------------------------------------------------------------------
