@@ -917,17 +917,24 @@ def _rebind_log_streams() -> None:
 
     _remember_streams()
     cur = {"out": sys.stdout, "err": sys.stderr}
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    mm = sys.modules.get("mmengine.logging")
-    if mm is not None and hasattr(mm, "MMLogger"):
-        loggers += list(getattr(mm.MMLogger, "_instance_dict", {}).values())
-    for lg in loggers:
+    for lg in _all_loggers():
         for h in getattr(lg, "handlers", ()):
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 known = _KNOWN_STREAMS.get(id(h.stream))
                 if known is not None and known[0] is h.stream and h.stream is not cur[known[1]]:
                     h.stream = cur[known[1]]
+
+
+def _all_loggers() -> list:
+    """Every logger of this process: the stdlib ones and mmengine's MMLogger instances."""
+    import logging
+
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    mm = sys.modules.get("mmengine.logging")
+    if mm is not None and hasattr(mm, "MMLogger"):
+        loggers += list(getattr(mm.MMLogger, "_instance_dict", {}).values())
+    return loggers
 
 
 def _all_subclasses(cls):
@@ -946,12 +953,7 @@ def _fresh_process_state() -> None:
     mmengine's per-name singletons (loggers, visualizers, message hubs, the default scope)."""
     import logging
 
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    mm = sys.modules.get("mmengine.logging")
-    if mm is not None and hasattr(mm, "MMLogger"):
-        loggers += list(getattr(mm.MMLogger, "_instance_dict", {}).values())
-    for lg in loggers:
+    for lg in _all_loggers():
         for h in list(getattr(lg, "handlers", ())):
             if isinstance(h, logging.FileHandler):
                 lg.removeHandler(h)
