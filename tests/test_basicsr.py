@@ -271,7 +271,7 @@ def test_train_pipeline_run_writes_basicsr_layout_and_per_width_log(trained, sli
     assert not torch.equal(ck["params"]["head.bias"], ck["params_ema"]["head.bias"])
 
 
-def test_slim_eval_export_profile_on_a_basicsr_checkpoint(trained, tmp_path, slim_data, monkeypatch, mad):
+def test_slim_eval_export_profile_on_a_basicsr_checkpoint(trained, tmp_path, slim_data, monkeypatch, mad, capsys):
     import re
     import sys
 
@@ -288,6 +288,21 @@ def test_slim_eval_export_profile_on_a_basicsr_checkpoint(trained, tmp_path, sli
     train_rows = _spectrum(trained)  # the end-of-training validation: same EMA weights, same numbers
     for a, b in zip(ev, train_rows):
         assert float(a["Set5/psnr"]) == pytest.approx(float(b["Set5/psnr"]), abs=1e-3)
+
+    # any evaluation set: a Set5-style folder (HR + LR_bicubic/X2) gives the same numbers as the options' Set5;
+    # a folder of HR images alone is degraded with MATLAB bicubic (the same LR files were made that way)
+    sr = Path(slim_data) / "sr"
+    assert main(["eval", ckpt, "--data-dir", str(sr / "Set5"), "--csv", str(tmp_path / "user.csv")]) == 0
+    user = _spectrum(tmp_path, "user.csv")
+    assert [k for k in user[0] if "/" in k] == ["Set5/psnr", "Set5/ssim"]
+    for a, b in zip(ev, user):
+        assert float(a["Set5/psnr"]) == pytest.approx(float(b["Set5/psnr"]), abs=1e-3)
+    capsys.readouterr()
+    assert main(["eval", ckpt, "--data-dir", str(sr / "Set5" / "HR"), "--csv", str(tmp_path / "hr.csv")]) == 0
+    assert "bicubic on HR" in capsys.readouterr().out
+    hr = _spectrum(tmp_path, "hr.csv")
+    for a, b in zip(user, hr):  # PNG LR files vs 8-bit-rounded imresize: the same inputs up to rounding
+        assert float(a["Set5/psnr"]) == pytest.approx(float(b["HR/psnr"]), abs=0.05)
 
     # a width outside the range: typed one-line error, exit 2, nothing written
     assert main(["export", ckpt, "--width", "0.25"]) == 2

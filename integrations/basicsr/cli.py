@@ -136,14 +136,14 @@ def _n(opt, settings, w) -> int:
 #: The options each verb reads (the adapter protocol, :mod:`slim_plugins.adapter`); the core refuses the others.
 HONOURS = {
     "train": {"config", "resume", "output", "batch_size", "lr", "workers", "seed", "device", "set"},
-    "eval": {"device", "config"},
+    "eval": {"device", "config", "data_dir"},
     "calibrate": set(),
     "export": {"onnx", "device", "config"},
     "profile": {"input_size", "batch_size", "device", "config"},
     "serve": {"input_size", "batch_size", "device", "config"},
 }
 REFUSALS = {"default": "--default runs the embedded timm job", "epochs": "BasicSR counts iterations: "
-            "--set train.total_iter=N", "data_dir": "the options' datasets.*.dataroot_* name the data",
+            "--set train.total_iter=N", "data_dir": "the options' datasets.*.dataroot_* name the training data",
             "onnx": "export a width with `slim export --onnx`", "fuse_bn": "WDSR has no BatchNorm",
             "calib_samples": "WDSR has no BatchNorm", "no_calibrate": "WDSR has no BatchNorm",
             "batch_size": "BasicSR validates one image at a time", "workers": "BasicSR validates one image at a time"}
@@ -177,8 +177,9 @@ class SRCheckpoint(OpenedCheckpoint):
                  "params_m": r["params_m"]} for r in rows]
 
     def evaluate(self, widths, args):
-        """PSNR / SSIM (the options' ``val.metrics``) on every ``val*`` / ``test*`` dataset of the options; MFLOPs
-        at the options' ``flops_lq_size`` LR input."""
+        """PSNR / SSIM (the options' ``val.metrics``: crop border, Y channel) on every ``val*`` / ``test*`` dataset
+        of the options, or on ``--data-dir`` (:func:`user_eval_set`); the bicubic baseline of each set is printed
+        beside it. MFLOPs at the options' ``flops_lq_size`` LR input."""
         from basicsr.data import build_dataloader, build_dataset
 
         from .model import evaluate_widths
@@ -188,13 +189,16 @@ class SRCheckpoint(OpenedCheckpoint):
         if not metrics:
             raise ConfigError("the options have no val.metrics to evaluate (e.g. psnr: {type: calculate_psnr, ...})")
         rows = {c["width"]: c for c in self.costs(widths, self.example_input(1))}
-        for phase, d in opt["datasets"].items():
-            if not phase.startswith(("val", "test")):
-                continue
+        sets = user_eval_set(args.data_dir, int(opt["scale"])) if args.data_dir else \
+            [d for phase, d in opt["datasets"].items() if phase.startswith(("val", "test"))]
+        for d in sets:
             d = dict(d, phase="val", scale=opt["scale"])
             loader = build_dataloader(build_dataset(d), d, num_gpu=0, dist=False)
             for w, vals in evaluate_widths(self.model, loader, widths, metrics, self.device).items():
                 rows[w].update({f"{d['name']}/{m}": v for m, v in vals.items()})
+            base = evaluate_widths(_Bicubic(int(opt["scale"])), loader, [None], metrics, "cpu")[None]
+            print(f"bicubic on {d['name']} (the same images and metric settings): "
+                  + ", ".join(f"{m} {v:.4f}" for m, v in base.items()))
         rows = [rows[w] for w in sorted(rows)]
         keys = [k for k in rows[0] if "/" in k]
         self.metric_columns = [(k, k, "{:.2f}" if k.endswith("psnr") else "{:.4f}") for k in keys]
@@ -235,6 +239,49 @@ class SRCheckpoint(OpenedCheckpoint):
             paths.append(slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx", dynamic_hw=True))
         print(f"width {w:g}: num_feat {n}")
         return paths
+
+
+def user_eval_set(folder: str, scale: int) -> list[dict]:
+    """BasicSR dataset options for ``slim eval --data-dir FOLDER``: ``FOLDER/HR`` with ``FOLDER/LR_bicubic/X<scale>``
+    (the Set5 / Set14 layout: a ``PairedImageDataset``), else a folder of HR images whose LR inputs are their MATLAB
+    bicubic downscale (``BicubicHRDataset``, BasicSR's ``imresize``).
+
+    Raises:
+        ConfigError: no image in the folder.
+    """
+    from basicsr.data.data_util import paths_from_folder
+
+    name = os.path.basename(os.path.normpath(folder))
+    hr, lr = os.path.join(folder, "HR"), os.path.join(folder, "LR_bicubic", f"X{scale}")
+    if os.path.isdir(hr) and os.path.isdir(lr):
+        stems = {os.path.splitext(os.path.basename(p))[0] for p in paths_from_folder(lr)}
+        first = os.path.splitext(os.path.basename(sorted(paths_from_folder(hr))[0]))[0]
+        tmpl = f"{{}}x{scale}" if f"{first}x{scale}" in stems else "{}"  # DIV2K / Set5 name LR files <name>x2
+        return [{"name": name, "type": "PairedImageDataset", "dataroot_gt": hr, "dataroot_lq": lr,
+                 "filename_tmpl": tmpl, "io_backend": {"type": "disk"}}]
+    if not list(paths_from_folder(folder)):
+        raise ConfigError(f"--data-dir {folder!r} holds no images (give a folder of HR images, or one with HR/ and "
+                          f"LR_bicubic/X{scale}/)")
+    return [{"name": name, "type": "BicubicHRDataset", "dataroot_gt": folder, "io_backend": {"type": "disk"}}]
+
+
+class _Bicubic:
+    """The baseline: MATLAB bicubic upscaling of the LR input (BasicSR's ``imresize``), as a callable net."""
+
+    def __init__(self, scale: int):
+        self.scale = scale
+
+    def eval(self):
+        return self
+
+    def __call__(self, lq):
+        import numpy as np
+        import torch
+        from basicsr.utils.matlab_functions import imresize
+
+        img = lq[0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
+        up = np.clip(imresize(img, self.scale), 0, 1).astype(np.float32)
+        return torch.from_numpy(up).permute(2, 0, 1)[None]
 
 
 def open_checkpoint(args) -> SRCheckpoint:
