@@ -349,6 +349,28 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
+def test_killed_epoch_based_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The same for mmdet's usual epoch-based loop: killed after epoch_1.pth (shuffled data, flip augmentation),
+    resumed, the final weights equal the uninterrupted run's."""
+    name = "faster-rcnn_r50_fpn_s-net_coco128.py"
+
+    def cfg(work, epochs):
+        c = small_cfg(name, work, depth=18)
+        c.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=10_000)
+        c.train_dataloader.sampler = dict(type="DefaultSampler", shuffle=True)
+        c.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True)
+        c.log_processor = dict(by_epoch=True)
+        return c
+
+    full = _run(cfg(tmp_path / "full", 2))
+    _run(cfg(tmp_path / "killed", 1))
+    c = cfg(tmp_path / "killed", 2)
+    c.resume = True
+    resumed = _run(c)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 # ---- optim wrapper glue -------------------------------------------------------------------------------------------
 def test_gradient_accumulation_counts_one_micro_step_per_iteration(tmp_path):
     cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path, iters=4, depth=18)
