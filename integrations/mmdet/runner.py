@@ -7,6 +7,7 @@ import copy
 import os
 
 import torch
+from mmengine.dist import master_only
 from mmengine.model import is_model_wrapper
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -56,6 +57,7 @@ class SlimRunner(Runner):
         if not any(isinstance(h, ResumeRNGHook) for h in self.hooks):
             self.register_hook(ResumeRNGHook())
 
+    @master_only  # as Runner.save_checkpoint: on other ranks nothing is written, so there is nothing to rename
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs):
         # atomic: written under a temporary name in the same folder, then renamed, so a kill mid-write never leaves
         # a partial epoch_N.pth (nor a last_checkpoint pointing at one: CheckpointHook writes that afterwards)
