@@ -282,21 +282,9 @@ class DetCheckpoint(OpenedCheckpoint):
 
     def costs(self, widths, inputs):
         """MFLOPs (multiply-adds) of backbone + FPN for ``inputs``, params (M) of the whole plain detector."""
-        from torch.utils.flop_counter import FlopCounterMode
+        from .cost import width_cost
 
-        import slim_plugins as slim
-
-        from .cost import _width_params
-        from .model import _module
-
-        module = _module(self.model)
-        rows = []
-        for w in widths:
-            with torch.no_grad(), slim.width(w), FlopCounterMode(display=False) as fc:
-                module.extract_feat(inputs[0])
-            rows.append({"width": w, "mflops": fc.get_total_flops() / 2e6,
-                         "params_m": sum(int(t.numel()) for t in _width_params(module, w)) / 1e6})
-        return rows
+        return [{"width": w, **width_cost(self.runner, w, inputs[0])} for w in widths]
 
     def calibrate_for_profiling(self, widths, inputs):
         import slim_plugins as slim

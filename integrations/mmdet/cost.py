@@ -12,16 +12,18 @@ from .model import _module
 __all__ = ["width_cost", "detector_input_size"]
 
 
-def width_cost(runner, w) -> dict:
-    """MFLOPs (multiply-adds) of backbone + FPN at the test image size, and the params (M) of the whole detector at
-    width ``w`` (heads are shared: every width's cost differs only there)."""
+def width_cost(runner, w, x: torch.Tensor | None = None) -> dict:
+    """MFLOPs (multiply-adds) of backbone + FPN for ``x`` (default: one image at the test size), and the params (M)
+    of the whole detector at width ``w`` (heads are shared: every width's cost differs only there)."""
     cache = runner.__dict__.setdefault("_slim_cost", {})
-    if w not in cache:
+    key = (w, None if x is None else tuple(x.shape))
+    if key not in cache:
         from torch.utils.flop_counter import FlopCounterMode
 
         module = _module(runner.model)
-        h, wd = detector_input_size(runner.cfg)
-        x = torch.zeros(1, 3, h, wd, device=next(module.parameters()).device)
+        if x is None:
+            h, wd = detector_input_size(runner.cfg)
+            x = torch.zeros(1, 3, h, wd, device=next(module.parameters()).device)
         was = module.training
         module.eval()
         try:
@@ -30,8 +32,8 @@ def width_cost(runner, w) -> dict:
         finally:
             module.train(was)
         params = sum(int(t.numel()) for t in _width_params(module, w))
-        cache[w] = {"mflops": fc.get_total_flops() / 2e6, "params_m": params / 1e6}
-    return cache[w]
+        cache[key] = {"mflops": fc.get_total_flops() / 2e6, "params_m": params / 1e6}
+    return cache[key]
 
 
 def _width_params(module, w):
