@@ -179,6 +179,24 @@ def test_mmdet_init_detector_and_inferencer_build_the_slimmable_detector(tmp_pat
     assert all(torch.equal(inferencer.model.state_dict()[k], v) for k, v in saved.items())
 
 
+def test_a_stock_runner_refuses_to_train_a_slim_detector(tmp_path):
+    """Without runner_type='SlimRunner' mmengine's stock loop would call model.train_step and train the widest width
+    only: the SlimDetector refuses that with a typed error naming the missing line, before any optimizer step."""
+    from mmengine.runner import Runner
+
+    from slim_plugins.errors import NotSlimmableError
+
+    cfg = small_cfg("faster-rcnn_r50_fpn_s-net_coco128.py", tmp_path, iters=1, depth=18)
+    cfg.pop("runner_type")
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(NotSlimmableError, match="runner_type = 'SlimRunner'"):
+        runner.train()
+    assert not runner.optim_wrapper.optimizer.state  # no optimizer step was taken
+    twin = copy.deepcopy(runner.model)  # mmengine's EMA hooks copy the model: the refusal follows the copy
+    with pytest.raises(NotSlimmableError):
+        twin.train_step({}, None)
+
+
 def test_retinanet_with_the_documented_lines_trains_and_exports_exactly(slim_data):
     """RetinaNet (FPN extra conv on C5, add_extra_convs='on_input': a neck layer reading a backbone output that
     the old name list missed): the config lines on mmdet's stock config, one SlimRunner iteration at every switch,
@@ -251,7 +269,19 @@ def test_export_is_a_plain_mmdet_detector_with_equal_outputs(tmp_path, slim_data
     torch.testing.assert_close(model.backbone.conv1.weight, runner.model.backbone.conv1.weight)
     out = smd.export_detector(model, runner.cfg, 0.5, str(tmp_path / "w0.5"))
     text = Path(out["config"]).read_text()
-    assert not any(k in text for k in ("SlimRunner", "slimmable", "SlimResNet", "SlimTestLoop", "SlimPretrained"))
+    assert not any(k in text for k in ("SlimRunner", "slimmable", "SlimResNet", "SlimTestLoop", "SlimPretrained",
+                                       "slim_plugins", "CocoDatasetUniqueIds"))
+    # mmdet's own tools/test.py on the exported config, in a process that never imports this package; coco128's
+    # repeated annotation ids are renumbered in the JSON copy the exported config names
+    import mmdet
+
+    tools = Path(mmdet.__file__).parent / ".mim" / "tools"
+    r = subprocess.run([sys.executable, str(tools / "test.py"), out["config"], out["checkpoint"], "--work-dir",
+                        str(tmp_path / "plain_test")], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr  # after one iteration the detector may find nothing: CocoMetric then logs no AP
+    assert re.search(r"Iter\(test\) \[(\d+)/\1\]", log) and "slim_plugins" not in log
     plain = init_detector(out["config"], out["checkpoint"], device="cpu")
     assert not any("slim_plugins" in type(m).__module__ for m in plain.modules())
     assert plain.backbone.base_channels == 32 and plain.neck.in_channels == [128, 256, 512, 1024]

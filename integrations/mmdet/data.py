@@ -11,17 +11,24 @@ from mmdet.datasets import CocoDataset
 from mmdet.datasets.api_wrappers import COCO
 from mmdet.registry import DATASETS
 
-__all__ = ["CocoDatasetUniqueIds"]
+__all__ = ["CocoDatasetUniqueIds", "renumber_annotation_ids"]
+
+
+def renumber_annotation_ids(dataset: dict) -> int:
+    """Give every repeated annotation id of a COCO JSON ``dataset`` (in place) a fresh id above the largest one,
+    in file order (the first occurrence keeps its id). Returns the number of ids changed."""
+    anns = dataset.get("annotations", [])
+    seen, fresh, changed = set(), max((a["id"] for a in anns), default=0) + 1, 0
+    for a in anns:
+        if a["id"] in seen:
+            a["id"], fresh, changed = fresh, fresh + 1, changed + 1
+        seen.add(a["id"])
+    return changed
 
 
 class _RenumberedCOCO(COCO):
     def createIndex(self):  # noqa: N802  pycocotools' name
-        anns = self.dataset.get("annotations", [])
-        seen, fresh = set(), max((a["id"] for a in anns), default=0) + 1
-        for a in anns:
-            if a["id"] in seen:
-                a["id"], fresh = fresh, fresh + 1
-            seen.add(a["id"])
+        renumber_annotation_ids(self.dataset)
         super().createIndex()
 
 

@@ -8,6 +8,7 @@ slim_plugins import.
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import torch
@@ -24,9 +25,10 @@ __all__ = ["export_detector", "plain_config"]
 
 _OUR_IMPORT = "slim_plugins.integrations.mmdet"
 # types of ours that an exported (plain) detector may still use: its config keeps our import for them
-_OUR_PLAIN_TYPES = ("CocoDatasetUniqueIds", "CocoKeypointDataset", "KeypointRCNN", "KeypointRoIHead",
+_OUR_PLAIN_TYPES = ("CocoKeypointDataset", "KeypointRCNN", "KeypointRoIHead",
                     "KeypointRCNNHead", "CocoKeypointMetric", "LoadKeypointAnnotations", "KeypointResize",
                     "KeypointRandomFlip", "PackKeypointDetInputs")
+_OUR_HOOKS = ("PlainMessageHubHook", "ResumeRNGHook")
 _STOCK_LOOPS = {"SlimEpochBasedTrainLoop": "EpochBasedTrainLoop", "SlimIterBasedTrainLoop": "IterBasedTrainLoop",
                 "SlimValLoop": "ValLoop", "SlimTestLoop": "TestLoop"}
 
@@ -68,9 +70,64 @@ def _resnet_channels(backbone: nn.Module, w: float) -> dict:
     return {"stem_channels": stem, "base_channels": base, "stage_channels": outs}
 
 
-def plain_config(cfg: Config, channels: dict, out_indices) -> Config:
-    """``cfg`` with the slimmable parts replaced by mmdet's plain ones at the exported channel counts."""
+def _unique_id_datasets(node, found: list) -> None:
+    """Every ``CocoDatasetUniqueIds`` dataset dict in a config tree (wrappers such as ``RepeatDataset`` included)."""
+    if isinstance(node, dict):
+        if str(node.get("type", "")).split(".")[-1] == "CocoDatasetUniqueIds":
+            found.append(node)
+        for v in node.values():
+            _unique_id_datasets(v, found)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _unique_id_datasets(v, found)
+
+
+def _annotation_path(ds: dict) -> str:
+    ann, root = str(ds.get("ann_file", "")), ds.get("data_root")
+    return ann if os.path.isabs(ann) or not root else os.path.join(str(root), ann)
+
+
+def _plain_datasets(cfg: Config, out_dir: str) -> dict:
+    """Point the config's ``CocoDatasetUniqueIds`` datasets at mmdet's ``CocoDataset`` on a copy of their JSON with
+    the repeated annotation ids renumbered, ``out_dir/<name>`` (absolute). Returns ``{file name: COCO JSON}`` to
+    write there; the config is changed in place.
+
+    Raises:
+        InvalidArgumentError: an annotation file that cannot be read as JSON.
+    """
+    from .data import renumber_annotation_ids
+
+    found: list = []
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        _unique_id_datasets(cfg.get(key), found)
+    files: dict = {}
+    names: dict = {}
+    for ds in found:
+        src = _annotation_path(ds)
+        if src not in names:
+            try:
+                with open(src) as f:
+                    data = json.load(f)
+            except (OSError, ValueError) as e:
+                raise InvalidArgumentError(f"cannot read the annotation file {src!r} of a CocoDatasetUniqueIds "
+                                           f"dataset to write a plain copy: {e}") from e
+            renumber_annotation_ids(data)
+            names[src] = f"annotations_{len(names)}_{os.path.basename(src)}"
+            files[names[src]] = data
+        ds["type"] = "CocoDataset"
+        ds["ann_file"] = os.path.join(os.path.abspath(out_dir), names[src])
+    return files
+
+
+def plain_config(cfg: Config, channels: dict, out_indices, out_dir: str | None = None) -> tuple[Config, dict]:
+    """``cfg`` with the slimmable parts replaced by mmdet's plain ones at the exported channel counts.
+
+    Returns ``(config, files)``: ``files`` (``{name: COCO JSON}``) are the annotation copies the config names in
+    ``out_dir``: a ``CocoDatasetUniqueIds`` dataset becomes mmdet's ``CocoDataset`` on its JSON with the repeated
+    ids renumbered, so the exported config needs no import of this package (``out_dir=None``: left as is).
+    """
     new = copy.deepcopy(cfg)
+    files = _plain_datasets(new, out_dir) if out_dir is not None else {}
     new.model = ConfigDict(architecture_of(new.model))  # a SlimDetector's plain mmdet model
     bb = new.model.backbone
     for k in ("widths", "width_range", "num_widths"):
@@ -83,6 +140,13 @@ def plain_config(cfg: Config, channels: dict, out_indices) -> Config:
     new.model.neck["in_channels"] = [channels["stage_channels"][i] for i in out_indices]
     for k in ("slimmable", "runner_type"):
         new.pop(k, None)
+    hooks = new.get("custom_hooks")
+    if hooks:  # this package's training hooks (checkpoint format, resume RNG) are not part of a plain detector
+        kept = [h for h in hooks if str(h.get("type", "")).split(".")[-1] not in _OUR_HOOKS]
+        if kept:
+            new.custom_hooks = kept
+        else:
+            new.pop("custom_hooks")
     ci = new.get("custom_imports")
     if ci and not any(f"'{t}'" in new.pretty_text for t in _OUR_PLAIN_TYPES):
         imports = [m for m in ci.get("imports", []) if m != _OUR_IMPORT and not m.startswith(_OUR_IMPORT + ".")]
@@ -96,7 +160,7 @@ def plain_config(cfg: Config, channels: dict, out_indices) -> Config:
             lc["type"] = _STOCK_LOOPS[lc["type"]]
     new.load_from = None
     new.resume = False
-    return new
+    return new, files
 
 
 def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, dataset_meta: dict | None = None
@@ -110,7 +174,9 @@ def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, d
         dataset_meta: class names / palette stored in the checkpoint's meta for ``init_detector``.
 
     Returns:
-        ``{"config": path, "checkpoint": path, "width": w, "channels": {...}}``.
+        ``{"config": path, "checkpoint": path, "width": w, "channels": {...}}``. A ``CocoDatasetUniqueIds`` dataset
+        of ``cfg`` becomes mmdet's ``CocoDataset`` on a renumbered copy of its JSON in ``out_dir``
+        (:func:`plain_config`), so ``config.py`` is a plain mmdet config.
 
     Raises:
         WidthError: ``width`` not allowed. InvalidArgumentError: the width's channels are not a ResNet config.
@@ -121,7 +187,7 @@ def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, d
     w = slim_settings(module).spec.validate(width)
     plain = slim.export(module, w, example_input=_example_input(module))
     channels = _resnet_channels(plain.backbone, w)
-    new_cfg = plain_config(cfg, channels, plain.backbone.out_indices)
+    new_cfg, files = plain_config(cfg, channels, plain.backbone.out_indices, out_dir)
     meta = {"dataset_meta": dataset_meta or getattr(module, "dataset_meta", None) or {},
             "slim_export": {"width": w, "spec": slim.width_spec(module).to_dict(), **channels}}
     # a new folder is written whole in a temporary sibling and renamed into place: a failed write leaves no folder
@@ -136,6 +202,8 @@ def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, d
     try:
         ck_path, cfg_path = os.path.join(target, "model.pth"), os.path.join(target, "config.py")
         atomic_write(ck_path, lambda f: torch.save({"meta": meta, "state_dict": plain.state_dict()}, f))
+        for name, data in files.items():
+            atomic_write(os.path.join(target, name), lambda f, d=data: json.dump(d, f), "w")
         atomic_write(cfg_path, lambda f: f.write(new_cfg.pretty_text), "w")
         if fresh:
             os.replace(target, out_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -245,7 +246,18 @@ def build_slim_detector(slimmable: Mapping | bool = True, **model_cfg) -> nn.Mod
                                    "(or True for the paper's switches)")
     settings = parse_slimmable(slimmable)  # checked before the (slow) build
     arch = architecture_of(dict(model_cfg, type=SLIM_DETECTOR))
-    return make_slimmable(MODELS.build(arch), settings)
+    det = make_slimmable(MODELS.build(arch), settings)
+    # mmengine's stock train loops call model.train_step, which would train the widest width only; SlimRunner's
+    # loops never call it (multi_width_train_step). Bound on this instance: the class stays mmdet's.
+    det.train_step = types.MethodType(_stock_train_step, det)
+    return det
+
+
+def _stock_train_step(self, data, optim_wrapper):
+    raise NotSlimmableError(
+        f"this {type(self).__name__} is slimmable (model type SlimDetector, widths {slim_settings(self).spec}): "
+        "mmengine's stock train loop would train its widest width only; add runner_type = 'SlimRunner' to the "
+        "config (its loops train every width of an iteration with one optimizer step)")
 
 
 def slimmable_entry(cfg) -> Mapping | bool | None:
