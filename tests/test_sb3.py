@@ -59,14 +59,9 @@ def test_cartpole_learns_at_every_width(tmp_path):
     loaded = SlimmablePPO.load(tmp_path / "ppo.zip")
     assert loaded.slim_settings == model.slim_settings
     assert loaded.width_iteration == model.width_iteration > 0
-    obs = np.random.RandomState(0).randn(32, 4).astype(np.float32)
-    for w in (0.25, 0.6, 1.0):
-        with slim.width(w):
-            a, _ = model.predict(obs, deterministic=True)
-            b, _ = loaded.predict(obs, deterministic=True)
-            pa = model.policy.get_distribution(torch.as_tensor(obs)).distribution.probs
-            pb = loaded.policy.get_distribution(torch.as_tensor(obs)).distribution.probs
-        assert (a == b).all() and torch.equal(pa, pb)
+    from sb3_utils import assert_same_actions
+
+    assert_same_actions(model, loaded, np.random.RandomState(0).randn(32, 4).astype(np.float32))
 
 
 def test_one_switch_at_full_width_is_sb3_ppo():
@@ -127,21 +122,9 @@ def test_distillation_gradient_stops_at_the_widest_policy():
 
 
 def test_rollouts_run_the_widest_policy_whatever_width_is_set():
-    from stable_baselines3.common.callbacks import BaseCallback
+    from sb3_utils import RolloutWidthCheck
 
-    class Check(BaseCallback):
-        def _on_step(self):
-            return True
-
-        def _on_rollout_end(self):
-            buf = self.model.rollout_buffer
-            obs = torch.as_tensor(buf.observations.reshape(-1, 4))
-            act = torch.as_tensor(buf.actions.reshape(-1)).long()
-            with torch.no_grad(), slim.width(1.0):
-                lp = self.model.policy.evaluate_actions(obs, act)[1]
-            self.max_diff = (lp - torch.as_tensor(buf.log_probs.reshape(-1))).abs().max().item()
-
-    model, cb = _cartpole(), Check()
+    model, cb = _cartpole(), RolloutWidthCheck()
     with slim.width(0.25):  # a width set around learn() does not reach the roll-outs
         model.learn(256, callback=cb)
     assert cb.max_diff < 1e-5

@@ -14,7 +14,7 @@ import slim_plugins as slim
 from slim_plugins.spectrum import write_spectrum_csv
 from slim_plugins.profile import count_mflops
 
-from .ppo import ActorCriticGraph, SlimmablePPO
+from .ppo import ActorCriticGraph, SlimmableOnPolicy
 
 
 def width_costs(model, widths: Sequence[float]) -> dict:
@@ -22,7 +22,7 @@ def width_costs(model, widths: Sequence[float]) -> dict:
     count). A plain SB3 model (an individually trained baseline) has one cost, reported under each label."""
     graph = ActorCriticGraph(model.policy)
     x = torch.zeros(1, *model.policy.observation_space.shape, device=model.device)
-    if not isinstance(model, SlimmablePPO):
+    if not isinstance(model, SlimmableOnPolicy):
         cost = (count_mflops(graph, x), sum(p.numel() for p in graph.parameters()) / 1e6)
         return {w: cost for w in widths}
     return {r.width: (r.mflops, r.params_m) for r in slim.profile(graph, x, widths=list(widths), latency=False)}

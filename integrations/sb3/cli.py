@@ -1,15 +1,17 @@
 """``slim`` commands for Stable-Baselines3 (entry-point group ``slim_plugins.frameworks``, ``sb3``)::
 
     slim train configs/sb3/breakout_us_ppo.yaml [--set n_timesteps=200000] [--output logs/us_ppo/run]
+    slim train configs/sb3/a2c_cartpole.yml          # algo: a2c -> SlimmableA2C
     slim eval logs/us_ppo/run/BreakoutNoFrameskip-v4.zip [--widths 0.25 0.5 1.0]
     slim profile logs/us_ppo/run/BreakoutNoFrameskip-v4.zip
     slim export logs/us_ppo/run/BreakoutNoFrameskip-v4.zip --width 0.5 [--onnx]
 
 The YAML is rl-zoo's format: one top-level key, the environment id, holding ``policy``, ``n_envs``, ``n_timesteps``,
-``frame_stack``, ``env_wrapper``, the PPO arguments (``lin_2.5e-4`` = a linear schedule, as rl-zoo reads it) and
-``policy_kwargs`` with the ``slimmable`` entry; plus optional ``eval_freq`` / ``n_eval_episodes``. Output follows
-rl-zoo: ``<output>/<env>.zip``, ``<output>/config.yml`` (the hyperparameters used, in the same format: what
-``slim eval`` rebuilds the environment from), TensorBoard logs, ``spectrum.csv`` (reward per width) and
+``frame_stack``, ``env_wrapper``, the algorithm's arguments (``lin_2.5e-4`` = a linear schedule, as rl-zoo reads
+it) and ``policy_kwargs`` with the ``slimmable`` entry; plus optional ``eval_freq`` / ``n_eval_episodes`` and
+``algo`` (``ppo``, the default: ``SlimmablePPO``; ``a2c``: ``SlimmableA2C``; rl-zoo takes it as ``--algo``).
+Output follows rl-zoo: ``<output>/<env>.zip``, ``<output>/config.yml`` (the hyperparameters used, in the same
+format: what ``slim eval`` rebuilds the environment from), TensorBoard logs, ``spectrum.csv`` (reward per width) and
 ``evaluations.csv``.
 """
 from __future__ import annotations
@@ -24,6 +26,25 @@ CONFIG_SUFFIXES = (".yml", ".yaml")
 _ZOO_ONLY = ("n_timesteps", "n_envs", "frame_stack", "env_wrapper", "normalize", "policy", "eval_freq",
              "n_eval_episodes", "vec_env_wrapper", "callback", "env_kwargs")
 _ZOO_UNSUPPORTED = ("normalize", "vec_env_wrapper", "callback")  # rl-zoo keys slim train does not build (yet)
+ALGOS = ("ppo", "a2c")  # the `algo` key: the algorithms with a slimmable version
+
+
+def algo_classes(env_id: str, hp: dict):
+    """``(slimmable class, SB3 class)`` of the entry's ``algo`` (default ``ppo``).
+
+    Raises:
+        ConfigError: an ``algo`` without a slimmable version here.
+    """
+    import stable_baselines3
+
+    from .a2c import SlimmableA2C
+    from .ppo import SlimmablePPO
+
+    algo = hp.get("algo", "ppo")
+    if algo not in ALGOS:
+        raise ConfigError(f"{env_id}: algo={algo!r} is not allowed: algo must be one of {list(ALGOS)} (the SB3 "
+                          "algorithms with a slimmable version: SlimmablePPO, SlimmableA2C)")
+    return {"ppo": (SlimmablePPO, stable_baselines3.PPO), "a2c": (SlimmableA2C, stable_baselines3.A2C)}[algo]
 
 
 def claims_config(path: str, cfg) -> bool:
@@ -42,22 +63,23 @@ def _schedule(value):
 
 def _resolve_policy_kwargs(pk):
     """rl-zoo writes ``policy_kwargs`` as a Python string; here it is a mapping whose ``features_extractor_class``
-    may be a dotted import path (``slim_plugins.integrations.sb3.USNetsAtariCNN``)."""
+    and ``optimizer_class`` may be dotted import paths (``slim_plugins.integrations.sb3.USNetsAtariCNN``)."""
     import importlib
 
     pk = dict(pk or {})
-    cls = pk.get("features_extractor_class")
-    if isinstance(cls, str):
-        module, _, name = cls.rpartition(".")
-        try:
-            pk["features_extractor_class"] = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise ConfigError(f"policy_kwargs.features_extractor_class: cannot import {cls!r} ({e})") from None
+    for key in ("features_extractor_class", "optimizer_class"):  # e.g. SB3's RMSpropTFLike for rl-zoo's Atari A2C
+        cls = pk.get(key)
+        if isinstance(cls, str):
+            module, _, name = cls.rpartition(".")
+            try:
+                pk[key] = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError, ValueError) as e:
+                raise ConfigError(f"policy_kwargs.{key}: cannot import {cls!r} ({e})") from None
     return pk
 
 
 def ppo_kwargs(hp: dict) -> dict:
-    """The PPO constructor arguments of an rl-zoo entry: everything but rl-zoo's own keys, ``lin_`` schedules
+    """The algorithm's constructor arguments of an rl-zoo entry: everything but rl-zoo's own keys, ``lin_`` schedules
     made callables, ``policy_kwargs`` resolved."""
     kwargs: dict[str, Any] = {k: _schedule(v) for k, v in hp.items() if k not in _ZOO_ONLY}
     if "policy_kwargs" in kwargs:
@@ -87,7 +109,8 @@ def make_env(env_id: str, hp: dict, n_envs: int, seed: int):
         unsupported.append(f"env_wrapper={wrapper!r}")
     if unsupported:
         raise ConfigError(f"slim train does not build the rl-zoo setting(s) {unsupported} yet; supported: "
-                          "env_wrapper AtariWrapper, frame_stack, env_kwargs, n_envs and PPO's own arguments")
+                          "env_wrapper AtariWrapper, frame_stack, env_kwargs, n_envs and the algorithm's own "
+                          "arguments")
     env_kwargs = dict(hp.get("env_kwargs") or {})
     if is_atari(env_id, hp):
         import ale_py  # noqa: F401  registers the ALE environments with gymnasium
@@ -109,7 +132,7 @@ def cmd_train(args, cfg: dict) -> int:
 
 
 def claims_checkpoint(path: str) -> bool:
-    """An SB3 model zip saved by ``SlimmablePPO`` (its ``data`` entry holds ``slim_config``)."""
+    """An SB3 model zip saved by ``SlimmablePPO`` / ``SlimmableA2C`` (its ``data`` entry holds ``slim_config``)."""
     import json
     import zipfile
 
@@ -121,11 +144,9 @@ def claims_checkpoint(path: str) -> bool:
 
 
 def _loaded(args):
-    """``(model, env_id, hp)``: the ``SlimmablePPO`` of the zip and the ``config.yml`` written next to it by
-    ``slim train`` (``--config`` to give another)."""
+    """``(model, env_id, hp)``: the ``SlimmablePPO`` / ``SlimmableA2C`` (the config's ``algo``) of the zip and
+    the ``config.yml`` written next to it by ``slim train`` (``--config`` to give another)."""
     from slim_plugins.config import load_yaml_config
-
-    from .ppo import SlimmablePPO
 
     folder = os.path.dirname(os.path.abspath(args.checkpoint))
     if os.path.basename(folder) == "checkpoints" and not os.path.isfile(os.path.join(folder, "config.yml")):
@@ -137,7 +158,7 @@ def _loaded(args):
     if not claims_config(path, cfg):
         raise ConfigError(f"{path!r} is not an rl-zoo hyperparameter file (one env id -> policy, n_timesteps, ...)")
     (env_id, hp), = cfg.items()
-    model = SlimmablePPO.load(args.checkpoint, device=getattr(args, "device", None) or "cpu")
+    model = algo_classes(env_id, hp)[0].load(args.checkpoint, device=getattr(args, "device", None) or "cpu")
     return model, env_id, dict(hp)
 
 
@@ -166,8 +187,8 @@ NOT_APPLICABLE = {"calibrate": "S-Net policies keep private BN statistics per sw
 
 
 class PolicyCheckpoint(OpenedCheckpoint):
-    """A ``SlimmablePPO`` zip: its actor-critic as one module (:class:`ActorCriticGraph`, ``obs -> (logits,
-    value)``) and the ``config.yml`` written next to it (the environment to evaluate on)."""
+    """A ``SlimmablePPO`` / ``SlimmableA2C`` zip: its actor-critic as one module (:class:`ActorCriticGraph`,
+    ``obs -> (logits, value)``) and the ``config.yml`` written next to it (the environment to evaluate on)."""
 
     framework = "sb3"
     metric_columns = (("mean_reward", "reward", "{:.1f}"), ("std_reward", "± std", "{:.1f}"))
@@ -223,5 +244,5 @@ class PolicyCheckpoint(OpenedCheckpoint):
 
 
 def open_checkpoint(args) -> PolicyCheckpoint:
-    """The adapter protocol's loader: the ``SlimmablePPO`` of the zip and its ``config.yml``."""
+    """The adapter protocol's loader: the ``SlimmablePPO`` / ``SlimmableA2C`` of the zip and its ``config.yml``."""
     return PolicyCheckpoint(args)

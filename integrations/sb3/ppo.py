@@ -32,7 +32,7 @@ from slim_plugins.errors import InvalidArgumentError
 from slim_plugins.width import (WidthSpec, distill_from_config, eval_widths_from_config, schedule_from_config,
                                 spec_from_config)
 
-__all__ = ["SlimmablePPO", "PPOSlimSettings", "parse_slimmable", "ActorCriticGraph"]
+__all__ = ["SlimmablePPO", "SlimmableOnPolicy", "PPOSlimSettings", "parse_slimmable", "ActorCriticGraph"]
 
 _KEYS = ("widths", "width_range", "divisor", "num_widths", "rule", "distill", "distill_weight", "eval_widths", "seed")
 _DISTILL = (None, "kl")
@@ -134,19 +134,19 @@ def make_slimmable_policy(policy, settings: PPOSlimSettings):
             use switches or a BN-free extractor such as the paper's).
     """
     if not getattr(policy, "share_features_extractor", True):
-        raise InvalidArgumentError("SlimmablePPO needs share_features_extractor=True (the paper's actor and critic "
-                                   "share the CNN and its 512-unit FC)")
+        raise InvalidArgumentError("SlimmablePPO / SlimmableA2C need share_features_extractor=True (the paper's "
+                                   "actor and critic share the CNN and its 512-unit FC)")
     if getattr(policy, "use_sde", False):
-        raise InvalidArgumentError("SlimmablePPO does not support use_sde=True: gSDE's noise matrix is sized by the "
-                                   "full-width latent; use the default Gaussian policy")
+        raise InvalidArgumentError("SlimmablePPO / SlimmableA2C do not support use_sde=True: gSDE's noise matrix "
+                                   "is sized by the full-width latent; use the default Gaussian policy")
     if settings.distill and isinstance(policy.action_space, spaces.MultiDiscrete):
         raise InvalidArgumentError("distill='kl' does not support MultiDiscrete action spaces (SB3 keeps one "
                                    "Categorical per dimension in a list); use distill: null")
     if not settings.spec.is_switches and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                              for m in policy.modules()):
         raise InvalidArgumentError("the policy has BatchNorm: a width range needs BN post-statistics, which "
-                                   "SlimmablePPO does not compute; use widths: [...] (switchable BN) or a BN-free "
-                                   "features extractor (the paper's USNetsAtariCNN has none)")
+                                   "SlimmablePPO / SlimmableA2C do not compute; use widths: [...] (switchable BN) "
+                                   "or a BN-free features extractor (the paper's USNetsAtariCNN has none)")
     graph = ActorCriticGraph(policy)
     shape = policy.observation_space.shape
     example = torch.zeros(2, *shape, device=policy.device)
@@ -157,9 +157,12 @@ def make_slimmable_policy(policy, settings: PPOSlimSettings):
     return policy
 
 
-class SlimmablePPO(PPO):
-    """PPO with a slimmable actor-critic (see the module docstring). Takes PPO's arguments; the width spec comes in
-    ``policy_kwargs["slimmable"]`` (see :func:`parse_slimmable`) and travels with ``save`` / ``load``."""
+class SlimmableOnPolicy:
+    """What ``SlimmablePPO`` and ``SlimmableA2C`` share, mixed in before SB3's algorithm class: the ``slimmable``
+    entry of ``policy_kwargs`` parsed and saved as plain JSON (``slim_config``, so SB3's own ``load`` rebuilds the
+    slimmable policy), the policy converted and its optimizer rebuilt, the ``MultiWidthStep`` (width schedule,
+    ``KL(widest || width)`` distillation added to the other widths' loss), roll-outs at the widest width, the
+    per-width evaluation of the actions and SB3's shared training logs."""
 
     def __init__(self, policy, env, *args, policy_kwargs: dict | None = None, _init_setup_model: bool = True,
                  **kwargs):
@@ -167,13 +170,14 @@ class SlimmablePPO(PPO):
         slimmable = pk.pop("slimmable", True)
         # load() builds the model with _init_setup_model=False and then sets slim_config from the zip
         self.slim_config = parse_slimmable(slimmable).to_dict() if _init_setup_model else None
-        self.width_iteration = 0  # minibatches trained: the width schedule's position (saved with the model)
+        self.width_iteration = 0  # updates trained: the width schedule's position (saved with the model)
         super().__init__(policy, env, *args, policy_kwargs=pk, _init_setup_model=_init_setup_model, **kwargs)
 
     def _setup_model(self) -> None:
         if self.slim_config is None:
-            raise InvalidArgumentError("this SB3 zip has no slim_config: it was not saved by SlimmablePPO "
-                                       "(load it with stable_baselines3.PPO)")
+            base = next(c for c in type(self).__mro__ if c.__module__.startswith("stable_baselines3"))
+            raise InvalidArgumentError(f"this SB3 zip has no slim_config: it was not saved by {type(self).__name__} "
+                                       f"(load it with stable_baselines3.{base.__name__})")
         self.slim_settings = parse_slimmable(dict(self.slim_config))
         super()._setup_model()
         make_slimmable_policy(self.policy, self.slim_settings)
@@ -199,6 +203,21 @@ class SlimmablePPO(PPO):
         latent_pi, latent_vf = policy.mlp_extractor(policy.extract_features(obs))
         dist = policy._get_action_dist_from_latent(latent_pi)
         return policy.value_net(latent_vf), dist.log_prob(actions), dist.entropy(), dist.distribution
+
+    def _record_shared(self, distill_losses: list) -> None:
+        """SB3's logs every on-policy algorithm writes (explained variance, Gaussian std) plus the mean
+        distillation KL of the update's narrower widths."""
+        explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
+        self.logger.record("train/explained_variance", explained_var)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+        if distill_losses:
+            self.logger.record("train/distill_kl", np.mean(distill_losses))
+
+
+class SlimmablePPO(SlimmableOnPolicy, PPO):
+    """PPO with a slimmable actor-critic (see the module docstring). Takes PPO's arguments; the width spec comes in
+    ``policy_kwargs["slimmable"]`` (see :func:`parse_slimmable`) and travels with ``save`` / ``load``."""
 
     def train(self) -> None:
         """SB3's ``PPO.train`` with one ``MultiWidthStep`` per minibatch (same losses, clipping, early stop, logs;
@@ -264,18 +283,13 @@ class SlimmablePPO(PPO):
             if not continue_training:
                 break
 
-        explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
         self.logger.record("train/entropy_loss", np.mean(entropy_losses))
         self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
         self.logger.record("train/value_loss", np.mean(value_losses))
         self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
         self.logger.record("train/clip_fraction", np.mean(clip_fractions))
         self.logger.record("train/loss", widest_loss.item())
-        self.logger.record("train/explained_variance", explained_var)
-        if hasattr(self.policy, "log_std"):
-            self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
-        if distill_losses:
-            self.logger.record("train/distill_kl", np.mean(distill_losses))
+        self._record_shared(distill_losses)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:

@@ -11,9 +11,9 @@ environment steps of all envs together, as rl-zoo's ``--save-freq``; absent or 0
 at or after each multiple, since only there is the whole training state at rest. Each file is SB3's own
 ``model.save`` zip (policy, optimizer state, ``num_timesteps``, ``_n_updates``, ``_last_obs``,
 ``_last_episode_starts``, ``ep_info_buffer``, ``_current_progress_remaining``, the learning-rate / clip-range
-schedules and ``SlimmablePPO.width_iteration``, the width sampler's position: its widths are drawn per
-``(seed, iteration)``, so that number is its whole state) plus one more zip entry, ``slim_resume.pkl``
-(SB3's ``load`` ignores it), holding what SB3 does not save:
+schedules and ``SlimmablePPO.width_iteration`` (``SlimmableA2C``'s for ``algo: a2c``), the width sampler's
+position: its widths are drawn per ``(seed, iteration)``, so that number is its whole state) plus one more zip
+entry, ``slim_resume.pkl`` (SB3's ``load`` ignores it), holding what SB3 does not save:
 
 * the python / numpy / torch (and CUDA) RNG states;
 * the training and evaluation VecEnv stacks, pickled whole (``DummyVecEnv`` of ``Monitor`` + ``AtariWrapper``
@@ -54,7 +54,7 @@ from slim_plugins.config import parse_overrides
 from slim_plugins.errors import CheckpointError, ConfigError, SlimError
 from slim_plugins.spectrum import print_table
 
-from .cli import _ZOO_ONLY, _columns, is_atari, make_env, ppo_kwargs
+from .cli import _ZOO_ONLY, _columns, algo_classes, is_atari, make_env, ppo_kwargs
 
 __all__ = ["train", "validate", "ResumeCheckpointCallback", "RESUME_ENTRY", "dumps_env", "rng_state",
            "set_rng_state"]
@@ -62,7 +62,7 @@ __all__ = ["train", "validate", "ResumeCheckpointCallback", "RESUME_ENTRY", "dum
 RESUME_ENTRY = "slim_resume.pkl"  # the zip entry next to SB3's own (SB3's load reads only data and *.pth)
 RESUME_FORMAT = "slim_plugins.sb3.resume/1"
 DEFAULT_EVAL_FREQ = 25_000
-_TRAIN_ONLY = ("save_freq",)  # rl-zoo keys handled here, not PPO arguments
+_TRAIN_ONLY = ("save_freq", "algo")  # keys handled here, not arguments of the algorithm
 _MAY_DIFFER = ("n_timesteps", "save_freq")  # what a resumed run may change
 _ABSENT = "(absent)"
 
@@ -78,8 +78,9 @@ class Plan:
     eval_freq: int
     n_eval_episodes: int
     save_freq: int
-    kwargs: dict  # SlimmablePPO's arguments
+    kwargs: dict  # the SlimmablePPO / SlimmableA2C arguments
     out: str
+    algo: str = "ppo"  # SlimmablePPO or SlimmableA2C (cli.ALGOS)
     resume: dict | None = None  # the checkpoint's resume state (--resume)
     resume_path: str | None = None
     notes: list = field(default_factory=list)
@@ -121,13 +122,13 @@ def _accepts(fn) -> tuple[set, bool]:
             any(p.kind == p.VAR_KEYWORD for p in params))
 
 
-def _check_policy(env_id: str, hp: dict, kwargs: dict):
+def _check_policy(env_id: str, hp: dict, kwargs: dict, algo_cls):
     """The policy alias, ``policy_kwargs`` against the policy class's ``__init__`` (and ``features_extractor_kwargs``
     against the extractor's), the ``slimmable`` entry parsed."""
-    from .ppo import SlimmablePPO, parse_slimmable
+    from .ppo import parse_slimmable
 
     policy = hp.get("policy")
-    aliases = SlimmablePPO.policy_aliases
+    aliases = algo_cls.policy_aliases
     if not isinstance(policy, str) or policy not in aliases:
         raise ConfigError(f"{env_id}: policy={policy!r} is not allowed: policy must be one of {sorted(aliases)}")
     cls = aliases[policy]
@@ -176,10 +177,9 @@ def validate(args, cfg: dict) -> Plan:
 
     Raises:
         ConfigError: a bad key or value (named, with what is allowed); a resume checkpoint whose config differs.
-        CheckpointError: ``--resume`` of a file that is not a periodic SlimmablePPO checkpoint of ``slim train``.
+        CheckpointError: ``--resume`` of a file that is not a periodic SlimmablePPO / SlimmableA2C checkpoint of
+            ``slim train``.
     """
-    import stable_baselines3
-
     if cfg is None:  # `slim train --resume CKPT` without the YAML: the checkpoint's own config
         state = read_resume_state(args.resume)
         cfg = {state["env_id"]: dict(state["config"])}
@@ -206,6 +206,8 @@ def validate(args, cfg: dict) -> Plan:
         raise ConfigError(f"{env_id}: eval_widths={hp['eval_widths']!r} is not allowed at the top level: the widths "
                           "to evaluate go in policy_kwargs.slimmable.eval_widths (a non-empty list of widths in the "
                           "slimmable range)")
+    slim_cls, sb3_cls = algo_classes(env_id, hp)
+    name = sb3_cls.__name__
     kwargs = ppo_kwargs({k: v for k, v in hp.items() if k not in _TRAIN_ONLY})
     reserved = {"device": "--device", "tensorboard_log": "--output", "verbose": "slim train (1)",
                 "_init_setup_model": "SB3's load"}
@@ -213,17 +215,16 @@ def validate(args, cfg: dict) -> Plan:
     if given:
         raise ConfigError(f"{env_id}: {given} not allowed in the config: set by "
                           f"{', '.join(reserved[k] for k in given)}")
-    allowed = set(inspect.signature(stable_baselines3.PPO.__init__).parameters) - {"self", "policy", "env", "seed",
-                                                                                  *reserved}
+    allowed = set(inspect.signature(sb3_cls.__init__).parameters) - {"self", "policy", "env", "seed", *reserved}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {env_id!r}: not a PPO argument nor an rl-zoo key "
-                          f"{list(_ZOO_ONLY) + list(_TRAIN_ONLY)}; PPO takes {sorted(allowed)}")
-    _check_policy(env_id, hp, kwargs)
+        raise ConfigError(f"unknown key(s) {unknown} in {env_id!r}: not a {name} argument nor an rl-zoo key "
+                          f"{list(_ZOO_ONLY) + list(_TRAIN_ONLY)}; {name} takes {sorted(allowed)}")
+    _check_policy(env_id, hp, kwargs, slim_cls)
     hp["seed"] = seed
     plan = Plan(env_id=env_id, hp=hp, seed=seed, n_timesteps=n_timesteps, n_envs=n_envs, eval_freq=eval_freq,
-                n_eval_episodes=n_eval, save_freq=save_freq, kwargs=kwargs,
-                out=args.output or os.path.join("logs", "us_ppo", f"{env_id}_1"))
+                n_eval_episodes=n_eval, save_freq=save_freq, kwargs=kwargs, algo=slim_cls.__name__[9:].lower(),
+                out=args.output or os.path.join("logs", f"us_{slim_cls.__name__[9:].lower()}", f"{env_id}_1"))
     if args.resume:
         _check_resume(plan, args)
     return plan
@@ -420,25 +421,26 @@ def _envs_picklable(env, eval_env) -> str | None:
 
 
 def train(args, cfg: dict) -> int:
-    """``slim train ZOO.yaml [--resume CKPT]``: ``SlimmablePPO`` with the file's hyperparameters; evaluates every
-    width every ``eval_freq`` steps and at the end with SB3's ``evaluate_policy`` (stochastic actions on Atari, as
-    rl-zoo evaluates it; deterministic otherwise); checkpoints every ``save_freq`` steps (module docstring)."""
+    """``slim train ZOO.yaml [--resume CKPT]``: ``SlimmablePPO`` (``SlimmableA2C`` for ``algo: a2c``) with the
+    file's hyperparameters; evaluates every width every ``eval_freq`` steps and at the end with SB3's
+    ``evaluate_policy`` (stochastic actions on Atari, as rl-zoo evaluates it; deterministic otherwise); checkpoints
+    every ``save_freq`` steps (module docstring)."""
     import yaml
 
     from slim_plugins.checkpoint import atomic_write
 
     from .callbacks import WidthEvalCallback
-    from .ppo import SlimmablePPO
 
     plan = validate(args, cfg)  # nothing built or written before this returns
     env_id, hp, out = plan.env_id, plan.hp, plan.out
     device = args.device or "auto"
     state = plan.resume
+    slim_cls = algo_classes(env_id, hp)[0]  # plan.algo's class
     if state is None:
         env = make_env(env_id, hp, plan.n_envs, plan.seed)
         eval_env = make_env(env_id, hp, 1, plan.seed + 1000)
-        model = SlimmablePPO(hp["policy"], env, seed=plan.seed, tensorboard_log=out, device=device, verbose=1,
-                             **plan.kwargs)
+        model = slim_cls(hp["policy"], env, seed=plan.seed, tensorboard_log=out, device=device, verbose=1,
+                         **plan.kwargs)
         why = _envs_picklable(model.env, eval_env)
     else:
         steps = int(state["num_timesteps"])
@@ -449,7 +451,7 @@ def train(args, cfg: dict) -> int:
             why = "no env state"
             env = make_env(env_id, hp, plan.n_envs, plan.seed + steps)
             eval_env = make_env(env_id, hp, 1, plan.seed + 1000 + steps)
-        model = SlimmablePPO.load(plan.resume_path, env=None, device=device, tensorboard_log=out, verbose=1)
+        model = slim_cls.load(plan.resume_path, env=None, device=device, tensorboard_log=out, verbose=1)
         model.set_env(env, force_reset=why is not None)
         if model.num_timesteps != steps:
             raise CheckpointError(f"--resume {plan.resume_path!r}: the model is at step {model.num_timesteps}, its "
