@@ -130,10 +130,16 @@ _UNKNOWN = object()
 
 
 class _ShapeAwareProxy(torch.fx.Proxy):
-    """A proxy whose ``len()`` the tracer answers for shapes known from the example input."""
+    """A proxy whose ``len()`` / ``int()`` the tracer answers for shapes known from the example input."""
 
     def __len__(self):
         return self.tracer.length(self)
+
+    def __int__(self):
+        return self.tracer.to_int(self)
+
+    def __index__(self):
+        return self.tracer.to_int(self)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -223,6 +229,18 @@ class _Tracer(torch.fx.Tracer):
             raise RuntimeError("'len' is not supported in symbolic tracing by default (the value is not a shape "
                                "known from the example input)")
         return len(v)
+
+    def to_int(self, obj):
+        """``int()`` of a number computed from shapes only (SwinIR's ``int(windows.shape[0] / (H * W / ws / ws))``):
+        its value for the example input, as a branch on a shape is taken. The graph records it as a literal, which
+        the analysis never follows as a channel count (a literal that sizes a channel dim is refused), so the
+        channel plan cannot depend on it; anything computed from tensor data stays untraceable."""
+        v = self.values.get(obj.node, _UNKNOWN)
+        if v is _UNKNOWN or obj.node not in self.shape_only or torch.is_tensor(v) or \
+                not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TypeError("int() of a traced value is not supported in symbolic tracing (the value is not a "
+                            "number known from the example input's shapes)")
+        return int(v)
 
     def is_leaf_module(self, m, qualname):
         if qualname in self.leaf_names:

@@ -122,7 +122,10 @@ def _loaded(args):
     if not opt.get("slimmable"):
         raise ConfigError(f"{path!r} has no `slimmable` block: not a slimmable BasicSR experiment")
     settings = parse_slimmable(opt["slimmable"], seed=int(opt.get("manual_seed") or 0))
-    net = slim.convert(build_network(dict(opt["network_g"])), settings.spec)
+    from .stock import convert_kwargs
+
+    net = build_network(dict(opt["network_g"]))
+    net = slim.convert(net, settings.spec, **convert_kwargs(opt["network_g"], net))
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     net.load_state_dict(ck.get("params_ema", ck["params"]))
     device = getattr(args, "device", None) or "cpu"
@@ -130,7 +133,11 @@ def _loaded(args):
 
 
 def _n(opt, settings, w) -> int:
-    return settings.spec.channels(int(opt["network_g"].get("num_feat", 64)), w)
+    """The body width (``num_feat``, SwinIR's ``embed_dim``, ...) at width ``w``."""
+    from .stock import base_width
+
+    base = base_width(opt["network_g"])
+    return settings.spec.channels(base[1] if base else 64, w)
 
 
 #: The options each verb reads (the adapter protocol, :mod:`slim_plugins.adapter`); the core refuses the others.
@@ -209,20 +216,22 @@ class SRCheckpoint(OpenedCheckpoint):
         return os.path.join(self.run_dir, "exported", f"net_g_n{_n(self.opt, self.settings, width)}.pth")
 
     def export(self, w, out, onnx, fuse_bn):
-        """The plain weight-normed network of width ``w`` as a BasicSR checkpoint (``{'params': ...}``, loadable
-        by the stock arch with ``num_feat = n``) plus BasicSR test options for it (``basicsr/test.py -opt``)."""
+        """The plain network of width ``w`` (WDSR stays weight-normed) as a BasicSR checkpoint (``{'params': ...}``)
+        plus BasicSR test options for it (``basicsr/test.py -opt``): ``network_g`` is the stock arch at that width
+        (``num_feat = n``; RRDBNet also ``num_grow_ch``, SwinIR ``embed_dim`` and ``num_heads``), checked to load
+        the weights with ``strict=True`` before anything is written (:func:`.stock.stock_network_g`)."""
         import torch
         import yaml
 
         import slim_plugins as slim
         from slim_plugins.checkpoint import atomic_write
 
+        from .stock import stock_network_g
+
         opt, n = self.opt, _n(self.opt, self.settings, w)
         x = torch.zeros(1, *self.input_size)
         plain = slim.export(self.model.cpu(), w, example_input=x)
-        net_g = dict(opt["network_g"])
-        if "num_feat" in net_g:
-            net_g["num_feat"] = n
+        net_g = stock_network_g(opt["network_g"], plain.state_dict())  # CheckpointError before anything is written
         test_opt = {"name": f"{opt.get('name', 'wdsr')}_n{n}", "model_type": "SRModel", "scale": opt["scale"],
                     "num_gpu": "auto", "manual_seed": opt.get("manual_seed", 0),
                     "datasets": {f"test_{i + 1}": d for i, d in
@@ -237,7 +246,8 @@ class SRCheckpoint(OpenedCheckpoint):
         paths = [out, opts_path]
         if onnx:
             paths.append(slim.export_onnx(plain, x, os.path.splitext(out)[0] + ".onnx", dynamic_hw=True))
-        print(f"width {w:g}: num_feat {n}")
+        print(f"width {w:g}: " + ", ".join(f"{k} {v}" for k, v in net_g.items()
+                                           if v != opt["network_g"].get(k) and k != "type"))
         return paths
 
 

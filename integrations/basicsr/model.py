@@ -164,7 +164,9 @@ class SlimSRModel(SRModel):
             raise NotSlimmableError(f"{type(net).__name__} has BatchNorm: a US-Net range needs BN post-statistics "
                                     "from the training data, which SlimSRModel's validation does not have; use "
                                     "widths: [...] (switchable BN) or a BN-free arch such as WDSR or EDSR")
-        return slim.convert(net, spec)
+        from .stock import convert_kwargs  # SwinIR: its analysis input and the upsampler it keeps at 64
+
+        return slim.convert(net, spec, **convert_kwargs(self.opt["network_g"], net))
 
     def model_to_device(self, net):
         # SRModel.__init__ builds net_g and calls this once, before DDP wrapping and pretrained loading.

@@ -82,7 +82,9 @@ def validate_options(opt: dict) -> None:
         from .model import parse_slimmable
 
         settings = parse_slimmable(opt["slimmable"], seed=int(opt.get("manual_seed") or 0))
-        slim.convert(net, settings.spec)  # the refusals of SlimSRModel, before any folder exists
+        from .stock import convert_kwargs
+
+        slim.convert(net, settings.spec, **convert_kwargs(net_g, net))  # the refusals of SlimSRModel, up front
     datasets = opt["datasets"]
     if not isinstance(datasets, dict) or "train" not in datasets:
         raise ConfigError("the options have no datasets.train")
