@@ -147,5 +147,5 @@ def stock_network_g(net_g: Mapping, state_dict: Mapping[str, torch.Tensor]) -> d
         build_network(dict(out)).load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"export: the stock {net_g['type']}({', '.join(f'{k}={out[k]!r}' for k in readers)}) "
-                              f"does not load the exported weights strictly: {str(e)[:500]}") from None
+                              f"does not load the exported weights strictly: {' '.join(str(e).split())[:500]}") from None
     return out
