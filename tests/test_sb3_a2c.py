@@ -53,6 +53,8 @@ def test_cartpole_learns_at_min_and_max_width_and_reloads(tmp_path):
     assert isinstance(loaded.policy.optimizer, torch.optim.RMSprop)
     probs = assert_same_actions(model, loaded, np.random.RandomState(0).randn(64, 4).astype(np.float32))
     assert not torch.allclose(probs[0], probs[-1])  # the widths are different networks
+    with pytest.raises(InvalidArgumentError, match="saved by SlimmableA2C; load it with SlimmableA2C.load"):
+        SlimmablePPO.load(tmp_path / "a2c.zip")  # another algorithm's zip is refused, not loaded as PPO
 
 
 def test_one_switch_at_full_width_is_sb3_a2c():

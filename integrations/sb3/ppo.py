@@ -171,6 +171,7 @@ class SlimmableOnPolicy:
         # load() builds the model with _init_setup_model=False and then sets slim_config from the zip
         self.slim_config = parse_slimmable(slimmable).to_dict() if _init_setup_model else None
         self.width_iteration = 0  # updates trained: the width schedule's position (saved with the model)
+        self.slim_algorithm = type(self).__name__  # saved: load() of another algorithm's zip is refused
         super().__init__(policy, env, *args, policy_kwargs=pk, _init_setup_model=_init_setup_model, **kwargs)
 
     def _setup_model(self) -> None:
@@ -178,6 +179,9 @@ class SlimmableOnPolicy:
             base = next(c for c in type(self).__mro__ if c.__module__.startswith("stable_baselines3"))
             raise InvalidArgumentError(f"this SB3 zip has no slim_config: it was not saved by {type(self).__name__} "
                                        f"(load it with stable_baselines3.{base.__name__})")
+        if self.slim_algorithm != type(self).__name__:  # load() has set it from the zip
+            raise InvalidArgumentError(f"this SB3 zip was saved by {self.slim_algorithm}; load it with "
+                                       f"{self.slim_algorithm}.load, not {type(self).__name__}.load")
         self.slim_settings = parse_slimmable(dict(self.slim_config))
         super()._setup_model()
         make_slimmable_policy(self.policy, self.slim_settings)
