@@ -1,10 +1,11 @@
 """Convert an existing model into a slimmable one by module replacement.
 
-``convert(model, spec)`` swaps every registered module type (Conv2d, Linear, BatchNorm2d, SyncBatchNorm, PReLU,
-weight-normed convs and adapter types) for its width-switchable counterpart, sharing the original parameters, so a
-stock checkpoint loads and width 1.0 computes exactly what the original did. It then analyses the channels of the
-converted part(s) with torch.fx (:mod:`slim_plugins.graph`), which decides the output layers (DESIGN rule 2), the
-channel groups of nonuniform widths and, at every width, which channels each tensor carries (rule 1).
+``convert(model, spec)`` swaps every registered module type (Conv1d, Conv2d, ConvTranspose2d, Linear, BatchNorm2d,
+SyncBatchNorm, PReLU, weight-normed convs and adapter types) for its width-switchable counterpart, sharing the
+original parameters, so a stock checkpoint loads and width 1.0 computes exactly what the original did. It then
+analyses the channels of the converted part(s) with torch.fx (:mod:`slim_plugins.graph`), which decides the output
+layers (DESIGN rule 2), the channel groups of nonuniform widths and, at every width, which channels each tensor
+carries (rule 1).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from .context import BN_MODES, SlimState, find_state
 from .errors import (ChannelGroupError, ExampleInputError, NotExactError, NotSlimmableError, UnknownLayerError,
                      UnsupportedModuleError, WidthError)
 from .graph import ChannelGraph, _Builder, restore_modules, snapshot_modules, trace
-from .nn.layers import GROUP_MODES, SlimMixin, SlimWeightNormConv2d, is_weight_normed, track_data_writes
+from .nn.layers import (GROUP_MODES, SlimConvNd, SlimConvTranspose2d, SlimMixin, SlimWeightNormConv2d,
+                        is_weight_normed, track_data_writes)
 from .nn.params import ParamHost, ParamSlot, host, host_root, unhost
 from .width import WidthSpec, as_spec
 
@@ -96,9 +98,9 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
             plan.append((name, m, cls))
         elif _has_channel_state(m) and not registry.is_passthrough(type(m)):
             hosts[name] = m  # its parameters must be seen by the channel analysis (tied to channels) or it is refused
-    weighted = [n for n, m, _ in plan if isinstance(m, (nn.Conv2d, nn.Linear))]
+    weighted = [n for n, m, _ in plan if isinstance(m, _WEIGHTED)]
     if not weighted:
-        raise NotSlimmableError(f"{type(model).__name__} has no Conv2d/Linear layer to slim"
+        raise NotSlimmableError(f"{type(model).__name__} has no Conv1d/Conv2d/ConvTranspose2d/Linear layer to slim"
                                 + (f" in scope {roots}" if scope is not None else ""))
     fixed = list(fixed)
     for pat in fixed:
@@ -272,14 +274,20 @@ def _parts(model, roots, planned):
     return out
 
 
+# The layer types whose output channels the width chooses (the ``weighted`` layers of a plan).
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
 def _default_input(part: nn.Module, planned_rel):
     for n, m in part.named_modules():
-        if n in planned_rel and isinstance(m, (nn.Conv2d, nn.Linear)):
+        if n in planned_rel and isinstance(m, _WEIGHTED):
             p = next(iter(m.parameters()), None)
             if p is None:
                 p = next(m.parametrizations.weight.parameters())
             kw = dict(device=p.device, dtype=p.dtype)
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv1d):
+                return (torch.zeros(2, m.in_channels, 64, **kw),)
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 return (torch.zeros(2, m.in_channels, 64, 64, **kw),)
             return (torch.zeros(2, m.in_features, **kw),)
     return None
@@ -318,7 +326,7 @@ def _analyse(model, root, planned, example_input, hosts):
                    caches=registry.forward_caches(), inputs=args if x is not None else None)
         if x is None:
             raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
-                                    "layer is not a Conv2d / Linear; pass example_input=")
+                                    "layer is not a Conv1d / Conv2d / ConvTranspose2d / Linear; pass example_input=")
         part.eval()
         try:
             with torch.no_grad():
@@ -365,12 +373,8 @@ def _check_hosts(model, hosts: dict, parts, untraced=()) -> None:
 
 def _role_of(m) -> dict:
     """Channel role of an original module (before replacement)."""
-    if isinstance(m, nn.Conv2d):
-        if m.groups > 1 and m.groups == m.in_channels:
-            return {"role": "dw", "mult": m.out_channels // m.groups}
-        if m.groups > 1:
-            return {"role": "gdecider", "groups": m.groups}
-        return {"role": "decider"}
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
+        return SlimConvNd.analysis_role(m)
     if isinstance(m, nn.Linear):
         return {"role": "decider", "dim": -1}
     cls = registry.lookup(type(m))
@@ -490,6 +494,10 @@ def _widen_all(model, state: SlimState, new_mods):
     spec = state.spec
     if not spec.min <= 1.0 <= spec.max:
         raise WidthError(f"a spec above 1.0 must contain 1.0 (the original model), got {spec.to_dict()}")
+    transposed = [n for n, m in new_mods.items() if isinstance(m, SlimConvTranspose2d)]
+    if transposed:
+        raise WidthError(f"widths above 1.0 are not supported for ConvTranspose2d layers ({transposed[:3]}); use a "
+                         "spec with max 1.0")
     outside = [n for n in new_mods if n not in state.slots]
     if outside:
         raise ChannelGroupError(f"widening above 1.0 needs every converted layer in a traced part; {outside[:3]} "
@@ -537,7 +545,7 @@ def _resize(m, full_in: int, full_out: int):
             m._buffers[name] = big
 
     kaiming = lambda t: nn.init.kaiming_normal_(t, mode="fan_out")  # noqa: E731
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         if m.depthwise:
             m.groups = full_in
             fan_in = 1

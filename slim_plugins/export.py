@@ -20,13 +20,17 @@ from .nn.params import ParamHost, export_hosted
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """Zeros of the size ``convert`` analysed the model at (its ``example_input``, batch 1); for a model converted
-    in parts, ``(1, C, 64, 64)`` (conv input) or ``(1, F)`` (linear input) for the first layer."""
+    in parts, ``(1, C, 64, 64)`` (conv input), ``(1, C, 64)`` (Conv1d input) or ``(1, F)`` (linear input) for the
+    first layer."""
     p = next(model.parameters())
     shape = getattr(find_state(model), "example_shape", None)
     if shape is not None:
         return torch.zeros(shape, device=p.device, dtype=p.dtype)
-    first = next(m for _, m in slim_layers(model) if isinstance(m, (nn.Conv2d, nn.Linear)))
-    if isinstance(first, nn.Conv2d):
+    first = next(m for _, m in slim_layers(model) if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d,
+                                                                        nn.Linear)))
+    if isinstance(first, nn.Conv1d):
+        return torch.zeros(1, first.in_channels, 64, device=p.device, dtype=p.dtype)
+    if isinstance(first, (nn.Conv2d, nn.ConvTranspose2d)):
         return torch.zeros(1, first.in_channels, 64, 64, device=p.device, dtype=p.dtype)
     return torch.zeros(1, first.in_features, device=p.device, dtype=p.dtype)
 
@@ -166,11 +170,11 @@ def _unused_geo(m, a):
         if hasattr(m, "normalized_shape"):
             return BNGeo(m.normalized_shape[-1])
         return BNGeo(m.num_channels if hasattr(m, "num_channels") else m.weight.shape[-1])
-    w = m._wb()[0]
+    full_out, per_in = m._full_shape()
     groups = getattr(m, "groups", 1)
-    full_in = w.shape[1] * groups
-    out = m.active_out(a, w.shape[0])
-    return Geo(out, full_in, groups, out == w.shape[0])
+    full_in = per_in * groups
+    out = m.active_out(a, full_out)
+    return Geo(out, full_in, groups, out == full_out)
 
 
 def _fuse(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:

@@ -1077,9 +1077,11 @@ class _Builder:
                 sshape = _shape(src_node) if src_node is not None else None
                 if self._always_full(t_in) and sshape is not None:
                     t_in = self.rehome(t_in, wk, sshape)
-                elif role["role"] == "decider" and want == -1 and shape is not None and sshape is not None and \
-                        len(shape) == len(sshape) and shape[self.cdim[t_in]] == sshape[self.cdim[t_in]]:
-                    # a Linear along another dim (token mixing): the channels pass through, the layer stays whole
+                elif role["role"] == "decider" and (want == -1 or role.get("pointwise")) and shape is not None \
+                        and sshape is not None and len(shape) == len(sshape) and \
+                        shape[self.cdim[t_in]] == sshape[self.cdim[t_in]]:
+                    # a Linear (or a kernel-1 conv) along another dim (token mixing): the channels pass through
+                    # position by position, the layer stays whole
                     self.fixed_layers.add(target)
                     return self.alias(node, t_in)
                 else:

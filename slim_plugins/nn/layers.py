@@ -1,4 +1,4 @@
-"""Width-switchable Conv2d / Linear.
+"""Width-switchable Conv1d / Conv2d / ConvTranspose2d / Linear.
 
 Rule (DESIGN.md, rule 1): at a width every tensor carries a known selection of its full-width channels and a
 layer uses exactly the weights connecting its input selection to its output selection. For traced models the
@@ -201,17 +201,21 @@ class SlimMixin(CarriesWidth):
             ws = torch.gather(ws, 1, idx.expand(-1, -1, *ws.shape[2:]))
         return ws, bs
 
+    def _full_shape(self) -> tuple[int, int]:
+        """``(out, in / groups)`` of the weight in the layout ``_select`` reads."""
+        w = self._wb()[0]
+        return w.shape[0], w.shape[1]
+
     def geometry_from_plan(self, ls, full_in: int) -> Geo:
         """Build a :class:`Geo` from a plan entry (``slim_plugins.graph.LayerSel``)."""
         si, so = ls.sel_in, ls.sel_out
-        w = self._wb()[0]
+        full_out, per_full = self._full_shape()
         groups = ls.groups
         out_idx = None if so.prefix else so.idx
         in_idx = None
         role = ls.call.role
         if role == "gdecider":
             g = groups
-            per_full = w.shape[1]
             local = si.idx.reshape(g, -1) - (np.arange(g, dtype=np.int64) * per_full)[:, None]
             if not np.all(local == np.arange(local.shape[1], dtype=np.int64)[None, :]):
                 in_idx = local
@@ -219,7 +223,7 @@ class SlimMixin(CarriesWidth):
             if not si.prefix:
                 in_idx = si.idx
         # dw / gwidth: the columns are each group's own channels in order (the plan checks it)
-        full = so.n == w.shape[0] and si.n == full_in and out_idx is None and in_idx is None
+        full = so.n == full_out and si.n == full_in and out_idx is None and in_idx is None
         scale = None
         if getattr(self, "averaging", False) and si.n != full_in:
             scale = full_in / si.n
@@ -249,24 +253,18 @@ class SlimMixin(CarriesWidth):
         return ws, bs
 
 
-@register(nn.Conv2d)
-class SlimConv2d(SlimMixin, nn.Conv2d):
-    """Width-switchable ``nn.Conv2d``: normal, group, depthwise and dilated convolutions.
+class SlimConvNd(SlimMixin):
+    """What the width-switchable convolutions share: roles, the legacy prefix rule, forward and export.
 
-    Input ``(N, C_in_active, H, W)`` -> output ``(N, C_out_active, H', W')``. Depthwise convolutions
-    (``groups == in_channels``) follow their input (``C_out = multiplier * C_in_active``); grouped convolutions
-    follow ``group_mode`` (module docstring). With ``output_averaging`` the output of a non-depthwise conv is
-    scaled by ``C_in_full / C_in_active`` (US-Nets paper, "US-MobileNet v1 +").
-
-    Raises:
-        WidthError: active channels of a grouped conv not divisible by its groups (untraced models; traced models
-            get whole groups from the channel plan).
+    A subclass names its plain type (``_plain_type``) and its functional (``_fconv``); the weight is read in the
+    convolution layout ``(C_out, C_in / groups, *k)`` (transposed convolutions permute theirs into it).
     """
 
     group_mode: str = "groups"
+    _plain_type: type = nn.Conv2d
 
     @classmethod
-    def from_module(cls, m: nn.Conv2d, name, state, fixed_out):
+    def from_module(cls, m, name, state, fixed_out):
         new = cls.__new__(cls)
         _share(new, m)
         new._init_slim(name, state, fixed_out, m.out_channels)
@@ -275,6 +273,21 @@ class SlimConv2d(SlimMixin, nn.Conv2d):
         new.averaging = bool(state.output_averaging) and not new.depthwise
         new.group_mode = getattr(m, "slim_group_mode", "groups")
         return new
+
+    @staticmethod
+    def analysis_role(m) -> dict:
+        """The channel role of the original layer ``m`` (before replacement) for the channel analysis.
+
+        ``pointwise``: a kernel-1, stride-1, unpadded conv acts on each position of its length on its own, so a
+        tensor whose channels lie on that length (CoaT's ``aggregate`` over class tokens) passes through it.
+        """
+        if m.groups > 1 and m.groups == m.in_channels:
+            return {"role": "dw", "mult": m.out_channels // m.groups}
+        if m.groups > 1:
+            return {"role": "gdecider", "groups": m.groups}
+        pointwise = all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and \
+            not isinstance(m.padding, str) and all(p == 0 for p in m.padding)
+        return {"role": "decider", "pointwise": pointwise}
 
     def channel_role(self) -> dict:
         """How the channel analysis treats this conv (see :mod:`slim_plugins.graph`)."""
@@ -288,43 +301,131 @@ class SlimConv2d(SlimMixin, nn.Conv2d):
 
     def _legacy_geometry(self, a, in_c: int) -> Geo:
         """Prefix rule for calls outside the channel plan (untraced models)."""
-        w = self._wb()[0]
+        full_out, per_in = self._full_shape()
         if self.depthwise:
             out_c, groups = in_c * self.dw_multiplier, in_c
         elif self.groups > 1 and self.group_mode == "width":
-            out_c, groups = in_c // w.shape[1] * (self.out_channels // self.groups), in_c // w.shape[1]
+            out_c, groups = in_c // per_in * (self.out_channels // self.groups), in_c // per_in
         else:
-            out_c, groups = self.active_out(a, w.shape[0]), self.groups
+            out_c, groups = self.active_out(a, full_out), self.groups
         if groups > 1 and not self.depthwise and (in_c % groups or out_c % groups):
             raise WidthError(f"{self.slim_name}: active channels in={in_c}, out={out_c} must be divisible by "
                              f"groups={groups}")
-        full = out_c == w.shape[0] and in_c // groups == w.shape[1]
-        full_in = w.shape[1] * self.groups
+        full = out_c == full_out and in_c // groups == per_in
+        full_in = per_in * self.groups
         scale = full_in / in_c if self.averaging and in_c != full_in else None
         return Geo(out_c, in_c, groups, full, scale)
 
-    def forward(self, x):
+    def _geo_for(self, x) -> Geo:
         a = self._slim_state.active(self._dp_width)
         geos, slot = a.geo, self._slim_slot
         geo = geos[slot] if geos is not None and slot >= 0 else None
         if geo is None or geo.in_c != x.shape[1]:
             geo = self.geometry(a, x.shape[1])
+        return geo
+
+    def forward(self, x):
+        geo = self._geo_for(x)
         w, b = self._weights(geo)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            y = F.conv2d(x, w, b, self.stride, 0, self.dilation, geo.groups)
+            y = self._fconv(x, w, b, self.stride, 0, self.dilation, geo.groups)
         else:
-            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, geo.groups)
+            y = self._fconv(x, w, b, self.stride, self.padding, self.dilation, geo.groups)
         if geo.scale is not None:
             y = y * geo.scale
         return y
 
+    def _plain_args(self, geo: Geo, bias: bool) -> tuple:
+        return (geo.in_c, geo.out_c, self.kernel_size, self.stride, self.padding, self.dilation, geo.groups, bias,
+                self.padding_mode)
+
     def to_plain(self, geo: Geo, a=None) -> nn.Module:
         w, b = self.plain_weights(geo)
-        p = nn.Conv2d(geo.in_c, geo.out_c, self.kernel_size, self.stride, self.padding, self.dilation,
-                      geo.groups, b is not None, self.padding_mode, device=w.device, dtype=w.dtype)
+        p = self._plain_type(*self._plain_args(geo, b is not None), device=w.device, dtype=w.dtype)
         _assign(p, w, b)
         return p
+
+
+@register(nn.Conv2d)
+class SlimConv2d(SlimConvNd, nn.Conv2d):
+    """Width-switchable ``nn.Conv2d``: normal, group, depthwise and dilated convolutions.
+
+    Input ``(N, C_in_active, H, W)`` -> output ``(N, C_out_active, H', W')``. Depthwise convolutions
+    (``groups == in_channels``) follow their input (``C_out = multiplier * C_in_active``); grouped convolutions
+    follow ``group_mode`` (module docstring). With ``output_averaging`` the output of a non-depthwise conv is
+    scaled by ``C_in_full / C_in_active`` (US-Nets paper, "US-MobileNet v1 +").
+
+    Raises:
+        WidthError: active channels of a grouped conv not divisible by its groups (untraced models; traced models
+            get whole groups from the channel plan).
+    """
+
+    _plain_type = nn.Conv2d
+    _fconv = staticmethod(F.conv2d)
+
+
+@register(nn.Conv1d)
+class SlimConv1d(SlimConvNd, nn.Conv1d):
+    """Width-switchable ``nn.Conv1d`` (sequence convs, EfficientViM's projections, CoaT's token aggregate).
+
+    Input ``(N, C_in_active, L)`` -> output ``(N, C_out_active, L')``; groups, depthwise convolutions, stride,
+    dilation and padding modes as :class:`SlimConv2d`. A kernel-1 conv applied along a tensor whose channels lie
+    on its length (mixing tokens, not channels) is kept whole by the channel analysis; a wider kernel along the
+    channels (ECA's attention) reads neighbours a narrower input lacks and is refused (``NotExactError``).
+
+    Raises:
+        WidthError: active channels of a grouped conv not divisible by its groups (untraced models).
+    """
+
+    _plain_type = nn.Conv1d
+    _fconv = staticmethod(F.conv1d)
+
+
+@register(nn.ConvTranspose2d)
+class SlimConvTranspose2d(SlimConvNd, nn.ConvTranspose2d):
+    """Width-switchable ``nn.ConvTranspose2d`` (decoders, LowFormer's upsampling): normal, group and depthwise.
+
+    Input ``(N, C_in_active, H, W)`` -> output ``(N, C_out_active, H', W')``, with stride, padding, output padding,
+    dilation and ``forward(x, output_size)`` as the plain layer. The weight is stored transposed,
+    ``(C_in, C_out / groups, kh, kw)``; selections are made in the convolution layout ``(C_out, C_in / groups,
+    kh, kw)`` (one permutation per group) and turned back, so the channel plan and the group conventions are
+    those of :class:`SlimConv2d`.
+
+    Raises:
+        WidthError: active channels of a grouped conv not divisible by its groups (untraced models).
+    """
+
+    _plain_type = nn.ConvTranspose2d
+
+    @staticmethod
+    def _swap_layout(w: torch.Tensor, groups: int) -> torch.Tensor:
+        """``(G * a, b, *k)`` -> ``(G * b, a, *k)``: the stored ``(C_in, C_out / G, *k)`` layout to the convolution
+        layout ``(C_out, C_in / G, *k)`` and back (``groups``: the group count ``G`` of ``w``)."""
+        g = groups
+        a, b = w.shape[0] // g, w.shape[1]
+        return w.reshape(g, a, b, *w.shape[2:]).transpose(1, 2).reshape(g * b, a, *w.shape[2:])
+
+    def _full_shape(self):
+        w = self._wb()[0]
+        return w.shape[1] * self.groups, w.shape[0] // self.groups
+
+    def _select(self, w, b, geo: Geo):
+        ws, bs = super()._select(self._swap_layout(w, self.groups), b, geo)
+        return self._swap_layout(ws, geo.groups), bs
+
+    def forward(self, x, output_size=None):
+        geo = self._geo_for(x)
+        w, b = self._weights(geo)
+        op = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        y = F.conv_transpose2d(x, w, b, self.stride, self.padding, op, geo.groups, self.dilation)
+        if geo.scale is not None:
+            y = y * geo.scale
+        return y
+
+    def _plain_args(self, geo, bias):
+        return (geo.in_c, geo.out_c, self.kernel_size, self.stride, self.padding, self.output_padding, geo.groups,
+                bias, self.dilation, self.padding_mode)
 
 
 @register(nn.Linear)
@@ -518,5 +619,6 @@ def _assign(p: nn.Module, w, b):
             p.bias.copy_(b)
 
 
-__all__ = ["Geo", "SlimMixin", "SlimConv2d", "SlimLinear", "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES",
+__all__ = ["Geo", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
+           "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES",
            "track_data_writes", "is_weight_normed", "cached", "plain_copy"]
