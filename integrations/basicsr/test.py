@@ -15,40 +15,21 @@ them need this entry point (or any script that imports ``slim_plugins.integratio
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from typing import Sequence
+
+from .train import opt_main, run_basicsr
 
 
 def run_test_pipeline(opt_path: str, extra_args: Sequence[str] = (), root_path: str | None = None) -> None:
     """``basicsr.test.test_pipeline`` on ``opt_path`` (env-expanded), with the slim types registered."""
-    import slim_plugins.integrations.basicsr  # noqa: F401  registers WDSR, BicubicHRDataset, SlimSRModel
     from basicsr.test import test_pipeline
 
-    from .train import _reset_basicsr_logger, expanded_options
-
-    with tempfile.TemporaryDirectory(prefix="slim-basicsr-test-") as tmp:
-        opt = expanded_options(opt_path, tmp)
-        argv = sys.argv
-        sys.argv = [argv[0], "-opt", opt, *extra_args]  # BasicSR's parse_options reads sys.argv
-        _reset_basicsr_logger()
-        try:
-            test_pipeline(os.path.abspath(root_path or os.getcwd()))
-        finally:
-            sys.argv = argv
-            _reset_basicsr_logger()  # closes this run's log file
+    run_basicsr(test_pipeline, opt_path, extra_args, root_path, validate=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=True)
-    p.add_argument("-opt", required=True)
-    args, rest = p.parse_known_args(argv)
-    run_test_pipeline(args.opt, rest)
-    return 0
+    return opt_main(run_test_pipeline, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 
 def expanded_options(path: str, tmpdir: str, overrides: dict | None = None) -> str:
@@ -117,36 +117,51 @@ def _reset_basicsr_logger() -> None:
     basicsr_logger.initialized_logger.pop("basicsr", None)
 
 
-def run_pipeline(opt_path: str, extra_args: Sequence[str] = (), root_path: str | None = None,
-                 overrides: dict | None = None) -> None:
-    """``basicsr.train.train_pipeline`` on ``opt_path`` (env-expanded), with the slim types registered."""
+def run_basicsr(pipeline: Callable[[str], Any], opt_path: str, extra_args: Sequence[str] = (),
+                root_path: str | None = None, overrides: dict | None = None, validate: bool = True) -> None:
+    """BasicSR's ``pipeline(root_path)`` (``train_pipeline`` / ``test_pipeline``, which read ``-opt`` from
+    ``sys.argv``) on ``opt_path`` env-expanded (``overrides`` applied), with the slim types registered; ``validate``:
+    the options are checked (:func:`validate_options`) before BasicSR creates or archives any folder."""
     import slim_plugins.integrations.basicsr  # noqa: F401  registers WDSR, BicubicHRDataset, SlimSRModel
-    from basicsr.train import train_pipeline
 
     with tempfile.TemporaryDirectory(prefix="slim-basicsr-") as tmp:
         opt = expanded_options(opt_path, tmp, overrides)
-        from slim_plugins.config import load_yaml_config
+        if validate:
+            from slim_plugins.config import load_yaml_config
 
-        validate_options(load_yaml_config(opt))  # before train_pipeline creates or archives any folder
+            validate_options(load_yaml_config(opt))
         argv = sys.argv
         sys.argv = [argv[0], "-opt", opt, *extra_args]  # BasicSR's parse_options reads sys.argv
         _reset_basicsr_logger()
         try:
-            train_pipeline(os.path.abspath(root_path or os.getcwd()))
+            pipeline(os.path.abspath(root_path or os.getcwd()))
         finally:
             sys.argv = argv
             _reset_basicsr_logger()  # closes this run's log file
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_pipeline(opt_path: str, extra_args: Sequence[str] = (), root_path: str | None = None,
+                 overrides: dict | None = None) -> None:
+    """``basicsr.train.train_pipeline`` on ``opt_path`` (env-expanded), with the slim types registered."""
+    from basicsr.train import train_pipeline
+
+    run_basicsr(train_pipeline, opt_path, extra_args, root_path, overrides)
+
+
+def opt_main(run: Callable[[str, Sequence[str]], None], doc: str, argv: Sequence[str] | None = None) -> int:
+    """BasicSR's command line (``-opt X.yml`` plus BasicSR's own flags, passed through) for ``run(opt, rest)``."""
     import argparse
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=True)
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], add_help=True)
     p.add_argument("-opt", required=True)
     args, rest = p.parse_known_args(argv)
-    run_pipeline(args.opt, rest)
+    run(args.opt, rest)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return opt_main(run_pipeline, __doc__, argv)
 
 
 if __name__ == "__main__":
