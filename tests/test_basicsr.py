@@ -114,6 +114,16 @@ def test_parse_slimmable_errors():
         parse_slimmable({"width_range": [0.5, 1.0], "flops_lq_size": [48]})
     with pytest.raises(WidthError, match="outside the range"):
         parse_slimmable({"width_range": [0.5, 1.0], "eval_widths": [0.25]})
+    add = parse_slimmable({"width_range": [0.5, 1.0], "distill_mode": "add", "distill_weight": 0.5})
+    assert (add.distill, add.distill_mode, add.distill_weight) == ("l1", "add", 0.5)
+    with pytest.raises(InvalidArgumentError, match="distill_mode must be one of.*'sum'"):
+        parse_slimmable({"width_range": [0.5, 1.0], "distill_mode": "sum"})
+    with pytest.raises(InvalidArgumentError, match="distill_weight must be.*-1"):
+        parse_slimmable({"width_range": [0.5, 1.0], "distill_mode": "add", "distill_weight": -1})
+    with pytest.raises(InvalidArgumentError, match="distill_weight does not apply"):  # replace mode has no weight
+        parse_slimmable({"width_range": [0.5, 1.0], "distill_weight": 0.5})
+    with pytest.raises(InvalidArgumentError, match="distill_mode does not apply"):
+        parse_slimmable({"width_range": [0.5, 1.0], "distill": None, "distill_mode": "add"})
 
 
 def _opt(tmp_path, slimmable=None, ema_decay=0.0, lr=1e-3, distill="l1"):
@@ -146,9 +156,12 @@ def test_model_refuses_missing_or_bad_slimmable(tmp_path):
         build_model(_opt(tmp_path, slimmable={"width_range": [0.5, 1.0], "num_widths": 0}))
 
 
-@pytest.mark.parametrize("distill", ["l1", None])
-def test_step_trains_sandwich_widths_with_or_without_distillation(tmp_path, distill):
-    model = build_model(_opt(tmp_path, distill=distill, lr=0.0))  # lr 0: the weights stay, the losses can be checked
+@pytest.mark.parametrize("distill,mode", [("l1", "replace"), ("l1", "add"), (None, None)])
+def test_step_trains_sandwich_widths_with_or_without_distillation(tmp_path, distill, mode):
+    opt = _opt(tmp_path, distill=distill, lr=0.0)  # lr 0: the weights stay, the losses can be checked
+    if mode == "add":
+        opt["slimmable"].update(distill_mode="add", distill_weight=0.5)
+    model = build_model(opt)
     assert isinstance(model, SlimSRModel)
     data = _batch()
     model.feed_data(data)
@@ -161,7 +174,8 @@ def test_step_trains_sandwich_widths_with_or_without_distillation(tmp_path, dist
             top = net(data["lq"])
         with slim.width(0.5):
             low = net(data["lq"])
-    want = torch.nn.functional.l1_loss(low, top if distill else data["gt"])
+    l1 = torch.nn.functional.l1_loss
+    want = {"replace": l1(low, top), "add": l1(low, data["gt"]) + 0.5 * l1(low, top), None: l1(low, data["gt"])}[mode]
     assert abs(float(model.log_dict["l_min"]) - float(want)) < 1e-5
     assert abs(float(model.log_dict["l_pix"]) - float(torch.nn.functional.l1_loss(top, data["gt"]))) < 1e-5
     assert res.results[-1].distilled is (distill is not None)
@@ -365,7 +379,8 @@ def test_short_run_beats_bicubic_on_set5_at_every_width(tmp_path, slim_data, mon
     assert 33.5 < bicubic < 33.8  # the usual 33.66 dB of MATLAB bicubic x2 on Set5 (Y)
     # Without inplace distillation: over a few hundred iterations the L1 distillation terms of the three narrow
     # widths slow the widest width's progress (README, BasicSR results); both settings learn, this one faster.
-    out = _train(tmp_path, slim_data, monkeypatch, 600, "train.ema_decay=0.99", "slimmable.distill=null")
+    out = _train(tmp_path, slim_data, monkeypatch, 600, "train.ema_decay=0.99", "slimmable.distill=null",
+                 "slimmable.distill_mode=null")
     for r in _spectrum(out):
         assert float(r["Set5/psnr"]) > bicubic + 0.1, (r, bicubic)
         assert float(r["Set5/ssim"]) > 0.93
@@ -426,9 +441,14 @@ def test_overrides_set_nested_keys_and_null(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SLIM_DATA", "/data")
     cfg = str(REPO / "configs" / "basicsr" / "us_wdsr_x2_sr.yml")
-    p = expanded_options(cfg, str(tmp_path), {"slimmable.distill": None, "train.total_iter": 5})
+    p = expanded_options(cfg, str(tmp_path), {"slimmable.distill": None, "slimmable.distill_mode": None,
+                                              "train.total_iter": 5})
     opt = yaml.safe_load(open(p))
     assert opt["slimmable"]["distill"] is None and parse_slimmable(opt["slimmable"]).distill is None  # null = off
+    # the shipped distill_mode without distillation does not apply: refused, not ignored
+    p = expanded_options(cfg, str(tmp_path), {"slimmable.distill": None})
+    with pytest.raises(InvalidArgumentError, match="distill_mode does not apply"):
+        parse_slimmable(yaml.safe_load(open(p))["slimmable"])
     assert opt["train"]["total_iter"] == 5 and opt["datasets"]["train"]["dataroot_gt"] == "/data/sr/train_hr"
     with pytest.raises(ConfigError, match="no section 'nope'"):
         expanded_options(cfg, str(tmp_path), {"nope.x": 1})

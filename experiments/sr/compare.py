@@ -2,8 +2,8 @@
 Section 5.1, Fig. 4, scaled to $SLIM_DATA/sr and the machine at hand).
 
 Every run is BasicSR's own ``train_pipeline`` on `configs/basicsr/us_wdsr_x2_sr.yml` with the same iterations,
-batch, patch size, optimizer, cosine schedule and seed: the two US runs through ``SlimSRModel`` (``distill: l1`` /
-``distill: null``), the individual ones through BasicSR's plain ``SRModel`` on ``WDSR(num_feat=n)``. EMA is off
+batch, patch size, optimizer, cosine schedule and seed: the US runs through ``SlimSRModel`` (``distill: l1`` in
+``replace`` mode (the paper's) and ``add`` mode (the shipped config's), ``distill: null``), the individual ones through BasicSR's plain ``SRModel`` on ``WDSR(num_feat=n)``. EMA is off
 (``ema_decay: 0``: over a few hundred iterations BasicSR's 0.999 would still weigh the random initialisation);
 afterwards the final weights of each are evaluated on Set5 and Set14 (PSNR / SSIM on Y, crop border 2, BasicSR's
 metrics) at
@@ -27,8 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG = os.path.join(REPO, "configs", "basicsr", "us_wdsr_x2_sr.yml")
 WIDTHS = [0.5, 0.625, 0.75, 0.875, 1.0]  # n = 32, 40, 48, 56, 64
 RUNS = {  # name: overrides of the options file
-    "us_wdsr_distill": {"slimmable.distill": "l1"},
-    "us_wdsr_no_distill": {"slimmable.distill": None},
+    "us_wdsr_distill": {"slimmable.distill": "l1", "slimmable.distill_mode": "replace"},  # the paper's form
+    "us_wdsr_distill_add": {"slimmable.distill": "l1", "slimmable.distill_mode": "add"},  # the shipped config's
+    "us_wdsr_no_distill": {"slimmable.distill": None, "slimmable.distill_mode": None},
     "wdsr_n32": {"model_type": "SRModel", "slimmable": None, "network_g.num_feat": 32},
     "wdsr_n64": {"model_type": "SRModel", "slimmable": None, "network_g.num_feat": 64},
 }
@@ -181,7 +182,7 @@ def _plot(rows, path, args):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, dname in zip(axes, ("Set5", "Set14")):
         key = f"{dname}/psnr"
-        for model, style in (("us_wdsr_distill", "o-"), ("us_wdsr_no_distill", "s--")):
+        for model, style in (("us_wdsr_distill", "o-"), ("us_wdsr_distill_add", "^-"), ("us_wdsr_no_distill", "s--")):
             pts = [(r["mflops"], r[key]) for r in rows if r["model"] == model]
             if pts:
                 ax.plot(*zip(*pts), style, label=model.replace("_", " "))

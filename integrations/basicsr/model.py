@@ -41,8 +41,9 @@ from slim_plugins.width import (WidthSpec, distill_from_config, eval_widths_from
 
 __all__ = ["SRSlimSettings", "parse_slimmable", "SlimSRModel", "evaluate_widths"]
 
-_KEYS = ("widths", "width_range", "divisor", "num_widths", "rule", "distill", "eval_widths", "flops_lq_size",
-         "seed")
+_KEYS = ("widths", "width_range", "divisor", "num_widths", "rule", "distill", "distill_mode", "distill_weight",
+         "eval_widths", "flops_lq_size", "seed")
+_DISTILL_MODES = ("replace", "add")
 _DISTILL = (None, "l1", "l2")
 
 
@@ -56,6 +57,9 @@ class SRSlimSettings:
         rule: width sampling rule (``"all"`` for switches, ``"sandwich"`` for a range by default).
         distill: ``"l1"`` / ``"l2"``: inplace distillation, the widest prediction (detached) is the target of the
             other widths (US-Nets Section 4.2); ``None``: every width trains on the ground truth.
+        distill_mode: ``"replace"`` (the paper: a distilled width's loss is only the distillation loss) or ``"add"``
+            (its ground-truth loss + ``distill_weight`` x the distillation loss).
+        distill_weight: weight of the distillation loss in ``"add"`` mode (refused in ``"replace"`` mode).
         eval_widths: widths validated (default: the switches, or 5 evenly spaced widths of the range).
         flops_lq_size: ``(h, w)`` of the LR input the MFLOPs column is counted at (48x48, US-Nets Fig. 4).
         seed: width sampling seed (default: the options' ``manual_seed``), drawn per ``(seed, iteration)``.
@@ -65,6 +69,8 @@ class SRSlimSettings:
     num_widths: int = 4
     rule: str | None = None
     distill: str | None = "l1"
+    distill_mode: str = "replace"
+    distill_weight: float = 1.0
     eval_widths: tuple = ()
     flops_lq_size: tuple = (48, 48)
     seed: int = 0
@@ -87,13 +93,24 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool, seed: int = 0) -> SRSlimSetti
     spec = spec_from_config(cfg, divisor=1, allowed=_KEYS)
     rule, num_widths = schedule_from_config(cfg)
     distill = distill_from_config(cfg, spec, _DISTILL, "l1")
+    # null = not set (so `--set slimmable.distill=null slimmable.distill_mode=null` turns a shipped `add` off)
+    mode = "replace" if cfg.get("distill_mode") is None else cfg["distill_mode"]
+    if mode not in _DISTILL_MODES:
+        raise InvalidArgumentError(f"distill_mode must be one of {list(_DISTILL_MODES)}, got {mode!r}")
+    weight = 1.0 if cfg.get("distill_weight") is None else cfg["distill_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
+        raise InvalidArgumentError(f"distill_weight must be a finite number >= 0, got {weight!r}")
+    for key, applies in (("distill_mode", distill is not None), ("distill_weight", mode == "add")):
+        if cfg.get(key) is not None and not applies:
+            raise InvalidArgumentError(f"{key} does not apply with distill: {distill!r}, distill_mode: {mode!r}; "
+                                       f"remove it")
     eval_widths = eval_widths_from_config(cfg, spec, 5)
     size = cfg.get("flops_lq_size", (48, 48))
     if (not isinstance(size, Sequence) or len(size) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
         raise InvalidArgumentError(f"flops_lq_size must be [h, w] in pixels, got {size!r}")
-    return SRSlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, eval_widths=eval_widths,
-                          flops_lq_size=tuple(size), seed=int(cfg.get("seed", seed)))
+    return SRSlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_mode=mode,
+                          distill_weight=float(weight), eval_widths=eval_widths, flops_lq_size=tuple(size), seed=int(cfg.get("seed", seed)))
 
 
 @torch.no_grad()
@@ -181,7 +198,9 @@ class SlimSRModel(SRModel):
             self.net_g_ema.eval()
         s = self.slim_settings
         self.width_step = slim.MultiWidthStep(self.net_g, s.spec, num_widths=s.num_widths, rule=s.rule,
-                                              distill=s.distill, seed=s.seed, loss_keys=lambda k: k.startswith("l_"))
+                                              distill=s.distill, distill_mode=s.distill_mode,
+                                              distill_weight=s.distill_weight, seed=s.seed,
+                                              loss_keys=lambda k: k.startswith("l_"))
 
     # ---- training ------------------------------------------------------------------------------------------
     def _task_losses(self, output) -> dict:
