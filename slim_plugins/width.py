@@ -280,6 +280,18 @@ def distill_from_config(cfg, spec: WidthSpec, allowed: Sequence, range_default) 
     return distill
 
 
+def check_distill_weight(weight) -> float:
+    """The ``distill_weight`` entry of an adapter's ``slimmable`` block (the weight of the inplace-distillation loss
+    added to a width's task loss), as a float.
+
+    Raises:
+        InvalidArgumentError: not a finite number >= 0 (booleans and strings included).
+    """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
+        raise InvalidArgumentError(f"distill_weight must be a finite number >= 0, got {weight!r}")
+    return float(weight)
+
+
 def eval_widths_from_config(cfg, spec: WidthSpec, count: int) -> tuple:
     """The ``eval_widths`` entry of an adapter's ``slimmable`` block, each checked against ``spec``, sorted and
     deduplicated; default: the switches, or ``count`` evenly spaced widths from ``spec.min`` to ``spec.max``.

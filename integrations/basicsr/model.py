@@ -36,7 +36,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 import slim_plugins as slim
 from slim_plugins.spectrum import write_spectrum_csv
 from slim_plugins.errors import InvalidArgumentError, NotSlimmableError
-from slim_plugins.width import (WidthSpec, distill_from_config, eval_widths_from_config, schedule_from_config,
+from slim_plugins.width import (WidthSpec, check_distill_weight, distill_from_config, eval_widths_from_config, schedule_from_config,
                                 spec_from_config)
 
 __all__ = ["SRSlimSettings", "parse_slimmable", "SlimSRModel", "evaluate_widths"]
@@ -97,9 +97,7 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool, seed: int = 0) -> SRSlimSetti
     mode = "replace" if cfg.get("distill_mode") is None else cfg["distill_mode"]
     if mode not in _DISTILL_MODES:
         raise InvalidArgumentError(f"distill_mode must be one of {list(_DISTILL_MODES)}, got {mode!r}")
-    weight = 1.0 if cfg.get("distill_weight") is None else cfg["distill_weight"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
-        raise InvalidArgumentError(f"distill_weight must be a finite number >= 0, got {weight!r}")
+    weight = 1.0 if cfg.get("distill_weight") is None else check_distill_weight(cfg["distill_weight"])
     for key, applies in (("distill_mode", distill is not None), ("distill_weight", mode == "add")):
         if cfg.get(key) is not None and not applies:
             raise InvalidArgumentError(f"{key} does not apply with distill: {distill!r}, distill_mode: {mode!r}; "
@@ -110,7 +108,7 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool, seed: int = 0) -> SRSlimSetti
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
         raise InvalidArgumentError(f"flops_lq_size must be [h, w] in pixels, got {size!r}")
     return SRSlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_mode=mode,
-                          distill_weight=float(weight), eval_widths=eval_widths, flops_lq_size=tuple(size), seed=int(cfg.get("seed", seed)))
+                          distill_weight=weight, eval_widths=eval_widths, flops_lq_size=tuple(size), seed=int(cfg.get("seed", seed)))
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ ImageNet training).
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 from typing import Any, Mapping, Sequence
 
@@ -23,7 +22,7 @@ from torch import nn
 import slim_plugins as slim
 from slim_plugins.errors import InvalidArgumentError, NotSlimmableError, WidthSpecMismatchError
 from slim_plugins.nn.layers import SlimMixin
-from slim_plugins.width import WidthSpec, schedule_from_config, spec_from_config
+from slim_plugins.width import WidthSpec, check_distill_weight, schedule_from_config, spec_from_config
 
 __all__ = ["SlimSettings", "parse_slimmable", "make_slimmable", "init_slim_detector", "is_slimmable", "slim_settings", "SlimResNet",
            "USResNet", "SlimPretrainedInit", "DEFAULT_SCOPE", "SLIM_DETECTOR", "build_slim_detector", "architecture_of", "slimmable_entry",
@@ -107,13 +106,11 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool | None) -> SlimSettings:
         eval_widths = tuple(spec.widths)
     else:
         eval_widths = tuple(sorted({spec.min, spec.max, *[w for w in (0.5, 0.75) if spec.min < w < spec.max]}))
-    weight = cfg.get("distill_weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
-        raise InvalidArgumentError(f"distill_weight must be a finite number >= 0, got {weight!r}")
+    weight = check_distill_weight(cfg.get("distill_weight", 1.0))
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidArgumentError(f"seed must be an integer >= 0, got {seed!r}")
-    return SlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_weight=float(weight),
+    return SlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_weight=weight,
                         eval_widths=eval_widths, calib_samples=calib, seed=seed,
                         scope=tuple(cfg.get("scope", DEFAULT_SCOPE)), fixed=tuple(cfg.get("fixed", DEFAULT_FIXED)))
 

@@ -29,7 +29,7 @@ from torch import nn
 
 import slim_plugins as slim
 from slim_plugins.errors import InvalidArgumentError
-from slim_plugins.width import (WidthSpec, distill_from_config, eval_widths_from_config, schedule_from_config,
+from slim_plugins.width import (WidthSpec, check_distill_weight, distill_from_config, eval_widths_from_config, schedule_from_config,
                                 spec_from_config)
 
 __all__ = ["SlimmablePPO", "SlimmableOnPolicy", "PPOSlimSettings", "parse_slimmable", "ActorCriticGraph"]
@@ -79,9 +79,7 @@ def parse_slimmable(cfg: Mapping[str, Any] | bool) -> PPOSlimSettings:
     spec = spec_from_config(cfg, divisor=8, allowed=_KEYS)
     rule, num_widths = schedule_from_config(cfg)
     distill = distill_from_config(cfg, spec, _DISTILL, "kl")
-    weight = float(cfg.get("distill_weight", 1.0))
-    if not (np.isfinite(weight) and weight >= 0):
-        raise InvalidArgumentError(f"distill_weight must be a finite number >= 0, got {weight!r}")
+    weight = check_distill_weight(cfg.get("distill_weight", 1.0))
     eval_widths = eval_widths_from_config(cfg, spec, 4)
     return PPOSlimSettings(spec=spec, num_widths=num_widths, rule=rule, distill=distill, distill_weight=weight,
                            eval_widths=eval_widths, seed=int(cfg.get("seed", 0)))
