@@ -22,7 +22,6 @@ with the message) or ``FAIL``. Writes ``benchmarks/coverage_basicsr.csv``::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -30,8 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _coverage import record_failure, write_table  # noqa: E402
 
 import yaml
 
@@ -122,7 +123,6 @@ def measure(arch_name: str, net_g: dict, data: str, work: Path, test_entries: bo
 
     import slim_plugins as slim
     from slim_plugins.cli import main as slim_main
-    from slim_plugins.errors import SlimError
     from slim_plugins.integrations.basicsr.model import parse_slimmable
     from slim_plugins.integrations.basicsr.stock import convert_kwargs
     from slim_plugins.integrations.basicsr.train import run_pipeline
@@ -191,12 +191,7 @@ def measure(arch_name: str, net_g: dict, data: str, work: Path, test_entries: bo
         if not ok:
             row["detail"] = f"strict {strict}, diff {worst:.2e}, widths in log {sorted(psnr)}"
     except Exception as e:  # noqa: BLE001  the table records every outcome
-        from slim_plugins.errors import SlimError
-
-        row["verdict"] = f"refused ({type(e).__name__})" if isinstance(e, SlimError) else "FAIL"
-        row["detail"] = f"{type(e).__name__}: {str(e)[:300]}"
-        if not isinstance(e, SlimError):
-            traceback.print_exc()
+        record_failure(row, e)
     row["seconds"] = round(time.time() - t0, 1)
     return row
 
@@ -215,11 +210,7 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         rows.append(r)
     if not args.only:
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {args.out}: {sum(r['verdict'] == 'exact' for r in rows)} of {len(rows)} exact")
+        write_table(args.out, rows)
     return 0
 
 

@@ -19,15 +19,15 @@ Verdict per family: ``exact`` (every step passed, export equal to the dynamic mo
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import json
 import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _coverage import record_failure, write_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
@@ -167,12 +167,7 @@ def measure(family: str, stock: str, masks: bool, data: str) -> dict:
             if not ok:
                 row["detail"] = f"train {row['train_widths']!r}, AP {row['ap_keys']!r}, export diff {worst:.2e}"
         except Exception as e:  # noqa: BLE001  the table records every outcome
-            from slim_plugins.errors import SlimError
-
-            row["verdict"] = f"refused ({type(e).__name__})" if isinstance(e, SlimError) else "FAIL"
-            row["detail"] = f"{type(e).__name__}: {str(e)[:300]}"
-            if not isinstance(e, SlimError):
-                traceback.print_exc()
+            record_failure(row, e)
     row["seconds"] = round(time.time() - t0, 1)
     return row
 
@@ -190,11 +185,7 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         rows.append(r)
     if not args.only:
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {args.out}: {sum(r['verdict'] == 'exact' for r in rows)} of {len(rows)} exact")
+        write_table(args.out, rows)
     return 0
 
 
