@@ -801,6 +801,14 @@ class _Builder:
             self.val[node] = None
             self.emit(OPAQUE, ins, (), self.where(node), why)
 
+    def _from_constants(self, node) -> bool:
+        """Every tensor input of ``node`` is a constant (an ``arange``, a buffer; not a parameter read, not the
+        model input): its result holds no channels of the model, whatever its shape."""
+        nodes = [a for a in node.all_input_nodes if a in self._tids]
+        if not nodes or any(not isinstance(self.val.get(a), int) for a in nodes):
+            return False
+        return all(self.made_by.get(self.val[a]) == CONST and self.val[a] not in self.pmap for a in nodes)
+
     def _always_full(self, t) -> bool:
         return self.made_by.get(t) in (INPUT, CONST)
 
@@ -908,6 +916,8 @@ class _Builder:
                 self.pmap[t] = (target, [dims[i] if i is not None else None for i in m])
             return
         ins = self.channel_inputs(node)
+        if self._from_constants(node) and shape is not None and not self._is_tuple_result(node):
+            return self.out_tensor(node, CONST, ())  # computed from constants only (XCiT's Fourier positions)
         if name in _NEW_TENSOR and shape is not None:  # x.new_empty(shape): a fresh tensor, not x's channels
             self.out_tensor(node, CONST, ())
             return
@@ -942,6 +952,10 @@ class _Builder:
             return self.visit_layout(node, name)
         if node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS or len(ins) >= 2 or params:
             return self.visit_tie(node, ins)
+        if name == "normalize" and self._dim_hits_channels(node) and shape == _shape(node.args[0]):
+            # an L2 norm over the active channels: the narrow net computes what the stock narrow model does (as a
+            # LayerNorm without affine); SwiftFormer's query / key
+            return self.alias(node, ins[0])
         if name in _DIM_OPS and self._dim_hits_channels(node):
             return self.opaque(node, f"{name} over the channel dim")
         if node.target in self.tile_fns and shape is not None:
@@ -1127,6 +1141,8 @@ class _Builder:
             return
         if isinstance(v, _Runs):
             return self.visit_runs(node, "getitem", v)
+        if base in self._tids and self.made_by.get(v) == CONST and v not in self.pmap and _shape(node) is not None:
+            return self.out_tensor(node, CONST, ())  # a view of a constant (arange, a buffer): no channels
         if not (base in self._tids):
             self.val[node] = None  # size()[i], python containers
             return
@@ -1281,6 +1297,12 @@ class _Builder:
         # chunk(k) splits the runtime tensor in k equal runs; split(n) with a literal n does not follow the width.
         dynamic = name == "chunk" or isinstance(arg, (torch.fx.Node, AttrInt))
         if not (equal and dynamic):
+            if name == "chunk" and sum(sizes) == self.full[sid] and len(sizes) > 1:
+                # chunk(k) of a count k does not divide: torch's rule (pieces of ceil(n / k)) at every width
+                outs = [self.new(sh, k) for sh in shapes]
+                self.emit(SPLITV, (sid,), outs, self.where(node), _ChunkSizes(int(x) for x in sizes))
+                self.val[node] = ("tuple", outs)
+                return
             if name == "split" and isinstance(arg, (list, tuple)) and len(arg) == len(shapes) and \
                     all(isinstance(a, AttrInt) for a in arg) and sum(sizes) == self.full[sid]:
                 # sizes the module holds (FasterNet's [self.dim_conv3, self.dim_untouched]): they follow the width
@@ -1307,6 +1329,8 @@ class _Builder:
             return self.opaque(node, "elementwise op without a tensor result")
         r = len(shape)
         cands = [t for t in ins if self.cdim[t] is not None and self.full[t] > 1 and t not in self.pmap]
+        if any(not self._always_full(t) for t in cands):  # a constant broadcast against channels: not a layout
+            cands = [t for t in cands if not self._always_full(t)]
         if not cands:
             cands = [t for t in ins if self.cdim[t] is not None and t not in self.pmap]
         if not cands:
@@ -1362,7 +1386,7 @@ class _Builder:
                 return self.opaque(node, f"{name} to a literal channel count {shape[j]} (dim {j}): at another width "
                                          "the tensor has other channels; use -1 or x.shape")
             cs = self._computed_size(node, name, shape, j)
-            if cs is False:
+            if cs is False or (cs is not None and cs[0] == "heads"):
                 return self.opaque(node, f"{name} to a computed channel count (dim {j}) the analysis cannot follow")
             t = self.alias(node, src, j)
             if lit is not None:
@@ -1397,10 +1421,14 @@ class _Builder:
                 if cs is False:
                     return self.opaque(node, f"{name} to a computed channel count (dim {j}) the analysis cannot "
                                              "follow")
+                if cs is not None and cs[0] == "heads" and not (kind == FLATTEN and int(cs[1]) == c):
+                    return self.opaque(node, f"{name} to {cs[1].tag.name} x a size that does not merge the heads")
                 t = self.out_tensor(node, kind, (src,), made, cdim=j)
                 for _, lit in tagged:
                     self.claim_int(lit, t)
-                if cs is not None:
+                if cs is not None and cs[0] == "heads":
+                    self.claim_int(cs[1], src)  # the module reads the attribute as the active head count
+                elif cs is not None:
                     self.tie_counts(cs[0], t, self.where(node))
                 return t
         return self.opaque(node, f"{name} {list(sshape)} -> {list(shape)} merges the channel dim")
@@ -1412,8 +1440,31 @@ class _Builder:
         sizes = self._sizes(node, name)
         if sizes is None or len(sizes) != len(shape) or not isinstance(sizes[j], torch.fx.Node):
             return None
-        cs = self.chan_size(sizes[j])
+        a = sizes[j]
+        if a.op == "call_function" and a.target in (operator.mul,) and len(a.args) == 2:
+            lits = [x for x in a.args if isinstance(x, AttrInt)]
+            dims = [x for x in a.args if isinstance(x, torch.fx.Node)]
+            if len(lits) == 1 and len(dims) == 1 and self._fixed_size(dims[0]):
+                return ("heads", lits[0])  # s[-1] * self.num_heads (timm's multi-query attention output)
+        cs = self.chan_size(a)
         return cs if cs is not None and cs[1] == 1 and self.full[cs[0]] == shape[j] else False
+
+    def _fixed_size(self, a) -> bool:
+        """Graph value ``a`` is ``x.shape[j]`` / ``x.size(j)`` of a tensor ``x`` whose dim ``j`` holds no
+        channels (a head dim, a token count)."""
+        x = j = None
+        if a.op == "call_function" and _fname(a.target) == "getitem" and isinstance(a.args[0], torch.fx.Node):
+            base, j = a.args
+            if base.op == "call_function" and _fname(base.target) == "getattr" and base.args[1] == "shape":
+                x = base.args[0]
+            elif base.op == "call_method" and base.target == "size" and len(base.args) == 1:
+                x = base.args[0]
+        elif a.op == "call_method" and a.target == "size" and len(a.args) == 2:
+            x, j = a.args
+        if not (isinstance(x, torch.fx.Node) and x in self._tids and isinstance(j, int)):
+            return False
+        t = self.val[x]
+        return self.rank[t] > 0 and (self.cdim[t] is None or j % self.rank[t] != self.cdim[t])
 
     @staticmethod
     def _sizes(node, name):
@@ -1559,8 +1610,20 @@ class _Builder:
         a, b = (node.args + (None, None))[:2]
         ta = self.val.get(a) if isinstance(a, torch.fx.Node) and a in self._tids else None
         tb = self.val.get(b) if isinstance(b, torch.fx.Node) and b in self._tids else None
+        pb = tb if tb in self.pmap else None
         ta = ta if ta in ins else None
         tb = tb if tb in ins else None
+        if shape is not None and ta is not None and pb is not None and self.cdim[ta] == self.rank[ta] - 1 and \
+                self.rank[pb] >= 2:
+            # x @ W with a parameter W (SwiftFormer's w_g): a linear map with a fixed output; W's rows are sliced
+            # to the active channels of x
+            target, dims = self.pmap[pb]
+            pd = dims[self.rank[pb] - 2]
+            root = self.param_root(target, pd) if pd is not None else None
+            if root is None:
+                return self.opaque(node, f"matmul with parameter {target!r} read along another dim")
+            self.tie_counts(root, ta, self.where(node))
+            return self.out_tensor(node, CONST, (), cdim=len(shape) - 1)
         if shape is None or (ta is None and tb is None):
             return self.opaque(node, "matmul mixes channels")
         R = len(shape)
@@ -1661,6 +1724,19 @@ class _Builder:
                     return self.out_tensor(node, SHUFFLE, (src,), f.b)
                 return self.opaque(node, "channel shuffle with a constant group size (view(N, C//g, g, ...)): its "
                                          "group count changes with the width; use view(N, g, C//g, ...)")
+        src_node = node.args[0] if node.args else None
+        vshape = _shape(src_node) if isinstance(src_node, torch.fx.Node) else None
+        if not f.swapped and f.outer_literal and vshape is not None and len(vshape) == 5:
+            # (N, r, C/r, H, W) with a fixed run count r (SKNet's paths, ResNeSt's radix): r equal runs of one
+            # channel set, the channels on dim 2; ops over dim 1 then act within each channel
+            where = self.where(node)
+            runs = [self.new((1, f.b), 1) for _ in range(f.a)]
+            self.emit(SPLIT, (f.src,), runs, where, f.a)
+            t = self.new(vshape, 2)
+            self.emit(TIE, runs, (t,), where)
+            self.val[src_node] = t
+            self._tids.add(src_node)
+            return self.visit(node)
         return self.opaque(node, f"{name} of a channel-factored tensor")
 
 
@@ -2177,7 +2253,7 @@ class ChannelGraph:
         if k == SPLIT:
             return [n // op.arg] * op.arg
         if k == SPLITV:
-            return _splitv_counts(n, op.arg)
+            return _piece_counts(n, op.arg, op.where, width_key)
         if k == SHUFFLE:
             return n
         if k == SLICE:
@@ -2282,7 +2358,7 @@ class ChannelGraph:
                 out.append(Sel(piece, full[t]))
             return out
         if k == SPLITV:
-            counts = _splitv_counts(s.n, op.arg)
+            counts = _piece_counts(s.n, op.arg, where, width_key)
             out, p_off, f_off = [], 0, 0
             for t, f, n in zip(op.outs, op.arg, counts):
                 piece = s.idx[p_off:p_off + n] - f_off
@@ -2323,6 +2399,32 @@ class ChannelGraph:
             gi, go = op.arg
             return [Sel(_groupmap(s, gi, go, where, width_key), full[op.outs[0]])]
         raise AssertionError(k)
+
+
+class _ChunkSizes(tuple):
+    """The full piece sizes of a ``chunk(k)`` whose ``k`` does not divide the channel count: the pieces at a width
+    follow torch's rule, not the shares of :func:`_splitv_counts`."""
+
+
+def _chunk_counts(n: int, fulls: _ChunkSizes, where: str = "chunk", width_key="?") -> list[int]:
+    """Piece sizes of ``x.chunk(len(fulls))`` on ``n`` channels (pieces of ``ceil(n / k)``, the last the rest).
+
+    Raises:
+        NotExactError: torch would return fewer pieces, or a piece larger than the same piece at full width.
+    """
+    k = len(fulls)
+    s = -(-n // k)
+    out = [min(s, n - i * s) for i in range(k)]
+    if min(out) <= 0 or any(a > f for a, f in zip(out, fulls)):
+        raise NotExactError(f"{where}: chunk({k}) of {n} channels at width {width_key} gives pieces "
+                            f"{[max(0, a) for a in out]}, not sub-pieces of the full pieces {list(fulls)}")
+    return out
+
+
+def _piece_counts(n: int, fulls, where: str = "split", width_key="?") -> list[int]:
+    if isinstance(fulls, _ChunkSizes):
+        return _chunk_counts(n, fulls, where, width_key)
+    return _splitv_counts(n, fulls)
 
 
 def _splitv_counts(n: int, fulls) -> list[int]:

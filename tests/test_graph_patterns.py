@@ -1,0 +1,233 @@
+"""Channel-analysis patterns from timm families that were refused before (issue 21): constants computed in the
+forward (XCiT's Fourier position encoding), ``chunk(k)`` of a count ``k`` does not divide (EdgeNeXt), a view with a
+fixed run count (SKNet's selective kernel), ``x @ W`` with a parameter and an L2 norm over the channels
+(SwiftFormer), and a head merge sized ``s[-1] * self.num_heads`` (MobileNetV5's multi-query attention).
+
+Each small model is built from the same class at the full and at a narrow width: the converted model at width 1.0
+is the original bit for bit, and at a narrow width it equals that class built at the narrow size with the weights
+sliced by hand (the stock narrow model), and its export.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slim_plugins as slim
+from slim_plugins.errors import NotExactError
+from slim_plugins.graph import _ChunkSizes, _chunk_counts
+
+SPEC = slim.WidthSpec.range(0.25, 1.0)
+
+
+def _convert(model, x):
+    ref = copy.deepcopy(model).eval()
+    return slim.convert(model, SPEC, example_input=x).eval(), ref
+
+
+def _check(model, ref, x, w, narrow, mad):
+    """Width 1.0 is ``ref`` bit for bit; width ``w`` equals ``narrow`` (the class built narrow, weights sliced by
+    hand) and the export."""
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+        with slim.width(w):
+            y = model(x)
+        assert mad(y, narrow(x)) <= 1e-5
+        plain = slim.export(model, w, example_input=x)
+        assert mad(plain(x), y) <= 1e-5
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in ref.parameters())
+
+
+def _load_sliced(narrow: nn.Module, full: nn.Module, sel: dict) -> nn.Module:
+    """Copy ``full``'s tensors into ``narrow`` sliced by ``sel[name] -> index per dim`` (None: whole dim)."""
+    sd = full.state_dict()
+    out = {}
+    for k, v in narrow.state_dict().items():
+        t = sd[k]
+        for d, n in enumerate(v.shape):
+            t = t.narrow(d, 0, n) if k not in sel else t.index_select(d, sel[k][d]) if sel[k][d] is not None else t
+        out[k] = t
+    narrow.load_state_dict(out)
+    return narrow.eval()
+
+
+# ---- constants computed in the forward ----------------------------------------------------------------------------
+class FourierPos(nn.Module):
+    """XCiT's ``PositionalEncodingFourier``: positions from ``arange`` / ``repeat`` / slices, projected to ``dim``."""
+
+    def __init__(self, dim, hidden=8):
+        super().__init__()
+        self.proj_in = nn.Conv2d(3, dim, 3, padding=1)
+        self.token_projection = nn.Conv2d(2 * hidden, dim, 1)
+        self.head = nn.Conv2d(dim, 5, 1)
+        self.hidden = hidden
+
+    def forward(self, x):
+        x = self.proj_in(x)
+        B, _, H, W = x.shape
+        y_embed = torch.arange(1, H + 1).to(torch.float32).unsqueeze(1).repeat(1, 1, W)
+        x_embed = torch.arange(1, W + 1).to(torch.float32).repeat(1, H, 1)
+        y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * 6.28
+        x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * 6.28
+        dim_t = 100.0 ** (torch.arange(self.hidden).to(torch.float32) / self.hidden)
+        pos = torch.cat((y_embed[..., None] / dim_t, x_embed[..., None] / dim_t), dim=3).sin().permute(0, 3, 1, 2)
+        return self.head(x + self.token_projection(pos).repeat(B, 1, 1, 1))
+
+
+def test_constants_computed_in_the_forward_hold_no_channels(mad):
+    x = torch.randn(2, 3, 6, 7)
+    model, ref = _convert(FourierPos(32), x)
+    c = slim.make_divisible(32 * 0.5)
+    narrow = _load_sliced(FourierPos(c), ref, {})
+    _check(model, ref, x, 0.5, narrow, mad)
+
+
+# ---- chunk(k) of a count k does not divide -----------------------------------------------------------------------
+class UnevenChunks(nn.Module):
+    """EdgeNeXt's ``SplitTransposeBlock``: ``chunk(3)`` of 44 channels is ``[15, 15, 14]``, of 24 ``[8, 8, 8]``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        w = math.ceil(dim / 3)
+        self.convs = nn.ModuleList([nn.Conv2d(w, w, 3, padding=1, groups=w) for _ in range(2)])
+        self.head = nn.Conv2d(dim, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        spx = x.chunk(3, dim=1)
+        sp, spo = spx[0], []
+        for i, conv in enumerate(self.convs):
+            if i > 0:
+                sp = sp + spx[i]
+            sp = conv(sp)
+            spo.append(sp)
+        spo.append(spx[-1])
+        return self.head(torch.cat(spo, 1))
+
+
+def test_chunk_counts_follow_torch_and_refuse_a_larger_piece():
+    for n in range(3, 45):
+        want = [t.shape[1] for t in torch.zeros(1, n).chunk(3, dim=1)]
+        try:
+            got = _chunk_counts(n, _ChunkSizes((15, 15, 14)))
+        except NotExactError:
+            assert len(want) < 3 or want[-1] > 14 or max(want) > 15
+            continue
+        assert got == want
+    with pytest.raises(NotExactError, match="sub-pieces"):
+        _chunk_counts(4, _ChunkSizes((15, 15, 14)))  # torch gives 2 pieces of 2
+
+
+def test_uneven_chunk_is_exact(mad):
+    x = torch.randn(2, 3, 5, 5)
+    model, ref = _convert(UnevenChunks(44), x)
+    with torch.no_grad(), slim.width(0.5):
+        assert model.stem(x).shape[1] == 24  # make_divisible(22, 8)
+    # the narrow pieces are the first 8 / 8 / 8 channels of the full pieces [0:15], [15:30], [30:44]
+    idx = torch.cat([torch.arange(8), 15 + torch.arange(8), 30 + torch.arange(8)])
+    narrow = _load_sliced(UnevenChunks(24), ref, {
+        "stem.weight": (idx, None, None, None), "stem.bias": (idx,), "head.weight": (None, idx, None, None)})
+    _check(model, ref, x, 0.5, narrow, mad)
+
+
+# ---- a view with a fixed run count -------------------------------------------------------------------------------
+class SelectiveKernel(nn.Module):
+    """SKNet: two paths stacked ``(B, 2, C, H, W)``, attention ``fc_select`` to ``2 C`` viewed as
+    ``(B, 2, C, 1, 1)`` (``self.num_paths`` runs), softmax over the paths, weighted sum over them."""
+
+    def __init__(self, dim, attn=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.paths = nn.ModuleList([nn.Conv2d(dim, dim, 3, padding=1), nn.Conv2d(dim, dim, 3, padding=2, dilation=2)])
+        self.fc_reduce = nn.Conv2d(dim, attn, 1)
+        self.fc_select = nn.Conv2d(attn, dim * 2, 1)
+        self.num_paths = 2
+        self.head = nn.Conv2d(dim, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.stack([p(x) for p in self.paths], dim=1)
+        a = self.fc_select(F.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        B, C, H, W = a.shape
+        a = torch.softmax(a.view(B, self.num_paths, C // self.num_paths, H, W), dim=1)
+        return self.head((x * a).sum(1))
+
+
+def test_fixed_run_count_view_is_exact(mad):
+    x = torch.randn(2, 3, 6, 6)
+    model, ref = _convert(SelectiveKernel(32), x)
+    c = slim.make_divisible(32 * 0.5)
+    runs = torch.cat([torch.arange(c), 32 + torch.arange(c)])  # the first c channels of each path's run
+    narrow = _load_sliced(SelectiveKernel(c), ref, {"fc_select.weight": (runs, None, None, None),
+                                                    "fc_select.bias": (runs,)})
+    _check(model, ref, x, 0.5, narrow, mad)
+
+
+# ---- x @ W and an L2 norm over the channels ----------------------------------------------------------------------
+class AdditiveAttention(nn.Module):
+    """SwiftFormer's ``EfficientAdditiveAttention`` on tokens ``(B, N, C)``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.to_query = nn.Linear(dim, dim)
+        self.to_key = nn.Linear(dim, dim)
+        self.w_g = nn.Parameter(torch.randn(dim, 1))
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        q = F.normalize(self.to_query(x), dim=-1)
+        k = F.normalize(self.to_key(x), dim=-1)
+        a = F.normalize(q @ self.w_g * 0.125, dim=1)
+        g = torch.sum(a * q, dim=1, keepdim=True)
+        return self.head(self.proj(g * k) + q)
+
+
+def test_parameter_matmul_and_channel_norm_are_exact(mad):
+    x = torch.randn(2, 3, 4, 5)
+    model, ref = _convert(AdditiveAttention(32), x)
+    narrow = _load_sliced(AdditiveAttention(slim.make_divisible(32 * 0.5)), ref, {})
+    _check(model, ref, x, 0.5, narrow, mad)
+
+
+# ---- s[-1] * self.num_heads ----------------------------------------------------------------------------------------
+class MultiQuery(nn.Module):
+    """MobileNetV5's ``MultiQueryAttention2d``: ``num_heads`` query heads of ``key_dim`` share one key / value head;
+    the output merges ``(B, L, heads, v)`` into ``s[-1] * self.num_heads`` channels."""
+
+    def __init__(self, heads, dim=32, key_dim=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.query = nn.Conv2d(dim, heads * key_dim, 1)
+        self.key = nn.Conv2d(dim, key_dim, 1)
+        self.value = nn.Conv2d(dim, key_dim, 1)
+        self.head = nn.Conv2d(heads * key_dim, 5, 1)
+        self.num_heads, self.key_dim = heads, key_dim
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, C, H, W = x.shape
+        q = self.query(x)
+        q = q.reshape(B, self.num_heads, self.key_dim, -1).transpose(-1, -2)        # (B, h, L, k)
+        k = self.key(x).reshape(B, self.key_dim, -1).transpose(1, 2).unsqueeze(1)  # (B, 1, L, k)
+        v = self.value(x).reshape(B, self.key_dim, -1).transpose(1, 2).unsqueeze(1)
+        o = F.scaled_dot_product_attention(q, k, v)                                 # (B, h, L, v)
+        s = o.shape
+        o = o.transpose(1, 2).reshape(B, H, W, s[-1] * self.num_heads).permute(0, 3, 1, 2)
+        return self.head(o)
+
+
+def test_head_merge_sized_by_the_head_attribute_is_exact(mad):
+    x = torch.randn(2, 3, 4, 4)
+    model, ref = _convert(MultiQuery(4), x)
+    with torch.no_grad(), slim.width(0.5):
+        assert model.query(model.stem(x)).shape[1] == 16  # 2 of 4 heads, key_dim 8 kept
+    narrow = _load_sliced(MultiQuery(2, dim=16), ref, {})
+    _check(model, ref, x, 0.5, narrow, mad)
