@@ -141,6 +141,15 @@ class _ShapeAwareProxy(torch.fx.Proxy):
     def __index__(self):
         return self.tracer.to_int(self)
 
+    def __getattr__(self, k):
+        # a tensor's device / dtype is metadata, not data: answered from the example input, so a forward may build
+        # an autocast context from it (EfficientViT-MIT); the graph serves the analysis only, never runs
+        if k in ("device", "dtype", "is_cuda"):
+            v = self.tracer.values.get(self.node, _UNKNOWN) if isinstance(self.tracer, _Tracer) else _UNKNOWN
+            if torch.is_tensor(v):
+                return getattr(v, k)
+        return super().__getattr__(k)
+
 
 class _Tracer(torch.fx.Tracer):
     """Keeps slim layers (and modules adapters mark as fx leaves) as leaves; remembers where tracing failed."""

@@ -231,3 +231,26 @@ def test_head_merge_sized_by_the_head_attribute_is_exact(mad):
         assert model.query(model.stem(x)).shape[1] == 16  # 2 of 4 heads, key_dim 8 kept
     narrow = _load_sliced(MultiQuery(2, dim=16), ref, {})
     _check(model, ref, x, 0.5, narrow, mad)
+
+
+# ---- a forward that reads a tensor's device ----------------------------------------------------------------------
+class AutocastOff(nn.Module):
+    """EfficientViT-MIT's ``LiteMLA``: ``torch.autocast(device_type=v.device.type, enabled=False)`` around the
+    attention (the tracer answers ``.device`` / ``.dtype`` from the example input)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.head = nn.Conv2d(dim, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.relu(x.to(x.dtype))
+        return self.head(x)
+
+
+def test_device_and_dtype_of_a_traced_tensor(mad):
+    x = torch.randn(2, 3, 4, 4)
+    model, ref = _convert(AutocastOff(32), x)
+    _check(model, ref, x, 0.5, _load_sliced(AutocastOff(16), ref, {}), mad)
