@@ -898,6 +898,9 @@ class _Builder:
         shape = _shape(node)
         first = node.args[0] if node.args else None
         fv = self.val.get(first) if isinstance(first, torch.fx.Node) else None
+        for a in node.all_input_nodes:
+            if a is not first and isinstance(self.val.get(a), _Factored):
+                self._materialize(a, self.where(node))  # x * attn.view(B, r, C // r, 1, 1) (ResNeSt)
         if isinstance(fv, _Factored):
             return self.visit_layout(node, name)
         if isinstance(fv, _Runs):
@@ -1526,6 +1529,13 @@ class _Builder:
                 def literal(v):
                     return isinstance(v, int) and not isinstance(v, (bool, AttrInt)) and v != -1
 
+                if n == 2 and isinstance(lits[0], AttrInt) and lits[0].tag.root.escaped and \
+                        (lits[1] == -1 or isinstance(lits[1], torch.fx.Node)):
+                    # (self.radix, -1) with an attribute the forward also computes with (ResNeSt's ``if
+                    # self.radix > 1``): a fixed run count, not heads; r runs of one channel set, channels last
+                    self.val[node] = self._runs_of(src, int(shape[j0]), tuple(shape), j0 + 1, self.where(node))
+                    self._tids.add(node)
+                    return True
                 if n == 2 and literal(lits[0]):  # (r, C / r): q / k / v runs of channels, no heads
                     r, d, h_lit, d_lit = int(shape[j0]), 1, None, lits[1]
                 elif n == 2:
@@ -1734,19 +1744,29 @@ class _Builder:
                 return self.opaque(node, "channel shuffle with a constant group size (view(N, C//g, g, ...)): its "
                                          "group count changes with the width; use view(N, g, C//g, ...)")
         src_node = node.args[0] if node.args else None
-        vshape = _shape(src_node) if isinstance(src_node, torch.fx.Node) else None
-        if not f.swapped and f.outer_literal and vshape is not None and len(vshape) == 5:
-            # (N, r, C/r, H, W) with a fixed run count r (SKNet's paths, ResNeSt's radix): r equal runs of one
-            # channel set, the channels on dim 2; ops over dim 1 then act within each channel
-            where = self.where(node)
-            runs = [self.new((1, f.b), 1) for _ in range(f.a)]
-            self.emit(SPLIT, (f.src,), runs, where, f.a)
-            t = self.new(vshape, 2)
-            self.emit(TIE, runs, (t,), where)
-            self.val[src_node] = t
-            self._tids.add(src_node)
+        if self._materialize(src_node, self.where(node)):
             return self.visit(node)
         return self.opaque(node, f"{name} of a channel-factored tensor")
+
+    def _materialize(self, fnode, where) -> bool:
+        """A view ``(N, r, C/r, H, W)`` (value of ``fnode``) with a fixed run count ``r`` (SKNet's paths, ResNeSt's
+        radix) read by an op other than a channel shuffle: ``r`` equal runs of one channel set, the channels on
+        dim 2, so ops over dim 1 act within each channel. Returns whether it applied."""
+        f = self.val.get(fnode) if isinstance(fnode, torch.fx.Node) else None
+        vshape = _shape(fnode) if isinstance(fnode, torch.fx.Node) else None
+        if not isinstance(f, _Factored) or f.swapped or not f.outer_literal or vshape is None or len(vshape) != 5:
+            return False
+        self.val[fnode] = self._runs_of(f.src, f.a, vshape, 2, where)
+        self._tids.add(fnode)
+        return True
+
+    def _runs_of(self, src, r, shape, cdim, where) -> int:
+        """A tensor of ``shape`` viewing ``src`` as ``r`` equal runs of one channel set, the channels on ``cdim``."""
+        runs = [self.new((1, self.full[src] // r), 1) for _ in range(r)]
+        self.emit(SPLIT, (src,), runs, where, r)
+        t = self.new(shape, cdim)
+        self.emit(TIE, runs, (t,), where)
+        return t
 
 
 def _join_name(prefix, name):

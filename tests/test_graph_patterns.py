@@ -254,3 +254,46 @@ def test_device_and_dtype_of_a_traced_tensor(mad):
     x = torch.randn(2, 3, 4, 4)
     model, ref = _convert(AutocastOff(32), x)
     _check(model, ref, x, 0.5, _load_sliced(AutocastOff(16), ref, {}), mad)
+
+
+# ---- ResNeSt's split attention: a run count the forward also branches on ------------------------------------------
+class SplitAttention(nn.Module):
+    """ResNeSt's ``SplitAttn`` + ``RadixSoftmax``: a grouped conv to ``radix x C``, the runs summed, attention
+    ``view(B, self.cardinality, self.radix, -1).transpose(1, 2)``, softmax over the radix (``self.radix`` is also
+    read by ``if self.radix > 1``, so it is a fixed run count, not a head count)."""
+
+    def __init__(self, dim, radix=2, attn=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.conv = nn.Conv2d(dim, dim * radix, 3, padding=1, groups=radix)
+        self.fc1 = nn.Conv2d(dim, attn, 1)
+        self.fc2 = nn.Conv2d(attn, dim * radix, 1)
+        self.head = nn.Conv2d(dim, 5, 1)
+        self.radix, self.cardinality = radix, 1
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        B, RC, H, W = x.shape
+        x = x.reshape((B, self.radix, RC // self.radix, H, W))
+        a = self.fc2(F.relu(self.fc1(x.sum(dim=1).mean((2, 3), keepdim=True))))
+        if self.radix > 1:
+            a = a.view(B, self.cardinality, self.radix, -1).transpose(1, 2)
+            a = F.softmax(a, dim=1).reshape(B, -1)
+        a = a.view(B, -1, 1, 1)
+        return self.head((x * a.reshape((B, self.radix, RC // self.radix, 1, 1))).sum(dim=1))
+
+
+def test_split_attention_with_a_branching_run_count_is_exact(mad):
+    x = torch.randn(2, 3, 6, 6)
+    model, ref = _convert(SplitAttention(32), x)
+    chans = slim.active_channels(model, 0.5)
+    c = len(chans["head"][0])
+    assert c < 32 and list(chans["fc2"][1]) == list(range(c)) + list(range(32, 32 + c))  # c of each radix run
+    sel = {}
+    for name in ("stem", "conv", "fc1", "fc2", "head"):
+        cin, cout = (torch.as_tensor(v) for v in chans[name])
+        if name == "conv":  # grouped: the weight's input dim holds one group's channels
+            cin = cin[: len(cin) // 2]
+        sel[f"{name}.weight"] = (cout, cin, None, None)
+        sel[f"{name}.bias"] = (cout,)
+    _check(model, ref, x, 0.5, _load_sliced(SplitAttention(c), ref, sel), mad)
