@@ -117,6 +117,9 @@ _SPLIT = {"chunk", "split", "tensor_split"}
 _DIM_OPS = {"softmax", "log_softmax", "normalize", "cumsum", "cumprod", "flip", "roll", "sort", "argsort", "topk",
             "max", "min", "amax", "amin", "mean", "sum", "std", "var", "norm", "prod", "logsumexp", "any", "all",
             "argmax", "argmin", "gather", "index_select", "narrow", "select", "unbind", "median", "count_nonzero"}
+# Statistics over the channel dim that a model of any width computes over its own channels (permutation-invariant).
+_CHANNEL_STATS = {"normalize", "softmax", "log_softmax", "mean", "sum", "norm", "amax", "amin", "var", "std",
+                  "logsumexp"}
 # Functional ops that mix channels with weights of their own: the channels cannot be followed through them.
 _MIXING = {"conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear", "matmul", "mm", "bmm", "einsum", "bilinear",
            "group_norm", "layer_norm", "instance_norm", "batch_norm", "embedding", "scaled_dot_product_attention"}
@@ -811,12 +814,20 @@ class _Builder:
             self.emit(OPAQUE, ins, (), self.where(node), why)
 
     def _from_constants(self, node) -> bool:
-        """Every tensor input of ``node`` is a constant (an ``arange``, a buffer; not a parameter read, not the
-        model input): its result holds no channels of the model, whatever its shape."""
+        """Every tensor input of ``node`` is always whole (the model input, an ``arange``, a buffer; not a parameter
+        read): its result holds no channels the width changes, whatever its shape (CSATv2's colour and DCT stem)."""
         nodes = [a for a in node.all_input_nodes if a in self._tids]
         if not nodes or any(not isinstance(self.val.get(a), int) for a in nodes):
             return False
-        return all(self.made_by.get(self.val[a]) == CONST and self.val[a] not in self.pmap for a in nodes)
+        whole = [a for a in nodes if self.val[a] not in self.pmap]
+        if not whole or any(self.made_by.get(self.val[a]) not in (INPUT, CONST) for a in whole):
+            return False
+        if len(whole) == len(nodes):
+            return True
+        # a parameter read broadcast into a whole tensor (x * self.imagenet_std): it is read whole as well
+        name = _fname(node.target)
+        return (node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS) and \
+            any(_shape(a) == _shape(node) for a in whole)
 
     def _always_full(self, t) -> bool:
         return self.made_by.get(t) in (INPUT, CONST)
@@ -964,10 +975,16 @@ class _Builder:
             return self.visit_layout(node, name)
         if node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS or len(ins) >= 2 or params:
             return self.visit_tie(node, ins)
-        if name == "normalize" and self._dim_hits_channels(node) and shape == _shape(node.args[0]):
-            # an L2 norm over the active channels: the narrow net computes what the stock narrow model does (as a
-            # LayerNorm without affine); SwiftFormer's query / key
-            return self.alias(node, ins[0])
+        if name in _CHANNEL_STATS and self._dim_hits_channels(node) and shape is not None:
+            # a statistic over the active channels (GRN's mean, SwiftFormer's L2 normalize): the narrow net
+            # computes what the stock model of that width does, as a LayerNorm does
+            if name in ("normalize", "softmax", "log_softmax"):
+                if shape != _shape(node.args[0]):
+                    return self.opaque(node, f"{name} over the channel dim")
+                return self.alias(node, ins[0])
+            k = self.cdim[ins[0]]
+            keep = len(shape) == self.rank[ins[0]] and shape[k] == 1
+            return self.out_tensor(node, CONST, (), cdim=k if keep else None)
         if name in _DIM_OPS and self._dim_hits_channels(node):
             return self.opaque(node, f"{name} over the channel dim")
         if node.target in self.tile_fns and shape is not None:
@@ -1009,6 +1026,8 @@ class _Builder:
             return node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None)
         if name == "flip":
             return node.kwargs.get("dims", node.args[1] if len(node.args) > 1 else None)
+        if name == "norm":  # norm(input, p, dim)
+            return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
         return node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else None))
 
     def _dim_hits_channels(self, node) -> bool:
@@ -1153,7 +1172,8 @@ class _Builder:
             return
         if isinstance(v, _Runs):
             return self.visit_runs(node, "getitem", v)
-        if base in self._tids and self.made_by.get(v) == CONST and v not in self.pmap and _shape(node) is not None:
+        if base in self._tids and self.made_by.get(v) in (INPUT, CONST) and v not in self.pmap and \
+                _shape(node) is not None:
             return self.out_tensor(node, CONST, ())  # a view of a constant (arange, a buffer): no channels
         if not (base in self._tids):
             self.val[node] = None  # size()[i], python containers

@@ -297,3 +297,39 @@ def test_split_attention_with_a_branching_run_count_is_exact(mad):
         sel[f"{name}.weight"] = (cout, cin, None, None)
         sel[f"{name}.bias"] = (cout,)
     _check(model, ref, x, 0.5, _load_sliced(SplitAttention(c), ref, sel), mad)
+
+
+# ---- ops on the model input; a statistic over the channels -------------------------------------------------------
+class ColourStemGRN(nn.Module):
+    """CSATv2's stem (the input de-normalised by buffers, its colour planes indexed and re-stacked: always whole)
+    and ConvNeXt-V2's GRN (``Gx / Gx.mean(dim=channels)``: a statistic over the active channels)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("std", torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1))
+        self.conv_y = nn.Conv2d(1, dim // 2, 1)
+        self.conv_c = nn.Conv2d(2, dim - dim // 2, 1)
+        self.gamma = nn.Parameter(torch.randn(1, dim, 1, 1))
+        self.head = nn.Conv2d(dim, 5, 1)
+
+    def forward(self, x):
+        x = x.mul(self.std) * 255
+        r, g, b = x[:, 0], x[:, 1], x[:, 2]
+        y = r * 0.299 + g * 0.587 + b * 0.114
+        x = torch.stack([y, 0.5 * (b - y), 0.7 * (r - y)], dim=1)
+        x = torch.cat([self.conv_y(x[:, :1]), self.conv_c(x[:, 1:])], dim=1)
+        gx = torch.norm(x, p=2, dim=(2, 3), keepdim=True)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+        return self.head(x + self.gamma * (x * nx))
+
+
+def test_input_ops_and_channel_statistics_are_exact(mad):
+    x = torch.randn(2, 3, 5, 5)
+    model, ref = _convert(ColourStemGRN(32), x)
+    chans = slim.active_channels(model, 0.5)
+    cy, cc = len(chans["conv_y"][1]), len(chans["conv_c"][1])
+    assert cy < 16 and cc < 16
+    narrow = ColourStemGRN(cy + cc)
+    idx = torch.cat([torch.arange(cy), 16 + torch.arange(cc)])
+    narrow = _load_sliced(narrow, ref, {"gamma": (None, idx, None, None), "head.weight": (None, idx, None, None)})
+    _check(model, ref, x, 0.5, narrow, mad)
