@@ -1666,20 +1666,37 @@ class _Builder:
         if shape is None or (ta is None and tb is None):
             return self.opaque(node, "matmul mixes channels")
         R = len(shape)
-        batch = []
+        batch, kept, contracted = [], [], []
         for t, side in ((ta, 0), (tb, 1)):
             if t is None:
                 continue
             r, k = self.rank[t], self.cdim[t]
             if r >= 3 and k < r - 2:
                 batch.append(t)
-            elif side == 0 and k == r - 2 and tb is None and r >= 2:
-                return self.alias(node, t, R - 2)
-            elif side == 1 and k == r - 1 and ta is None:
-                return self.alias(node, t, R - 1)
+            elif (side == 0 and k == r - 2 and r >= 2) or (side == 1 and k == r - 1):
+                kept.append((t, side))
             else:
-                return self.opaque(node, "matmul mixes channels")
-        return self.visit_tie(node, batch)
+                contracted.append(t)
+        if batch and (kept or contracted):
+            return self.opaque(node, "matmul mixes channels")
+        if batch:
+            return self.visit_tie(node, batch)
+        # channels summed over (a's columns, b's rows), or on b's columns next to a's rows (EfficientViM's state
+        # product x @ (a * b)^T, then h @ c): a channel set the result cannot carry stays whole at every width
+        for t in contracted + [t for t, side in kept[1:]]:
+            self.keep_whole(t, self.where(node))
+        if kept:
+            t, side = kept[0]
+            return self.alias(node, t, R - 2 if side == 0 else R - 1)
+        return self.out_tensor(node, CONST, (), cdim=None)
+
+    def keep_whole(self, t, where) -> None:
+        """Tensor ``t``'s channel set is whole at every width (tied to a constant of its size)."""
+        if self._always_full(t):
+            return
+        c = self.new((1, self.full[t]), 1)
+        self.emit(CONST, (), (c,), where)
+        self.tie_counts(t, c, where)
 
     def visit_sdpa(self, node, ins):
         """``scaled_dot_product_attention(q, k, v, attn_mask)``: heads (a batch dim of every operand) are one
@@ -1692,9 +1709,7 @@ class _Builder:
             elif r >= 3 and k >= r - 2 and self._size_at(t, node, r - 3) == 1 and not self._always_full(t):
                 # one key / value head broadcast over the query heads (multi-query attention): its channels are
                 # the head dim, which stays whole at every width
-                c = self.new((1, self.full[t]), 1)
-                self.emit(CONST, (), (c,), self.where(node))
-                self.tie_counts(t, c, self.where(node))
+                self.keep_whole(t, self.where(node))
             elif not self._always_full(t):
                 return self.opaque(node, "scaled_dot_product_attention mixes channels")
         return self.visit_tie(node, heads)

@@ -333,3 +333,31 @@ def test_input_ops_and_channel_statistics_are_exact(mad):
     idx = torch.cat([torch.arange(cy), 16 + torch.arange(cc)])
     narrow = _load_sliced(narrow, ref, {"gamma": (None, idx, None, None), "head.weight": (None, idx, None, None)})
     _check(model, ref, x, 0.5, narrow, mad)
+
+
+# ---- a matmul over a second channel set ---------------------------------------------------------------------------
+class StateProduct(nn.Module):
+    """EfficientViM's ``HSMSSD``: ``h = x @ (a * b)^T`` pairs the model's channels (rows of x) with a state of
+    ``state`` channels (columns), and ``y = h @ c`` sums over the state: the state stays whole at every width."""
+
+    def __init__(self, dim, state=8):
+        super().__init__()
+        self.stem = nn.Conv1d(3, dim, 1)
+        self.bc = nn.Conv1d(dim, 2 * state, 1)
+        self.hz = nn.Conv1d(dim, dim, 1)
+        self.head = nn.Conv1d(dim, 5, 1)
+        self.state = state
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c = torch.split(self.bc(x), [self.state, self.state], dim=1)
+        h = x @ b.softmax(-1).transpose(-2, -1)  # (B, C, S)
+        return self.head(self.hz(h) @ c)          # (B, C, L)
+
+
+def test_matmul_over_a_second_channel_set_keeps_it_whole(mad):
+    x = torch.randn(2, 3, 7)
+    model, ref = _convert(StateProduct(32), x)
+    chans = slim.active_channels(model, 0.5)
+    assert len(chans["bc"][1]) == 16 and len(chans["stem"][1]) == 16  # the state whole, the channels halved
+    _check(model, ref, x, 0.5, _load_sliced(StateProduct(16), ref, {}), mad)
