@@ -681,6 +681,10 @@ class _Builder:
         for node in self.gm.graph.nodes:
             self.visit(node)
         self._check_ints()
+        for target in sorted(self.__dict__.get("_whole_params", ())):
+            hit = self.param_ids.get(target)  # also tied to channels elsewhere: it must stay whole there too
+            if hit is not None:
+                self.keep_whole(hit[0], f"parameter {_join_name(self.prefix, target)!r}")
         return self
 
     # -- module ints that size channel dims (num_heads) ------------------------------------------------------
@@ -822,12 +826,11 @@ class _Builder:
         whole = [a for a in nodes if self.val[a] not in self.pmap]
         if not whole or any(self.made_by.get(self.val[a]) not in (INPUT, CONST) for a in whole):
             return False
-        if len(whole) == len(nodes):
-            return True
-        # a parameter read broadcast into a whole tensor (x * self.imagenet_std): it is read whole as well
-        name = _fname(node.target)
-        return (node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS) and \
-            any(_shape(a) == _shape(node) for a in whole)
+        # a parameter read with whole tensors (x * self.imagenet_std, a RoPE table from its bands): read whole
+        for a in nodes:
+            if self.val[a] in self.pmap:
+                self.__dict__.setdefault("_whole_params", set()).add(self.pmap[self.val[a]][0])
+        return True
 
     def _always_full(self, t) -> bool:
         return self.made_by.get(t) in (INPUT, CONST)
@@ -939,8 +942,15 @@ class _Builder:
                 self.pmap[t] = (target, [dims[i] if i is not None else None for i in m])
             return
         ins = self.channel_inputs(node)
-        if self._from_constants(node) and shape is not None and not self._is_tuple_result(node):
-            return self.out_tensor(node, CONST, ())  # computed from constants only (XCiT's Fourier positions)
+        if self._from_constants(node):  # computed from whole tensors only (XCiT's Fourier positions, a RoPE table)
+            if self._is_tuple_result(node):
+                self.val[node] = ("tuple", [self.new(s) if s is not None else None for s in self._tuple_shapes(node)])
+                for t in self.val[node][1]:
+                    if t is not None:
+                        self.emit(CONST, (), (t,), node.name)
+                return
+            if shape is not None:
+                return self.out_tensor(node, CONST, ())
         if name in _NEW_TENSOR and shape is not None:  # x.new_empty(shape): a fresh tensor, not x's channels
             self.out_tensor(node, CONST, ())
             return
@@ -1390,6 +1400,11 @@ class _Builder:
                     members.append(root)
                 continue
             if self.rank[t] >= 1 and 0 <= tshape_k < self.rank[t] and c > 1 and self._size_at(t, node, tshape_k) == c:
+                if self.cdim[t] != tshape_k:  # read along that dim (its own channel dim is another)
+                    if not self._always_full(t):
+                        return self.opaque(node, f"{_fname(node.target)} broadcasts tensors of different channel "
+                                                 "layouts")
+                    t = self.rehome(t, tshape_k, self._src_shape(node, t))
                 members.append(t)  # e.g. a constant of the channels' size: always whole
         if c <= 1 or not members:
             return self.out_tensor(node, CONST, ())

@@ -361,3 +361,48 @@ def test_matmul_over_a_second_channel_set_keeps_it_whole(mad):
     chans = slim.active_channels(model, 0.5)
     assert len(chans["bc"][1]) == 16 and len(chans["stem"][1]) == 16  # the state whole, the channels halved
     _check(model, ref, x, 0.5, _load_sliced(StateProduct(16), ref, {}), mad)
+
+
+# ---- a rotary table computed from a buffer and the token grid ----------------------------------------------------
+class RotaryAttention(nn.Module):
+    """Qwen3-ViT / EVA style rotary attention: a table built in the forward from a frequency buffer and the token
+    positions (always whole, split by ``chunk`` into sin / cos), multiplied with each head's ``head_dim`` features;
+    a fixed-size position embedding added along the tokens. Heads are slimmed, ``head_dim`` and the table stay whole."""
+
+    def __init__(self, heads, head_dim=8, tokens=6):
+        super().__init__()
+        dim = heads * head_dim
+        self.stem = nn.Linear(3, dim)
+        self.register_buffer("bands", 1.0 / 10 ** torch.arange(head_dim // 4).float())
+        self.pos = nn.Parameter(torch.randn(tokens, 1))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+        self.num_heads, self.head_dim = heads, head_dim
+
+    def forward(self, x):                                             # (B, L, 3)
+        x = self.stem(x) + self.pos                                   # pos: (L, 1), read along the tokens
+        B, L, C = x.shape
+        t = torch.arange(L, dtype=x.dtype)
+        f = t[:, None] * self.bands[None, :]                          # (L, hd / 4)
+        table = torch.cat([f.sin(), f.sin(), f.cos(), f.cos()], -1)   # (L, hd)
+        sin, cos = table.chunk(2, -1)
+        sin, cos = torch.cat([sin, sin], -1), torch.cat([cos, cos], -1)
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        rot = lambda u: torch.cat([-u[..., self.head_dim // 2:], u[..., : self.head_dim // 2]], -1)  # noqa: E731
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        return self.head(self.proj(o))
+
+
+def test_rotary_table_from_a_buffer_stays_whole(mad):
+    x = torch.randn(2, 6, 3)
+    model, ref = _convert(RotaryAttention(4), x)
+    chans = slim.active_channels(model, 0.5)
+    assert len(chans["proj"][1]) == 16  # 2 of 4 heads of 8
+    sel = {}
+    for name in ("stem", "qkv", "proj", "head"):
+        cin, cout = (torch.as_tensor(v) for v in chans[name])
+        sel[f"{name}.weight"] = (cout, cin)
+        sel[f"{name}.bias"] = (cout,)
+    _check(model, ref, x, 0.5, _load_sliced(RotaryAttention(2), ref, sel), mad)

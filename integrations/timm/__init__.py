@@ -104,7 +104,7 @@ def _register_fx_notrace() -> None:
 _LAYOUT_FN_NAMES = {"window_partition", "window_reverse", "grid_partition", "grid_reverse", "window_partition_nchw",
                     "window_reverse_nchw", "grid_partition_nchw", "grid_reverse_nchw",
                     # position embeddings interpolated over the token grid, each channel on its own
-                    "resample_abs_pos_embed", "resample_abs_pos_embed_nhwc"}
+                    "resample_abs_pos_embed", "resample_abs_pos_embed_nhwc", "resample_pos_embed_grid"}
 
 
 _register_fx_notrace()
