@@ -137,6 +137,32 @@ def test_eval_weight_cache_invalidated_by_updates(mad):
     assert mad(y3, F.conv2d(x, sd["0.weight"][:16], sd["0.bias"][:16])) <= 1e-6
 
 
+def test_linear_eval_fast_path_follows_width_writes_and_new_parameters(mad):
+    """The one-entry eval fast path of SlimLinear (batch-1 latency) must miss on every change that the per-geometry
+    cache misses on: another width, an in-place write, a new parameter object."""
+    model = slim.convert(nn.Sequential(nn.Linear(3, 32), nn.Linear(32, 4)), slim.WidthSpec.range(0.25, 1.0))
+    model.eval()
+    layer = model[0]
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        for w, c in [(0.5, 16), (0.25, 8), (0.5, 16), (1.0, 32)]:
+            with slim.width(w):
+                y = layer(x)
+                assert torch.equal(layer(x), y)  # the second call is the fast path
+            assert mad(y, F.linear(x, layer.weight[:c], layer.bias[:c])) <= 1e-6
+    head, h = model[1], torch.randn(2, 16)  # reads 16 of 32 inputs: its cached weight is a copy, not a view
+    with torch.no_grad(), slim.width(0.5):
+        head.bias = nn.Parameter(torch.zeros(4))
+        y0 = head(h)
+        head.bias = nn.Parameter(torch.ones(4))  # a new parameter object with the same write counter
+        y1 = head(h)
+        head.weight.mul_(2.0)  # an in-place write (optimizer step, EMA)
+        y2 = head(h)
+    assert mad(y1, y0 + 1.0) <= 1e-6
+    assert mad(y2, 2.0 * y0 + 1.0) <= 1e-5
+    assert mad(y2, F.linear(h, head.weight[:, :16], head.bias)) <= 1e-6
+
+
 def test_gradients_reach_only_the_active_slice():
     model = slim.convert(nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 4, 1)), slim.WidthSpec.range(0.25, 1.0))
     with slim.width(0.5):
