@@ -944,11 +944,7 @@ class _Builder:
         ins = self.channel_inputs(node)
         if self._from_constants(node):  # computed from whole tensors only (XCiT's Fourier positions, a RoPE table)
             if self._is_tuple_result(node):
-                self.val[node] = ("tuple", [self.new(s) if s is not None else None for s in self._tuple_shapes(node)])
-                for t in self.val[node][1]:
-                    if t is not None:
-                        self.emit(CONST, (), (t,), node.name)
-                return
+                return self._const_tuple(node)
             if shape is not None:
                 return self.out_tensor(node, CONST, ())
         if name in _NEW_TENSOR and shape is not None:  # x.new_empty(shape): a fresh tensor, not x's channels
@@ -963,11 +959,7 @@ class _Builder:
             if params and (node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS):
                 return self.visit_tie(node, [t for t in ins if t not in self.pmap])
             if self._is_tuple_result(node):
-                self.val[node] = ("tuple", [self.new(s) if s is not None else None for s in self._tuple_shapes(node)])
-                for t in self.val[node][1]:
-                    if t is not None:
-                        self.emit(CONST, (), (t,), node.name)
-                return
+                return self._const_tuple(node)
             self.out_tensor(node, CONST, ())
             return
         ins = [t for t in ins if t not in self.pmap]
@@ -1021,6 +1013,13 @@ class _Builder:
         if any(isinstance(a, torch.fx.Node) for a in others):
             return False
         return node.target in _ELEMENTWISE_FN or name in _ELEMENTWISE_METHODS or name in self._POINTWISE
+
+    def _const_tuple(self, node) -> None:
+        """A tuple result whose members are all whole (constants)."""
+        self.val[node] = ("tuple", [self.new(s) if s is not None else None for s in self._tuple_shapes(node)])
+        for t in self.val[node][1]:
+            if t is not None:
+                self.emit(CONST, (), (t,), node.name)
 
     def _is_tuple_result(self, node):
         tm = node.meta.get("tensor_meta")  # TensorMetadata is itself a NamedTuple: a tuple *of* them is meant
