@@ -631,6 +631,7 @@ class _Builder:
         self.mods = dict(gm.named_modules())
         self.int_ids: dict = {}         # AttrTag -> param tensor id of a module int that sizes a channel dim
         self.int_claims: dict = {}      # AttrTag -> graph arguments the analysis accounted for
+        self.whole_params: set = set()  # param targets read as one tensor together with whole ones: kept whole
 
     def new(self, shape, cdim=1) -> int:
         r = len(shape) if shape is not None else 0
@@ -681,7 +682,7 @@ class _Builder:
         for node in self.gm.graph.nodes:
             self.visit(node)
         self._check_ints()
-        for target in sorted(self.__dict__.get("_whole_params", ())):
+        for target in sorted(self.whole_params):
             hit = self.param_ids.get(target)  # also tied to channels elsewhere: it must stay whole there too
             if hit is not None:
                 self.keep_whole(hit[0], f"parameter {_join_name(self.prefix, target)!r}")
@@ -829,7 +830,7 @@ class _Builder:
         # a parameter read with whole tensors (x * self.imagenet_std, a RoPE table from its bands): read whole
         for a in nodes:
             if self.val[a] in self.pmap:
-                self.__dict__.setdefault("_whole_params", set()).add(self.pmap[self.val[a]][0])
+                self.whole_params.add(self.pmap[self.val[a]][0])
         return True
 
     def _always_full(self, t) -> bool:

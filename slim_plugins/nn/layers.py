@@ -134,7 +134,7 @@ class SlimMixin(CarriesWidth):
         return w, p.get("bias")
 
     def _fast_srcs(self) -> tuple:
-        """The tensors the eval fast path's values come from (:func:`fast_get`)."""
+        """The tensors the eval fast path's values come from (:func:`cached`)."""
         p = self._parameters
         return p.get("weight"), p.get("bias")
 
@@ -460,20 +460,22 @@ class SlimLinear(SlimMixin, nn.Linear):
         scale = w.shape[1] / in_c if self.averaging and in_c != w.shape[1] else None
         return Geo(out_c, in_c, 1, full, scale)
 
+    def _eval_weights(self, a, in_c: int) -> tuple:
+        """``(weight, bias, scale)`` of a no-grad call at configuration ``a`` with ``in_c`` input channels."""
+        geo = self.geometry(a, in_c)
+        return (*self._weights(geo), geo.scale)
+
     def forward(self, x):
         a = self._slim_state.active(self._dp_width)
         if not torch.is_grad_enabled():
-            # Eval fast path (DESIGN rule 7): the last width's (weight, bias, scale), while the parameters are the
-            # same objects with the same write counters (batch-1 latency: no geometry / cache walk per call).
-            hit = fast_get(self, a, x.shape[-1], self._fast_srcs())
-            if hit is not None:
-                w, b, scale = hit
-                y = F.linear(x, w, b)
-                return y if scale is None else y * scale
+            # Eval fast path (DESIGN rule 7): the last width's (weight, bias, scale) kept while the parameters are
+            # the same objects with the same write counters (batch-1 latency: no geometry / cache walk per call).
+            c = x.shape[-1]
+            w, b, scale = cached(self, "_slim_fast", (a, c), self._fast_srcs(), lambda: self._eval_weights(a, c), 1)
+            y = F.linear(x, w, b)
+            return y if scale is None else y * scale
         geo = self.geometry(a, x.shape[-1])
         w, b = self._weights(geo)
-        if not torch.is_grad_enabled():
-            fast_put(self, a, x.shape[-1], self._fast_srcs(), (w, b, geo.scale))
         y = F.linear(x, w, b)
         if geo.scale is not None:
             y = y * geo.scale
@@ -544,31 +546,6 @@ class SlimWeightNormConv2d(SlimConv2d):
             p.parametrizations.weight.original0.copy_(gs)
             p.parametrizations.weight.original1.copy_(vs)
         return p
-
-
-def fast_get(owner, a, c, srcs: tuple):
-    """The values :func:`fast_put` stored for configuration ``a`` (an :class:`~slim_plugins.context.Active`, the
-    same object at every call at one width) and input channels ``c``, if ``srcs`` (the tensors they were derived
-    from) are the very objects they were then, with the same in-place write counters; else ``None``.
-
-    One entry per module (the last width run): the eval fast path of a fixed width (DESIGN rule 7). Swapping a
-    parameter (assignment, ``load_state_dict(assign=True)``) changes the object, an in-place write (optimizer step,
-    ``copy_``, ``.data`` writes of a ``SlimParameter``) the counter: both miss.
-    """
-    f = owner.__dict__.get("_slim_fast")
-    if f is None or f[0] is not a or f[1] != c:
-        return None
-    old, vers = f[2], f[3]
-    for t, o, v in zip(srcs, old, vers):
-        if t is not o or (t is not None and t._version != v):
-            return None
-    return f[4]
-
-
-def fast_put(owner, a, c, srcs: tuple, vals) -> None:
-    """Remember ``vals`` for :func:`fast_get` (one entry per module; a tuple write, so threads at other widths
-    only miss)."""
-    owner.__dict__["_slim_fast"] = (a, c, srcs, tuple(None if t is None else t._version for t in srcs), vals)
 
 
 def cached(owner: nn.Module, slot: str, key, srcs: tuple, make, size: int = 16):
@@ -662,4 +639,4 @@ def _assign(p: nn.Module, w, b):
 
 __all__ = ["Geo", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
            "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES",
-           "track_data_writes", "is_weight_normed", "cached", "fast_get", "fast_put", "plain_copy"]
+           "track_data_writes", "is_weight_normed", "cached", "plain_copy"]
