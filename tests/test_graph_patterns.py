@@ -406,3 +406,38 @@ def test_rotary_table_from_a_buffer_stays_whole(mad):
         sel[f"{name}.weight"] = (cout, cin)
         sel[f"{name}.bias"] = (cout,)
     _check(model, ref, x, 0.5, _load_sliced(RotaryAttention(2), ref, sel), mad)
+
+
+# ---- a single-head attention output viewed to the embedding width -------------------------------------------------
+class SingleHead(nn.Module):
+    """PVT v2's first stage: one head (its head dim is the embedding width, whole at every width), the output
+    viewed back with ``reshape(B, N, C)`` where ``C`` is read from the input; the MLP hidden width still slims."""
+
+    def __init__(self, dim=16, hidden=32):
+        super().__init__()
+        self.stem = nn.Linear(3, dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, 5)
+        self.num_heads, self.head_dim = 1, dim
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, C))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x)
+
+
+def test_view_of_a_whole_attention_output_keeps_the_embedding_whole(mad):
+    x = torch.randn(2, 6, 3)
+    model, ref = _convert(SingleHead(), x)
+    chans = slim.active_channels(model, 0.5)
+    assert len(chans["stem"][1]) == 16 and len(chans["fc1"][1]) == 16  # the embedding whole, the hidden halved
+    _check(model, ref, x, 0.5, _load_sliced(SingleHead(16, 16), ref, {}), mad)

@@ -281,6 +281,29 @@ def test_timm_transformer_exports_load_into_the_stock_model(name, kw, size):
     assert st.stock_kwargs(exports[0.25]) != st.stock_kwargs(exports[1.0])
 
 
+# Found by benchmarks/coverage.py: single-head stages (PVT v2) and BEiT's cat'ed q/k/v bias with a zero k buffer
+# went untyped / refused when a view of an always-whole attention output was read as a constant.
+@pytest.mark.parametrize("name,kw,size", [
+    ("pvt_v2_b0", dict(depths=(1, 1, 1, 1)), 64),
+    ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4), 32),
+])
+def test_timm_models_from_coverage_convert_exactly(name, kw, size):
+    timm = pytest.importorskip("timm")
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7, **kw).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+    slim.convert(model, RANGE, example_input=x)
+    with torch.no_grad():
+        _same(model(x), ref, 0.0)
+    exports = _export_matches(model, x, [0.25, 0.5], tol=1e-4)
+    n = sum(p.numel() for p in exports[0.5].parameters())
+    assert n < sum(p.numel() for p in model.parameters())
+
+
 def test_attention_keeps_head_dim_and_drops_whole_heads():
     pytest.importorskip("timm")
     import slim_plugins.integrations.timm as st
