@@ -458,6 +458,17 @@ def test_eval_caches_follow_data_writes_of_tied_parameters_and_norms():
         _same(slim.export(net, 0.5)(x), y)
         # outside the forward the module's attribute is the parameter itself (optimizers, EMA, get_parameter)
         assert net.gamma is net.get_parameter("gamma") and net.gamma.shape == (32,)
+    # a new parameter object (load_state_dict with assign=True) with the old one's write count, another width
+    old, new = net.gamma, nn.Parameter(torch.randn(32))
+    with torch.no_grad():
+        while new._version < old._version:
+            new.add_(0.0)
+    assert new._version == old._version
+    net.gamma = new
+    with torch.no_grad():
+        for w in (0.5, 0.25):
+            with slim.width(w):
+                _same(slim.export(net, w)(x), net(x))
 
 
 class PosHolder(nn.Module):

@@ -17,7 +17,6 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from .layers import cached
 from .norm import BNGeo
 
 
@@ -59,17 +58,20 @@ class ParamHost:
             _in_forward.reset(token)
 
     def __getattr__(self, name):
-        ints = self.__dict__.get("_slim_ints")
+        d = self.__dict__
+        hosted = d.get("_slim_hosted")
+        if hosted is None or name not in hosted and name not in d.get("_slim_ints", ()):
+            return self._slim_base_getattr(name)  # a child module, a parameter read whole: the class's own lookup
+        ints = d.get("_slim_ints")
         if ints is not None and name in ints:  # a head count: the active one inside a forward
             if _in_forward.get():
                 geos = self._slim_state.active(None).geo
                 if geos is not None:
-                    return _active_int(ints[name], name, self.__dict__["_slim_hosted"], geos)
+                    return _active_int(ints[name], name, hosted, geos)
             return ints[name]
-        hosted = self.__dict__.get("_slim_hosted")
-        if hosted is None or name not in hosted or not _in_forward.get():
-            return super().__getattr__(name)
-        value = super().__getattr__(name)
+        value = self._slim_base_getattr(name)
+        if not _in_forward.get():
+            return value
         slot, dim = hosted[name]
         geos = self._slim_state.active(None).geo
         g = geos[slot] if geos is not None else None
@@ -77,7 +79,15 @@ class ParamHost:
             return value
         if torch.is_grad_enabled():
             return g.take(value, dim)
-        return cached(self, "_slim_param_cache", (name, g), (value,), lambda: g.take(value, dim).contiguous(), 32)
+        # one entry per attribute (batch-1 latency: a dict hit and two checks, no new key or closure per read)
+        cache = d.get("_slim_param_cache")
+        hit = cache.get(name) if cache is not None else None
+        if hit is not None and hit[0] is g and hit[1] is value and hit[2] == value._version:
+            return hit[3]
+        with torch.no_grad():
+            out = g.take(value, dim).contiguous()
+        d.setdefault("_slim_param_cache", {})[name] = (g, value, value._version, out)
+        return out
 
 
 def _active_int(value, name, hosted, geos):
@@ -123,7 +133,8 @@ def hosted_class(cls: type) -> type:
     if sub is None:
         name = _class_name(cls)
         sub = type(cls.__name__, (ParamHost, cls), {"__module__": __name__, "__qualname__": name,
-                                                     "_slim_plain_class": cls})
+                                                     "_slim_plain_class": cls,
+                                                     "_slim_base_getattr": cls.__getattr__})
         _HOSTED[cls] = sub
         setattr(sys.modules[__name__], name, sub)
     return sub
