@@ -818,30 +818,26 @@ class _Builder:
             self.val[node] = None
             self.emit(OPAQUE, ins, (), self.where(node), why)
 
-    def _from_constants(self, node, name) -> bool:
-        """Every tensor input of ``node`` is always whole (the model input, an ``arange``, a buffer; not a parameter
-        read): its result holds no channels the width changes, whatever its shape (CSATv2's colour and DCT stem)."""
+    def _whole_inputs(self, node, name):
+        """``None`` unless every tensor input of ``node`` is always whole (the model input, an ``arange``, a buffer,
+        parameters read alongside them): then its result holds no channels the width changes, whatever its shape
+        (CSATv2's colour and DCT stem). Else ``(params, sets)``: the parameters it reads, which must be read whole
+        (``x * self.imagenet_std``, a RoPE table from its bands), and the channel sets its view sizes read, which
+        must stay whole (PVT v2's ``reshape(B, N, C)`` of a single-head attention output). Records nothing."""
         nodes = [a for a in node.all_input_nodes if a in self._tids]
         if not nodes or any(not isinstance(self.val.get(a), int) for a in nodes):
-            return False
+            return None
         whole = [a for a in nodes if self.val[a] not in self.pmap]
         if not whole or any(self.made_by.get(self.val[a]) not in (INPUT, CONST) for a in whole):
-            return False
-        # a size read from a tensor that carries channels: a view of a whole tensor to that size (PVT v2's
-        # reshape(B, N, C) of a single-head attention output) keeps that channel set whole; any other op (an
-        # expand, a fill) follows the width, so the result is not whole
+            return None
+        # a size read from a channel tensor: a view of a whole tensor to it keeps that set whole; any other op (an
+        # expand, a fill) follows the width, so its result is not whole
         sizes = self._sizes(node, name) or ()
         read = [(a, self.chan_size(a)) for a in node.all_input_nodes if a not in self._tids]
         read = [(a, cs[0]) for a, cs in read if cs is not None and not self._always_full(cs[0])]
         if any(a not in sizes for a, _ in read):
-            return False
-        for _, t in read:
-            self.keep_whole(t, self.where(node))
-        # a parameter read with whole tensors (x * self.imagenet_std, a RoPE table from its bands): read whole
-        for a in nodes:
-            if self.val[a] in self.pmap:
-                self.whole_params.add(self.pmap[self.val[a]][0])
-        return True
+            return None
+        return [self.pmap[self.val[a]][0] for a in nodes if self.val[a] in self.pmap], [t for _, t in read]
 
     def _always_full(self, t) -> bool:
         return self.made_by.get(t) in (INPUT, CONST)
@@ -953,7 +949,11 @@ class _Builder:
                 self.pmap[t] = (target, [dims[i] if i is not None else None for i in m])
             return
         ins = self.channel_inputs(node)
-        if self._from_constants(node, name):  # computed from whole tensors only (XCiT's Fourier positions, a RoPE table)
+        whole = self._whole_inputs(node, name)
+        if whole is not None:  # computed from whole tensors only (XCiT's Fourier positions, a RoPE table)
+            self.whole_params.update(whole[0])
+            for t in whole[1]:
+                self.keep_whole(t, self.where(node))
             if self._is_tuple_result(node):
                 return self._const_tuple(node)
             if shape is not None:
