@@ -137,20 +137,26 @@ def test_eval_weight_cache_invalidated_by_updates(mad):
     assert mad(y3, F.conv2d(x, sd["0.weight"][:16], sd["0.bias"][:16])) <= 1e-6
 
 
-def test_linear_eval_fast_path_follows_width_writes_and_new_parameters(mad):
-    """The one-entry eval fast path of SlimLinear (batch-1 latency) must miss on every change that the per-geometry
-    cache misses on: another width, an in-place write, a new parameter object."""
-    model = slim.convert(nn.Sequential(nn.Linear(3, 32), nn.Linear(32, 4)), slim.WidthSpec.range(0.25, 1.0))
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_eval_fast_path_follows_width_writes_and_new_parameters(kind, mad):
+    """The one-entry eval fast path of SlimLinear / SlimConv2d (batch-1 latency) must miss on every change that the
+    per-geometry cache misses on: another width, an in-place write, a new parameter object."""
+    if kind == "linear":
+        net, x, h, op = nn.Sequential(nn.Linear(3, 32), nn.Linear(32, 4)), torch.randn(2, 3), torch.randn(2, 16), \
+            F.linear
+    else:
+        net, x, h, op = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 4, 1)), torch.randn(2, 3, 4, 4), \
+            torch.randn(2, 16, 4, 4), F.conv2d
+    model = slim.convert(net, slim.WidthSpec.range(0.25, 1.0))
     model.eval()
     layer = model[0]
-    x = torch.randn(2, 3)
     with torch.no_grad():
         for w, c in [(0.5, 16), (0.25, 8), (0.5, 16), (1.0, 32)]:
             with slim.width(w):
                 y = layer(x)
                 assert torch.equal(layer(x), y)  # the second call is the fast path
-            assert mad(y, F.linear(x, layer.weight[:c], layer.bias[:c])) <= 1e-6
-    head, h = model[1], torch.randn(2, 16)  # reads 16 of 32 inputs: its cached weight is a copy, not a view
+            assert mad(y, op(x, layer.weight[:c], layer.bias[:c])) <= 1e-6
+    head = model[1]  # reads 16 of 32 inputs: its cached weight is a copy, not a view
     with torch.no_grad(), slim.width(0.5):
         head.bias = nn.Parameter(torch.zeros(4))
         y0 = head(h)
@@ -160,7 +166,7 @@ def test_linear_eval_fast_path_follows_width_writes_and_new_parameters(mad):
         y2 = head(h)
     assert mad(y1, y0 + 1.0) <= 1e-6
     assert mad(y2, 2.0 * y0 + 1.0) <= 1e-5
-    assert mad(y2, F.linear(h, head.weight[:, :16], head.bias)) <= 1e-6
+    assert mad(y2, op(h, head.weight[:, :16], head.bias)) <= 1e-6
 
 
 def test_gradients_reach_only_the_active_slice():

@@ -458,18 +458,31 @@ class SlimPerChannel(CarriesWidth, nn.Module):
         return type(self).analysis_role(self)
 
     def active_geometry(self, x) -> BNGeo:
-        return self.geometry(self._slim_state.active(self._dp_width), x.shape[self.channel_dim])
+        a = self._slim_state.active(self._dp_width)
+        c = x.shape[self.channel_dim]
+        geos = a.geo
+        if geos is not None and self._slim_slot >= 0:  # (geometry() inlined: one call per layer call at batch 1)
+            g = geos[self._slim_slot]
+            if g is not None and g.c == c:
+                return g
+        return self.geometry(a, c)
 
     def picked(self, g: BNGeo, *names):
         """The parameters ``names`` at the active channels ``g``. Without autograd the selections are cached per
         geometry while the parameters keep their write counters (DESIGN rule 7: building the slices costs more
         than a batch-1 LayerNorm)."""
         ps = self._parameters
-        srcs = tuple(ps.get(n) for n in names)
-        if torch.is_grad_enabled() or g.idx is None and all(t is None or t.shape[-1] == g.c for t in srcs):
-            return tuple(g.pick(t) for t in srcs)
+        srcs = [ps.get(n) for n in names]
+        if g.idx is None:
+            for t in srcs:
+                if t is not None and t.shape[-1] != g.c:
+                    break
+            else:
+                return srcs  # the whole parameters: nothing to select
+        if torch.is_grad_enabled():
+            return [g.pick(t) for t in srcs]
         return cached(self, "_pick_cache", (g, names), srcs,
-                      lambda: tuple(None if t is None else g.pick(t).contiguous() for t in srcs))
+                      lambda: [None if t is None else g.pick(t).contiguous() for t in srcs])
 
     def plain_copy(self, tensors: dict, **attrs) -> nn.Module:
         """The module's own class holding ``tensors`` and ``attrs`` (:func:`slim_plugins.nn.layers.plain_copy`)."""
