@@ -335,8 +335,8 @@ class SlimConvNd(SlimMixin):
             geo = self._geo_for(x)
             w, b = self._weights(geo)
         else:
-            # Eval fast path (DESIGN rule 7, batch-1 latency): the last call's geometry and weights, kept while the
-            # configuration, the input channels and the parameters (same objects, same write counters) are
+            # Eval fast path (DESIGN rule 7, batch-1 latency): the last call's geometry and weights, reused while the
+            # configuration, the input channels and the parameters (same objects, same write counters) are unchanged
             a = self._slim_state.active(self._dp_width)
             p = self._parameters
             w0, b0 = p.get("weight"), p.get("bias")
