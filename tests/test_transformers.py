@@ -5,6 +5,8 @@ used by export)."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -469,6 +471,28 @@ def test_eval_caches_follow_data_writes_of_tied_parameters_and_norms():
         for w in (0.5, 0.25):
             with slim.width(w):
                 _same(slim.export(net, w)(x), net(x))
+
+
+def test_hosted_parameters_survive_pickling_into_a_fresh_process(tmp_path):
+    """A hosted module's class is recreated by name in a fresh process; its layer scale must still read the active
+    channels there (the descriptors that serve hosted names are restored on unpickling)."""
+    timm = pytest.importorskip("timm")
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model("us_convnext_atto", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), slim.width(0.5):
+        y = model(x)
+    torch.save({"model": model, "x": x, "y": y}, tmp_path / "m.pt")
+    code = ("import torch, slim_plugins as slim\n"
+            f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+            "m = d['model']\n"
+            "assert any(type(b).__name__ == 'ConvNeXtBlock' and 'gamma' in type(b).__dict__ for b in m.modules())\n"
+            "with torch.no_grad(), slim.width(0.5):\n"
+            "    assert torch.equal(m(d['x']), d['y'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 class PosHolder(nn.Module):

@@ -42,6 +42,7 @@ class ParamSlot:
 # True while a host module's forward runs (per thread / task): reads are sliced there only, so
 # ``model.get_parameter(name)``, optimizers and EMA code outside the forward see the parameter itself.
 _in_forward: ContextVar = ContextVar("slim_plugins_host_forward", default=False)
+_MISSING = object()
 
 
 class ParamHost:
@@ -57,11 +58,17 @@ class ParamHost:
         finally:
             _in_forward.reset(token)
 
-    def __getattr__(self, name):
+    def __setstate__(self, state):  # unpickled in a fresh process: the recreated class needs its descriptors again
+        super().__setstate__(state)
+        _add_descriptors(type(self), list(self.__dict__.get("_slim_hosted") or ()) +
+                         list(self.__dict__.get("_slim_ints") or ()))
+
+    def _slim_read(self, name):
+        """``self.<name>`` for a name this class serves through a :class:`_Hosted` descriptor."""
         d = self.__dict__
         hosted = d.get("_slim_hosted")
         if hosted is None or name not in hosted and name not in d.get("_slim_ints", ()):
-            return self._slim_base_getattr(name)  # a child module, a parameter read whole: the class's own lookup
+            return _plain_read(self, name)  # not hosted in this instance: what the module's own class gives
         ints = d.get("_slim_ints")
         if ints is not None and name in ints:  # a head count: the active one inside a forward
             if _in_forward.get():
@@ -69,7 +76,11 @@ class ParamHost:
                 if geos is not None:
                     return _active_int(ints[name], name, hosted, geos)
             return ints[name]
-        value = self._slim_base_getattr(name)
+        value = d["_parameters"].get(name, _MISSING)
+        if value is _MISSING:
+            value = d["_buffers"].get(name, _MISSING)
+        if value is _MISSING:
+            value = _plain_read(self, name)
         if not _in_forward.get():
             return value
         slot, dim = hosted[name]
@@ -88,6 +99,37 @@ class ParamHost:
             out = g.take(value, dim).contiguous()
         d.setdefault("_slim_param_cache", {})[name] = (g, value, value._version, out)
         return out
+
+
+class _Hosted:
+    """Class-level descriptor of a hosted name (a tied parameter, a head count) on a hosted class. A descriptor,
+    not ``__getattr__``, so reads of the module's children and other attributes cost what they cost in the
+    module's own class (batch-1 latency: every ``self.<child>`` in a forward). Non-data: a value the instance
+    holds in its ``__dict__`` wins, as without it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        return obj._slim_read(self.name)
+
+
+def _plain_read(obj, name):
+    """``obj.<name>`` as the module's own class answers it (a class attribute, else ``nn.Module.__getattr__``)."""
+    cls = type(obj)
+    try:
+        return getattr(super(cls, obj), name)
+    except AttributeError:
+        return cls._slim_plain_class.__getattr__(obj, name)
+
+
+def _add_descriptors(cls: type, names) -> None:
+    for name in names:
+        base = _int_attr(name)
+        if not isinstance(cls.__dict__.get(base), _Hosted):
+            setattr(cls, base, _Hosted(base))
 
 
 def _active_int(value, name, hosted, geos):
@@ -133,8 +175,7 @@ def hosted_class(cls: type) -> type:
     if sub is None:
         name = _class_name(cls)
         sub = type(cls.__name__, (ParamHost, cls), {"__module__": __name__, "__qualname__": name,
-                                                     "_slim_plain_class": cls,
-                                                     "_slim_base_getattr": cls.__getattr__})
+                                                     "_slim_plain_class": cls})
         _HOSTED[cls] = sub
         setattr(sys.modules[__name__], name, sub)
     return sub
@@ -170,10 +211,11 @@ def host(module: nn.Module, attr: str, slot: int, dim: int, state, scale=(1, 1))
         base = _int_attr(attr)
         ints = module.__dict__.setdefault("_slim_ints", {})
         if base not in ints:
-            ints[base] = module.__dict__.pop(base)  # so that reads reach __getattr__
+            ints[base] = module.__dict__.pop(base)  # so that reads reach the descriptor
         dim = tuple(scale)  # an int: the sized channels are attribute * scale[0] // scale[1]
     module.__dict__.setdefault("_slim_hosted", {})[attr] = (slot, dim)
     module.__dict__["_slim_state"] = state
+    _add_descriptors(type(module), [attr])
 
 
 def host_root(model: nn.Module, state) -> None:
