@@ -133,10 +133,20 @@ class SlimMixin(CarriesWidth):
             return self.weight, self.bias
         return w, p.get("bias")
 
-    def _fast_srcs(self) -> tuple:
-        """The tensors the eval fast path's values come from (:func:`cached`)."""
+    def _eval_fast(self, a, in_c: int) -> tuple:
+        """``self._eval_values(a, in_c)`` of a no-grad call, reused from the last call while the configuration, the
+        input channels and the parameters (same objects, same write counters) are unchanged (DESIGN rule 7; one
+        entry, checked inline: batch-1 latency). A weight the layer computes (weight norm) is not reused."""
         p = self._parameters
-        return p.get("weight"), p.get("bias")
+        w0, b0 = p.get("weight"), p.get("bias")
+        f = self.__dict__.get("_slim_fast")
+        if f is not None and f[0] is a and f[1] == in_c and f[2] is w0 and f[3] is b0 and \
+                w0._version == f[4] and (b0 is None or b0._version == f[5]):
+            return f[6]
+        out = self._eval_values(a, in_c)
+        if w0 is not None:
+            self.__dict__["_slim_fast"] = (a, in_c, w0, b0, w0._version, None if b0 is None else b0._version, out)
+        return out
 
     def geometry(self, a, in_c: int) -> Geo:
         """The geometry of a call at configuration ``a`` with an input of ``in_c`` channels."""
@@ -323,33 +333,26 @@ class SlimConvNd(SlimMixin):
         return Geo(out_c, in_c, groups, full, scale)
 
     def _geo_for(self, x) -> Geo:
-        a = self._slim_state.active(self._dp_width)
+        return self._geo_at(self._slim_state.active(self._dp_width), x.shape[1])
+
+    def _geo_at(self, a, in_c: int) -> Geo:
         geos, slot = a.geo, self._slim_slot
         geo = geos[slot] if geos is not None and slot >= 0 else None
-        if geo is None or geo.in_c != x.shape[1]:
-            geo = self.geometry(a, x.shape[1])
+        if geo is None or geo.in_c != in_c:
+            geo = self.geometry(a, in_c)
         return geo
+
+    def _eval_values(self, a, in_c: int) -> tuple:
+        """``(geometry, weight, bias)`` of a no-grad call (:meth:`SlimMixin._eval_fast`)."""
+        geo = self._geo_at(a, in_c)
+        return (geo, *self._weights(geo))
 
     def forward(self, x):
         if torch.is_grad_enabled():
             geo = self._geo_for(x)
             w, b = self._weights(geo)
         else:
-            # Eval fast path (DESIGN rule 7, batch-1 latency): the last call's geometry and weights, reused while the
-            # configuration, the input channels and the parameters (same objects, same write counters) are unchanged
-            a = self._slim_state.active(self._dp_width)
-            p = self._parameters
-            w0, b0 = p.get("weight"), p.get("bias")
-            f = self.__dict__.get("_slim_fast")
-            if f is not None and f[0] is a and f[1] == x.shape[1] and f[2] is w0 and f[3] is b0 and \
-                    w0._version == f[4] and (b0 is None or b0._version == f[5]):
-                geo, w, b = f[6]
-            else:
-                geo = self._geo_for(x)
-                w, b = self._weights(geo)
-                if w0 is not None:  # (not a weight computed by the layer: weight norm)
-                    self.__dict__["_slim_fast"] = (a, x.shape[1], w0, b0, w0._version,
-                                                   None if b0 is None else b0._version, (geo, w, b))
+            geo, w, b = self._eval_fast(self._slim_state.active(self._dp_width), x.shape[1])
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             y = self._fconv(x, w, b, self.stride, 0, self.dilation, geo.groups)
@@ -477,18 +480,15 @@ class SlimLinear(SlimMixin, nn.Linear):
         scale = w.shape[1] / in_c if self.averaging and in_c != w.shape[1] else None
         return Geo(out_c, in_c, 1, full, scale)
 
-    def _eval_weights(self, a, in_c: int) -> tuple:
-        """``(weight, bias, scale)`` of a no-grad call at configuration ``a`` with ``in_c`` input channels."""
+    def _eval_values(self, a, in_c: int) -> tuple:
+        """``(weight, bias, scale)`` of a no-grad call (:meth:`SlimMixin._eval_fast`)."""
         geo = self.geometry(a, in_c)
         return (*self._weights(geo), geo.scale)
 
     def forward(self, x):
         a = self._slim_state.active(self._dp_width)
         if not torch.is_grad_enabled():
-            # Eval fast path (DESIGN rule 7): the last width's (weight, bias, scale) kept while the parameters are
-            # the same objects with the same write counters (batch-1 latency: no geometry / cache walk per call).
-            c = x.shape[-1]
-            w, b, scale = cached(self, "_slim_fast", (a, c), self._fast_srcs(), lambda: self._eval_weights(a, c), 1)
+            w, b, scale = self._eval_fast(a, x.shape[-1])
             y = F.linear(x, w, b)
             return y if scale is None else y * scale
         geo = self.geometry(a, x.shape[-1])
