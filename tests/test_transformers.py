@@ -473,6 +473,80 @@ def test_eval_caches_follow_data_writes_of_tied_parameters_and_norms():
                 _same(slim.export(net, w)(x), net(x))
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "groupnorm", "layernorm_no_affine"])
+def test_norm_eval_fast_path_misses_on_width_writes_and_new_parameters(norm):
+    """The norms' one-entry eval fast path (batch-1 latency) must miss on another width or input, an in-place
+    write and a new parameter object with the old one's write count; each call equals the export of that width
+    (the stock norm holding the active entries)."""
+    c = 32
+    layer = {"layernorm": nn.LayerNorm(c), "groupnorm": nn.GroupNorm(4, c),
+             "layernorm_no_affine": nn.LayerNorm(c, elementwise_affine=False)}[norm]
+    if norm != "layernorm_no_affine":
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-1.0, 1.0)
+    tokens = norm != "groupnorm"
+    net = nn.Sequential(nn.Linear(3, c), layer) if tokens else nn.Sequential(nn.Conv2d(3, c, 1), layer)
+    x = torch.randn(2, 5, 3) if tokens else torch.randn(2, 3, 4, 4)
+    slim.convert(net, RANGE, example_input=x)
+    net.eval()
+    slim_norm = net[1]
+
+    def stock(w):  # the plain export of that width (GroupNorm keeps C_active / G channels of each group)
+        return slim.export(net, w)(x)
+
+    with torch.no_grad():
+        for w in (0.5, 0.25, 0.5, 1.0, 0.5):
+            with slim.width(w):
+                y = net(x)
+                assert torch.equal(net(x), y)  # the second call takes the fast path
+                _same(y, stock(w))
+        if norm == "layernorm_no_affine":
+            return
+        with slim.width(0.5):
+            net(x)
+            slim_norm.weight.mul_(2.0)  # an in-place write (optimizer step, EMA)
+            _same(net(x), stock(0.5))
+            old, new = slim_norm.bias, nn.Parameter(torch.randn(c))
+            while new._version < old._version:
+                new.add_(0.0)
+            assert new._version == old._version
+            slim_norm.bias = new  # a new object with the old one's write count
+            _same(net(x), stock(0.5))
+
+
+class TokenScale(nn.Module):
+    """Tokens: Linear, LayerNorm, a layer scale held as a plain parameter, a head (prefix selections)."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(3, c), nn.LayerNorm(c), nn.Linear(c, 4)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return self.head(self.norm(self.fc(x)) * self.gamma)
+
+
+def test_copies_after_in_place_writes_of_cached_parameters():
+    """Eval caches hold selections of the parameters (views where they are prefixes); after an in-place write
+    under no_grad (an EMA, a manual rescale) ``copy.deepcopy`` and ``export`` must still work (the caches are not
+    copied) and equal the dynamic model."""
+    net = TokenScale().eval()
+    x = torch.randn(2, 5, 3)
+    slim.convert(net, RANGE, example_input=x)
+    net.eval()
+    with torch.no_grad():
+        with slim.width(0.5):
+            net(x)  # fills the caches of the norm, the layer scale and the layers
+        for name in ("gamma", "norm.weight", "norm.bias", "fc.weight"):
+            net.get_parameter(name).mul_(1.5)
+        twin = copy.deepcopy(net)
+        with slim.width(0.5):
+            y = net(x)
+            _same(twin(x), y)
+        _same(slim.export(net, 0.5)(x), y)
+
+
 def test_hosted_parameters_survive_pickling_into_a_fresh_process(tmp_path):
     """A hosted module's class is recreated by name in a fresh process; its layer scale must still read the active
     channels there (the descriptors that serve hosted names are restored on unpickling)."""

@@ -72,7 +72,32 @@ class Geo:
         return t[:self.out_c] if oi is None else t.index_select(0, oi)
 
 
-class SlimMixin(CarriesWidth):
+class EvalFast:
+    """One-entry eval fast path of a width-switchable layer whose width-dependent values come from its own
+    ``weight`` / ``bias`` (conv, linear, the norms): a subclass defines ``_eval_values(a, c)``."""
+
+    def _eval_fast(self, a, c: int) -> tuple:
+        """``self._eval_values(a, c)`` of a no-grad call, reused from the last call while the configuration, the
+        input channels and the parameters (same objects, same write counters) are unchanged (DESIGN rule 7; one
+        entry, checked inline: batch-1 latency)."""
+        p = self._parameters
+        w0, b0 = p.get("weight"), p.get("bias")
+        f = self.__dict__.get("_slim_fast")
+        if f is not None and f[0] is a and f[1] == c and f[2] is w0 and f[3] is b0 and \
+                (w0 is None or w0._version == f[4]) and (b0 is None or b0._version == f[5]):
+            return f[6]
+        out = self._eval_values(a, c)
+        self.__dict__["_slim_fast"] = (a, c, w0, b0, None if w0 is None else w0._version,
+                                       None if b0 is None else b0._version, out)
+        return out
+
+    def __getstate__(self):  # copies and pickles start without the entry (it holds a resolved configuration)
+        d = dict(super().__getstate__())
+        d.pop("_slim_fast", None)
+        return d
+
+
+class SlimMixin(EvalFast, CarriesWidth):
     """State shared by all width-switchable conv/linear layers.
 
     Attributes:
@@ -132,21 +157,6 @@ class SlimMixin(CarriesWidth):
         if w is None:
             return self.weight, self.bias
         return w, p.get("bias")
-
-    def _eval_fast(self, a, in_c: int) -> tuple:
-        """``self._eval_values(a, in_c)`` of a no-grad call, reused from the last call while the configuration, the
-        input channels and the parameters (same objects, same write counters) are unchanged (DESIGN rule 7; one
-        entry, checked inline: batch-1 latency). A weight the layer computes (weight norm) is not reused."""
-        p = self._parameters
-        w0, b0 = p.get("weight"), p.get("bias")
-        f = self.__dict__.get("_slim_fast")
-        if f is not None and f[0] is a and f[1] == in_c and f[2] is w0 and f[3] is b0 and \
-                w0._version == f[4] and (b0 is None or b0._version == f[5]):
-            return f[6]
-        out = self._eval_values(a, in_c)
-        if w0 is not None:
-            self.__dict__["_slim_fast"] = (a, in_c, w0, b0, w0._version, None if b0 is None else b0._version, out)
-        return out
 
     def geometry(self, a, in_c: int) -> Geo:
         """The geometry of a call at configuration ``a`` with an input of ``in_c`` channels."""
@@ -249,7 +259,6 @@ class SlimMixin(CarriesWidth):
         d = dict(d)
         d["_w_cache"] = {}
         d["_out_cache"] = {}
-        d.pop("_slim_fast", None)
         return d
 
     def __setstate__(self, state):
@@ -343,7 +352,7 @@ class SlimConvNd(SlimMixin):
         return geo
 
     def _eval_values(self, a, in_c: int) -> tuple:
-        """``(geometry, weight, bias)`` of a no-grad call (:meth:`SlimMixin._eval_fast`)."""
+        """``(geometry, weight, bias)`` of a no-grad call (:meth:`EvalFast._eval_fast`)."""
         geo = self._geo_at(a, in_c)
         return (geo, *self._weights(geo))
 
@@ -481,7 +490,7 @@ class SlimLinear(SlimMixin, nn.Linear):
         return Geo(out_c, in_c, 1, full, scale)
 
     def _eval_values(self, a, in_c: int) -> tuple:
-        """``(weight, bias, scale)`` of a no-grad call (:meth:`SlimMixin._eval_fast`)."""
+        """``(weight, bias, scale)`` of a no-grad call (:meth:`EvalFast._eval_fast`)."""
         geo = self.geometry(a, in_c)
         return (*self._weights(geo), geo.scale)
 
@@ -534,6 +543,9 @@ class SlimWeightNormConv2d(SlimConv2d):
 
     def _wb(self):
         return self.weight, self._parameters.get("bias")
+
+    def _eval_fast(self, a, c: int) -> tuple:
+        return self._eval_values(a, c)  # the weight is computed from (g, v) at each call: nothing to reuse
 
     def _weights(self, geo: Geo):
         g, v = self._gv()
@@ -660,6 +672,6 @@ def _assign(p: nn.Module, w, b):
             p.bias.copy_(b)
 
 
-__all__ = ["Geo", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
+__all__ = ["Geo", "EvalFast", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
            "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES",
            "track_data_writes", "is_weight_normed", "cached", "plain_copy"]

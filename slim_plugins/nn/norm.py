@@ -31,7 +31,7 @@ from torch import nn
 from ..context import CarriesWidth, _calibration
 from ..errors import UncalibratedWidthError
 from ..registry import register
-from .layers import Geo, _share, cached, plain_copy, track_data_writes
+from .layers import EvalFast, Geo, _share, cached, plain_copy, track_data_writes
 
 _SWITCHABLE = ("switchable", "switchable_shared")
 
@@ -433,10 +433,13 @@ class SlimSyncBatchNorm(SlimBatchNorm2d):
         return p
 
 
-class SlimPerChannel(CarriesWidth, nn.Module):
+class SlimPerChannel(EvalFast, CarriesWidth, nn.Module):
     """Base for per-channel layers that only select their parameters (PReLU, frozen BN, LayerNorm, GroupNorm,
     RMSNorm): the output has the input's channels. ``channel_dim`` is the dim that holds them (1 for
-    ``(N, C, ...)``, -1 for tokens ``(N, L, C)`` and channels-last maps)."""
+    ``(N, C, ...)``, -1 for tokens ``(N, L, C)`` and channels-last maps).
+
+    A norm whose width-dependent values are its own ``weight`` / ``bias`` gets them through :meth:`params_at`
+    (without autograd: the one-entry fast path of :class:`slim_plugins.nn.layers.EvalFast`)."""
 
     _slim_slot: int = -1
     channel_dim: int = 1
@@ -466,6 +469,23 @@ class SlimPerChannel(CarriesWidth, nn.Module):
             if g is not None and g.c == c:
                 return g
         return self.geometry(a, c)
+
+    def __getstate__(self):  # copies and pickles start without the selections cached from these parameters
+        d = dict(super().__getstate__())
+        d.pop("_pick_cache", None)
+        return d
+
+    def _eval_values(self, a, c: int) -> tuple:
+        geo = self.geometry(a, c)
+        return (geo, *self.picked(geo, "weight", "bias"))
+
+    def params_at(self, x) -> tuple:
+        """``(geometry, weight, bias)`` of a call on ``x`` (channels on ``channel_dim``); ``bias`` is ``None`` for a
+        norm without one."""
+        if torch.is_grad_enabled():
+            g = self.active_geometry(x)
+            return (g, *self.picked(g, "weight", "bias"))
+        return self._eval_fast(self._slim_state.active(self._dp_width), x.shape[self.channel_dim])
 
     def picked(self, g: BNGeo, *names):
         """The parameters ``names`` at the active channels ``g``. Without autograd the selections are cached per
@@ -549,12 +569,9 @@ class SlimLayerNorm(SlimPerChannel, nn.LayerNorm):
         _norm_dims(m, cls.__name__)
         return {"role": "norm", "dim": cls.channel_dim}
 
-    def _norm(self, x, g):
-        w, b = self.picked(g, "weight", "bias")
-        return F.layer_norm(x, (g.c,), w, b, self.eps)
-
     def forward(self, x):
-        return self._norm(x, self.active_geometry(x))
+        g, w, b = self.params_at(x)
+        return F.layer_norm(x, (g.c,), w, b, self.eps)
 
     def to_plain(self, g: BNGeo, a=None) -> nn.Module:
         return self.plain_copy({"weight": g.pick(self.weight), "bias": g.pick(self.bias)}, normalized_shape=(g.c,))
@@ -567,8 +584,8 @@ class SlimLayerNorm2d(SlimLayerNorm):
     channel_dim = 1
 
     def forward(self, x):
-        g = self.active_geometry(x)
-        return self._norm(x.permute(0, 2, 3, 1), g).permute(0, 3, 1, 2)
+        g, w, b = self.params_at(x)
+        return F.layer_norm(x.permute(0, 2, 3, 1), (g.c,), w, b, self.eps).permute(0, 3, 1, 2)
 
 
 register(nn.LayerNorm)(SlimLayerNorm)
@@ -588,8 +605,7 @@ class SlimGroupNorm(SlimPerChannel, nn.GroupNorm):
         return {"role": "gnorm", "groups": m.num_groups, "dim": 1}
 
     def forward(self, x):
-        g = self.active_geometry(x)
-        w, b = self.picked(g, "weight", "bias")
+        _, w, b = self.params_at(x)
         return F.group_norm(x, self.num_groups, w, b, self.eps)
 
     def to_plain(self, g: BNGeo, a=None) -> nn.Module:
@@ -609,9 +625,8 @@ class SlimRMSNorm(SlimPerChannel, nn.Module):
         return {"role": "norm", "dim": cls.channel_dim}
 
     def forward(self, x):
-        g = self.active_geometry(x)
+        g, w, _ = self.params_at(x)  # no bias: picked as None
         eps = self.eps
-        w, = self.picked(g, "weight")
         if self.channel_dim == 1:
             return F.rms_norm(x.permute(0, 2, 3, 1), (g.c,), w, eps).permute(0, 3, 1, 2)
         return F.rms_norm(x, (g.c,), w, eps)

@@ -50,13 +50,23 @@ class ParamHost:
     return the active channels; elsewhere the parameter itself."""
 
     def __call__(self, *args, **kwargs):
-        for k in self.__dict__.get("_slim_caches", ()):  # tensors cached at another width (register_forward_cache)
-            self.__dict__[k].clear()
+        caches = self.__dict__.get("_slim_caches")
+        if caches:
+            for k in caches:  # tensors cached at another width (register_forward_cache)
+                self.__dict__[k].clear()
+        call = type(self)._slim_plain_class.__call__
+        if _in_forward.get():  # called inside another hosted module's forward (the model's): already marked
+            return call(self, *args, **kwargs)
         token = _in_forward.set(True)
         try:
-            return super().__call__(*args, **kwargs)
+            return call(self, *args, **kwargs)
         finally:
             _in_forward.reset(token)
+
+    def __getstate__(self):  # copies and pickles start without the selections cached from the parameters
+        d = dict(super().__getstate__())
+        d.pop("_slim_param_cache", None)
+        return d
 
     def __setstate__(self, state):  # unpickled in a fresh process: the recreated class needs its descriptors again
         super().__setstate__(state)
@@ -66,6 +76,15 @@ class ParamHost:
     def _slim_read(self, name):
         """``self.<name>`` for a name this class serves through a :class:`_Hosted` descriptor."""
         d = self.__dict__
+        cache = d.get("_slim_param_cache")  # name -> (configuration, parameter, write counter, selection)
+        if cache is not None:  # the common read at batch 1 first: the selection of the last no-grad call
+            hit = cache.get(name)
+            if hit is not None and _in_forward.get() and not torch.is_grad_enabled():
+                t = d["_parameters"].get(name)
+                if t is None:
+                    t = d["_buffers"].get(name)
+                if t is hit[1] and t._version == hit[2] and hit[0] is self._slim_state.active(None):
+                    return hit[3]
         hosted = d.get("_slim_hosted")
         if hosted is None or name not in hosted and name not in d.get("_slim_ints", ()):
             return _plain_read(self, name)  # not hosted in this instance: what the module's own class gives
@@ -90,14 +109,10 @@ class ParamHost:
             return value
         if torch.is_grad_enabled():
             return g.take(value, dim)
-        # one entry per attribute (batch-1 latency: a dict hit and two checks, no new key or closure per read)
-        cache = d.get("_slim_param_cache")
-        hit = cache.get(name) if cache is not None else None
-        if hit is not None and hit[0] is g and hit[1] is value and hit[2] == value._version:
-            return hit[3]
         with torch.no_grad():
             out = g.take(value, dim).contiguous()
-        d.setdefault("_slim_param_cache", {})[name] = (g, value, value._version, out)
+        # one entry per attribute (batch-1 latency: checked first, above)
+        d.setdefault("_slim_param_cache", {})[name] = (self._slim_state.active(None), value, value._version, out)
         return out
 
 
