@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..context import CarriesWidth
+from ..context import CarriesWidth, _call_width
 from ..errors import NotExactError, WidthError
 from ..registry import register
 
@@ -76,10 +76,18 @@ class EvalFast:
     """One-entry eval fast path of a width-switchable layer whose width-dependent values come from its own
     ``weight`` / ``bias`` (conv, linear, the norms): a subclass defines ``_eval_values(a, c)``."""
 
-    def _eval_fast(self, a, c: int) -> tuple:
-        """``self._eval_values(a, c)`` of a no-grad call, reused from the last call while the configuration, the
-        input channels and the parameters (same objects, same write counters) are unchanged (DESIGN rule 7; one
-        entry, checked inline: batch-1 latency)."""
+    def _eval_fast(self, c: int) -> tuple:
+        """``self._eval_values(a, c)`` of a no-grad call at the active configuration ``a``, reused from the last call
+        while the configuration, the input channels and the parameters (same objects, same write counters) are
+        unchanged (DESIGN rule 7; one entry, checked inline: batch-1 latency)."""
+        st = self._slim_state
+        w = _call_width.get()
+        if w is None:
+            w = st.default if self._dp_width is None else self._dp_width
+        # SlimState.active for an already resolved width multiplier, inline (one Python call less per layer)
+        a = st._resolved.get(w) if type(w) is float else None
+        if a is None:
+            a = st.active(self._dp_width)
         p = self._parameters
         w0, b0 = p.get("weight"), p.get("bias")
         f = self.__dict__.get("_slim_fast")
@@ -361,7 +369,7 @@ class SlimConvNd(SlimMixin):
             geo = self._geo_for(x)
             w, b = self._weights(geo)
         else:
-            geo, w, b = self._eval_fast(self._slim_state.active(self._dp_width), x.shape[1])
+            geo, w, b = self._eval_fast(x.shape[1])
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             y = self._fconv(x, w, b, self.stride, 0, self.dilation, geo.groups)
@@ -495,12 +503,11 @@ class SlimLinear(SlimMixin, nn.Linear):
         return (*self._weights(geo), geo.scale)
 
     def forward(self, x):
-        a = self._slim_state.active(self._dp_width)
         if not torch.is_grad_enabled():
-            w, b, scale = self._eval_fast(a, x.shape[-1])
+            w, b, scale = self._eval_fast(x.shape[-1])
             y = F.linear(x, w, b)
             return y if scale is None else y * scale
-        geo = self.geometry(a, x.shape[-1])
+        geo = self.geometry(self._slim_state.active(self._dp_width), x.shape[-1])
         w, b = self._weights(geo)
         y = F.linear(x, w, b)
         if geo.scale is not None:
@@ -544,8 +551,8 @@ class SlimWeightNormConv2d(SlimConv2d):
     def _wb(self):
         return self.weight, self._parameters.get("bias")
 
-    def _eval_fast(self, a, c: int) -> tuple:
-        return self._eval_values(a, c)  # the weight is computed from (g, v) at each call: nothing to reuse
+    def _eval_fast(self, c: int) -> tuple:  # the weight is computed from (g, v) at each call: nothing to reuse
+        return self._eval_values(self._slim_state.active(self._dp_width), c)
 
     def _weights(self, geo: Geo):
         g, v = self._gv()

@@ -485,7 +485,7 @@ class SlimPerChannel(EvalFast, CarriesWidth, nn.Module):
         if torch.is_grad_enabled():
             g = self.active_geometry(x)
             return (g, *self.picked(g, "weight", "bias"))
-        return self._eval_fast(self._slim_state.active(self._dp_width), x.shape[self.channel_dim])
+        return self._eval_fast(x.shape[self.channel_dim])
 
     def picked(self, g: BNGeo, *names):
         """The parameters ``names`` at the active channels ``g``. Without autograd the selections are cached per
