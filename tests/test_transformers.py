@@ -515,6 +515,39 @@ def test_norm_eval_fast_path_misses_on_width_writes_and_new_parameters(norm):
             _same(net(x), stock(0.5))
 
 
+def test_attention_eval_fast_path_misses_on_width_writes_and_new_parameters():
+    """The attention counterparts' one-entry eval fast path (batch-1 latency) must miss on another width, an
+    in-place write to qkv and a new proj parameter with the old one's write count; every call equals the export."""
+    pytest.importorskip("timm")
+    from timm.layers import Attention
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 64), Attention(64, num_heads=4), nn.Linear(64, 5))
+    x = torch.randn(2, 7, 3)
+    slim.convert(net, RANGE, example_input=x)
+    net.eval()
+    attn = net[1]
+    with torch.no_grad():
+        for w in (0.5, 0.25, 0.5, 1.0, 0.5):
+            with slim.width(w):
+                y = net(x)
+                assert torch.equal(net(x), y)  # the second call takes the fast path
+                _same(y, slim.export(net, w)(x))
+        with slim.width(0.5):
+            net(x)
+            attn.qkv.weight.mul_(1.5)  # an in-place write (optimizer step, EMA)
+            _same(net(x), slim.export(net, 0.5)(x))
+            old, new = attn.proj.bias, nn.Parameter(torch.randn(64))
+            while new._version < old._version:
+                new.add_(0.0)
+            attn.proj.bias = new  # a new object with the old one's write count
+            y = net(x)
+            _same(y, slim.export(net, 0.5)(x))
+            assert (y - net[2](attn(net[0](x)))).abs().max() == 0
+
+
 class TokenScale(nn.Module):
     """Tokens: Linear, LayerNorm, a layer scale held as a plain parameter, a head (prefix selections)."""
 

@@ -9,7 +9,6 @@ heads of q, k and v; ``proj`` the columns of the kept heads; a relative position
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from timm.layers import (Attention, BlurPool2d, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
                          ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
@@ -155,10 +154,8 @@ class SlimAttention(SlimHeadsAttention, Attention):
 
     def forward(self, x, attn_mask=None, is_causal: bool = False):
         B, N, _ = x.shape
-        g = self.active_geometry(x)
-        h = self.heads(g)
+        _, h, wq, bq, wp, bp = self.head_params(x)
         hd = self.head_dim
-        wq, bq, wp, bp = self.head_weights(g, h)
         q, k, v = F.linear(x, wq, bq).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
@@ -196,9 +193,7 @@ def _register_window_attention():
 
         def forward(self, x, mask=None):
             B_, N, _ = x.shape
-            g = self.active_geometry(x)
-            h = self.heads(g)
-            wq, bq, wp, bp = self.head_weights(g, h)
+            _, h, wq, bq, wp, bp = self.head_params(x)
             q, k, v = F.linear(x, wq, bq).reshape(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
             if self.fused_attn:
                 attn_mask = self._rel_bias(h)

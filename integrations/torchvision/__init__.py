@@ -54,9 +54,7 @@ def _register_swin() -> None:
         ``(N, H, W, C_active)``. Exports as ``ShiftedWindowAttention(dim=C_active, num_heads=H')``."""
 
         def forward(self, x):
-            g = self.active_geometry(x)
-            h = self.heads(g)
-            wq, bq, wp, bp = self.head_weights(g, h)
+            _, h, wq, bq, wp, bp = self.head_params(x)
             bias = tvswin._get_relative_position_bias(self.relative_position_bias_table[:, :h],
                                                       self.relative_position_index, self.window_size)
             return tvswin.shifted_window_attention(
