@@ -17,6 +17,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from ..context import _call_width
 from .norm import BNGeo
 
 
@@ -76,15 +77,6 @@ class ParamHost:
     def _slim_read(self, name):
         """``self.<name>`` for a name this class serves through a :class:`_Hosted` descriptor."""
         d = self.__dict__
-        cache = d.get("_slim_param_cache")  # name -> (configuration, parameter, write counter, selection)
-        if cache is not None:  # the common read at batch 1 first: the selection of the last no-grad call
-            hit = cache.get(name)
-            if hit is not None and _in_forward.get() and not torch.is_grad_enabled():
-                t = d["_parameters"].get(name)
-                if t is None:
-                    t = d["_buffers"].get(name)
-                if t is hit[1] and t._version == hit[2] and hit[0] is self._slim_state.active(None):
-                    return hit[3]
         hosted = d.get("_slim_hosted")
         if hosted is None or name not in hosted and name not in d.get("_slim_ints", ()):
             return _plain_read(self, name)  # not hosted in this instance: what the module's own class gives
@@ -128,6 +120,23 @@ class _Hosted:
     def __get__(self, obj, cls=None):
         if obj is None:
             return self
+        d = obj.__dict__
+        cache = d.get("_slim_param_cache")  # name -> (configuration, tensor, write counter, selection)
+        if cache is not None:  # the common read at batch 1 first: the selection of the last no-grad read
+            name = self.name
+            hit = cache.get(name)
+            if hit is not None and _in_forward.get() and not torch.is_grad_enabled():
+                t = d["_parameters"].get(name)
+                if t is None:
+                    t = d["_buffers"].get(name)
+                st = d["_slim_state"]
+                w = _call_width.get()
+                if w is None:
+                    w = st.default
+                # SlimState.active for an already resolved width multiplier, inline (batch-1 latency)
+                a = st._resolved.get(w) if type(w) is float else st.active(None)
+                if t is hit[1] and t._version == hit[2] and hit[0] is a:
+                    return hit[3]
         return obj._slim_read(self.name)
 
 
