@@ -79,7 +79,8 @@ class EvalFast:
     def _eval_fast(self, c: int) -> tuple:
         """``self._eval_values(a, c)`` of a no-grad call at the active configuration ``a``, reused from the last call
         while the configuration, the input channels and the parameters (same objects, same write counters) are
-        unchanged (DESIGN rule 7; one entry, checked inline: batch-1 latency)."""
+        unchanged (DESIGN rule 7; one entry, checked inline: batch-1 latency). Values that are the parameters
+        themselves (the full width) need no write-counter check: they are what the plain layer would use."""
         st = self._slim_state
         w = _call_width.get()
         if w is None:
@@ -91,12 +92,15 @@ class EvalFast:
         p = self._parameters
         w0, b0 = p.get("weight"), p.get("bias")
         f = self.__dict__.get("_slim_fast")
-        if f is not None and f[0] is a and f[1] == c and f[2] is w0 and f[3] is b0 and \
-                (w0 is None or w0._version == f[4]) and (b0 is None or b0._version == f[5]):
-            return f[6]
+        if f is not None and f[0] is a and f[1] == c and f[2] is w0 and f[3] is b0:
+            v = f[4]
+            if v is None or (w0._version == v[0] and (b0 is None or b0._version == v[1])):
+                return f[5]
         out = self._eval_values(a, c)
-        self.__dict__["_slim_fast"] = (a, c, w0, b0, None if w0 is None else w0._version,
-                                       None if b0 is None else b0._version, out)
+        # write counters matter only for selections (views or copies) of the parameters
+        live = all(t is w0 or t is b0 for t in out if isinstance(t, torch.Tensor))
+        v = None if live else (w0._version, None if b0 is None else b0._version)
+        self.__dict__["_slim_fast"] = (a, c, w0, b0, v, out)
         return out
 
     def __getstate__(self):  # copies and pickles start without the entry (it holds a resolved configuration)

@@ -95,16 +95,20 @@ class ParamHost:
         if not _in_forward.get():
             return value
         slot, dim = hosted[name]
-        geos = self._slim_state.active(None).geo
-        g = geos[slot] if geos is not None else None
-        if g is None or value is None or (g.idx is None and value.shape[dim] == g.c):
+        a = self._slim_state.active(None)
+        g = a.geo[slot] if a.geo is not None else None
+        if value is None:
             return value
-        if torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if g is None or (g.idx is None and value.shape[dim] == g.c):
+            out, version = value, None  # the whole tensor: what the module's own class reads
+        elif grad:
             return g.take(value, dim)
-        with torch.no_grad():
-            out = g.take(value, dim).contiguous()
-        # one entry per attribute (batch-1 latency: checked first, above)
-        d.setdefault("_slim_param_cache", {})[name] = (self._slim_state.active(None), value, value._version, out)
+        else:
+            with torch.no_grad():
+                out, version = g.take(value, dim).contiguous(), value._version
+        if not grad:  # one entry per attribute (batch-1 latency: checked first, in the descriptor)
+            d.setdefault("_slim_param_cache", {})[name] = (a, value, version, out)
         return out
 
 
@@ -121,7 +125,7 @@ class _Hosted:
         if obj is None:
             return self
         d = obj.__dict__
-        cache = d.get("_slim_param_cache")  # name -> (configuration, tensor, write counter, selection)
+        cache = d.get("_slim_param_cache")  # name -> (configuration, tensor, write counter or None, value)
         if cache is not None:  # the common read at batch 1 first: the selection of the last no-grad read
             name = self.name
             hit = cache.get(name)
@@ -135,8 +139,8 @@ class _Hosted:
                     w = st.default
                 # SlimState.active for an already resolved width multiplier, inline (batch-1 latency)
                 a = st._resolved.get(w) if type(w) is float else st.active(None)
-                if t is hit[1] and t._version == hit[2] and hit[0] is a:
-                    return hit[3]
+                if t is hit[1] and hit[0] is a and (hit[2] is None or t._version == hit[2]):
+                    return hit[3]  # (no write counter for the whole tensor: it is read live)
         return obj._slim_read(self.name)
 
 
