@@ -167,6 +167,13 @@ def test_eval_fast_path_follows_width_writes_and_new_parameters(kind, mad):
     assert mad(y1, y0 + 1.0) <= 1e-6
     assert mad(y2, 2.0 * y0 + 1.0) <= 1e-5
     assert mad(y2, op(h, head.weight[:, :16], head.bias)) <= 1e-6
+    # at the full width the layer reads its parameters live (no write-counter check): writes and swaps show
+    with torch.no_grad(), slim.width(1.0):
+        layer(x)
+        layer.weight.mul_(3.0)
+        assert mad(layer(x), op(x, layer.weight, layer.bias)) <= 1e-6
+        layer.weight.data = torch.randn_like(layer.weight)
+        assert mad(layer(x), op(x, layer.weight, layer.bias)) <= 1e-6
 
 
 def test_gradients_reach_only_the_active_slice():
