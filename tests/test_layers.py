@@ -176,6 +176,46 @@ def test_eval_fast_path_follows_width_writes_and_new_parameters(kind, mad):
         assert mad(layer(x), op(x, layer.weight, layer.bias)) <= 1e-6
 
 
+def test_eval_fast_path_misses_after_a_write_during_the_selection(mad):
+    """A write by another thread (an EMA, an optimizer step) between the start of a selection and storing it must
+    make the next call miss, not reuse the pre-write copy: the write counters are read before selecting. Simulated
+    by a selection that writes the weight right after it is made."""
+    model = slim.convert(nn.Sequential(nn.Linear(3, 32), nn.Linear(32, 4)), slim.WidthSpec.range(0.25, 1.0))
+    model.eval()
+    head, h = model[1], torch.randn(2, 16)
+
+    def racing(a, c):
+        out = type(head)._eval_values(head, a, c)
+        with torch.no_grad():
+            head.weight.mul_(2.0)
+        return out
+
+    head._eval_values = racing
+    with torch.no_grad(), slim.width(0.5):
+        head(h)
+    del head._eval_values
+    with torch.no_grad(), slim.width(0.5):
+        assert mad(head(h), F.linear(h, head.weight[:, :16], head.bias)) <= 1e-6
+
+
+def test_eval_fast_path_with_a_computed_weight(mad):
+    """A layer whose weight a parametrization computes (registered after convert) has no stored weight to check:
+    no-grad calls recompute it instead of failing or reusing it."""
+    model = slim.convert(nn.Sequential(nn.Linear(3, 32), nn.Linear(32, 4)), slim.WidthSpec.range(0.25, 1.0))
+    model.eval()
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Double())
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        for w, c in [(1.0, 32), (0.5, 16), (0.5, 16)]:
+            with slim.width(w):
+                assert mad(model[0](x), F.linear(x, model[0].weight[:c], model[0].bias[:c])) <= 1e-6
+
+
 def test_gradients_reach_only_the_active_slice():
     model = slim.convert(nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 4, 1)), slim.WidthSpec.range(0.25, 1.0))
     with slim.width(0.5):

@@ -499,13 +499,17 @@ def test_norm_eval_fast_path_misses_on_width_writes_and_new_parameters(norm):
         for w in (0.5, 0.25, 0.5, 1.0, 0.5):
             with slim.width(w):
                 y = net(x)
-                assert torch.equal(net(x), y)  # the second call takes the fast path
+                entry = slim_norm.__dict__["_slim_fast"]
+                assert torch.equal(net(x), y)
+                assert slim_norm.__dict__["_slim_fast"] is entry  # the second call took the fast path
                 _same(y, stock(w))
         if norm == "layernorm_no_affine":
             return
         with slim.width(0.5):
             net(x)
             slim_norm.weight.mul_(2.0)  # an in-place write (optimizer step, EMA)
+            _same(net(x), stock(0.5))
+            slim_norm.weight.data = torch.rand(c) + 0.5  # a storage swap: a cached view of the old one is stale
             _same(net(x), stock(0.5))
             old, new = slim_norm.bias, nn.Parameter(torch.randn(c))
             while new._version < old._version:

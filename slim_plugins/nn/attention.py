@@ -112,10 +112,11 @@ class SlimHeadsAttention(SlimPerChannel):
                     break
             else:
                 return f[3]
+        versions = tuple((t, None if t is None else t._version) for t in srcs)  # before selecting
         g = self.active_geometry(x)
         h = self.heads(g)
         out = (g, h, *self.head_weights(g, h))
-        self.__dict__["_slim_head_fast"] = (a, c, tuple((t, None if t is None else t._version) for t in srcs), out)
+        self.__dict__["_slim_head_fast"] = (a, c, versions, out)
         return out
 
     def _head_srcs(self) -> tuple:

@@ -96,10 +96,14 @@ class EvalFast:
             v = f[4]
             if v is None or (w0._version == v[0] and (b0 is None or b0._version == v[1])):
                 return f[5]
+        # counters read before selecting: a write by another thread meanwhile makes the next call miss
+        v = (None if w0 is None else w0._version, None if b0 is None else b0._version)
         out = self._eval_values(a, c)
         # write counters matter only for selections (views or copies) of the parameters
-        live = all(t is w0 or t is b0 for t in out if isinstance(t, torch.Tensor))
-        v = None if live else (w0._version, None if b0 is None else b0._version)
+        if all(t is w0 or t is b0 for t in out if isinstance(t, torch.Tensor)):
+            v = None
+        elif w0 is None:  # a weight the layer computes (a parametrization): nothing to reuse
+            return out
         self.__dict__["_slim_fast"] = (a, c, w0, b0, v, out)
         return out
 
@@ -207,13 +211,14 @@ class SlimMixin(EvalFast, CarriesWidth):
             return w, b
         if w.requires_grad and torch.is_grad_enabled():
             return self._select(w, b, geo)
+        vw, vb = w._version, None if b is None else b._version  # before selecting (a concurrent write: a miss)
         with torch.no_grad():
             ws, bs = self._select(w, b, geo)
             ws = ws.contiguous()
             bs = bs.contiguous() if bs is not None else None
         if len(self._w_cache) >= 8:
             self._w_cache.clear()
-        self._w_cache[geo] = (w, w._version, b, None if b is None else b._version, ws, bs)
+        self._w_cache[geo] = (w, vw, b, vb, ws, bs)
         return ws, bs
 
     def __setattr__(self, name, value):
@@ -602,11 +607,12 @@ def cached(owner: nn.Module, slot: str, key, srcs: tuple, make, size: int = 16):
                 break
         else:
             return hit[1]
+    versions = tuple((t, None if t is None else t._version) for t in srcs)  # before make(): see EvalFast
     with torch.no_grad():
         out = make()
     if len(cache) >= size:
         cache.clear()
-    cache[key] = (tuple((t, None if t is None else t._version) for t in srcs), out)
+    cache[key] = (versions, out)
     return out
 
 

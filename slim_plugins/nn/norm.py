@@ -233,18 +233,19 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         hit = self._eval_cache.get(a)
         if hit is not None and hit[0] is g and (hit[1] is None or tuple(map(_VERSION, hit[1])) == hit[2]):
             return hit[3]
-        w, b = self._affine(a, g)
-        mean, var, _ = self._full_stats(a, for_update=False)
-        vals = (w, b, g.pick(mean), g.pick(var))
-        srcs = None
+        srcs = versions = None
         if g.idx is not None:
             p, bufs = self._parameters, self._buffers
             post = self._post.get(a.key)
             srcs = tuple(t for t in (p.get("weight"), p.get("bias"), bufs.get("running_mean"),
                                      bufs.get("running_var"), *(post or ())) if t is not None)
+            versions = tuple(map(_VERSION, srcs))  # before selecting (a concurrent write: a miss)
+        w, b = self._affine(a, g)
+        mean, var, _ = self._full_stats(a, for_update=False)
+        vals = (w, b, g.pick(mean), g.pick(var))
         if len(self._eval_cache) >= 64:
             self._eval_cache.clear()
-        self._eval_cache[a] = (g, srcs, None if srcs is None else tuple(map(_VERSION, srcs)), vals)
+        self._eval_cache[a] = (g, srcs, versions, vals)
         return vals
 
     def __setattr__(self, name, value):

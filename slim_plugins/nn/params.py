@@ -105,8 +105,9 @@ class ParamHost:
         elif grad:
             return g.take(value, dim)
         else:
+            version = value._version  # before selecting (a concurrent write: a miss)
             with torch.no_grad():
-                out, version = g.take(value, dim).contiguous(), value._version
+                out = g.take(value, dim).contiguous()
         if not grad:  # one entry per attribute (batch-1 latency: checked first, in the descriptor)
             d.setdefault("_slim_param_cache", {})[name] = (a, value, version, out)
         return out
