@@ -100,24 +100,15 @@ class SlimHeadsAttention(SlimPerChannel):
             NotExactError: the active channels are not whole heads.
         """
         if torch.is_grad_enabled():
-            g = self.active_geometry(x)
-            h = self.heads(g)
-            return (g, h, *self.head_weights(g, h))
-        a, c = self._slim_state.active(self._dp_width), x.shape[-1]
-        srcs = self._head_srcs()
-        f = self.__dict__.get("_slim_head_fast")
-        if f is not None and f[0] is a and f[1] == c:
-            for t, (s, v) in zip(srcs, f[2]):  # a loop, not all(<generator>): one call per attention call
-                if t is not s or (t is not None and t._version != v):
-                    break
-            else:
-                return f[3]
-        versions = tuple((t, None if t is None else t._version) for t in srcs)  # before selecting
+            return self._head_values(x)
+        a = self._slim_state.active(self._dp_width)
+        return cached(self, "_slim_head_fast", (a, x.shape[-1]), self._head_srcs(), lambda: self._head_values(x),
+                      size=1)
+
+    def _head_values(self, x) -> tuple:
         g = self.active_geometry(x)
         h = self.heads(g)
-        out = (g, h, *self.head_weights(g, h))
-        self.__dict__["_slim_head_fast"] = (a, c, versions, out)
-        return out
+        return (g, h, *self.head_weights(g, h))
 
     def _head_srcs(self) -> tuple:
         """The parameters the head weights are selected from: qkv weight / bias, proj weight / bias."""

@@ -560,9 +560,6 @@ class SlimWeightNormConv2d(SlimConv2d):
     def _wb(self):
         return self.weight, self._parameters.get("bias")
 
-    def _eval_fast(self, c: int) -> tuple:  # the weight is computed from (g, v) at each call: nothing to reuse
-        return self._eval_values(self._slim_state.active(self._dp_width), c)
-
     def _weights(self, geo: Geo):
         g, v = self._gv()
         b = self._parameters.get("bias")

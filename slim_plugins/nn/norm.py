@@ -484,8 +484,7 @@ class SlimPerChannel(EvalFast, CarriesWidth, nn.Module):
         """``(geometry, weight, bias)`` of a call on ``x`` (channels on ``channel_dim``); ``bias`` is ``None`` for a
         norm without one."""
         if torch.is_grad_enabled():
-            g = self.active_geometry(x)
-            return (g, *self.picked(g, "weight", "bias"))
+            return self._eval_values(self._slim_state.active(self._dp_width), x.shape[self.channel_dim])
         return self._eval_fast(x.shape[self.channel_dim])
 
     def picked(self, g: BNGeo, *names):
