@@ -470,6 +470,10 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: in
             consts = {n.target: _resolve(model, n.target) for n in graph.nodes
                       if n.op == "get_attr" and n.target.rpartition(".")[2].startswith("_tensor_constant")}
         finally:  # a forward that assigns attributes (EDSR's self.mean) left fx proxies on the model
+            # the eager values (activations, views of parameters) go now, not when the tracer's reference cycles
+            # are collected: a view keeps its parameter from torch.utils.swap_tensors (``module.to()``)
+            tracer.values.clear()
+            tracer.inputs = None
             for tag in tags:
                 tag.live = False
             paths = {id(m): n for n, m in model.named_modules()}
@@ -502,11 +506,23 @@ def snapshot_modules(root: nn.Module):
     for m in root.modules():
         inner = {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules") if k in m.__dict__}
         bufs = {k: b.detach().clone() for k, b in m._buffers.items() if b is not None}
-        vers = {k: p._version for k, p in m._parameters.items() if p is not None}
+        vers = {k: _param_state(p) for k, p in m._parameters.items() if p is not None}
         conts = {k: (v, copy.copy(v)) for k, v in m.__dict__.items()
                  if type(v) in (dict, list) and k not in inner and not k.startswith("_slim")}
         mods.append((m, dict(m.__dict__), inner, bufs, vers, conts))
     return mods
+
+
+def _param_state(p: torch.Tensor):
+    """What tells whether a forward writes ``p`` in place: its write counter, or for an inference tensor (which
+    keeps none) a copy of its values."""
+    return p.detach().clone() if p.is_inference() else p._version
+
+
+def _param_written(p: torch.Tensor, before) -> bool:
+    if isinstance(before, torch.Tensor):
+        return not (p.shape == before.shape and torch.equal(p, before))
+    return p.is_inference() or p._version != before
 
 
 def restore_modules(snap) -> list:
@@ -532,7 +548,7 @@ def restore_modules(snap) -> list:
                 cur = m._buffers.get(k)
                 if cur is not None and not torch.equal(cur, b):
                     cur.copy_(b)
-        changed = [k for k, v in vers.items() if m._parameters[k]._version != v]
+        changed = [k for k, v in vers.items() if _param_written(m._parameters[k], v)]
         if changed:
             raise ExampleInputError(f"the analysis forward wrote parameters {changed} of {type(m).__name__} in "
                                     "place; convert cannot analyse a model whose forward changes its weights")

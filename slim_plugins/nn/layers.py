@@ -72,6 +72,27 @@ class Geo:
         return t[:self.out_c] if oi is None else t.index_select(0, oi)
 
 
+def write_counts(tensors) -> tuple | None:
+    """The in-place write counters of ``tensors`` (``None`` entries stay ``None``), or ``None`` when one of them is
+    an inference tensor (made under ``torch.inference_mode``, or a parameter whose ``.data`` became one there): in-place
+    writes to those count nowhere, so nothing selected from them may be reused (DESIGN rule 7)."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return None
+    return tuple(None if t is None else t._version for t in tensors)
+
+
+def unbased(x):
+    """``x`` (a tensor, or a tuple / list of them) with every view detached from its base: a cached selection must
+    not hold its parameter's tensor, which ``torch.utils.swap_tensors`` refuses to swap while another tensor holds
+    it (``module.to()`` under ``torch.__future__.set_swap_module_params_on_conversion(True)``). The detached view
+    shares the storage and the write counter, so it reads what the view read."""
+    if isinstance(x, torch.Tensor):
+        return x.detach() if x._is_view() else x
+    if type(x) in (tuple, list):
+        return type(x)(unbased(t) for t in x)
+    return x
+
+
 class EvalFast:
     """One-entry eval fast path of a width-switchable layer whose width-dependent values come from its own
     ``weight`` / ``bias`` (conv, linear, the norms): a subclass defines ``_eval_values(a, c)``."""
@@ -94,16 +115,23 @@ class EvalFast:
         f = self.__dict__.get("_slim_fast")
         if f is not None and f[0] is a and f[1] == c and f[2] is w0 and f[3] is b0:
             v = f[4]
-            if v is None or (w0._version == v[0] and (b0 is None or b0._version == v[1])):
+            if v is None:
                 return f[5]
+            try:
+                if w0._version == v[0] and (b0 is None or b0._version == v[1]):
+                    return f[5]
+            except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
+                pass
         # counters read before selecting: a write by another thread meanwhile makes the next call miss
-        v = (None if w0 is None else w0._version, None if b0 is None else b0._version)
+        v = write_counts((w0, b0))
         out = self._eval_values(a, c)
         # write counters matter only for selections (views or copies) of the parameters
         if all(t is w0 or t is b0 for t in out if isinstance(t, torch.Tensor)):
             v = None
-        elif w0 is None:  # a weight the layer computes (a parametrization): nothing to reuse
+        elif w0 is None or v is None:  # a weight the layer computes (a parametrization), an inference tensor
             return out
+        else:
+            out = unbased(out)
         self.__dict__["_slim_fast"] = (a, c, w0, b0, v, out)
         return out
 
@@ -199,8 +227,12 @@ class SlimMixin(EvalFast, CarriesWidth):
             # copied from keep their in-place write counters (SlimParameter makes `.data` writes count too);
             # assigning a new parameter drops the cache (__setattr__).
             hit = self._w_cache.get(geo)
-            if hit is not None and hit[0]._version == hit[1] and (hit[2] is None or hit[2]._version == hit[3]):
-                return hit[4], hit[5]
+            if hit is not None:
+                try:
+                    if hit[0]._version == hit[1] and (hit[2] is None or hit[2]._version == hit[3]):
+                        return hit[4], hit[5]
+                except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
+                    pass
         p = self._parameters
         w = p.get("weight")
         if w is None:  # weight computed by the layer (weight norm)
@@ -211,11 +243,14 @@ class SlimMixin(EvalFast, CarriesWidth):
             return w, b
         if w.requires_grad and torch.is_grad_enabled():
             return self._select(w, b, geo)
-        vw, vb = w._version, None if b is None else b._version  # before selecting (a concurrent write: a miss)
+        counts = write_counts((w, b))  # before selecting (a concurrent write: a miss)
         with torch.no_grad():
-            ws, bs = self._select(w, b, geo)
+            ws, bs = unbased(self._select(w, b, geo))
             ws = ws.contiguous()
             bs = bs.contiguous() if bs is not None else None
+        if counts is None:  # an inference tensor: nothing to reuse
+            return ws, bs
+        vw, vb = counts
         if len(self._w_cache) >= 8:
             self._w_cache.clear()
         self._w_cache[geo] = (w, vw, b, vb, ws, bs)
@@ -599,14 +634,20 @@ def cached(owner: nn.Module, slot: str, key, srcs: tuple, make, size: int = 16):
         cache = owner.__dict__[slot] = {}
     hit = cache.get(key)
     if hit is not None:
-        for t, (s, v) in zip(srcs, hit[0]):  # a loop, not all(<generator>): this runs per layer call at batch 1
-            if t is not s or (t is not None and t._version != v):
-                break
-        else:
-            return hit[1]
-    versions = tuple((t, None if t is None else t._version) for t in srcs)  # before make(): see EvalFast
+        try:
+            for t, (s, v) in zip(srcs, hit[0]):  # a loop, not all(<generator>): this runs per layer call at batch 1
+                if t is not s or (t is not None and t._version != v):
+                    break
+            else:
+                return hit[1]
+        except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
+            pass
+    counts = write_counts(srcs)  # before make(): see EvalFast
     with torch.no_grad():
-        out = make()
+        out = unbased(make())
+    if counts is None:  # an inference tensor: nothing to reuse
+        return out
+    versions = tuple(zip(srcs, counts))
     if len(cache) >= size:
         cache.clear()
     cache[key] = (versions, out)
@@ -656,9 +697,17 @@ class SlimParameter(nn.Parameter):
 
     @data.setter
     def data(self, value):
+        # count the swap as a write (caches of the old storage are stale): before it too, since writes to the
+        # new data count nowhere when it is an inference tensor (the parameter keeps its counter)
+        _count_write(self)
         torch._C.TensorBase.data.__set__(self, value)
+        _count_write(self)
+
+
+def _count_write(t: torch.Tensor) -> None:
+    if not t.is_inference():
         with torch.no_grad():
-            self.detach().mul_(1)  # count the swap as a write: caches of the old storage are stale
+            t.detach().mul_(1)
 
 
 def track_data_writes(module: nn.Module) -> None:
@@ -688,4 +737,4 @@ def _assign(p: nn.Module, w, b):
 
 __all__ = ["Geo", "EvalFast", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
            "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES",
-           "track_data_writes", "is_weight_normed", "cached", "plain_copy"]
+           "track_data_writes", "is_weight_normed", "cached", "plain_copy", "write_counts", "unbased"]

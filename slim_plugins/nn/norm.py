@@ -31,7 +31,7 @@ from torch import nn
 from ..context import CarriesWidth, _calibration
 from ..errors import UncalibratedWidthError
 from ..registry import register
-from .layers import EvalFast, Geo, _share, cached, plain_copy, track_data_writes
+from .layers import EvalFast, Geo, _share, cached, plain_copy, track_data_writes, unbased, write_counts
 
 _SWITCHABLE = ("switchable", "switchable_shared")
 
@@ -222,27 +222,36 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         """``(weight, bias, mean, var)`` for normalising with stored statistics.
 
         Without autograd the selections are cached per configuration (DESIGN rule 7: four slices cost more
-        than the BN kernel itself at batch 1). Prefix selections are views of the stored tensors; gathered ones
-        are copies, valid while the tensors they were copied from have the same in-place write counters.
-        Assigning a parameter / buffer, loading a state dict, moving the module and calibrating drop the cache.
+        than the BN kernel itself at batch 1). Prefix selections are views of the stored tensors, valid while the
+        affine parameters keep their write counters (a ``.data`` swap counts); gathered ones are copies, valid
+        while all the tensors they were copied from keep theirs. Assigning a parameter / buffer, loading a state
+        dict, moving the module and calibrating drop the cache; a ``.data`` swap of a running statistic does not
+        (buffers count no such swap).
         """
         if torch.is_grad_enabled():
             w, b = self._affine(a, g)
             mean, var, _ = self._full_stats(a, for_update=False)
             return w, b, g.pick(mean), g.pick(var)
         hit = self._eval_cache.get(a)
-        if hit is not None and hit[0] is g and (hit[1] is None or tuple(map(_VERSION, hit[1])) == hit[2]):
-            return hit[3]
-        srcs = versions = None
+        if hit is not None and hit[0] is g:
+            try:
+                if hit[1] is None or tuple(map(_VERSION, hit[1])) == hit[2]:
+                    return hit[3]
+            except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
+                pass
+        p, bufs = self._parameters, self._buffers
         if g.idx is not None:
-            p, bufs = self._parameters, self._buffers
             post = self._post.get(a.key)
             srcs = tuple(t for t in (p.get("weight"), p.get("bias"), bufs.get("running_mean"),
                                      bufs.get("running_var"), *(post or ())) if t is not None)
-            versions = tuple(map(_VERSION, srcs))  # before selecting (a concurrent write: a miss)
+        else:  # views follow in-place writes; a `.data` swap of the affine parameters counts as a write
+            srcs = tuple(t for t in (p.get("weight"), p.get("bias")) if t is not None) or None
+        versions = None if srcs is None else write_counts(srcs)  # before selecting (a concurrent write: a miss)
         w, b = self._affine(a, g)
         mean, var, _ = self._full_stats(a, for_update=False)
-        vals = (w, b, g.pick(mean), g.pick(var))
+        vals = unbased((w, b, g.pick(mean), g.pick(var)))
+        if srcs is not None and versions is None:  # an inference tensor: nothing to reuse
+            return vals
         if len(self._eval_cache) >= 64:
             self._eval_cache.clear()
         self._eval_cache[a] = (g, srcs, versions, vals)

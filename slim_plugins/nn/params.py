@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..context import _call_width
+from .layers import unbased, write_counts
 from .norm import BNGeo
 
 
@@ -105,9 +106,12 @@ class ParamHost:
         elif grad:
             return g.take(value, dim)
         else:
-            version = value._version  # before selecting (a concurrent write: a miss)
+            counts = write_counts((value,))  # before selecting (a concurrent write: a miss)
             with torch.no_grad():
-                out = g.take(value, dim).contiguous()
+                out = unbased(g.take(value, dim).contiguous())
+            if counts is None:  # an inference tensor: nothing to reuse
+                return out
+            version = counts[0]
         if not grad:  # one entry per attribute (batch-1 latency: checked first, in the descriptor)
             d.setdefault("_slim_param_cache", {})[name] = (a, value, version, out)
         return out
@@ -140,8 +144,14 @@ class _Hosted:
                     w = st.default
                 # SlimState.active for an already resolved width multiplier, inline (batch-1 latency)
                 a = st._resolved.get(w) if type(w) is float else st.active(None)
-                if t is hit[1] and hit[0] is a and (hit[2] is None or t._version == hit[2]):
-                    return hit[3]  # (no write counter for the whole tensor: it is read live)
+                if t is hit[1] and hit[0] is a:
+                    if hit[2] is None:
+                        return hit[3]  # (no write counter for the whole tensor: it is read live)
+                    try:
+                        if t._version == hit[2]:
+                            return hit[3]
+                    except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
+                        pass
         return obj._slim_read(self.name)
 
 

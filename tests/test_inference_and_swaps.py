@@ -1,0 +1,200 @@
+"""Tensors the user's process makes or swaps in ways our caches must follow, as the plain model does.
+
+- Made under ``torch.inference_mode()`` (a serving process that builds or copies its model there): such tensors
+  keep no in-place write counter, so nothing selected from them is reused, and convert's check that the
+  analysis forward leaves the weights alone compares values instead. These tests failed before the fix with
+  ``RuntimeError: Inference tensors do not track version counter``.
+- Swapped by ``p.data = t`` or ``torch.utils.swap_tensors`` (``module.to()`` under
+  ``torch.__future__.set_swap_module_params_on_conversion(True)``): no cached selection (nor the analysis'
+  eager values) may hold a parameter's tensor, which swap_tensors refuses to swap while referenced. These failed
+  with ``RuntimeError: _apply(): Couldn't swap ...``; a switchable BN reused views of the old storage after
+  ``bn.weight.data = t``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import slim_plugins as slim
+
+
+def _cnn(c=16):
+    return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                         nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
+
+
+def _vit():  # LayerNorm, attention heads, class token and position embedding (hosted reads)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5)
+
+
+@pytest.mark.parametrize("build", [_cnn, _vit], ids=["cnn_bn", "vit"])
+def test_model_built_under_inference_mode_converts_and_runs(build, mad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        net = build().eval()
+        assert next(net.parameters()).is_inference()
+        ref = net(x)
+        model = slim.convert(net, slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+        assert mad(model(x), ref) == 0  # the analysis left the model as it was
+        for w in (0.5, 1.0, 0.5):  # twice at 0.5: a second call would reuse a selection if one were kept
+            slim.set_width(model, w)
+            exported = slim.export(model, w, example_input=x).eval()
+            assert mad(model(x), exported(x)) == 0, w
+            assert mad(model(x), exported(x)) == 0, w
+
+
+def test_deepcopy_under_inference_mode_runs(mad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(_vit().eval(), slim.WidthSpec.range(0.25, 1.0), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    with torch.inference_mode():
+        y = model(x)
+        twin = copy.deepcopy(model)
+        assert next(twin.parameters()).is_inference()
+        assert mad(twin(x), y) == 0
+        assert mad(twin(x), y) == 0
+
+
+def test_inference_tensor_assigned_to_data_after_a_cached_call(mad):
+    """A selection cached from a normal parameter is not reused once ``.data`` holds an inference tensor."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(_vit().eval(), slim.WidthSpec.range(0.25, 1.0), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    fc = model.blocks[0].mlp.fc1
+    with torch.inference_mode():
+        y0 = model(x)
+        model(x)  # the selections are cached now
+        for p in (fc.weight, model.pos_embed, model.blocks[0].attn.qkv.weight, model.blocks[0].norm1.weight):
+            p.data = torch.randn(p.shape)
+            assert p.is_inference()
+        y1 = model(x)
+        exported = slim.export(model, 0.5, example_input=x).eval()
+        assert mad(y1, exported(x)) == 0
+        assert mad(model(x), y1) == 0
+        for p in (fc.weight, model.pos_embed, model.blocks[0].attn.qkv.weight, model.blocks[0].norm1.weight):
+            p.mul_(-1)  # in place, inside inference mode: no write counter moves
+        y2 = model(x)
+        assert mad(y2, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-3 and mad(y1, y2) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["3.weight", "blocks.0.mlp.fc1.weight", "pos_embed", "blocks.0.attn.qkv.weight",
+                                  "blocks.0.norm1.weight"])
+def test_parameter_swapped_with_an_inference_tensor_after_a_cached_call(name, mad):
+    """``torch.utils.swap_tensors`` with a tensor made under inference mode: the parameter object stays, its
+    write counter is gone (reading it raises), and the cached selection is not reused."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    net = _cnn() if name == "3.weight" else _vit()
+    model = slim.convert(net.eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    p = model.get_parameter(name)
+    with torch.inference_mode():
+        y0 = model(x)
+        model(x)
+        new = nn.Parameter(torch.randn(p.shape))
+    torch.utils.swap_tensors(p, new)
+    with torch.inference_mode():
+        y1 = model(x)
+        assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-3
+
+
+class _WritesWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.conv.weight.mul_(0.5)  # a forward that changes its own weights
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["normal", "inference_tensors"])
+def test_analysis_forward_writing_weights_is_refused(inference):
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode(inference):
+        net = _WritesWeight()
+        with pytest.raises(slim.ExampleInputError, match=r"wrote parameters \['weight'\] of Conv2d"):
+            slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+        assert type(net.conv) is nn.Conv2d  # refused before any module was replaced
+
+
+@pytest.mark.parametrize("build", [_cnn, _vit], ids=["cnn_bn", "vit"])
+def test_to_with_swap_on_conversion_after_eval_calls(build, mad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(build().eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    with torch.no_grad():
+        for w in (0.5, 0.5, 1.0):  # selections cached at 0.5
+            with slim.width(w):
+                model(x)
+        y32 = {w: slim.export(model, w, example_input=x).eval()(x) for w in (0.5, 1.0)}
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    x64 = x.double()
+    with torch.no_grad():
+        for w in (0.5, 1.0):
+            with slim.width(w):
+                y = model(x64)
+            assert y.dtype == torch.float64
+            assert mad(y, slim.export(model, w, example_input=x64).eval()(x64)) == 0
+            assert mad(y.float(), y32[w]) < 1e-4
+
+
+def test_index_gathered_bn_weight_swapped_with_an_inference_tensor(mad):
+    """ShuffleNetV2's channel shuffle makes BN selections index gathers (their own cache of selections)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    net = torchvision.models.shufflenet_v2_x0_5(num_classes=5).eval()
+    model = slim.convert(net, slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    name = "stage2.0.branch2.6"
+    bn = model.get_submodule(name)
+    h = torch.randn(2, slim.export(model, 0.5, example_input=x).get_submodule(name).num_features, 8, 8)
+    with torch.inference_mode():
+        model(x)
+        y0 = bn(h)
+        assert any(hit[1] is not None for hit in bn._eval_cache.values())  # a gathered selection is cached
+        new = nn.Parameter(torch.randn(bn.weight.shape) + 1)
+    torch.utils.swap_tensors(bn.weight, new)
+    with torch.inference_mode():
+        y1 = bn(h)
+        plain = slim.export(model, 0.5, example_input=x).eval()
+        assert mad(y1, plain.get_submodule(name)(h)) == 0
+        assert mad(model(x), plain(x)) == 0
+    assert mad(y0, y1) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_switchable_bn_affine_data_swap_after_a_cached_call(name, mad):
+    """``bn.weight.data = t`` (pruning / weight surgery code): the cached prefix views of the old storage are
+    not reused (before the fix they were: a different network until the width changed)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(_cnn(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    p = getattr(model[1], name)
+    with torch.no_grad():
+        y0 = model(x)
+        model(x)
+        p.data = torch.randn(p.shape) + 3
+        y1 = model(x)
+        assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-3
