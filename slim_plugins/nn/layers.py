@@ -130,8 +130,7 @@ class EvalFast:
             v = None
         elif w0 is None or v is None:  # a weight the layer computes (a parametrization), an inference tensor
             return out
-        else:
-            out = unbased(out)
+        # (the selections come from _weights / cached(), which already hold no view of a parameter: unbased)
         self.__dict__["_slim_fast"] = (a, c, w0, b0, v, out)
         return out
 
