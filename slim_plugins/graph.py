@@ -520,8 +520,8 @@ def _param_state(p: torch.Tensor):
 
 
 def _param_written(p: torch.Tensor, before) -> bool:
-    if isinstance(before, torch.Tensor):
-        return not (p.shape == before.shape and torch.equal(p, before))
+    if isinstance(before, torch.Tensor):  # the same values, NaN where NaN was (torch.equal: NaN != NaN)
+        return not (p.shape == before.shape and bool(((p == before) | (p.isnan() & before.isnan())).all()))
     return p.is_inference() or p._version != before
 
 

@@ -9,6 +9,10 @@
   eager values) may hold a parameter's tensor, which swap_tensors refuses to swap while referenced. These failed
   with ``RuntimeError: _apply(): Couldn't swap ...``; a switchable BN reused views of the old storage after
   ``bn.weight.data = t``.
+- Swapped keeping the parameter object (``swap_tensors`` by hand, ``.to()`` / ``load_state_dict`` under
+  swap-on-conversion) with a tensor whose write counter equals the old one's: the stamps see the swap itself
+  (the old selection was reused: the old output, or a dtype mismatch after ``.to(torch.float64)``), and the
+  parameters stay SlimParameters (swap_tensors swaps their class as well).
 """
 from __future__ import annotations
 
@@ -130,6 +134,19 @@ def test_analysis_forward_writing_weights_is_refused(inference):
         assert type(net.conv) is nn.Conv2d  # refused before any module was replaced
 
 
+def test_inference_tensor_model_holding_nan_converts():
+    """A NaN parameter (a diverged checkpoint being inspected) is not a write: convert compares the values of
+    inference tensors, and compared them with ``torch.equal`` (NaN != NaN) before the fix."""
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        net = _cnn().eval()
+        net[8].bias[1] = float("nan")
+        ref = net(x)
+        model = slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x).eval()
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0, equal_nan=True)
+        assert ref[0, 1].isnan() and not ref[0, 0].isnan()
+
+
 @pytest.mark.parametrize("build", [_cnn, _vit], ids=["cnn_bn", "vit"])
 def test_to_with_swap_on_conversion_after_eval_calls(build, mad):
     torch.manual_seed(0)
@@ -197,4 +214,127 @@ def test_switchable_bn_affine_data_swap_after_a_cached_call(name, mad):
         p.data = torch.randn(p.shape) + 3
         y1 = model(x)
         assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-3
+
+
+# ---- swaps that keep the parameter object: torch.utils.swap_tensors by hand, .to() / load_state_dict under
+# swap-on-conversion. The object, and possibly its write counter, look the same; its tensor is another one.
+
+def _swap_on_conversion(fn):
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        return fn()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def _with_counter(t: torch.Tensor, count: int) -> torch.Tensor:
+    """``t`` after in-place writes that leave its values alone, until its write counter reads ``count``."""
+    with torch.no_grad():
+        while t._version < count:
+            t.mul_(1)
+    assert t._version == count
+    return t
+
+
+@pytest.mark.parametrize("name", ["3.weight", "4.bias", "blocks.0.mlp.fc1.weight", "pos_embed", "cls_token",
+                                  "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias", "blocks.0.norm1.weight"])
+def test_hand_made_swap_with_an_equal_write_counter_is_seen(name, mad):
+    """Before the fix the cached selection was reused when the new tensor's write counter equalled the old one's
+    (the old output, silently): the stamps now also see the swap itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    net = _cnn() if name[0].isdigit() else _vit()
+    model = slim.convert(net.eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    p = model.get_parameter(name)
+    with torch.no_grad():
+        y0 = model(x)
+        model(x)  # cached now
+        new = nn.Parameter(_with_counter(torch.randn(p.shape) + 2, p._version))
+    torch.utils.swap_tensors(p, new)  # refused while a cached selection holds p's tensor (unbased)
+    with torch.no_grad():
+        y1 = model(x)
+        assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-3
+
+
+def test_index_gathered_bn_running_statistic_swapped_by_hand(mad):
+    """A gathered BN selection is a copy that includes the running statistics: a hand-made swap is seen."""
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    net = torchvision.models.shufflenet_v2_x0_5(num_classes=5).eval()
+    model = slim.convert(net, slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    name = "stage2.0.branch2.6"
+    bn = model.get_submodule(name)
+    h = torch.randn(2, slim.export(model, 0.5, example_input=x).get_submodule(name).num_features, 8, 8)
+    with torch.no_grad():
+        model(x)
+        y0 = bn(h)
+        assert any(hit[1] is not None for hit in bn._eval_cache.values())  # a gathered selection is cached
+        old = bn.running_var
+        new = _with_counter(old.detach().clone() * 4, old._version)
+    torch.utils.swap_tensors(old, new)
+    with torch.no_grad():
+        y1 = bn(h)
+        plain = slim.export(model, 0.5, example_input=x).eval()
+        assert mad(y1, plain.get_submodule(name)(h)) == 0
+        assert mad(model(x), plain(x)) == 0
+    assert mad(y0, y1) > 1e-3
+
+
+@pytest.mark.parametrize("build", [_cnn, _vit], ids=["cnn_bn", "vit"])
+def test_to_with_swap_on_conversion_after_deepcopy(build, mad):
+    """A deep copy's tensors start with write counters of 0, as do the ones ``.to()`` swaps in: before the fix the
+    float32 selection was reused after ``.to(torch.float64)`` (``RuntimeError``: dtype mismatch). The parameters
+    stay SlimParameters (swap_tensors swaps their class too), so a later ``.data`` swap is still seen."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(build().eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    twin = copy.deepcopy(model)
+    slim.set_width(twin, 0.5)
+    with torch.no_grad():
+        twin(x)
+    _swap_on_conversion(lambda: twin.to(torch.float64))
+    tracked = {n: type(p) for n, p in model.named_parameters()}
+    assert {n: type(p) for n, p in twin.named_parameters()} == tracked
+    x64 = x.double()
+    with torch.no_grad():
+        y = twin(x64)
+        assert y.dtype == torch.float64
+        assert mad(y, slim.export(twin, 0.5, example_input=x64).eval()(x64)) == 0
+        p = twin.get_parameter("3.weight" if build is _cnn else "blocks.0.mlp.fc1.weight")
+        p.data = torch.randn(p.shape, dtype=p.dtype)
+        y1 = twin(x64)
+        assert mad(y1, slim.export(twin, 0.5, example_input=x64).eval()(x64)) == 0
+    assert mad(y, y1) > 1e-3
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copy", "assign"])
+@pytest.mark.parametrize("build", [_cnn, _vit], ids=["cnn_bn", "vit"])
+def test_load_state_dict_under_swap_on_conversion(build, assign, mad):
+    """torch's ``load_state_dict`` swaps every parameter under swap-on-conversion (``Tensor.module_load``); with
+    ``assign=True`` the new tensors are the state dict's, whose write counters may equal the old ones."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    spec = slim.WidthSpec.switches([0.5, 1.0])
+    model = slim.convert(build().eval(), spec, example_input=x).eval()
+    other = slim.convert(build().eval(), spec, example_input=x).eval()  # other weights (another seed draw)
+    slim.set_width(model, 0.5)
+    slim.set_width(other, 0.5)
+    with torch.no_grad():
+        y0 = model(x)
+        model(x)
+    sd = {k: v.detach().clone() for k, v in other.state_dict().items()}
+    tracked = {n: type(p) for n, p in model.named_parameters()}
+    _swap_on_conversion(lambda: model.load_state_dict(sd, assign=assign))
+    assert {n: type(p) for n, p in model.named_parameters()} == tracked
+    with torch.no_grad():
+        y1 = model(x)
+        assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+        assert mad(y1, other(x)) == 0
     assert mad(y0, y1) > 1e-3

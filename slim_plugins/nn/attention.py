@@ -29,8 +29,8 @@ class SlimHeadsAttention(SlimPerChannel):
     """Base of the attention counterparts: children ``qkv`` and ``proj`` (``nn.Linear``) and ``num_heads``.
 
     Input and output ``(..., C_active)``; the output has the input's channels (a residual stream). The weights of
-    a width are selected once per width in eval mode without autograd (cached while the parameters keep their
-    write counters), as the conv / linear layers do (DESIGN rule 7).
+    a width are selected once per width in eval mode without autograd (cached while the parameters are unchanged:
+    ``stamps``), as the conv / linear layers do (DESIGN rule 7).
 
     Raises:
         UnsupportedModuleError: at convert time, an attention whose widths are not ``dim = heads x head_dim`` in
@@ -94,7 +94,7 @@ class SlimHeadsAttention(SlimPerChannel):
     def head_params(self, x) -> tuple:
         """``(geometry, heads, qkv weight, qkv bias, proj weight, proj bias)`` of a call on tokens ``x`` (channels
         last). Without autograd the values of the last call are reused while the configuration, the channels and
-        the four parameters (same objects, same write counters) are unchanged (DESIGN rule 7, batch-1 latency).
+        the four parameters (same objects, same ``stamps``) are unchanged (DESIGN rule 7, batch-1 latency).
 
         Raises:
             NotExactError: the active channels are not whole heads.

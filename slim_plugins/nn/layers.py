@@ -72,13 +72,23 @@ class Geo:
         return t[:self.out_c] if oi is None else t.index_select(0, oi)
 
 
-def write_counts(tensors) -> tuple | None:
-    """The in-place write counters of ``tensors`` (``None`` entries stay ``None``), or ``None`` when one of them is
-    an inference tensor (made under ``torch.inference_mode``, or a parameter whose ``.data`` became one there): in-place
-    writes to those count nowhere, so nothing selected from them may be reused (DESIGN rule 7)."""
+def stamps(tensors) -> tuple | None:
+    """What a selection cached from ``tensors`` is checked against before it is reused (DESIGN rule 7): per tensor
+    ``(alias, write counter, Python dict)`` (``None`` entries stay ``None``), or ``None`` when one of them is an
+    inference tensor (made under ``torch.inference_mode``, or a parameter whose ``.data`` became one there): writes
+    to those count nowhere, so nothing selected from them may be reused.
+
+    A tensor ``t`` is unchanged while ``alias._version == counter and t.__dict__ is dict``:
+
+    - ``alias`` is ``t.detach()``: the same write counter (in-place writes, ``.data`` writes and ``.data`` swaps of a
+      :class:`SlimParameter` count there), read through a plain tensor, which skips the ``__torch_function__`` check
+      a ``Parameter`` subclass costs on every attribute read (2.5x: batch-1 latency);
+    - ``torch.utils.swap_tensors`` (``module.to()`` under swap-on-conversion, ``load_state_dict`` there, or by hand)
+      keeps the object but swaps its tensor, class and ``__dict__``: the dict's identity shows a swap.
+    """
     if any(t is not None and t.is_inference() for t in tensors):
         return None
-    return tuple(None if t is None else t._version for t in tensors)
+    return tuple(None if t is None else (t.detach(), t._version, t.__dict__) for t in tensors)
 
 
 def unbased(x):
@@ -99,9 +109,9 @@ class EvalFast:
 
     def _eval_fast(self, c: int) -> tuple:
         """``self._eval_values(a, c)`` of a no-grad call at the active configuration ``a``, reused from the last call
-        while the configuration, the input channels and the parameters (same objects, same write counters) are
+        while the configuration, the input channels and the parameters (same objects, same :func:`stamps`) are
         unchanged (DESIGN rule 7; one entry, checked inline: batch-1 latency). Values that are the parameters
-        themselves (the full width) need no write-counter check: they are what the plain layer would use."""
+        themselves (the full width) need no check: they are what the plain layer would use."""
         st = self._slim_state
         w = _call_width.get()
         if w is None:
@@ -114,30 +124,32 @@ class EvalFast:
         w0, b0 = p.get("weight"), p.get("bias")
         f = self.__dict__.get("_slim_fast")
         if f is not None and f[0] is a and f[1] == c and f[2] is w0 and f[3] is b0:
-            v = f[4]
-            if v is None:
+            s = f[4]
+            if s is None:
                 return f[5]
-            try:
-                if w0._version == v[0] and (b0 is None or b0._version == v[1]):
-                    return f[5]
-            except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
-                pass
-        # counters read before selecting: a write by another thread meanwhile makes the next call miss
-        v = write_counts((w0, b0))
+            sw, sb = s  # stamps(): unchanged
+            if sw[0]._version == sw[1] and w0.__dict__ is sw[2] and (
+                    sb is None or sb[0]._version == sb[1] and b0.__dict__ is sb[2]):
+                return f[5]
+        # stamped before selecting: a write by another thread meanwhile makes the next call miss
+        s = stamps((w0, b0))
         out = self._eval_values(a, c)
-        # write counters matter only for selections (views or copies) of the parameters
+        # stamps matter only for selections (views or copies) of the parameters
         if all(t is w0 or t is b0 for t in out if isinstance(t, torch.Tensor)):
-            v = None
-        elif w0 is None or v is None:  # a weight the layer computes (a parametrization), an inference tensor
+            s = None
+        elif w0 is None or s is None:  # a weight the layer computes (a parametrization), an inference tensor
             return out
         # (the selections come from _weights / cached(), which already hold no view of a parameter: unbased)
-        self.__dict__["_slim_fast"] = (a, c, w0, b0, v, out)
+        self.__dict__["_slim_fast"] = (a, c, w0, b0, s, out)
         return out
 
     def __getstate__(self):  # copies and pickles start without the entry (it holds a resolved configuration)
         d = dict(super().__getstate__())
         d.pop("_slim_fast", None)
         return d
+
+    def _apply(self, fn, *args, **kwargs):
+        return renewed_apply(self, super()._apply, fn, args, kwargs)
 
 
 class SlimMixin(EvalFast, CarriesWidth):
@@ -223,15 +235,13 @@ class SlimMixin(EvalFast, CarriesWidth):
         """``(weight, bias)`` for ``geo``; contiguous copies cached per geometry when no grad is needed."""
         if not geo.full and not torch.is_grad_enabled():
             # Fast dynamic inference (DESIGN rule 7): reuse the contiguous selection while the tensors it was
-            # copied from keep their in-place write counters (SlimParameter makes `.data` writes count too);
-            # assigning a new parameter drops the cache (__setattr__).
+            # copied from are unchanged (stamps); assigning a new parameter drops the cache (__setattr__).
             hit = self._w_cache.get(geo)
             if hit is not None:
-                try:
-                    if hit[0]._version == hit[1] and (hit[2] is None or hit[2]._version == hit[3]):
-                        return hit[4], hit[5]
-                except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
-                    pass
+                sw, sb = hit[1], hit[3]  # stamps(): unchanged
+                if sw[0]._version == sw[1] and hit[0].__dict__ is sw[2] and (
+                        sb is None or sb[0]._version == sb[1] and hit[2].__dict__ is sb[2]):
+                    return hit[4], hit[5]
         p = self._parameters
         w = p.get("weight")
         if w is None:  # weight computed by the layer (weight norm)
@@ -242,17 +252,16 @@ class SlimMixin(EvalFast, CarriesWidth):
             return w, b
         if w.requires_grad and torch.is_grad_enabled():
             return self._select(w, b, geo)
-        counts = write_counts((w, b))  # before selecting (a concurrent write: a miss)
+        st = stamps((w, b))  # before selecting (a concurrent write: a miss)
         with torch.no_grad():
             ws, bs = unbased(self._select(w, b, geo))
             ws = ws.contiguous()
             bs = bs.contiguous() if bs is not None else None
-        if counts is None:  # an inference tensor: nothing to reuse
+        if st is None:  # an inference tensor: nothing to reuse
             return ws, bs
-        vw, vb = counts
         if len(self._w_cache) >= 8:
             self._w_cache.clear()
-        self._w_cache[geo] = (w, vw, b, vb, ws, bs)
+        self._w_cache[geo] = (w, st[0], b, st[1], ws, bs)
         return ws, bs
 
     def __setattr__(self, name, value):
@@ -626,30 +635,26 @@ class SlimWeightNormConv2d(SlimConv2d):
 
 def cached(owner: nn.Module, slot: str, key, srcs: tuple, make, size: int = 16):
     """``make()`` computed once per ``key`` and kept in ``owner.__dict__[slot]`` while every tensor of ``srcs`` is
-    the same object with the same in-place write counter (DESIGN rule 7: selections built once per width for
-    inference without autograd; ``SlimParameter`` makes ``.data`` writes count)."""
+    the same object, unchanged (:func:`stamps`; DESIGN rule 7: selections built once per width for inference
+    without autograd)."""
     cache = owner.__dict__.get(slot)
     if cache is None:
         cache = owner.__dict__[slot] = {}
     hit = cache.get(key)
     if hit is not None:
-        try:
-            for t, (s, v) in zip(srcs, hit[0]):  # a loop, not all(<generator>): this runs per layer call at batch 1
-                if t is not s or (t is not None and t._version != v):
-                    break
-            else:
-                return hit[1]
-        except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
-            pass
-    counts = write_counts(srcs)  # before make(): see EvalFast
+        for t, (s, st) in zip(srcs, hit[0]):  # a loop, not all(<generator>): this runs per layer call at batch 1
+            if t is not s or (st is not None and (st[0]._version != st[1] or t.__dict__ is not st[2])):
+                break
+        else:
+            return hit[1]
+    sts = stamps(srcs)  # before make(): see EvalFast
     with torch.no_grad():
         out = unbased(make())
-    if counts is None:  # an inference tensor: nothing to reuse
+    if sts is None:  # an inference tensor: nothing to reuse
         return out
-    versions = tuple(zip(srcs, counts))
     if len(cache) >= size:
         cache.clear()
-    cache[key] = (versions, out)
+    cache[key] = (tuple(zip(srcs, sts)), out)
     return out
 
 
@@ -703,6 +708,12 @@ class SlimParameter(nn.Parameter):
         _count_write(self)
 
 
+    def module_load(self, other, assign=False):
+        # load_state_dict under swap-on-conversion swaps this object with what this returns: a SlimParameter, so the
+        # parameter stays one (torch wraps anything else in a plain Parameter)
+        return SlimParameter(super().module_load(other, assign=assign), self.requires_grad)
+
+
 def _count_write(t: torch.Tensor) -> None:
     if not t.is_inference():
         with torch.no_grad():
@@ -714,6 +725,34 @@ def track_data_writes(module: nn.Module) -> None:
     for p in module._parameters.values():
         if p is not None and type(p) is nn.Parameter:
             p.__class__ = SlimParameter
+
+
+# Per-module caches of selections made from the module's tensors (eval fast paths, DESIGN rule 7).
+_EVAL_CACHES = ("_slim_fast", "_pick_cache", "_head_cache", "_slim_head_fast", "_slim_param_cache")
+
+
+def drop_caches(module: nn.Module) -> None:
+    """Drop the selections ``module`` cached from its tensors (its own caches, not its children's)."""
+    d = module.__dict__
+    for k in _EVAL_CACHES:
+        d.pop(k, None)
+    for k in ("_w_cache", "_eval_cache"):  # read as attributes: emptied, not removed
+        if k in d:
+            d[k] = {}
+
+
+def renewed_apply(module: nn.Module, apply, fn, args, kwargs, subtree: bool = True):
+    """``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``) of a slim module: the selections cached from the old
+    tensors are dropped first (a cached view would hold a parameter's tensor, which ``torch.utils.swap_tensors``
+    refuses to swap; this also frees them), and afterwards the parameters (the subtree's with ``subtree``, as convert
+    tracked them) are :class:`SlimParameter` again: under ``torch.__future__.set_swap_module_params_on_conversion(
+    True)`` torch swaps each one with a plain ``Parameter``, class included."""
+    drop_caches(module)
+    out = apply(fn, *args, **kwargs)
+    for m in module.modules() if subtree else (module,):
+        track_data_writes(m)
+    drop_caches(module)  # (a hook of fn may have called the module)
+    return out
 
 
 def _share(new: nn.Module, m: nn.Module) -> None:
@@ -735,5 +774,5 @@ def _assign(p: nn.Module, w, b):
 
 
 __all__ = ["Geo", "EvalFast", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
-           "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES",
-           "track_data_writes", "is_weight_normed", "cached", "plain_copy", "write_counts", "unbased"]
+           "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES", "track_data_writes", "renewed_apply", "drop_caches",
+           "is_weight_normed", "cached", "plain_copy", "stamps", "unbased"]

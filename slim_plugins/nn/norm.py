@@ -22,7 +22,6 @@ slice; the channel plan may give an index set, e.g. behind a concatenation). Sta
 from __future__ import annotations
 
 import contextlib
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from torch import nn
 from ..context import CarriesWidth, _calibration
 from ..errors import UncalibratedWidthError
 from ..registry import register
-from .layers import EvalFast, Geo, _share, cached, plain_copy, track_data_writes, unbased, write_counts
+from .layers import EvalFast, Geo, _share, cached, plain_copy, renewed_apply, stamps, track_data_writes, unbased
 
 _SWITCHABLE = ("switchable", "switchable_shared")
 
@@ -223,10 +222,11 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
 
         Without autograd the selections are cached per configuration (DESIGN rule 7: four slices cost more
         than the BN kernel itself at batch 1). Prefix selections are views of the stored tensors, valid while the
-        affine parameters keep their write counters (a ``.data`` swap counts); gathered ones are copies, valid
-        while all the tensors they were copied from keep theirs. Assigning a parameter / buffer, loading a state
-        dict, moving the module and calibrating drop the cache; a ``.data`` swap of a running statistic does not
-        (buffers count no such swap).
+        affine parameters are unchanged (:func:`~slim_plugins.nn.layers.stamps`: in-place writes, ``.data`` swaps,
+        ``swap_tensors``); gathered ones are copies, valid while all the tensors they were copied from are
+        unchanged. Assigning a parameter / buffer, loading a state dict, moving the module and calibrating drop the
+        cache; a ``.data`` swap or a hand-made ``torch.utils.swap_tensors`` of a running statistic read through a
+        prefix view does not (buffers count no ``.data`` swap; checking them would cost two reads per BN call).
         """
         if torch.is_grad_enabled():
             w, b = self._affine(a, g)
@@ -234,11 +234,13 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
             return w, b, g.pick(mean), g.pick(var)
         hit = self._eval_cache.get(a)
         if hit is not None and hit[0] is g:
-            try:
-                if hit[1] is None or tuple(map(_VERSION, hit[1])) == hit[2]:
-                    return hit[3]
-            except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
-                pass
+            if hit[1] is None:
+                return hit[3]
+            for t, st in zip(hit[1], hit[2]):  # stamps(): unchanged
+                if st[0]._version != st[1] or t.__dict__ is not st[2]:
+                    break
+            else:
+                return hit[3]
         p, bufs = self._parameters, self._buffers
         if g.idx is not None:
             post = self._post.get(a.key)
@@ -246,15 +248,15 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
                                      bufs.get("running_var"), *(post or ())) if t is not None)
         else:  # views follow in-place writes; a `.data` swap of the affine parameters counts as a write
             srcs = tuple(t for t in (p.get("weight"), p.get("bias")) if t is not None) or None
-        versions = None if srcs is None else write_counts(srcs)  # before selecting (a concurrent write: a miss)
+        sts = None if srcs is None else stamps(srcs)  # before selecting (a concurrent write: a miss)
         w, b = self._affine(a, g)
         mean, var, _ = self._full_stats(a, for_update=False)
         vals = unbased((w, b, g.pick(mean), g.pick(var)))
-        if srcs is not None and versions is None:  # an inference tensor: nothing to reuse
+        if srcs is not None and sts is None:  # an inference tensor: nothing to reuse
             return vals
         if len(self._eval_cache) >= 64:
             self._eval_cache.clear()
-        self._eval_cache[a] = (g, srcs, versions, vals)
+        self._eval_cache[a] = (g, srcs, sts, vals)
         return vals
 
     def __setattr__(self, name, value):
@@ -317,10 +319,9 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
                 dst.index_copy_(0, i, src.to(dst.device))
 
     def _apply(self, fn, *args, **kwargs):
+        out = renewed_apply(self, super()._apply, fn, args, kwargs)
         # The post-statistics are a plain dict: move/cast them with the module (.to(device), .half(), ...).
-        out = super()._apply(fn, *args, **kwargs)
         self._post = {k: (fn(m), fn(v)) for k, (m, v) in self._post.items()}
-        self._eval_cache = {}  # parameters may have been swapped: drop views of the old storage
         return out
 
     def clear_statistics(self):
@@ -498,7 +499,7 @@ class SlimPerChannel(EvalFast, CarriesWidth, nn.Module):
 
     def picked(self, g: BNGeo, *names):
         """The parameters ``names`` at the active channels ``g``. Without autograd the selections are cached per
-        geometry while the parameters keep their write counters (DESIGN rule 7: building the slices costs more
+        geometry while the parameters are unchanged (``stamps``; DESIGN rule 7: building the slices costs more
         than a batch-1 LayerNorm)."""
         ps = self._parameters
         srcs = [ps.get(n) for n in names]
@@ -650,7 +651,6 @@ class SlimRMSNorm2d(SlimRMSNorm):
 
 register(nn.RMSNorm)(SlimRMSNorm)
 
-_VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
 _CACHED = ("weight", "bias", "running_mean", "running_var")
 
 

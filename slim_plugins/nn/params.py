@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..context import _call_width
-from .layers import unbased, write_counts
+from .layers import renewed_apply, stamps, unbased
 from .norm import BNGeo
 
 
@@ -70,6 +70,9 @@ class ParamHost:
         d.pop("_slim_param_cache", None)
         return d
 
+    def _apply(self, fn, *args, **kwargs):  # its own (hosted) parameters: the slim children renew theirs
+        return renewed_apply(self, super()._apply, fn, args, kwargs, subtree=False)
+
     def __setstate__(self, state):  # unpickled in a fresh process: the recreated class needs its descriptors again
         super().__setstate__(state)
         _add_descriptors(type(self), list(self.__dict__.get("_slim_hosted") or ()) +
@@ -102,18 +105,18 @@ class ParamHost:
             return value
         grad = torch.is_grad_enabled()
         if g is None or (g.idx is None and value.shape[dim] == g.c):
-            out, version = value, None  # the whole tensor: what the module's own class reads
+            out, stamp = value, None  # the whole tensor: what the module's own class reads
         elif grad:
             return g.take(value, dim)
         else:
-            counts = write_counts((value,))  # before selecting (a concurrent write: a miss)
+            st = stamps((value,))  # before selecting (a concurrent write: a miss)
             with torch.no_grad():
                 out = unbased(g.take(value, dim).contiguous())
-            if counts is None:  # an inference tensor: nothing to reuse
+            if st is None:  # an inference tensor: nothing to reuse
                 return out
-            version = counts[0]
+            stamp = st[0]
         if not grad:  # one entry per attribute (batch-1 latency: checked first, in the descriptor)
-            d.setdefault("_slim_param_cache", {})[name] = (a, value, version, out)
+            d.setdefault("_slim_param_cache", {})[name] = (a, value, stamp, out)
         return out
 
 
@@ -130,7 +133,7 @@ class _Hosted:
         if obj is None:
             return self
         d = obj.__dict__
-        cache = d.get("_slim_param_cache")  # name -> (configuration, tensor, write counter or None, value)
+        cache = d.get("_slim_param_cache")  # name -> (configuration, tensor, stamp or None, value)
         if cache is not None:  # the common read at batch 1 first: the selection of the last no-grad read
             name = self.name
             hit = cache.get(name)
@@ -145,13 +148,11 @@ class _Hosted:
                 # SlimState.active for an already resolved width multiplier, inline (batch-1 latency)
                 a = st._resolved.get(w) if type(w) is float else st.active(None)
                 if t is hit[1] and hit[0] is a:
-                    if hit[2] is None:
-                        return hit[3]  # (no write counter for the whole tensor: it is read live)
-                    try:
-                        if t._version == hit[2]:
-                            return hit[3]
-                    except RuntimeError:  # swapped for an inference tensor (swap_tensors): no counter, a miss
-                        pass
+                    st = hit[2]
+                    if st is None:
+                        return hit[3]  # (no stamp for the whole tensor: it is read live)
+                    if st[0]._version == st[1] and t.__dict__ is st[2]:  # stamps(): unchanged
+                        return hit[3]
         return obj._slim_read(self.name)
 
 
