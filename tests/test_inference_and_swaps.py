@@ -338,3 +338,31 @@ def test_load_state_dict_under_swap_on_conversion(build, assign, mad):
         assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
         assert mad(y1, other(x)) == 0
     assert mad(y0, y1) > 1e-3
+
+
+@pytest.mark.parametrize("build", [_cnn, _vit], ids=["cnn_bn", "vit"])
+def test_pickled_model_counts_data_writes(build, mad):
+    """``torch.save(model)`` / ``torch.load``: torch rebuilds every parameter as a plain ``Parameter``. Before the
+    fix the norms, attention and hosted tensors stayed plain, so ``p.data.mul_()`` (EMA code) went unseen by
+    their cached selections."""
+    import io
+
+    from slim_plugins.nn.layers import SlimParameter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(build().eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    assert {n: type(p) for n, p in twin.named_parameters()} == {n: SlimParameter for n, _ in model.named_parameters()}
+    slim.set_width(twin, 0.5)
+    with torch.no_grad():
+        y0 = twin(x)
+        twin(x)  # cached now
+        for p in twin.parameters():
+            p.data.mul_(1.5)
+        y1 = twin(x)
+        assert mad(y1, slim.export(twin, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-3

@@ -148,6 +148,11 @@ class EvalFast:
         d.pop("_slim_fast", None)
         return d
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for m in self.modules():  # unpickled parameters are plain Parameters again (an attention's children too)
+            track_data_writes(m)
+
     def _apply(self, fn, *args, **kwargs):
         return renewed_apply(self, super()._apply, fn, args, kwargs)
 
@@ -320,10 +325,6 @@ class SlimMixin(EvalFast, CarriesWidth):
         d["_w_cache"] = {}
         d["_out_cache"] = {}
         return d
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        track_data_writes(self)  # unpickled parameters are plain Parameters again
 
     # -- export -----------------------------------------------------------------------------------------------
     def plain_weights(self, geo: Geo):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..context import _call_width
-from .layers import renewed_apply, stamps, unbased
+from .layers import renewed_apply, stamps, track_data_writes, unbased
 from .norm import BNGeo
 
 
@@ -75,6 +75,7 @@ class ParamHost:
 
     def __setstate__(self, state):  # unpickled in a fresh process: the recreated class needs its descriptors again
         super().__setstate__(state)
+        track_data_writes(self)  # and the parameters are plain Parameters again
         _add_descriptors(type(self), list(self.__dict__.get("_slim_hosted") or ()) +
                          list(self.__dict__.get("_slim_ints") or ()))
 
