@@ -13,6 +13,9 @@
   swap-on-conversion) with a tensor whose write counter equals the old one's: the stamps see the swap itself
   (the old selection was reused: the old output, or a dtype mismatch after ``.to(torch.float64)``), and the
   parameters stay SlimParameters (swap_tensors swaps their class as well).
+- Put in or computed by torch's own utilities: ``torch.func.functional_call`` (other tensor objects in
+  ``_parameters`` / ``_buffers``, without ``__setattr__``) and ``torch.nn.utils.parametrize`` registered on a
+  converted layer (the tensor is computed at every read, and is no longer in ``_parameters``).
 """
 from __future__ import annotations
 
@@ -366,3 +369,78 @@ def test_pickled_model_counts_data_writes(build, mad):
         y1 = twin(x)
         assert mad(y1, slim.export(twin, 0.5, example_input=x).eval()(x)) == 0
     assert mad(y0, y1) > 1e-3
+
+
+# ---- tensors torch's own utilities put in or compute: torch.func.functional_call (other objects in _parameters /
+# _buffers, without __setattr__) and torch.nn.utils.parametrize (computed at every read)
+
+def _convnext():  # LayerNorm2d, channels-last Linear MLP, hosted layer scale (gamma)
+    return timm.create_model("convnext_atto", num_classes=5)
+
+
+@pytest.mark.parametrize("build", [_cnn, _vit, _convnext], ids=["cnn_bn", "vit", "convnext"])
+def test_functional_call_without_grad(build, mad):
+    """Before the fix a no-grad ``functional_call`` at a narrow width reused selections cached from the module's own
+    tensors (conv / linear weight copies and BN statistics: the caches trusted ``__setattr__``)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(build().eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        model(x)
+        model(x)  # cached now
+        tensors = {k: v * 1.5 for k, v in model.named_parameters()}
+        tensors.update({k: v * 2 for k, v in model.named_buffers() if v.is_floating_point()})
+        y = functional_call(model, tensors, (x,))
+        for k, v in twin.named_parameters():
+            v.mul_(1.5)
+        for k, v in twin.named_buffers():
+            if v.is_floating_point():
+                v.mul_(2)
+        ref = twin(x)
+        assert mad(y, ref) == 0
+        assert mad(model(x), ref) > 1e-3  # the module's own tensors again
+        assert mad(functional_call(model, tensors, (x,)), ref) == 0
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.full((), 2.0))
+
+    def forward(self, t):
+        # (+ a ramp over the channels: timm initialises some biases to zero, and a LayerNorm removes a constant)
+        return (t + torch.linspace(0, 1, t.shape[-1], dtype=t.dtype)) * self.s
+
+
+@pytest.mark.parametrize("name", ["0.bias", "3.weight", "4.weight", "8.weight", "blocks.0.attn.qkv.weight",
+                                  "blocks.0.attn.proj.bias", "blocks.0.norm1.weight"])
+def test_parametrization_registered_after_convert(name, mad):
+    """``torch.nn.utils.parametrize`` on a converted layer after cached calls: the tensor is computed at every read.
+    Before the fix a parametrized bias or norm weight was dropped (read from ``_parameters``, where it no longer is),
+    the attention failed with ``KeyError``, and a conv's selection of the computed weight was cached (a change of
+    the parametrization's own parameter went unseen)."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    net = _cnn() if name[0].isdigit() else _vit()
+    model = slim.convert(net.eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    owner, _, attr = name.rpartition(".")
+    layer = model.get_submodule(owner)
+    with torch.no_grad():
+        y0 = model(x)
+        model(x)  # cached now
+        parametrize.register_parametrization(layer, attr, _Scale())
+        y1 = model(x)
+        assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+        layer.parametrizations[attr][0].s.fill_(-3.0)
+        y2 = model(x)
+        assert mad(y2, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-4 and mad(y1, y2) > 1e-4
+    y3 = model(x)  # with autograd: the same network
+    assert mad(y3, y2) == 0

@@ -99,28 +99,33 @@ class SlimHeadsAttention(SlimPerChannel):
         Raises:
             NotExactError: the active channels are not whole heads.
         """
-        if torch.is_grad_enabled():
+        srcs = None if torch.is_grad_enabled() else self._head_srcs()
+        if srcs is None:
             return self._head_values(x)
         a = self._slim_state.active(self._dp_width)
-        return cached(self, "_slim_head_fast", (a, x.shape[-1]), self._head_srcs(), lambda: self._head_values(x),
-                      size=1)
+        return cached(self, "_slim_head_fast", (a, x.shape[-1]), srcs, lambda: self._head_values(x), size=1)
 
     def _head_values(self, x) -> tuple:
         g = self.active_geometry(x)
         h = self.heads(g)
         return (g, h, *self.head_weights(g, h))
 
-    def _head_srcs(self) -> tuple:
-        """The parameters the head weights are selected from: qkv weight / bias, proj weight / bias."""
-        qp, pp = self._modules["qkv"]._parameters, self._modules["proj"]._parameters
+    def _head_srcs(self) -> tuple | None:
+        """The parameters the head weights are selected from: qkv weight / bias, proj weight / bias; ``None`` where
+        one is computed at every read (``torch.nn.utils.parametrize``): then nothing is cached."""
+        q, p = self._modules["qkv"], self._modules["proj"]
+        if "parametrizations" in q._modules or "parametrizations" in p._modules:
+            return None
+        qp, pp = q._parameters, p._parameters
         return qp["weight"], qp.get("bias"), pp["weight"], pp.get("bias")
 
     def head_weights(self, g: BNGeo, h: int):
         """``(qkv weight, qkv bias, proj weight, proj bias)`` of the first ``h`` heads at channels ``g``."""
-        if torch.is_grad_enabled():
+        srcs = None if torch.is_grad_enabled() else self._head_srcs()
+        if srcs is None:
             return self._select(g, h)
         # keyed by the width's geometry object, which every call at that width reuses
-        return cached(self, "_head_cache", (g, h), self._head_srcs(),
+        return cached(self, "_head_cache", (g, h), srcs,
                       lambda: tuple(None if t is None else t.contiguous() for t in self._select(g, h)), size=8)
 
     def plain_qkv_proj(self, g: BNGeo, h: int):
@@ -177,13 +182,17 @@ class SlimMultiheadAttention(SlimHeadsAttention, nn.MultiheadAttention):
         return g.pick(w), b, g.take(self.out_proj.weight, 0)[:, :h * hd], g.pick(self.out_proj.bias)
 
     def head_weights(self, g: BNGeo, h: int):
-        if torch.is_grad_enabled():
+        srcs = None if torch.is_grad_enabled() else self._head_srcs()
+        if srcs is None:
             return self._select(g, h)
-        return cached(self, "_head_cache", (g, h), self._head_srcs(),
+        return cached(self, "_head_cache", (g, h), srcs,
                       lambda: tuple(None if t is None else t.contiguous() for t in self._select(g, h)), size=8)
 
-    def _head_srcs(self) -> tuple:
-        pp = self._modules["out_proj"]._parameters
+    def _head_srcs(self) -> tuple | None:
+        o = self._modules["out_proj"]
+        if "parametrizations" in self._modules or "parametrizations" in o._modules:
+            return None
+        pp = o._parameters
         return self._parameters["in_proj_weight"], self._parameters.get("in_proj_bias"), pp["weight"], pp.get("bias")
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,

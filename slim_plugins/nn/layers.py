@@ -137,8 +137,8 @@ class EvalFast:
         # stamps matter only for selections (views or copies) of the parameters
         if all(t is w0 or t is b0 for t in out if isinstance(t, torch.Tensor)):
             s = None
-        elif w0 is None or s is None:  # a weight the layer computes (a parametrization), an inference tensor
-            return out
+        elif w0 is None or s is None or "parametrizations" in self._modules:
+            return out  # tensors the layer computes (a parametrization), an inference tensor: nothing to reuse
         # (the selections come from _weights / cached(), which already hold no view of a parameter: unbased)
         self.__dict__["_slim_fast"] = (a, c, w0, b0, s, out)
         return out
@@ -211,10 +211,11 @@ class SlimMixin(EvalFast, CarriesWidth):
 
     def _wb(self):
         """``(weight, bias)`` read from ``_parameters`` (``self.weight`` goes through ``nn.Module.__getattr__``,
-        which costs more per call than a batch-1 BN kernel); weight-normed layers compute theirs."""
+        which costs more per call than a batch-1 BN kernel); weight-normed or parametrized layers
+        (``torch.nn.utils.parametrize``, also when registered after convert) compute theirs."""
         p = self._parameters
         w = p.get("weight")
-        if w is None:
+        if w is None or "parametrizations" in self._modules:  # (a bias may be parametrized alone)
             return self.weight, self.bias
         return w, p.get("bias")
 
@@ -238,31 +239,32 @@ class SlimMixin(EvalFast, CarriesWidth):
 
     def _weights(self, geo: Geo):
         """``(weight, bias)`` for ``geo``; contiguous copies cached per geometry when no grad is needed."""
-        if not geo.full and not torch.is_grad_enabled():
-            # Fast dynamic inference (DESIGN rule 7): reuse the contiguous selection while the tensors it was
-            # copied from are unchanged (stamps); assigning a new parameter drops the cache (__setattr__).
-            hit = self._w_cache.get(geo)
-            if hit is not None:
-                sw, sb = hit[1], hit[3]  # stamps(): unchanged
-                if sw[0]._version == sw[1] and hit[0].__dict__ is sw[2] and (
-                        sb is None or sb[0]._version == sb[1] and hit[2].__dict__ is sb[2]):
-                    return hit[4], hit[5]
         p = self._parameters
-        w = p.get("weight")
-        if w is None:  # weight computed by the layer (weight norm)
+        w, b = p.get("weight"), p.get("bias")
+        if not geo.full and not torch.is_grad_enabled():
+            # Fast dynamic inference (DESIGN rule 7): reuse the contiguous selection while the parameters are the
+            # same objects (torch.func.functional_call puts others in _parameters without __setattr__) and
+            # unchanged (stamps).
+            hit = self._w_cache.get(geo)
+            if hit is not None and hit[0] is w and hit[2] is b:
+                sw, sb = hit[1], hit[3]  # stamps(): unchanged
+                if sw[0]._version == sw[1] and w.__dict__ is sw[2] and (
+                        sb is None or sb[0]._version == sb[1] and b.__dict__ is sb[2]):
+                    return hit[4], hit[5]
+        computed = w is None or "parametrizations" in self._modules
+        if computed:  # tensors the layer computes (weight norm, a parametrization added after convert)
             w, b = self._wb()
-        else:
-            b = p.get("bias")
         if geo.full:
             return w, b
         if w.requires_grad and torch.is_grad_enabled():
             return self._select(w, b, geo)
-        st = stamps((w, b))  # before selecting (a concurrent write: a miss)
+        # stamped before selecting (a concurrent write: a miss); a computed weight is new at every call
+        st = None if computed else stamps((w, b))
         with torch.no_grad():
             ws, bs = unbased(self._select(w, b, geo))
             ws = ws.contiguous()
             bs = bs.contiguous() if bs is not None else None
-        if st is None:  # an inference tensor: nothing to reuse
+        if st is None:  # a computed weight, an inference tensor: nothing to reuse
             return ws, bs
         if len(self._w_cache) >= 8:
             self._w_cache.clear()

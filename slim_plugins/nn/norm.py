@@ -224,16 +224,20 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         than the BN kernel itself at batch 1). Prefix selections are views of the stored tensors, valid while the
         affine parameters are unchanged (:func:`~slim_plugins.nn.layers.stamps`: in-place writes, ``.data`` swaps,
         ``swap_tensors``); gathered ones are copies, valid while all the tensors they were copied from are
-        unchanged. Assigning a parameter / buffer, loading a state dict, moving the module and calibrating drop the
-        cache; a ``.data`` swap or a hand-made ``torch.utils.swap_tensors`` of a running statistic read through a
+        unchanged. Other tensor objects (assigned, or put in by ``torch.func.functional_call``), loading a state
+        dict, moving the module and calibrating make a miss; parametrized tensors are not cached; a ``.data`` swap or a hand-made ``torch.utils.swap_tensors`` of a running statistic read through a
         prefix view does not (buffers count no ``.data`` swap; checking them would cost two reads per BN call).
         """
         if torch.is_grad_enabled():
             w, b = self._affine(a, g)
             mean, var, _ = self._full_stats(a, for_update=False)
             return w, b, g.pick(mean), g.pick(var)
+        p, bufs = self._parameters, self._buffers
+        # the same tensor objects: torch.func.functional_call puts others in the dicts without __setattr__
+        cur = (p.get("weight"), p.get("bias"), bufs.get("running_mean"), bufs.get("running_var"))
         hit = self._eval_cache.get(a)
-        if hit is not None and hit[0] is g:
+        if hit is not None and hit[0] is g and hit[4][0] is cur[0] and hit[4][1] is cur[1] and \
+                hit[4][2] is cur[2] and hit[4][3] is cur[3]:
             if hit[1] is None:
                 return hit[3]
             for t, st in zip(hit[1], hit[2]):  # stamps(): unchanged
@@ -241,13 +245,15 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
                     break
             else:
                 return hit[3]
-        p, bufs = self._parameters, self._buffers
+        if "parametrizations" in self._modules:  # computed at every read (torch.nn.utils.parametrize): not cached
+            w, b = self._affine(a, g)
+            mean, var, _ = self._full_stats(a, for_update=False)
+            return w, b, g.pick(mean), g.pick(var)
         if g.idx is not None:
             post = self._post.get(a.key)
-            srcs = tuple(t for t in (p.get("weight"), p.get("bias"), bufs.get("running_mean"),
-                                     bufs.get("running_var"), *(post or ())) if t is not None)
+            srcs = tuple(t for t in (*cur, *(post or ())) if t is not None)
         else:  # views follow in-place writes; a `.data` swap of the affine parameters counts as a write
-            srcs = tuple(t for t in (p.get("weight"), p.get("bias")) if t is not None) or None
+            srcs = tuple(t for t in cur[:2] if t is not None) or None
         sts = None if srcs is None else stamps(srcs)  # before selecting (a concurrent write: a miss)
         w, b = self._affine(a, g)
         mean, var, _ = self._full_stats(a, for_update=False)
@@ -256,7 +262,7 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
             return vals
         if len(self._eval_cache) >= 64:
             self._eval_cache.clear()
-        self._eval_cache[a] = (g, srcs, sts, vals)
+        self._eval_cache[a] = (g, srcs, sts, vals, cur)
         return vals
 
     def __setattr__(self, name, value):
@@ -501,6 +507,8 @@ class SlimPerChannel(EvalFast, CarriesWidth, nn.Module):
         """The parameters ``names`` at the active channels ``g``. Without autograd the selections are cached per
         geometry while the parameters are unchanged (``stamps``; DESIGN rule 7: building the slices costs more
         than a batch-1 LayerNorm)."""
+        if "parametrizations" in self._modules:  # computed at every read (torch.nn.utils.parametrize): not cached
+            return [g.pick(getattr(self, n)) for n in names]
         ps = self._parameters
         srcs = [ps.get(n) for n in names]
         if g.idx is None:
