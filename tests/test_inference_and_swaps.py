@@ -444,3 +444,42 @@ def test_parametrization_registered_after_convert(name, mad):
     assert mad(y0, y1) > 1e-4 and mad(y1, y2) > 1e-4
     y3 = model(x)  # with autograd: the same network
     assert mad(y3, y2) == 0
+
+
+def _data_write_is_seen(model, x, mad, params=None):
+    """A cached call, ``p.data.mul_()`` on ``params`` (default: all; EMA code), then the output must be the
+    export's."""
+    with torch.no_grad():
+        y0 = model(x)
+        model(x)  # cached now
+        for p in model.parameters() if params is None else params:
+            p.data.mul_(1.5)
+        y1 = model(x)
+        assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-3
+
+
+@pytest.mark.parametrize("build", [_cnn, _vit], ids=["cnn_bn", "vit"])
+def test_load_state_dict_assign_then_data_writes(build, mad):
+    """``load_state_dict(assign=True)`` puts plain Parameters in (an attention's qkv / proj children too, loaded
+    after the attention itself); before the fix their ``.data`` writes went unseen by the cached selections."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(build().eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    slim.set_width(model, 0.5)
+    _data_write_is_seen(model, x, mad)
+
+
+@pytest.mark.parametrize("name", ["3.weight", "4.weight", "8.weight", "pos_embed", "blocks.0.norm1.weight",
+                                  "blocks.0.attn.qkv.weight"])
+def test_parameter_assigned_after_convert_then_data_writes(name, mad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    net = _cnn() if name[0].isdigit() else _vit()
+    model = slim.convert(net.eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    owner, _, attr = name.rpartition(".")
+    layer = model.get_submodule(owner)
+    setattr(layer, attr, nn.Parameter(getattr(layer, attr).detach() + 0.5))
+    slim.set_width(model, 0.5)
+    _data_write_is_seen(model, x, mad, [model.get_parameter(name)])

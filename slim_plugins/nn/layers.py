@@ -85,9 +85,16 @@ def stamps(tensors) -> tuple | None:
       a ``Parameter`` subclass costs on every attribute read (2.5x: batch-1 latency);
     - ``torch.utils.swap_tensors`` (``module.to()`` under swap-on-conversion, ``load_state_dict`` there, or by hand)
       keeps the object but swaps its tensor, class and ``__dict__``: the dict's identity shows a swap.
+
+    A plain ``nn.Parameter`` among ``tensors`` becomes a :class:`SlimParameter` (the same object): convert tracks the
+    parameters it finds, and this covers those put in later (``layer.weight = nn.Parameter(t)``,
+    ``load_state_dict(assign=True)``), whose ``.data`` writes would otherwise count nowhere.
     """
     if any(t is not None and t.is_inference() for t in tensors):
         return None
+    for t in tensors:
+        if type(t) is nn.Parameter:  # put in after convert (assigned, load_state_dict(assign=True)): see SlimParameter
+            t.__class__ = SlimParameter
     return tuple(None if t is None else (t.detach(), t._version, t.__dict__) for t in tensors)
 
 
