@@ -225,8 +225,9 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         affine parameters are unchanged (:func:`~slim_plugins.nn.layers.stamps`: in-place writes, ``.data`` swaps,
         ``swap_tensors``); gathered ones are copies, valid while all the tensors they were copied from are
         unchanged. Other tensor objects (assigned, or put in by ``torch.func.functional_call``), loading a state
-        dict, moving the module and calibrating make a miss; parametrized tensors are not cached; a ``.data`` swap or a hand-made ``torch.utils.swap_tensors`` of a running statistic read through a
-        prefix view does not (buffers count no ``.data`` swap; checking them would cost two reads per BN call).
+        dict, moving the module and calibrating make a miss; parametrized tensors are not cached. Not seen:
+        ``running_mean.data = t`` (a buffer counts no such swap), and a hand-made ``torch.utils.swap_tensors`` of a
+        running statistic read through a prefix view (checking them would cost two reads per BN call).
         """
         if torch.is_grad_enabled():
             w, b = self._affine(a, g)
