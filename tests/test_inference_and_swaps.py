@@ -481,5 +481,126 @@ def test_parameter_assigned_after_convert_then_data_writes(name, mad):
     owner, _, attr = name.rpartition(".")
     layer = model.get_submodule(owner)
     setattr(layer, attr, nn.Parameter(getattr(layer, attr).detach() + 0.5))
+    from slim_plugins.nn.layers import SlimParameter
+
+    # tracked (cached selections stay possible), except in an attention's plain qkv / proj child: used uncached
+    assert (type(model.get_parameter(name)) is SlimParameter) == ("attn.qkv" not in name)
     slim.set_width(model, 0.5)
     _data_write_is_seen(model, x, mad, [model.get_parameter(name)])
+
+
+def test_functional_call_leaves_the_callers_parameters_alone(mad):
+    """The tensors a ``functional_call`` puts in are the caller's (here another model's Parameters): they are used
+    uncached and keep their class (a SlimParameter would refuse ``nn.Parameter(p)``)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(_cnn().eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    theirs = {k: nn.Parameter(v.detach() * 1.5) for k, v in model.named_parameters()}
+    slim.set_width(model, 0.5)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        model(x)
+        y = functional_call(model, theirs, (x,))
+        functional_call(model, theirs, (x,))
+        for p in theirs.values():
+            p.data.mul_(2)  # unseen by any counter: nothing of theirs may be cached
+        y2 = functional_call(model, theirs, (x,))
+        for p in twin.parameters():
+            p.mul_(3)
+        assert mad(y2, twin(x)) == 0
+    assert {type(p) for p in theirs.values()} == {nn.Parameter}
+    nn.Parameter(theirs["0.weight"])  # raised for a SlimParameter
+    assert mad(y, y2) > 1e-3
+
+
+@pytest.mark.parametrize("call", ["to_cpu", "float", "channels_last"])
+def test_no_op_conversion_under_swap_on_conversion(call, mad):
+    """``.to()`` that changes nothing: torch wraps the parameter itself in ``nn.Parameter()``, which refused a
+    SlimParameter (``_apply(): Couldn't swap``)."""
+    from slim_plugins.nn.layers import SlimParameter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(_cnn().eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+    slim.set_width(model, 0.5)
+    with torch.no_grad():
+        y0 = model(x)
+    fn = {"to_cpu": lambda: model.to("cpu"), "float": model.float,
+          "channels_last": lambda: model.to(memory_format=torch.channels_last)}[call]
+    _swap_on_conversion(fn)
+    assert {type(p) for p in model.parameters()} == {SlimParameter}
+    with torch.no_grad():
+        assert mad(model(x), y0) < 1e-5
+
+
+def test_us_bn_min_width_statistics_after_training(mad):
+    """US-Nets BN at the min width reads ``min_mean`` / ``min_var``, updated in place by training at the min width
+    (sandwich rule); the gathered selection cached in eval did not check them (0.04 off the export)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    net = torchvision.models.shufflenet_v2_x0_5(num_classes=5).eval()
+    model = slim.convert(net, slim.WidthSpec.range(0.5, 1.0), example_input=x)
+
+    def train_step():
+        model.train()
+        with slim.width(0.5):
+            model(torch.randn(4, 3, 64, 64) * 3 + 1)
+        model.eval()
+
+    train_step()
+    with torch.no_grad(), slim.width(0.5):
+        y0 = model(x)
+        model(x)  # cached now
+    for _ in range(3):
+        train_step()
+    with torch.no_grad(), slim.width(0.5):
+        y1 = model(x)
+        assert mad(y1, slim.export(model, 0.5, example_input=x).eval()(x)) == 0
+    assert mad(y0, y1) > 1e-3
+
+
+def test_parametrized_rmsnorm_and_pruned_norm(mad):
+    """A norm without a bias (RMSNorm) under a parametrization raised AttributeError; a norm pruned with
+    ``torch.nn.utils.prune`` (its weight a plain attribute) ran without its weight."""
+    import torch.nn.utils.prune as prune
+    from torch.nn.utils import parametrize
+
+    class Net(nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.inp, self.norm, self.out = nn.Linear(8, 32), norm, nn.Linear(32, 5)
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 2)
+
+        def forward(self, x):
+            return self.out(self.norm(self.inp(x)).mean(1))
+
+    x = torch.randn(2, 6, 8)
+    for norm, edit in ((nn.RMSNorm(32), lambda n: parametrize.register_parametrization(n, "weight", _Scale())),
+                       (nn.LayerNorm(32), lambda n: prune.l1_unstructured(n, "weight", amount=0.25))):
+        torch.manual_seed(0)
+        model = slim.convert(Net(norm).eval(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
+        slim.set_width(model, 0.5)
+        twin = copy.deepcopy(model)
+        edit(model.norm)
+        with torch.no_grad():
+            twin.norm.weight.copy_(model.norm.weight)
+            ref = twin(x)
+            assert mad(model(x), ref) == 0 and mad(model(x), ref) == 0
+        assert mad(model(x), ref) == 0  # with autograd
+
+
+def test_frozen_weights_trained_biases_get_gradients_at_a_narrow_width():
+    """BitFit: weights frozen, biases trained. At 0.5 the bias selection came from the no-grad cache (no graph)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = slim.convert(_cnn(), slim.WidthSpec.switches([0.5, 1.0]), example_input=x)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("bias"))
+    with slim.width(0.5):
+        model(x).sum().backward()
+    assert all(model.get_parameter(n).grad is not None for n in ("0.bias", "3.bias", "8.bias"))

@@ -86,15 +86,13 @@ def stamps(tensors) -> tuple | None:
     - ``torch.utils.swap_tensors`` (``module.to()`` under swap-on-conversion, ``load_state_dict`` there, or by hand)
       keeps the object but swaps its tensor, class and ``__dict__``: the dict's identity shows a swap.
 
-    A plain ``nn.Parameter`` among ``tensors`` becomes a :class:`SlimParameter` (the same object): convert tracks the
-    parameters it finds, and this covers those put in later (``layer.weight = nn.Parameter(t)``,
-    ``load_state_dict(assign=True)``), whose ``.data`` writes would otherwise count nowhere.
+    A plain ``nn.Parameter`` among ``tensors`` also gives ``None``: its ``.data`` writes count nowhere. Convert
+    tracks the parameters it finds and the slim modules track those assigned to them later (``__setattr__``, also
+    ``load_state_dict(assign=True)``); the others (put in by ``torch.func.functional_call``, or into an attention's
+    plain qkv / proj children) are not the model's to change, so they are used uncached.
     """
-    if any(t is not None and t.is_inference() for t in tensors):
+    if any(t is not None and (t.is_inference() or type(t) is nn.Parameter) for t in tensors):
         return None
-    for t in tensors:
-        if type(t) is nn.Parameter:  # put in after convert (assigned, load_state_dict(assign=True)): see SlimParameter
-            t.__class__ = SlimParameter
     return tuple(None if t is None else (t.detach(), t._version, t.__dict__) for t in tensors)
 
 
@@ -154,6 +152,11 @@ class EvalFast:
         d = dict(super().__getstate__())
         d.pop("_slim_fast", None)
         return d
+
+    def __setattr__(self, name, value):
+        if type(value) is nn.Parameter:  # assigned after convert (also load_state_dict(assign=True)): see stamps()
+            value.__class__ = SlimParameter
+        super().__setattr__(name, value)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -263,8 +266,8 @@ class SlimMixin(EvalFast, CarriesWidth):
             w, b = self._wb()
         if geo.full:
             return w, b
-        if w.requires_grad and torch.is_grad_enabled():
-            return self._select(w, b, geo)
+        if torch.is_grad_enabled() and (w.requires_grad or b is not None and b.requires_grad):
+            return self._select(w, b, geo)  # (a frozen weight with a trained bias: BitFit)
         # stamped before selecting (a concurrent write: a miss); a computed weight is new at every call
         st = None if computed else stamps((w, b))
         with torch.no_grad():
@@ -758,11 +761,17 @@ def renewed_apply(module: nn.Module, apply, fn, args, kwargs, subtree: bool = Tr
     tracked them) are :class:`SlimParameter` again: under ``torch.__future__.set_swap_module_params_on_conversion(
     True)`` torch swaps each one with a plain ``Parameter``, class included."""
     drop_caches(module)
-    out = apply(fn, *args, **kwargs)
-    for m in module.modules() if subtree else (module,):
-        track_data_writes(m)
-    drop_caches(module)  # (a hook of fn may have called the module)
-    return out
+    mods = list(module.modules()) if subtree else [module]
+    for m in mods:  # torch wraps what fn returns in nn.Parameter(), which refuses a SlimParameter (a no-op .to())
+        for p in m._parameters.values():
+            if type(p) is SlimParameter:
+                p.__class__ = nn.Parameter
+    try:
+        return apply(fn, *args, **kwargs)
+    finally:
+        for m in mods:
+            track_data_writes(m)
+        drop_caches(module)  # (a hook of fn may have called the module)
 
 
 def _share(new: nn.Module, m: nn.Module) -> None:

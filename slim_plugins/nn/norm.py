@@ -30,7 +30,8 @@ from torch import nn
 from ..context import CarriesWidth, _calibration
 from ..errors import UncalibratedWidthError
 from ..registry import register
-from .layers import EvalFast, Geo, _share, cached, plain_copy, renewed_apply, stamps, track_data_writes, unbased
+from .layers import (EvalFast, Geo, SlimParameter, _share, cached, plain_copy, renewed_apply, stamps,
+                     track_data_writes, unbased)
 
 _SWITCHABLE = ("switchable", "switchable_shared")
 
@@ -235,10 +236,12 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
             return w, b, g.pick(mean), g.pick(var)
         p, bufs = self._parameters, self._buffers
         # the same tensor objects: torch.func.functional_call puts others in the dicts without __setattr__
-        cur = (p.get("weight"), p.get("bias"), bufs.get("running_mean"), bufs.get("running_var"))
+        cur = (p.get("weight"), p.get("bias"), bufs.get("running_mean"), bufs.get("running_var"),
+               bufs.get("min_mean"), bufs.get("min_var"))  # (US mode: the min width reads min_mean / min_var)
         hit = self._eval_cache.get(a)
-        if hit is not None and hit[0] is g and hit[4][0] is cur[0] and hit[4][1] is cur[1] and \
-                hit[4][2] is cur[2] and hit[4][3] is cur[3]:
+        c0 = hit[4] if hit is not None else None
+        if hit is not None and hit[0] is g and c0[0] is cur[0] and c0[1] is cur[1] and c0[2] is cur[2] and \
+                c0[3] is cur[3] and c0[4] is cur[4] and c0[5] is cur[5]:
             if hit[1] is None:
                 return hit[3]
             for t, st in zip(hit[1], hit[2]):  # stamps(): unchanged
@@ -267,6 +270,8 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         return vals
 
     def __setattr__(self, name, value):
+        if type(value) is nn.Parameter:  # assigned after convert (also load_state_dict(assign=True)): see stamps()
+            value.__class__ = SlimParameter
         super().__setattr__(name, value)
         if name in _CACHED and "_eval_cache" in self.__dict__:
             self._eval_cache = {}  # a new tensor object: selections of the old one are stale
@@ -508,8 +513,11 @@ class SlimPerChannel(EvalFast, CarriesWidth, nn.Module):
         """The parameters ``names`` at the active channels ``g``. Without autograd the selections are cached per
         geometry while the parameters are unchanged (``stamps``; DESIGN rule 7: building the slices costs more
         than a batch-1 LayerNorm)."""
-        if "parametrizations" in self._modules:  # computed at every read (torch.nn.utils.parametrize): not cached
-            return [g.pick(getattr(self, n)) for n in names]
+        d = self.__dict__
+        if "parametrizations" in self._modules or any(n in d for n in names):
+            # computed at every read (torch.nn.utils.parametrize), or held as plain attributes (a DataParallel
+            # replica, torch.nn.utils.prune): read as the module's own class reads them, not cached
+            return [g.pick(getattr(self, n, None)) for n in names]
         ps = self._parameters
         srcs = [ps.get(n) for n in names]
         if g.idx is None:
@@ -660,7 +668,7 @@ class SlimRMSNorm2d(SlimRMSNorm):
 
 register(nn.RMSNorm)(SlimRMSNorm)
 
-_CACHED = ("weight", "bias", "running_mean", "running_var")
+_CACHED = ("weight", "bias", "running_mean", "running_var", "min_mean", "min_var")
 
 
 def load_bn(p: nn.Module, w, b, mean, var):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..context import _call_width
-from .layers import renewed_apply, stamps, track_data_writes, unbased
+from .layers import SlimParameter, renewed_apply, stamps, track_data_writes, unbased
 from .norm import BNGeo
 
 
@@ -69,6 +69,11 @@ class ParamHost:
         d = dict(super().__getstate__())
         d.pop("_slim_param_cache", None)
         return d
+
+    def __setattr__(self, name, value):
+        if type(value) is nn.Parameter:  # assigned after convert (also load_state_dict(assign=True)): see stamps()
+            value.__class__ = SlimParameter
+        super().__setattr__(name, value)
 
     def _apply(self, fn, *args, **kwargs):  # its own (hosted) parameters: the slim children renew theirs
         return renewed_apply(self, super()._apply, fn, args, kwargs, subtree=False)
