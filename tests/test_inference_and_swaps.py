@@ -176,8 +176,8 @@ def test_to_with_swap_on_conversion_after_eval_calls(build, mad):
             assert mad(y.float(), y32[w]) < 1e-4
 
 
-def test_index_gathered_bn_weight_swapped_with_an_inference_tensor(mad):
-    """ShuffleNetV2's channel shuffle makes BN selections index gathers (their own cache of selections)."""
+def _shufflenet_bn():
+    """ShuffleNetV2 as an S-Net at 0.5, one of its BNs whose selection is an index gather, and an input for it."""
     import torchvision
 
     torch.manual_seed(0)
@@ -188,6 +188,12 @@ def test_index_gathered_bn_weight_swapped_with_an_inference_tensor(mad):
     name = "stage2.0.branch2.6"
     bn = model.get_submodule(name)
     h = torch.randn(2, slim.export(model, 0.5, example_input=x).get_submodule(name).num_features, 8, 8)
+    return model, x, name, bn, h
+
+
+def test_index_gathered_bn_weight_swapped_with_an_inference_tensor(mad):
+    """ShuffleNetV2's channel shuffle makes BN selections index gathers (their own cache of selections)."""
+    model, x, name, bn, h = _shufflenet_bn()
     with torch.inference_mode():
         model(x)
         y0 = bn(h)
@@ -265,16 +271,7 @@ def test_hand_made_swap_with_an_equal_write_counter_is_seen(name, mad):
 
 def test_index_gathered_bn_running_statistic_swapped_by_hand(mad):
     """A gathered BN selection is a copy that includes the running statistics: a hand-made swap is seen."""
-    import torchvision
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 64, 64)
-    net = torchvision.models.shufflenet_v2_x0_5(num_classes=5).eval()
-    model = slim.convert(net, slim.WidthSpec.switches([0.5, 1.0]), example_input=x).eval()
-    slim.set_width(model, 0.5)
-    name = "stage2.0.branch2.6"
-    bn = model.get_submodule(name)
-    h = torch.randn(2, slim.export(model, 0.5, example_input=x).get_submodule(name).num_features, 8, 8)
+    model, x, name, bn, h = _shufflenet_bn()
     with torch.no_grad():
         model(x)
         y0 = bn(h)
