@@ -108,7 +108,44 @@ def unbased(x):
     return x
 
 
-class EvalFast:
+class TracksParameters:
+    """Mixin of the modules whose parameters convert tracks (:class:`SlimParameter`, whose ``.data`` writes count):
+    they stay tracked when assigned later (also ``load_state_dict(assign=True)``), unpickled, or moved / cast."""
+
+    #: also the children's parameters (an attention's plain qkv / proj); a tied-parameter host tracks only its own
+    _tracks_subtree = True
+
+    def __setattr__(self, name, value):
+        if type(value) is nn.Parameter:  # see stamps(): a plain Parameter is used uncached
+            value.__class__ = SlimParameter
+        super().__setattr__(name, value)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for m in self.modules() if self._tracks_subtree else (self,):  # unpickled: plain Parameters again
+            track_data_writes(m)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``): the selections cached from the old tensors are
+        dropped first (a cached view would hold a parameter's tensor, which ``torch.utils.swap_tensors`` refuses to
+        swap; this also frees them), and afterwards the parameters are :class:`SlimParameter` again: under
+        ``torch.__future__.set_swap_module_params_on_conversion(True)`` torch swaps each one with a plain
+        ``Parameter``, class included."""
+        drop_caches(self)
+        mods = list(self.modules()) if self._tracks_subtree else [self]
+        for m in mods:  # torch wraps what fn returns in nn.Parameter(), which refuses a SlimParameter (a no-op .to())
+            for p in m._parameters.values():
+                if type(p) is SlimParameter:
+                    p.__class__ = nn.Parameter
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            for m in mods:
+                track_data_writes(m)
+            drop_caches(self)  # (a hook of fn may have called the module)
+
+
+class EvalFast(TracksParameters):
     """One-entry eval fast path of a width-switchable layer whose width-dependent values come from its own
     ``weight`` / ``bias`` (conv, linear, the norms): a subclass defines ``_eval_values(a, c)``."""
 
@@ -152,19 +189,6 @@ class EvalFast:
         d = dict(super().__getstate__())
         d.pop("_slim_fast", None)
         return d
-
-    def __setattr__(self, name, value):
-        if type(value) is nn.Parameter:  # assigned after convert (also load_state_dict(assign=True)): see stamps()
-            value.__class__ = SlimParameter
-        super().__setattr__(name, value)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for m in self.modules():  # unpickled parameters are plain Parameters again (an attention's children too)
-            track_data_writes(m)
-
-    def _apply(self, fn, *args, **kwargs):
-        return renewed_apply(self, super()._apply, fn, args, kwargs)
 
 
 class SlimMixin(EvalFast, CarriesWidth):
@@ -754,26 +778,6 @@ def drop_caches(module: nn.Module) -> None:
             d[k] = {}
 
 
-def renewed_apply(module: nn.Module, apply, fn, args, kwargs, subtree: bool = True):
-    """``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``) of a slim module: the selections cached from the old
-    tensors are dropped first (a cached view would hold a parameter's tensor, which ``torch.utils.swap_tensors``
-    refuses to swap; this also frees them), and afterwards the parameters (the subtree's with ``subtree``, as convert
-    tracked them) are :class:`SlimParameter` again: under ``torch.__future__.set_swap_module_params_on_conversion(
-    True)`` torch swaps each one with a plain ``Parameter``, class included."""
-    drop_caches(module)
-    mods = list(module.modules()) if subtree else [module]
-    for m in mods:  # torch wraps what fn returns in nn.Parameter(), which refuses a SlimParameter (a no-op .to())
-        for p in m._parameters.values():
-            if type(p) is SlimParameter:
-                p.__class__ = nn.Parameter
-    try:
-        return apply(fn, *args, **kwargs)
-    finally:
-        for m in mods:
-            track_data_writes(m)
-        drop_caches(module)  # (a hook of fn may have called the module)
-
-
 def _share(new: nn.Module, m: nn.Module) -> None:
     """Let ``new`` use ``m``'s parameters, buffers, children and hooks without mutating ``m``'s containers."""
     new.__dict__.update(m.__dict__)
@@ -793,5 +797,5 @@ def _assign(p: nn.Module, w, b):
 
 
 __all__ = ["Geo", "EvalFast", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
-           "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES", "track_data_writes", "renewed_apply", "drop_caches",
+           "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES", "track_data_writes", "TracksParameters", "drop_caches",
            "is_weight_normed", "cached", "plain_copy", "stamps", "unbased"]

@@ -30,8 +30,7 @@ from torch import nn
 from ..context import CarriesWidth, _calibration
 from ..errors import UncalibratedWidthError
 from ..registry import register
-from .layers import (EvalFast, Geo, SlimParameter, _share, cached, plain_copy, renewed_apply, stamps,
-                     track_data_writes, unbased)
+from .layers import EvalFast, Geo, TracksParameters, _share, cached, plain_copy, stamps, unbased
 
 _SWITCHABLE = ("switchable", "switchable_shared")
 
@@ -68,7 +67,7 @@ class BNGeo:
 
 
 @register(nn.BatchNorm2d)
-class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
+class SlimBatchNorm2d(TracksParameters, CarriesWidth, nn.BatchNorm2d):
     """Width-switchable ``nn.BatchNorm2d``: input and output ``(N, C_active, H, W)``.
 
     Raises:
@@ -270,8 +269,6 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         return vals
 
     def __setattr__(self, name, value):
-        if type(value) is nn.Parameter:  # assigned after convert (also load_state_dict(assign=True)): see stamps()
-            value.__class__ = SlimParameter
         super().__setattr__(name, value)
         if name in _CACHED and "_eval_cache" in self.__dict__:
             self._eval_cache = {}  # a new tensor object: selections of the old one are stale
@@ -331,7 +328,7 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
                 dst.index_copy_(0, i, src.to(dst.device))
 
     def _apply(self, fn, *args, **kwargs):
-        out = renewed_apply(self, super()._apply, fn, args, kwargs)
+        out = super()._apply(fn, *args, **kwargs)
         # The post-statistics are a plain dict: move/cast them with the module (.to(device), .half(), ...).
         self._post = {k: (fn(m), fn(v)) for k, (m, v) in self._post.items()}
         return out
@@ -346,10 +343,6 @@ class SlimBatchNorm2d(CarriesWidth, nn.BatchNorm2d):
         d["_eval_cache"] = {}
         d["_geo_cache"] = {}
         return d
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        track_data_writes(self)
 
     # ---- export -------------------------------------------------------------------------------------------
     def plain_state(self, g: BNGeo, a):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..context import _call_width
-from .layers import SlimParameter, renewed_apply, stamps, track_data_writes, unbased
+from .layers import TracksParameters, stamps, unbased
 from .norm import BNGeo
 
 
@@ -47,9 +47,11 @@ _in_forward: ContextVar = ContextVar("slim_plugins_host_forward", default=False)
 _MISSING = object()
 
 
-class ParamHost:
+class ParamHost(TracksParameters):
     """Mixin put in front of a module's own class: inside its forward (``__call__``), reads of its tied parameters
     return the active channels; elsewhere the parameter itself."""
+
+    _tracks_subtree = False  # its own (tied) parameters: the slim children track theirs
 
     def __call__(self, *args, **kwargs):
         caches = self.__dict__.get("_slim_caches")
@@ -70,17 +72,8 @@ class ParamHost:
         d.pop("_slim_param_cache", None)
         return d
 
-    def __setattr__(self, name, value):
-        if type(value) is nn.Parameter:  # assigned after convert (also load_state_dict(assign=True)): see stamps()
-            value.__class__ = SlimParameter
-        super().__setattr__(name, value)
-
-    def _apply(self, fn, *args, **kwargs):  # its own (hosted) parameters: the slim children renew theirs
-        return renewed_apply(self, super()._apply, fn, args, kwargs, subtree=False)
-
     def __setstate__(self, state):  # unpickled in a fresh process: the recreated class needs its descriptors again
         super().__setstate__(state)
-        track_data_writes(self)  # and the parameters are plain Parameters again
         _add_descriptors(type(self), list(self.__dict__.get("_slim_hosted") or ()) +
                          list(self.__dict__.get("_slim_ints") or ()))
 
