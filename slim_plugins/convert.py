@@ -267,7 +267,9 @@ def _parts(model, roots, planned):
         m = model.get_submodule(r) if r else model
         if r in planned:
             continue  # a single layer: nothing to trace
-        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+        # a ModuleList / ModuleDict has no forward; a subclass with its own (timm's features_only FeatureListNet) is
+        # traced whole
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and type(m).forward is nn.Module.forward:
             out.extend(_parts(model, [_join(r, n) for n, _ in m.named_children()], planned))
         else:
             out.append(r)

@@ -200,3 +200,27 @@ def test_mbv2_range_above_one_runs_and_exports(warm, mad):
         plain = slim.export(model, w, example_input=x[:1])
         with torch.no_grad(), slim.width(w):
             assert mad(plain(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("name,auto_fix", [("resnet18", True), ("convnext_atto", False)])
+def test_stock_features_only_backbone_converts(name, auto_fix, mad):
+    """timm's ``features_only=True`` wrapper (``FeatureListNet``, a ``ModuleDict`` with its own forward) is traced
+    whole: width 1.0 equals the stock wrapper and a narrow width equals its export. It was split into its children,
+    each analysed on the model's input (an ``ExampleInputError`` at ``layer1``). Every feature map follows the
+    width: ResNet's stages end in a norm (a headless backbone has no output layers); ConvNeXt's residual stream
+    ends in a linear, which is an output layer unless ``auto_fix=False``."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, features_only=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    slim.convert(model, slim.WidthSpec.range(0.25, 1.0), example_input=x, auto_fix=auto_fix)
+    slim.calibrate_bn(model, [torch.randn(4, 3, 64, 64)], widths=[0.5])
+    with torch.no_grad():
+        with slim.width(1.0):
+            assert max(mad(a, b) for a, b in zip(model(x), ref)) == 0
+        with slim.width(0.5):
+            y = model(x)
+        z = slim.export(model, 0.5).eval()(x)
+    assert all(b.shape[1] // 2 <= a.shape[1] < b.shape[1] for a, b in zip(y, ref))  # (make_divisible rounds up)
+    assert max(mad(a, b) for a, b in zip(y, z)) <= 1e-5
