@@ -981,3 +981,34 @@ def test_multi_query_attention_keeps_its_single_key_value_head_whole():
     exports = _export_matches(model, x, [0.25, 0.5, 1.0])
     p = exports[0.5].attn
     assert p.num_heads == 2 and p.kv.out_features == 32 and p.q.out_features == 32
+
+
+class _Times1(nn.Module):
+    def forward(self, t):
+        return t * 1.0
+
+
+def test_tied_parameter_cannot_be_parametrized_or_deleted_after_convert():
+    """``torch.nn.utils.parametrize`` on a tied parameter (or ``del``) would put a whole tensor in front of the
+    sliced reads: refused with a typed error, the model unchanged (it recursed without end); before convert the
+    parametrized tensor is refused by convert."""
+    from torch.nn.utils import parametrize
+
+    net = ReadsChildParam().eval()
+    x = torch.randn(2, 9, 4)
+    slim.convert(net, RANGE, example_input=x)
+    with torch.no_grad(), slim.width(0.5):
+        y = net(x)
+    cls = type(net.pos)
+    for attempt in (lambda: parametrize.register_parametrization(net.pos, "table", _Times1()),
+                    lambda: delattr(net.pos, "table")):
+        with pytest.raises(slim.UnsupportedModuleError, match="table"):
+            attempt()
+    assert type(net.pos) is cls and not parametrize.is_parametrized(net.pos)
+    with torch.no_grad(), slim.width(0.5):
+        assert torch.equal(net(x), y)
+    fresh = ReadsChildParam()
+    parametrize.register_parametrization(fresh.pos, "table", _Times1())
+    with pytest.raises(slim.UnsupportedModuleError, match="parametrizations.table"):
+        slim.convert(fresh, RANGE, example_input=x)
+    assert not any(hasattr(m, "slim_name") for m in fresh.modules())

@@ -77,6 +77,24 @@ class ParamHost(TracksParameters):
         _add_descriptors(type(self), list(self.__dict__.get("_slim_hosted") or ()) +
                          list(self.__dict__.get("_slim_ints") or ()))
 
+    def __delattr__(self, name):
+        """Refused for a hosted name (``del module.pos_embed``, also ``torch.nn.utils.parametrize``, which deletes
+        the tensor before it puts its property in front of this class's descriptor, so forward reads would be whole
+        at every width); nothing is changed.
+
+        Raises:
+            UnsupportedModuleError: ``name`` is a tied parameter or a head count of this module.
+        """
+        d = self.__dict__
+        if name in (d.get("_slim_hosted") or ()) or name in (d.get("_slim_ints") or ()):
+            from ..errors import UnsupportedModuleError
+
+            raise UnsupportedModuleError(
+                f"{type(self).__name__}.{name} is tied to channels (its reads in a forward are the active channels "
+                "at the width); it cannot be deleted or parametrized (torch.nn.utils.parametrize) after "
+                "slim.convert")
+        super().__delattr__(name)
+
     def _slim_read(self, name):
         """``self.<name>`` for a name this class serves through a :class:`_Hosted` descriptor."""
         d = self.__dict__
@@ -158,8 +176,8 @@ class _Hosted:
 def _plain_read(obj, name):
     """``obj.<name>`` as the module's own class answers it (a class attribute, else ``nn.Module.__getattr__``)."""
     cls = type(obj)
-    try:
-        return getattr(super(cls, obj), name)
+    try:  # past the hosted class, also from a subclass of it
+        return getattr(super(_HOSTED.get(cls._slim_plain_class, cls), obj), name)
     except AttributeError:
         return cls._slim_plain_class.__getattr__(obj, name)
 
