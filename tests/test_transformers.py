@@ -387,6 +387,38 @@ def test_torchvision_swin_window_attention_and_patch_merging():
     assert exports[0.5].features[2].norm.normalized_shape == (4 * 64,)
 
 
+def test_torchvision_swin_v2_exports_load_into_the_stock_model():
+    """Swin V2's ``ShiftedWindowAttentionV2`` (cosine attention: per-head ``logit_scale``, continuous position bias
+    from ``cpb_mlp`` with one output per head) keeps whole heads; at width 1/3 every stage is whole heads of 32, so
+    the export loads strictly into torchvision's own Swin V2 built with ``embed_dim=32, num_heads=[1, 2, 4, 8]``
+    and gives its outputs. It was refused (the traced forward zeroes a third of the qkv bias by a computed
+    length)."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models import swin_transformer as tvswin
+
+    torch.manual_seed(0)
+    net = tv.models.swin_v2_t(num_classes=5).eval()
+    with torch.no_grad():  # away from the init (cpb_mlp / logit_scale columns that would be alike)
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+    slim.convert(net, RANGE, example_input=x)
+    with torch.no_grad(), slim.width(1.0):
+        _same(net(x), ref, 0)
+    exports = _export_matches(net, x, [0.25, 0.5, 1 / 3], tol=1e-5)
+    attn = exports[0.5].features[1][0].attn
+    assert type(attn) is tvswin.ShiftedWindowAttentionV2
+    assert (attn.num_heads, attn.logit_scale.shape[0], attn.cpb_mlp[-1].out_features) == (2, 2, 2)
+    stock = tvswin.SwinTransformer([4, 4], 32, [2, 2, 6, 2], [1, 2, 4, 8], [8, 8], num_classes=5,
+                                   block=tvswin.SwinTransformerBlockV2,
+                                   downsample_layer=tvswin.PatchMergingV2).eval()
+    stock.load_state_dict(exports[1 / 3].state_dict())
+    with torch.no_grad(), slim.width(1 / 3):
+        _same(stock(x), net(x))
+
+
 @pytest.mark.parametrize("layer", ["StdConv2d", "StdConv2dSame", "ScaledStdConv2d"])
 def test_weight_standardised_conv_equals_stock_conv_of_that_width(layer):
     layers = pytest.importorskip("timm.layers")

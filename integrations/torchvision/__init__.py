@@ -2,8 +2,8 @@
 
 ``torchvision.ops.FrozenBatchNorm2d`` (the frozen BN of torchvision's detection backbones) holds its statistics and
 affine parameters as buffers; converted, it selects them with the layer's active channels. ConvNeXt's
-``LayerNorm2d`` is the core channels-first LayerNorm; Swin's ``ShiftedWindowAttention`` is slimmed by heads and its
-patch merging is four blocks of the channels. Imported by ``slim_plugins.registry`` the first time ``convert``
+``LayerNorm2d`` is the core channels-first LayerNorm; Swin's ``ShiftedWindowAttention`` (V1 and V2) is slimmed by heads
+and its patch merging is four blocks of the channels. Imported by ``slim_plugins.registry`` the first time ``convert``
 meets a torchvision module type.
 """
 from __future__ import annotations
@@ -70,8 +70,40 @@ def _register_swin() -> None:
             p.qkv, p.proj = qkv, proj
             return p
 
-    globals()["SlimShiftedWindowAttention"] = SlimShiftedWindowAttention
-    __all__.append("SlimShiftedWindowAttention")
+    @register(tvswin.ShiftedWindowAttentionV2)
+    class SlimShiftedWindowAttentionV2(SlimHeadsAttention, tvswin.ShiftedWindowAttentionV2):
+        """torchvision's Swin V2 ``ShiftedWindowAttentionV2`` slimmed by heads: cosine attention with the kept heads'
+        ``logit_scale`` and the kept columns of the continuous position bias (``cpb_mlp``, whose output is one column
+        per head), torchvision's own ``shifted_window_attention``; input and output ``(N, H, W, C_active)``. Exports
+        as ``ShiftedWindowAttentionV2(dim=C_active, num_heads=H')`` (``cpb_mlp``'s last layer keeps ``H'`` rows)."""
+
+        def forward(self, x):
+            _, h, wq, bq, wp, bp = self.head_params(x)
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)[:, :h]
+            bias = 16 * torch.sigmoid(tvswin._get_relative_position_bias(table, self.relative_position_index,
+                                                                         self.window_size))
+            return tvswin.shifted_window_attention(
+                x, wq, wp, bias, self.window_size, h, shift_size=self.shift_size,
+                attention_dropout=self.attention_dropout, dropout=self.dropout, qkv_bias=bq, proj_bias=bp,
+                logit_scale=self.logit_scale[:h], training=self.training)
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            h = self.heads(g)
+            qkv, proj = self.plain_qkv_proj(g, h)
+            p = self.plain_copy({"logit_scale": self.logit_scale[:h]}, num_heads=h)
+            p.qkv, p.proj = qkv, proj
+            last = p.cpb_mlp[-1]
+            with torch.no_grad():
+                p.cpb_mlp[-1] = nn.Linear(last.in_features, h, bias=last.bias is not None, device=last.weight.device,
+                                          dtype=last.weight.dtype)
+                p.cpb_mlp[-1].weight.copy_(last.weight[:h])
+                if last.bias is not None:
+                    p.cpb_mlp[-1].bias.copy_(last.bias[:h])
+            return p
+
+    for c in (SlimShiftedWindowAttention, SlimShiftedWindowAttentionV2):
+        globals()[c.__name__] = c
+        __all__.append(c.__name__)
 
 
 _register_swin()
