@@ -1044,3 +1044,27 @@ def test_tied_parameter_cannot_be_parametrized_or_deleted_after_convert():
     with pytest.raises(slim.UnsupportedModuleError, match="parametrizations.table"):
         slim.convert(fresh, RANGE, example_input=x)
     assert not any(hasattr(m, "slim_name") for m in fresh.modules())
+
+
+def test_torchvision_maxvit_attention_keeps_whole_heads_and_the_full_logit_scale():
+    """torchvision's MaxViT attention (``to_qkv`` / ``merge``, two einsums, relative bias per head) runs the kept
+    heads; its logit scale is ``feat_dim ** -0.5`` of the full model, which the export keeps as its
+    ``scale_factor``. It was refused (``einsum mixes channels``)."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models import maxvit as tvmaxvit
+
+    torch.manual_seed(0)
+    net = tvmaxvit.MaxVit((64, 64), 16, 4, [32, 64], [1, 1], head_dim=16, stochastic_depth_prob=0.0,
+                          num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+    slim.convert(net, RANGE, example_input=x)
+    with torch.no_grad(), slim.width(1.0):
+        _same(net(x), ref, 0)
+    slim.calibrate_bn(net, [torch.randn(4, 3, 64, 64)], widths=[0.25, 0.5])
+    exports = _export_matches(net, x, [0.25, 0.5])
+    attn = exports[0.5].get_submodule("blocks.1.layers.0.layers.window_attention.attn_layer.1")
+    assert type(attn) is tvmaxvit.RelativePositionalMultiHeadAttention
+    assert (attn.n_heads, attn.to_qkv.in_features, attn.relative_position_bias_table.shape[1]) == (2, 32, 2)
+    assert attn.scale_factor == 64 ** -0.5

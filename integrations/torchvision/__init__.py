@@ -119,3 +119,73 @@ def _register_convnext() -> None:
 
 
 _register_convnext()
+
+
+def _register_maxvit() -> None:
+    """torchvision's MaxViT: its ``RelativePositionalMultiHeadAttention`` (``to_qkv`` / ``merge``) slimmed by
+    heads."""
+    import torch.nn.functional as F
+    from torchvision.models import maxvit as tvmaxvit
+
+    from slim_plugins.errors import UnsupportedModuleError
+    from slim_plugins.nn.attention import SlimHeadsAttention
+
+    base = tvmaxvit.RelativePositionalMultiHeadAttention
+
+    @register(base)
+    class SlimRelativePositionalMultiHeadAttention(SlimHeadsAttention, base):
+        """torchvision's MaxViT attention slimmed by heads (:mod:`slim_plugins.nn.attention`): input and output
+        ``(B, G, P, C_active)``, the first ``H' = C_active / head_dim`` heads with their relative-bias columns.
+        The logit scale stays the full model's (torchvision scales by ``feat_dim ** -0.5``, not by ``head_dim``),
+        so the export is ``RelativePositionalMultiHeadAttention(feat_dim=C_active, head_dim)`` with the full
+        model's ``scale_factor`` attribute."""
+
+        @classmethod
+        def head_dims(cls, m) -> tuple[int, int, int]:
+            dim, heads, hd = m.to_qkv.in_features, m.n_heads, m.head_dim
+            if (m.to_qkv.out_features, m.merge.in_features, m.merge.out_features) != (3 * heads * hd, heads * hd,
+                                                                                      dim) or dim != heads * hd:
+                raise UnsupportedModuleError(
+                    f"{type(m).__name__}(feat_dim={dim}, heads={heads}, head_dim={hd}): only feat_dim = heads x "
+                    "head_dim in and out is slimmed by heads")
+            return dim, heads, hd
+
+        def _select(self, g: BNGeo, h: int):
+            _, heads, hd = self._dims()
+            w, b = self.to_qkv.weight, self.to_qkv.bias
+            if h != heads:
+                w = w.view(3, heads * hd, -1)[:, :h * hd].reshape(3 * h * hd, -1)
+                b = None if b is None else b.view(3, heads * hd)[:, :h * hd].reshape(-1)
+            return g.pick(w), b, g.take(self.merge.weight, 0)[:, :h * hd], g.pick(self.merge.bias)
+
+        def _head_srcs(self):
+            q, p = self._modules["to_qkv"], self._modules["merge"]
+            if "parametrizations" in q._modules or "parametrizations" in p._modules:
+                return None
+            qp, pp = q._parameters, p._parameters
+            return qp["weight"], qp.get("bias"), pp["weight"], pp.get("bias")
+
+        def forward(self, x):
+            _, h, wq, bq, wp, bp = self.head_params(x)
+            b_, g_, p_, _ = x.shape
+            q, k, v = (t.reshape(b_, g_, p_, h, self.head_dim).permute(0, 1, 3, 2, 4)
+                       for t in torch.chunk(F.linear(x, wq, bq), 3, dim=-1))
+            dot = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k * self.scale_factor)
+            bias = self.relative_position_bias_table[:, :h][self.relative_position_index.view(-1)]
+            bias = bias.view(self.max_seq_len, self.max_seq_len, h).permute(2, 0, 1).unsqueeze(0)
+            out = torch.einsum("B G H I J, B G H J D -> B G H I D", F.softmax(dot + bias, dim=-1), v)
+            return F.linear(out.permute(0, 1, 3, 2, 4).reshape(b_, g_, p_, h * self.head_dim), wp, bp)
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            h = self.heads(g)
+            to_qkv, merge = self.plain_qkv_proj(g, h)
+            p = self.plain_copy({"relative_position_bias_table": self.relative_position_bias_table[:, :h]},
+                                n_heads=h)
+            p.to_qkv, p.merge = to_qkv, merge
+            return p
+
+    globals()[SlimRelativePositionalMultiHeadAttention.__name__] = SlimRelativePositionalMultiHeadAttention
+    __all__.append(SlimRelativePositionalMultiHeadAttention.__name__)
+
+
+_register_maxvit()
