@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from .context import find_state, width as width_ctx
 from .convert import slim_layers
+from .errors import InvalidArgumentError
 from .nn.layers import Geo, SlimMixin
 from .nn.norm import BNGeo, SlimBatchNorm2d
 from .nn.params import ParamHost, export_hosted
@@ -214,7 +215,14 @@ def export_onnx(plain: nn.Module, example_input: torch.Tensor, path: str, opset:
     of a model returning a tuple (e.g. ``("logits", "value")`` for an actor-critic).
 
     Uses ``torch.onnx.export``; check it with onnxruntime (see tests/test_export.py).
+
+    Raises:
+        InvalidArgumentError: ``plain`` is a slimmable model (not yet exported); nothing is written.
     """
+    if any(hasattr(m, "slim_name") or isinstance(m, ParamHost) for m in plain.modules()):
+        raise InvalidArgumentError(
+            f"export_onnx takes a plain model, got a slimmable {type(plain).__name__} (its graph would be the "
+            "default width with the width machinery traced in); pass slim.export(model, width)")
     plain = plain.eval()
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)

@@ -234,6 +234,17 @@ def test_export_rejects_bad_and_uncalibrated_widths(us_mbv2):
         slim.export(us_mbv2, 0.45)
 
 
+def test_onnx_refuses_a_slimmable_model(us_mbv2, tmp_path):
+    """``export_onnx`` of the converted model (not its export) is refused before anything is written; it traced
+    the default width with the width machinery in the graph."""
+    was = us_mbv2.training
+    us_mbv2.train()
+    with pytest.raises(slim.InvalidArgumentError, match="slim.export"):
+        slim.export_onnx(us_mbv2, torch.randn(1, 3, 64, 64), str(tmp_path / "m.onnx"))
+    assert list(tmp_path.iterdir()) == [] and us_mbv2.training  # no file, the model's mode untouched
+    us_mbv2.train(was)
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_onnx_equals_eager(us_mbv2, tmp_path, fuse):
     plain = slim.export(us_mbv2, 0.5, fuse_bn=fuse)
