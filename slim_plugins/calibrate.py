@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from .context import _calibration, find_state, width as width_ctx, width_key
-from .errors import EmptyLoaderError, InvalidArgumentError
+from .errors import EmptyLoaderError, InvalidArgumentError, WidthError
 from .nn.norm import SlimBatchNorm2d
 
 
@@ -88,6 +88,8 @@ def calibrate_bn(model: torch.nn.Module, batches: Iterable, widths: Sequence | N
         raise InvalidArgumentError(f"num_samples must be a positive integer or None (all), got {num_samples!r}")
     if method not in ("exact", "moving"):
         raise InvalidArgumentError(f"method must be 'exact' or 'moving', got {method!r}")
+    if isinstance(widths, (str, bytes)):
+        raise WidthError(f"widths must be a list of width multipliers such as [0.25, 0.5], got {widths!r}")
     widths = list(widths) if widths is not None else (list(spec.widths) if spec.is_switches else [spec.min, spec.max])
     if not widths:
         raise InvalidArgumentError("widths is empty: name the widths to calibrate (None: every switch / min and max)")

@@ -214,6 +214,8 @@ def find_state(model) -> SlimState:
     st = getattr(model, "_slim_state", None)
     if isinstance(st, SlimState):
         return st
+    if not callable(getattr(model, "modules", None)):
+        raise NotSlimmableError(f"expected a converted nn.Module, got {type(model).__name__} {model!r:.80}")
     for m in model.modules():
         st = getattr(m, "_slim_state", None)
         if isinstance(st, SlimState):

@@ -68,8 +68,11 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         ChannelGroupError: ``hi > 1`` on a model that cannot be traced (names the failing layer).
         UnsupportedModuleError: a module with parameters or per-channel buffers of an unregistered type.
         UnknownLayerError: a ``fixed`` / ``scope`` / ``group_mode`` pattern or declared group member matching nothing.
+        UnsupportedModuleError: ``model`` is not an ``nn.Module``.
     The model is unchanged when an error is raised.
     """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModuleError(f"convert() needs an nn.Module, got {type(model).__name__} {model!r:.80}")
     spec = as_spec(spec)
     if bn == "auto":
         bn = "switchable" if spec.is_switches else "us"

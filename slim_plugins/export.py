@@ -134,8 +134,11 @@ def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -
 
     Raises:
         WidthError: width not allowed. UncalibratedWidthError: no BN statistics for ``width``.
+        InvalidArgumentError: ``fuse_bn`` not a bool.
     """
     state = find_state(model)
+    if not isinstance(fuse_bn, bool):
+        raise InvalidArgumentError(f"fuse_bn must be True or False, got {fuse_bn!r}")
     a = state.resolve(width)
     recs = record_widths(model, width, example_input)
     plain = copy.deepcopy(model)

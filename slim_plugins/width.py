@@ -211,9 +211,10 @@ def as_spec(spec_or_widths) -> WidthSpec:
         return spec_or_widths
     if isinstance(spec_or_widths, dict):
         return WidthSpec.from_dict(spec_or_widths)
-    if isinstance(spec_or_widths, Sequence):
+    if isinstance(spec_or_widths, Sequence) and not isinstance(spec_or_widths, (str, bytes)):
         return WidthSpec.switches(spec_or_widths)
-    raise WidthError(f"expected a WidthSpec or a list of switches, got {spec_or_widths!r}")
+    raise WidthError(f"expected a WidthSpec (WidthSpec.range(lo, hi) / WidthSpec.switches([...])) or a list of "
+                     f"switches, got {spec_or_widths!r}")
 
 
 def spec_from_config(cfg, divisor: int = 8, allowed: Iterable[str] | None = None) -> WidthSpec:

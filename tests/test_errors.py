@@ -237,3 +237,23 @@ def test_empty_calibration_widths_and_a_non_numeric_latency_table_are_typed_erro
     with pytest.raises(slim.InvalidArgumentError, match="'a'"):
         slim.WidthController(m, 10, {"a": 1.0})
     _assert_same(m, snap)
+
+
+def test_wrong_argument_types_are_typed_errors(make_tiny_cnn, tmp_path):
+    """A string where a spec / width list / flag goes, or a non-module model: a typed error naming the value (they
+    were iterated character by character, taken as true, or failed with an AttributeError)."""
+    net = make_tiny_cnn()
+    with pytest.raises(slim.WidthError, match="'0.25-1.0'"):
+        slim.convert(net, "0.25-1.0")
+    with pytest.raises(slim.UnsupportedModuleError, match="nn.Module, got str"):
+        slim.convert("model.pt", slim.WidthSpec.range(0.25, 1.0))
+    assert not any(hasattr(m, "slim_name") for m in net.modules())
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0))
+    snap = _snapshot(net)
+    with pytest.raises(slim.WidthError, match="'0.5'"):
+        slim.calibrate_bn(net, [torch.randn(4, 3, 32, 32)], widths="0.5")
+    with pytest.raises(slim.InvalidArgumentError, match="'yes'"):
+        slim.export(net, 1.0, fuse_bn="yes")
+    with pytest.raises(slim.NotSlimmableError, match="got str"):
+        slim.export("model.pt", 0.5)
+    _assert_same(net, snap)

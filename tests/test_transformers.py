@@ -1050,7 +1050,7 @@ def test_torchvision_maxvit_attention_keeps_whole_heads_and_the_full_logit_scale
     """torchvision's MaxViT attention (``to_qkv`` / ``merge``, two einsums, relative bias per head) runs the kept
     heads; its logit scale is ``feat_dim ** -0.5`` of the full model, which the export keeps as its
     ``scale_factor``. It was refused (``einsum mixes channels``)."""
-    tv = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     from torchvision.models import maxvit as tvmaxvit
 
     torch.manual_seed(0)
