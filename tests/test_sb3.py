@@ -480,3 +480,53 @@ def test_bad_train_config_is_refused_before_any_file(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "ConfigError" in err and message in err, err
     assert sorted(os.listdir(tmp_path)) == ["cfg"] and os.listdir(tmp_path / "cfg") == ["zoo.yaml"]
+
+
+class _RowCol:
+    """FrozenLake's state as ``MultiDiscrete([4, 4])`` (row, column) or as a ``Dict``."""
+
+    @staticmethod
+    def wrap(kind):
+        import gymnasium as gym
+        from gymnasium import spaces
+
+        class W(gym.ObservationWrapper):
+            def __init__(self, env):
+                super().__init__(env)
+                self.observation_space = (spaces.MultiDiscrete([4, 4]) if kind == "multidiscrete" else
+                                          spaces.Dict({"state": env.observation_space}))
+
+            def observation(self, s):
+                return np.array([s // 4, s % 4]) if kind == "multidiscrete" else {"state": s}
+
+        return W(gym.make("FrozenLake-v1"))
+
+
+@pytest.mark.parametrize("kind", ["discrete", "multidiscrete"])
+def test_discrete_observations_one_hot_and_export(kind):
+    """Discrete / MultiDiscrete observations (SB3 one-hot encodes them; its ``preprocess_obs`` does not trace):
+    the policy at each width gives the logits and value of its export (the analysis sees SB3's preprocessing).
+    They were refused with a misleading ``ChannelGroupError``."""
+    from slim_plugins.integrations.sb3 import ActorCriticGraph
+
+    import gymnasium as gym
+    env = gym.make("FrozenLake-v1") if kind == "discrete" else _RowCol.wrap(kind)
+    model = SlimmablePPO("MlpPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0,
+                         policy_kwargs=dict(slimmable=True))
+    model.learn(64)
+    obs = np.stack([env.observation_space.sample() for _ in range(8)])
+    t, _ = model.policy.obs_to_tensor(obs)
+    for w in (1.0, 0.5, 0.25):
+        with torch.no_grad(), slim.width(w):
+            logits = model.policy.get_distribution(t).distribution.logits
+            value = model.policy.predict_values(t)
+        plain = slim.export(ActorCriticGraph(model.policy), w, example_input=torch.as_tensor(obs))
+        with torch.no_grad():
+            el, ev = plain(torch.as_tensor(obs))
+        assert el.shape == (8, 4) and ev.shape == (8, 1)
+        assert (torch.log_softmax(el, -1) - logits).abs().max() <= 1e-5 and (ev - value).abs().max() <= 1e-5
+
+
+def test_dict_observations_are_refused():
+    with pytest.raises(InvalidArgumentError, match="Dict"):
+        SlimmablePPO("MultiInputPolicy", _RowCol.wrap("dict"), n_steps=64, policy_kwargs=dict(slimmable=True))

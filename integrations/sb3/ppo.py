@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3 import PPO
-from stable_baselines3.common.preprocessing import is_image_space, preprocess_obs
+from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 
@@ -99,13 +99,17 @@ class ActorCriticGraph(nn.Module):
         self.action_net = policy.action_net
         self.value_net = policy.value_net
         self.observation_space = policy.observation_space
-        # SB3's preprocess_obs, written traceably for Box spaces (torch.fx proxies fail its isinstance checks)
-        self.box = isinstance(policy.observation_space, spaces.Box)
         self.image_scale = policy.normalize_images and is_image_space(policy.observation_space)
 
     def forward(self, obs):
-        if not self.box:
-            obs = preprocess_obs(obs, self.observation_space)
+        # SB3's preprocess_obs, written traceably (torch.fx proxies fail its isinstance checks, and its
+        # MultiDiscrete branch iterates a split of the observation): the same values
+        sp = self.observation_space
+        if isinstance(sp, spaces.Discrete):
+            obs = F.one_hot(obs.long(), num_classes=int(sp.n)).float()
+        elif isinstance(sp, spaces.MultiDiscrete):
+            obs = torch.cat([F.one_hot(obs[:, i].long(), num_classes=int(n)).float() for i, n in enumerate(sp.nvec)],
+                            dim=-1)
         elif self.image_scale:
             obs = obs.float() / 255.0
         else:
@@ -121,16 +125,25 @@ class ActorCriticGraph(nn.Module):
             policy.pi_features_extractor = policy.vf_features_extractor = policy.features_extractor
 
 
+_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
 def make_slimmable_policy(policy, settings: PPOSlimSettings):
     """Convert an SB3 ``ActorCriticPolicy`` in place and rebuild its optimizer over the converted parameters
     (switchable BN and weight norm bring new ones); returns it.
 
     Raises:
-        InvalidArgumentError: separate actor / critic features extractors; gSDE (its noise matrix is sized by the
+        InvalidArgumentError: a Dict / Tuple observation space (``MultiInputPolicy``); separate actor / critic
+            features extractors; gSDE (its noise matrix is sized by the
             full latent); a MultiDiscrete action space with ``distill="kl"`` (SB3 keeps its distributions in a
             list); BatchNorm with a width range (US-Nets need BN post-statistics from roll-outs, not built here:
             use switches or a BN-free extractor such as the paper's).
     """
+    if not isinstance(policy.observation_space, _SPACES) or (
+            isinstance(policy.observation_space, spaces.MultiDiscrete) and policy.observation_space.nvec.ndim != 1):
+        raise InvalidArgumentError(
+            f"SlimmablePPO / SlimmableA2C take Box, Discrete, MultiDiscrete (1-D) or MultiBinary observations, got "
+            f"{policy.observation_space} (a Dict / Tuple space, MultiInputPolicy, is not supported)")
     if not getattr(policy, "share_features_extractor", True):
         raise InvalidArgumentError("SlimmablePPO / SlimmableA2C need share_features_extractor=True (the paper's "
                                    "actor and critic share the CNN and its 512-unit FC)")
