@@ -81,7 +81,7 @@ def calibrate_bn(model: torch.nn.Module, batches: Iterable, widths: Sequence | N
             ``widths``.
     The model's statistics are only written after every width succeeded.
     """
-    state = find_state(model)
+    state = find_state(model, adopt=True)
     spec = state.spec
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples <= 0):

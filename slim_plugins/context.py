@@ -205,17 +205,25 @@ class SlimState:
         return geo
 
 
-def find_state(model) -> SlimState:
-    """The :class:`SlimState` of a converted model (DDP/DataParallel wrappers are looked through).
+def find_state(model, adopt: bool = False) -> SlimState:
+    """The :class:`SlimState` of a converted model (DDP/DataParallel wrappers are looked through). With
+    ``adopt``, fixed-output layers replaced since convert (a new classifier) are converted first, as the model's
+    next forward would (``slim_plugins.convert.HeadGuard``): the verbs that plan before they run a forward.
 
     Raises:
-        NotSlimmableError: the model has no slimmable layers.
+        NotSlimmableError: the model has no slimmable layers. UnsupportedModuleError (``adopt``): a replaced layer
+            that cannot be adopted.
     """
+    if not callable(getattr(model, "modules", None)):
+        raise NotSlimmableError(f"expected a converted nn.Module, got {type(model).__name__} {model!r:.80}")
+    if adopt:
+        for m in model.modules():
+            for h in list(m._forward_pre_hooks.values()):
+                if getattr(h, "slim_head_guard", False):
+                    h(m, ())
     st = getattr(model, "_slim_state", None)
     if isinstance(st, SlimState):
         return st
-    if not callable(getattr(model, "modules", None)):
-        raise NotSlimmableError(f"expected a converted nn.Module, got {type(model).__name__} {model!r:.80}")
     for m in model.modules():
         st = getattr(m, "_slim_state", None)
         if isinstance(st, SlimState):
@@ -256,7 +264,7 @@ def active_channels(model, w: WidthLike) -> dict:
     """
     import torch
 
-    st = find_state(model)
+    st = find_state(model, adopt=True)
     if not st.graphs:
         raise ChannelGroupError("this model has no channel plan (it could not be traced at convert time)")
     a = st.resolve(w)

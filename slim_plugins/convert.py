@@ -193,7 +193,89 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     for m in model.modules():  # modules holding tied parameters (their active channels are cached too)
         if isinstance(m, ParamHost):
             track_data_writes(m)
+    _guard_fixed_layers(model, state)
     return model
+
+
+# ---- a fixed layer replaced after convert (a new classifier) --------------------------------------------------
+class HeadGuard:
+    """Forward pre-hook of a module whose children include fixed-output layers (``{child: slot}``): a child that
+    is no longer a width-switchable layer was replaced after convert — a new classifier for fine-tuning, timm's
+    ``model.reset_classifier(n)`` or torchvision's ``model.fc = nn.Linear(model.fc.in_features, n)``. It is
+    converted in its place before the forward runs (:func:`_adopt`), or refused. One dict read per child per
+    call; ``export`` drops the hook."""
+
+    slim_head_guard = True  # (found by find_state(adopt=True))
+
+    def __init__(self, state: SlimState, children: dict):
+        self.state, self.children = state, dict(children)
+
+    def __call__(self, module, args):
+        mods = module._modules
+        for leaf, slot in self.children.items():
+            if not isinstance(mods.get(leaf), SlimMixin):
+                _adopt(module, leaf, slot, self.state)
+
+
+def _guard_fixed_layers(model, state: SlimState) -> None:
+    by_parent: dict[str, dict] = {}
+    for slot, layer in enumerate(state.layers):
+        if isinstance(layer, SlimMixin) and layer.fixed_out and not isinstance(layer, SlimConvTranspose2d):
+            parent, _, leaf = layer.slim_name.rpartition(".")
+            by_parent.setdefault(parent, {})[leaf] = slot
+    for parent, children in by_parent.items():
+        m = model.get_submodule(parent) if parent else model
+        if all(isinstance(m._modules.get(k), SlimMixin) for k in children):
+            m.register_forward_pre_hook(HeadGuard(state, children))
+
+
+def _adopt(parent: nn.Module, leaf: str, slot: int, state: SlimState) -> None:
+    """Convert ``parent.<leaf>``, put there after convert in place of the fixed-output layer of ``slot``.
+
+    Adopted: the same layer type with the same input channels (and groups); a new output count only for an output
+    layer of the graph (nothing in the model reads its channels). The graph's channel counts follow it.
+
+    Raises:
+        UnsupportedModuleError: anything else (another type, other input channels, a parametrized weight, a new
+            output count of a layer whose output the model reads); the model is unchanged.
+    """
+    with state._lock:
+        cur = parent._modules.get(leaf)
+        if isinstance(cur, SlimMixin):  # another thread adopted it
+            return
+        old = state.layers[slot]
+        name = old.slim_name
+        cls = registry.lookup(type(cur)) if isinstance(cur, nn.Module) else None
+        why = None
+        if cls is not type(old) or is_weight_normed(cur) or "parametrizations" in cur._modules:
+            plain = next(b for b in type(old).__mro__ if not b.__module__.startswith("slim_plugins"))
+            kind = "weight-normed" if isinstance(old, SlimWeightNormConv2d) else "plain"
+            why = f"it is {type(cur).__name__}, not a {kind} {plain.__name__}"
+        elif cur.weight.shape[1:] != old.weight.shape[1:] or getattr(cur, "groups", 1) != getattr(old, "groups", 1):
+            why = (f"its weight {tuple(cur.weight.shape)} does not take the input of {tuple(old.weight.shape)} "
+                   "(same input channels, kernel and groups)")
+        else:
+            graphs = [g for g in state.graphs if any(c.name == name for c in g.calls)]
+            changed = cur.weight.shape[0] != old.weight.shape[0]
+            if changed and not all(name in g.output_layers() for g in graphs):
+                why = (f"it has {cur.weight.shape[0]} output channels, not {old.weight.shape[0]}, and the model reads "
+                       "its output")
+        if why is not None:
+            raise UnsupportedModuleError(
+                f"{name!r} was replaced after slim.convert and {why}; a slimmable model adopts only a new layer of "
+                "the same type and input (a new classifier); change the model before converting it")
+        new = cls.from_module(cur, name, state, True)
+        new._slim_slot = slot
+        for m in new.modules():
+            track_data_writes(m)
+        for g in graphs:
+            counts = {c.name: g.full[c.t_out] for c in g.calls}
+            counts[name] = new.weight.shape[0]
+            g.refresh_full(lambda n: (None, counts.get(n)))
+            g.__dict__.pop("_plans", None)
+        state.layers[slot] = new
+        setattr(parent, leaf, new)
+        state._resolved = {}
 
 
 # ---- helpers: scope, classes ------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def profile(model, example_input: torch.Tensor, widths: Sequence | None = None, 
     """
     from .export import export  # local: export imports profile users
 
-    state = find_state(model)
+    state = find_state(model, adopt=True)
     spec = state.spec
     if widths is None:
         widths = list(spec.widths) if spec.is_switches else sorted(

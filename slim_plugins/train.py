@@ -289,7 +289,7 @@ class MultiWidthStep:
                  backward: Callable | None = None, distill_mode: str = "replace", distill_weight: float = 1.0,
                  distill_on: str | Callable | None = None,
                  loss_keys: Iterable[str] | Callable[[str], bool] | None = None):
-        state = find_state(model)
+        state = find_state(model, adopt=True)
         spec = as_spec(spec) if spec is not None else state.spec
         if spec != state.spec:
             raise WidthError(f"spec {spec} differs from the model's {state.spec}")

@@ -132,3 +132,74 @@ def test_untraceable_net_with_declared_groups(make_untraceable_net, mad):
     assert plain.stem.out_channels == 8 and plain.block.conv.out_channels == 8
     with torch.no_grad():
         assert mad(plain(x), y) <= 1e-5
+
+
+# ---- a classifier replaced after convert (fine-tuning) --------------------------------------------------------
+def _resnet18_with_stats():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():  # trained-looking statistics, so a wrong one shows
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def test_new_classifier_after_convert_is_adopted(mad):
+    """torchvision's fine-tuning line ``model.fc = nn.Linear(model.fc.in_features, n)`` (timm:
+    ``reset_classifier(n)``) on a converted model: the new head is converted in its place at the next forward or
+    verb, so every width runs (it failed at any width below 1.0 with a shape error) and width 1.0 is the plain
+    model with that head; its parameters are the ones the user made (an optimizer built on them trains them)."""
+    net = _resnet18_with_stats()
+    x = torch.randn(2, 3, 32, 32)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+    slim.calibrate_bn(net, [torch.randn(8, 3, 32, 32)], widths=[0.25, 0.5])
+    torch.manual_seed(1)
+    net.fc = head = nn.Linear(net.fc.in_features, 7)
+    exported = slim.export(net, 0.25)  # a verb before any forward plans with the new head
+    assert exported.fc.out_features == 7 and not exported._forward_pre_hooks
+    plain = copy.deepcopy(_resnet18_with_stats())
+    plain.fc = copy.deepcopy(head)
+    with torch.no_grad():
+        with slim.width(1.0):
+            assert mad(net(x), plain(x)) == 0
+        with slim.width(0.25):
+            assert mad(exported(x), net(x)) <= 1e-5
+        with slim.width(0.5):
+            y = net(x)
+        assert mad(slim.export(net, 0.5)(x), y) <= 1e-5
+    assert isinstance(net.fc, SlimLinear) and net.fc.weight is head.weight and y.shape == (2, 7)
+
+
+@pytest.mark.parametrize("new, match", [
+    (lambda fc: nn.Sequential(nn.Linear(fc.in_features, 7)), "Sequential, not a plain Linear"),
+    (lambda fc: nn.Linear(fc.in_features // 2, 7), r"does not take the input of \(10, 512\)"),
+    (lambda fc: nn.Identity(), "Identity"),
+])
+def test_replaced_classifier_that_cannot_be_adopted_is_refused(new, match):
+    net = _resnet18_with_stats()
+    x = torch.randn(2, 3, 32, 32)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+    state = net._slim_state
+    layers = list(state.layers)
+    net.fc = replacement = new(net.fc)
+    for call in (lambda: net(x), lambda: slim.export(net, 1.0)):
+        with pytest.raises(slim.UnsupportedModuleError, match=match):
+            call()
+    assert net.fc is replacement and state.layers == layers
+
+
+def test_timm_reset_classifier_on_a_converted_convnext(mad):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("convnext_atto", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+    net.reset_classifier(5)
+    with torch.no_grad(), slim.width(0.25):
+        y = net(x)
+    assert y.shape == (2, 5)
+    with torch.no_grad():
+        assert mad(slim.export(net, 0.25)(x), y) <= 1e-5
