@@ -38,6 +38,15 @@ def _export_matches(model, x, widths, tol=1e-5):
     return out
 
 
+def _convert_keeps_width_one(model, x):
+    """Convert ``model`` over ``RANGE`` on ``x``; width 1.0 gives the original outputs exactly."""
+    with torch.no_grad():
+        ref = model(x)
+    slim.convert(model, RANGE, example_input=x)
+    with torch.no_grad(), slim.width(1.0):
+        _same(model(x), ref, 0)
+
+
 # ---- the layers equal the stock layer of that width ----------------------------------------------------------
 class TokenMLP(nn.Module):
     """(N, L, 8) tokens -> Linear -> norm -> GELU -> Linear (5 classes per token)."""
@@ -402,11 +411,7 @@ def test_torchvision_swin_v2_exports_load_into_the_stock_model():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        ref = net(x)
-    slim.convert(net, RANGE, example_input=x)
-    with torch.no_grad(), slim.width(1.0):
-        _same(net(x), ref, 0)
+    _convert_keeps_width_one(net, x)
     exports = _export_matches(net, x, [0.25, 0.5, 1 / 3], tol=1e-5)
     attn = exports[0.5].features[1][0].attn
     assert type(attn) is tvswin.ShiftedWindowAttentionV2
@@ -1057,11 +1062,7 @@ def test_torchvision_maxvit_attention_keeps_whole_heads_and_the_full_logit_scale
     net = tvmaxvit.MaxVit((64, 64), 16, 4, [32, 64], [1, 1], head_dim=16, stochastic_depth_prob=0.0,
                           num_classes=5).eval()
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = net(x)
-    slim.convert(net, RANGE, example_input=x)
-    with torch.no_grad(), slim.width(1.0):
-        _same(net(x), ref, 0)
+    _convert_keeps_width_one(net, x)
     slim.calibrate_bn(net, [torch.randn(4, 3, 64, 64)], widths=[0.25, 0.5])
     exports = _export_matches(net, x, [0.25, 0.5])
     attn = exports[0.5].get_submodule("blocks.1.layers.0.layers.window_attention.attn_layer.1")
