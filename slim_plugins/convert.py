@@ -202,8 +202,9 @@ class HeadGuard:
     """Forward pre-hook of a module whose children include fixed-output layers (``{child: slot}``): a child that
     is no longer a width-switchable layer was replaced after convert — a new classifier for fine-tuning, timm's
     ``model.reset_classifier(n)`` or torchvision's ``model.fc = nn.Linear(model.fc.in_features, n)``. It is
-    converted in its place before the forward runs (:func:`_adopt`), or refused. One dict read per child per
-    call; ``export`` drops the hook."""
+    converted in its place before the forward runs (:func:`_adopt`), or refused; a module of another type is left
+    to run as it is. One dict read per child per call; ``export`` drops the hook. It runs when that module is
+    called: a head called directly by an ancestor's forward is adopted by the verbs (``find_state(adopt=True)``)."""
 
     slim_head_guard = True  # (found by find_state(adopt=True))
 
@@ -211,10 +212,15 @@ class HeadGuard:
         self.state, self.children = state, dict(children)
 
     def __call__(self, module, args):
+        if module.__dict__.get("_is_replica"):  # a DataParallel replica: the original adopts (its forward, a verb)
+            return
         mods = module._modules
         for leaf, slot in self.children.items():
-            if not isinstance(mods.get(leaf), SlimMixin):
-                _adopt(module, leaf, slot, self.state)
+            cur = mods.get(leaf)
+            if not isinstance(cur, SlimMixin) and cur is not self.__dict__.get("left", {}).get(leaf):
+                if not _adopt(module, leaf, slot, self.state):
+                    # another kind of module (nn.Identity for a feature extractor): the user's own, run as it is
+                    self.__dict__.setdefault("left", {})[leaf] = cur
 
 
 def _guard_fixed_layers(model, state: SlimState) -> None:
@@ -229,28 +235,30 @@ def _guard_fixed_layers(model, state: SlimState) -> None:
             m.register_forward_pre_hook(HeadGuard(state, children))
 
 
-def _adopt(parent: nn.Module, leaf: str, slot: int, state: SlimState) -> None:
-    """Convert ``parent.<leaf>``, put there after convert in place of the fixed-output layer of ``slot``.
+def _adopt(parent: nn.Module, leaf: str, slot: int, state: SlimState) -> bool:
+    """Convert ``parent.<leaf>``, put there after convert in place of the fixed-output layer of ``slot``; ``False``
+    (nothing done) for a module of another type (``nn.Identity`` to make a feature extractor, a ``Sequential``
+    head): it runs as the user's own module.
 
     Adopted: the same layer type with the same input channels (and groups); a new output count only for an output
     layer of the graph (nothing in the model reads its channels). The graph's channel counts follow it.
 
     Raises:
-        UnsupportedModuleError: anything else (another type, other input channels, a parametrized weight, a new
-            output count of a layer whose output the model reads); the model is unchanged.
+        UnsupportedModuleError: a layer of that type it cannot adopt (other input channels, a parametrized weight,
+            a new output count of a layer whose output the model reads); the model is unchanged.
     """
     with state._lock:
         cur = parent._modules.get(leaf)
         if isinstance(cur, SlimMixin):  # another thread adopted it
-            return
+            return True
         old = state.layers[slot]
         name = old.slim_name
         cls = registry.lookup(type(cur)) if isinstance(cur, nn.Module) else None
+        if cls is not type(old):
+            return False
         why = None
-        if cls is not type(old) or is_weight_normed(cur) or "parametrizations" in cur._modules:
-            plain = next(b for b in type(old).__mro__ if not b.__module__.startswith("slim_plugins"))
-            kind = "weight-normed" if isinstance(old, SlimWeightNormConv2d) else "plain"
-            why = f"it is {type(cur).__name__}, not a {kind} {plain.__name__}"
+        if is_weight_normed(cur) or "parametrizations" in cur._modules:
+            why = f"its weight is parametrized ({type(cur).__name__})"
         elif cur.weight.shape[1:] != old.weight.shape[1:] or getattr(cur, "groups", 1) != getattr(old, "groups", 1):
             why = (f"its weight {tuple(cur.weight.shape)} does not take the input of {tuple(old.weight.shape)} "
                    "(same input channels, kernel and groups)")
@@ -276,6 +284,7 @@ def _adopt(parent: nn.Module, leaf: str, slot: int, state: SlimState) -> None:
         state.layers[slot] = new
         setattr(parent, leaf, new)
         state._resolved = {}
+        return True
 
 
 # ---- helpers: scope, classes ------------------------------------------------------------------------------------

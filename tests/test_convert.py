@@ -173,22 +173,38 @@ def test_new_classifier_after_convert_is_adopted(mad):
     assert isinstance(net.fc, SlimLinear) and net.fc.weight is head.weight and y.shape == (2, 7)
 
 
-@pytest.mark.parametrize("new, match", [
-    (lambda fc: nn.Sequential(nn.Linear(fc.in_features, 7)), "Sequential, not a plain Linear"),
-    (lambda fc: nn.Linear(fc.in_features // 2, 7), r"does not take the input of \(10, 512\)"),
-    (lambda fc: nn.Identity(), "Identity"),
-])
-def test_replaced_classifier_that_cannot_be_adopted_is_refused(new, match):
+def test_replaced_classifier_that_cannot_be_adopted_is_refused():
+    """A new ``Linear`` that does not take the layer's input is a typed error at the forward and at the verbs, the
+    model unchanged."""
     net = _resnet18_with_stats()
     x = torch.randn(2, 3, 32, 32)
     slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
     state = net._slim_state
     layers = list(state.layers)
-    net.fc = replacement = new(net.fc)
+    net.fc = replacement = nn.Linear(net.fc.in_features // 2, 7)
     for call in (lambda: net(x), lambda: slim.export(net, 1.0)):
-        with pytest.raises(slim.UnsupportedModuleError, match=match):
+        with pytest.raises(slim.UnsupportedModuleError, match=r"does not take the input of \(10, 512\)"):
             call()
     assert net.fc is replacement and state.layers == layers
+
+
+def test_head_replaced_by_another_kind_of_module_runs_as_the_users_own(mad):
+    """``model.fc = nn.Identity()`` (timm: ``reset_classifier(0)``) makes a feature extractor: the module is left
+    as it is (not adopted, not refused), so width 1.0 gives the plain model's features and a narrow width the
+    active ones."""
+    net = _resnet18_with_stats()
+    x = torch.randn(2, 3, 32, 32)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+    slim.calibrate_bn(net, [torch.randn(8, 3, 32, 32)], widths=[0.5])
+    net.fc = nn.Identity()
+    plain = _resnet18_with_stats()
+    plain.fc = nn.Identity()
+    with torch.no_grad():
+        with slim.width(1.0):
+            assert mad(net(x), plain(x)) == 0
+        with slim.width(0.5):
+            assert net(x).shape == (2, 256)
+    assert type(net.fc) is nn.Identity
 
 
 def test_timm_reset_classifier_on_a_converted_convnext(mad):
