@@ -210,6 +210,7 @@ class HeadGuard:
 
     def __init__(self, state: SlimState, children: dict):
         self.state, self.children = state, dict(children)
+        self.left: dict = {}  # child -> a module of another kind, left to run as the user's own
 
     def __call__(self, module, args):
         if module.__dict__.get("_is_replica"):  # a DataParallel replica: the original adopts (its forward, a verb)
@@ -217,10 +218,9 @@ class HeadGuard:
         mods = module._modules
         for leaf, slot in self.children.items():
             cur = mods.get(leaf)
-            if not isinstance(cur, SlimMixin) and cur is not self.__dict__.get("left", {}).get(leaf):
-                if not _adopt(module, leaf, slot, self.state):
-                    # another kind of module (nn.Identity for a feature extractor): the user's own, run as it is
-                    self.__dict__.setdefault("left", {})[leaf] = cur
+            if not isinstance(cur, SlimMixin) and cur is not self.left.get(leaf):
+                if not _adopt(module, leaf, slot, self.state):  # (nn.Identity for a feature extractor)
+                    self.left[leaf] = cur
 
 
 def _guard_fixed_layers(model, state: SlimState) -> None:

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .context import find_state, width as width_ctx
-from .convert import HeadGuard, slim_layers
+from .convert import slim_layers
 from .errors import InvalidArgumentError
 from .nn.layers import Geo, SlimMixin
 from .nn.norm import BNGeo, SlimBatchNorm2d
@@ -143,7 +143,7 @@ def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -
     recs = record_widths(model, width, example_input)
     plain = copy.deepcopy(model)
     for m in plain.modules():  # the guards of replaced heads belong to the slimmable model
-        for k in [k for k, h in m._forward_pre_hooks.items() if isinstance(h, HeadGuard)]:
+        for k in [k for k, h in m._forward_pre_hooks.items() if getattr(h, "slim_head_guard", False)]:
             del m._forward_pre_hooks[k]
     names = {id(m): n for n, m in slim_layers(model)}
     rec_by_name = {names[id(m)]: r for m, r in recs.items()}

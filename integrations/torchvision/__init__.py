@@ -63,12 +63,8 @@ def _register_swin() -> None:
                 training=self.training)
 
         def to_plain(self, g: BNGeo, a=None) -> nn.Module:
-            h = self.heads(g)
-            qkv, proj = self.plain_qkv_proj(g, h)
-            p = self.plain_copy({"relative_position_bias_table": self.relative_position_bias_table[:, :h]},
-                                num_heads=h)
-            p.qkv, p.proj = qkv, proj
-            return p
+            return self.plain_heads(g, lambda h: {"relative_position_bias_table":
+                                                  self.relative_position_bias_table[:, :h]})
 
     @register(tvswin.ShiftedWindowAttentionV2)
     class SlimShiftedWindowAttentionV2(SlimHeadsAttention, tvswin.ShiftedWindowAttentionV2):
@@ -88,11 +84,8 @@ def _register_swin() -> None:
                 logit_scale=self.logit_scale[:h], training=self.training)
 
         def to_plain(self, g: BNGeo, a=None) -> nn.Module:
-            h = self.heads(g)
-            qkv, proj = self.plain_qkv_proj(g, h)
-            p = self.plain_copy({"logit_scale": self.logit_scale[:h]}, num_heads=h)
-            p.qkv, p.proj = qkv, proj
-            last = p.cpb_mlp[-1]
+            p = self.plain_heads(g, lambda h: {"logit_scale": self.logit_scale[:h]})
+            h, last = p.num_heads, p.cpb_mlp[-1]
             with torch.no_grad():
                 p.cpb_mlp[-1] = nn.Linear(last.in_features, h, bias=last.bias is not None, device=last.weight.device,
                                           dtype=last.weight.dtype)
@@ -127,7 +120,6 @@ def _register_maxvit() -> None:
     import torch.nn.functional as F
     from torchvision.models import maxvit as tvmaxvit
 
-    from slim_plugins.errors import UnsupportedModuleError
     from slim_plugins.nn.attention import SlimHeadsAttention
 
     base = tvmaxvit.RelativePositionalMultiHeadAttention
@@ -140,30 +132,7 @@ def _register_maxvit() -> None:
         so the export is ``RelativePositionalMultiHeadAttention(feat_dim=C_active, head_dim)`` with the full
         model's ``scale_factor`` attribute."""
 
-        @classmethod
-        def head_dims(cls, m) -> tuple[int, int, int]:
-            dim, heads, hd = m.to_qkv.in_features, m.n_heads, m.head_dim
-            if (m.to_qkv.out_features, m.merge.in_features, m.merge.out_features) != (3 * heads * hd, heads * hd,
-                                                                                      dim) or dim != heads * hd:
-                raise UnsupportedModuleError(
-                    f"{type(m).__name__}(feat_dim={dim}, heads={heads}, head_dim={hd}): only feat_dim = heads x "
-                    "head_dim in and out is slimmed by heads")
-            return dim, heads, hd
-
-        def _select(self, g: BNGeo, h: int):
-            _, heads, hd = self._dims()
-            w, b = self.to_qkv.weight, self.to_qkv.bias
-            if h != heads:
-                w = w.view(3, heads * hd, -1)[:, :h * hd].reshape(3 * h * hd, -1)
-                b = None if b is None else b.view(3, heads * hd)[:, :h * hd].reshape(-1)
-            return g.pick(w), b, g.take(self.merge.weight, 0)[:, :h * hd], g.pick(self.merge.bias)
-
-        def _head_srcs(self):
-            q, p = self._modules["to_qkv"], self._modules["merge"]
-            if "parametrizations" in q._modules or "parametrizations" in p._modules:
-                return None
-            qp, pp = q._parameters, p._parameters
-            return qp["weight"], qp.get("bias"), pp["weight"], pp.get("bias")
+        _qkv, _proj, _heads = "to_qkv", "merge", "n_heads"
 
         def forward(self, x):
             _, h, wq, bq, wp, bp = self.head_params(x)
@@ -177,12 +146,8 @@ def _register_maxvit() -> None:
             return F.linear(out.permute(0, 1, 3, 2, 4).reshape(b_, g_, p_, h * self.head_dim), wp, bp)
 
         def to_plain(self, g: BNGeo, a=None) -> nn.Module:
-            h = self.heads(g)
-            to_qkv, merge = self.plain_qkv_proj(g, h)
-            p = self.plain_copy({"relative_position_bias_table": self.relative_position_bias_table[:, :h]},
-                                n_heads=h)
-            p.to_qkv, p.merge = to_qkv, merge
-            return p
+            return self.plain_heads(g, lambda h: {"relative_position_bias_table":
+                                                  self.relative_position_bias_table[:, :h]})
 
     globals()[SlimRelativePositionalMultiHeadAttention.__name__] = SlimRelativePositionalMultiHeadAttention
     __all__.append(SlimRelativePositionalMultiHeadAttention.__name__)

@@ -26,7 +26,8 @@ from .norm import BNGeo, SlimPerChannel
 
 
 class SlimHeadsAttention(SlimPerChannel):
-    """Base of the attention counterparts: children ``qkv`` and ``proj`` (``nn.Linear``) and ``num_heads``.
+    """Base of the attention counterparts: children ``qkv`` and ``proj`` (``nn.Linear``) and ``num_heads`` (other
+    names through ``_qkv`` / ``_proj`` / ``_heads``: torchvision's MaxViT has ``to_qkv`` / ``merge`` / ``n_heads``).
 
     Input and output ``(..., C_active)``; the output has the input's channels (a residual stream). The weights of
     a width are selected once per width in eval mode without autograd (cached while the parameters are unchanged:
@@ -38,17 +39,18 @@ class SlimHeadsAttention(SlimPerChannel):
     """
 
     channel_dim = -1
+    _qkv, _proj, _heads = "qkv", "proj", "num_heads"
 
     @classmethod
     def head_dims(cls, m) -> tuple[int, int, int]:
         """``(dim, heads, head_dim)`` of an attention module."""
-        dim, heads = m.qkv.in_features, m.num_heads
-        attn_dim = m.qkv.out_features // 3
-        if attn_dim % heads or m.proj.out_features != dim or m.proj.in_features != attn_dim or dim % heads \
-                or m.qkv.out_features != 3 * attn_dim:
+        qkv, proj, heads = getattr(m, cls._qkv), getattr(m, cls._proj), getattr(m, cls._heads)
+        dim, attn_dim = qkv.in_features, qkv.out_features // 3
+        if attn_dim % heads or proj.out_features != dim or proj.in_features != attn_dim or dim % heads \
+                or qkv.out_features != 3 * attn_dim:
             raise UnsupportedModuleError(
-                f"{type(m).__name__}(dim={dim}, heads={heads}, qkv->{m.qkv.out_features}, proj {m.proj.in_features}"
-                f"->{m.proj.out_features}): only attention with dim = heads x (dim / heads) in and out is slimmed "
+                f"{type(m).__name__}(dim={dim}, heads={heads}, qkv->{qkv.out_features}, proj {proj.in_features}"
+                f"->{proj.out_features}): only attention with dim = heads x (dim / heads) in and out is slimmed "
                 "by heads")
         return dim, heads, attn_dim // heads
 
@@ -83,13 +85,13 @@ class SlimHeadsAttention(SlimPerChannel):
 
     def _select(self, g: BNGeo, h: int):
         _, heads, hd = self._dims()
-        w, b = self.qkv.weight, self.qkv.bias
+        qkv, proj = self._modules[self._qkv], self._modules[self._proj]
+        w, b = qkv.weight, qkv.bias
         if h != heads:
             a = heads * hd
             w = w.view(3, a, -1)[:, :h * hd].reshape(3 * h * hd, -1)
             b = None if b is None else b.view(3, a)[:, :h * hd].reshape(-1)
-        pb = self.proj.bias
-        return g.pick(w), b, g.take(self.proj.weight, 0)[:, :h * hd], g.pick(pb)
+        return g.pick(w), b, g.take(proj.weight, 0)[:, :h * hd], g.pick(proj.bias)
 
     def head_params(self, x) -> tuple:
         """``(geometry, heads, qkv weight, qkv bias, proj weight, proj bias)`` of a call on tokens ``x`` (channels
@@ -113,7 +115,7 @@ class SlimHeadsAttention(SlimPerChannel):
     def _head_srcs(self) -> tuple | None:
         """The parameters the head weights are selected from: qkv weight / bias, proj weight / bias; ``None`` where
         one is computed at every read (``torch.nn.utils.parametrize``): then nothing is cached."""
-        q, p = self._modules["qkv"], self._modules["proj"]
+        q, p = self._modules[self._qkv], self._modules[self._proj]
         if "parametrizations" in q._modules or "parametrizations" in p._modules:
             return None
         qp, pp = q._parameters, p._parameters
@@ -139,6 +141,16 @@ class SlimHeadsAttention(SlimPerChannel):
                 if b is not None:
                     lin.bias.copy_(b)
         return qkv, proj
+
+    def plain_heads(self, g: BNGeo, tensors_at) -> nn.Module:
+        """The layer's own class at the heads of ``g`` (for export): the head count, plain qkv / proj and the
+        per-head tensors ``tensors_at(h)`` (``{name: tensor}`` sliced to the first ``h`` heads)."""
+        h = self.heads(g)
+        qkv, proj = self.plain_qkv_proj(g, h)
+        p = self.plain_copy(tensors_at(h), **{self._heads: h})
+        setattr(p, self._qkv, qkv)
+        setattr(p, self._proj, proj)
+        return p
 
     def __getstate__(self):  # copies drop the weight caches
         d = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
