@@ -38,6 +38,14 @@ class SlimFrozenBatchNorm2d(SlimPerChannel, FrozenBatchNorm2d):
         return p.to(self.weight.device)
 
 
+def _publish(cls: type) -> None:
+    """A counterpart defined inside a function (it needs torchvision imported) as a module-level name, so that
+    pickle (``torch.save(model)``) finds the class of a converted model's layers by that name."""
+    cls.__qualname__ = cls.__name__
+    globals()[cls.__name__] = cls
+    __all__.append(cls.__name__)
+
+
 def _register_swin() -> None:
     """torchvision's Swin: window attention slimmed by heads, patch merging as four channel blocks."""
     from torchvision.models import swin_transformer as tvswin
@@ -95,8 +103,7 @@ def _register_swin() -> None:
             return p
 
     for c in (SlimShiftedWindowAttention, SlimShiftedWindowAttentionV2):
-        globals()[c.__name__] = c
-        __all__.append(c.__name__)
+        _publish(c)
 
 
 _register_swin()
@@ -149,8 +156,7 @@ def _register_maxvit() -> None:
             return self.plain_heads(g, lambda h: {"relative_position_bias_table":
                                                   self.relative_position_bias_table[:, :h]})
 
-    globals()[SlimRelativePositionalMultiHeadAttention.__name__] = SlimRelativePositionalMultiHeadAttention
-    __all__.append(SlimRelativePositionalMultiHeadAttention.__name__)
+    _publish(SlimRelativePositionalMultiHeadAttention)
 
 
 _register_maxvit()
