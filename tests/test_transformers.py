@@ -1069,3 +1069,90 @@ def test_torchvision_maxvit_attention_keeps_whole_heads_and_the_full_logit_scale
     assert type(attn) is tvmaxvit.RelativePositionalMultiHeadAttention
     assert (attn.n_heads, attn.to_qkv.in_features, attn.relative_position_bias_table.shape[1]) == (2, 32, 2)
     assert attn.scale_factor == 64 ** -0.5
+
+
+# Found by benchmarks/coverage.py: FocalNet's modulation splits its packed f conv by the literal sizes
+# [dim, dim, focal_level + 1], which the channel analysis refuses; its counterpart selects the three parts.
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_focal_modulation_keeps_its_gates_and_exports_into_the_stock_focalnet(post_norm):
+    pytest.importorskip("timm")
+    from timm.models.focalnet import FocalNet
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    kw = dict(depths=(1, 1, 1, 1), focal_levels=(2,) * 4, focal_windows=(3,) * 4, num_classes=7,
+              use_post_norm_in_modulation=post_norm, normalize_modulator=post_norm)
+    torch.manual_seed(0)
+    model = FocalNet(embed_dim=32, **kw).eval()
+    with torch.no_grad():  # timm's init (std 0.02, zero biases) leaves the modulation output near 0
+        for p in model.parameters():
+            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    slim.convert(model, RANGE, example_input=x)
+    mod = model.layers[0].blocks[0].modulation
+    assert type(mod).__name__ == "SlimFocalModulation"
+    with torch.no_grad():
+        _same(model(x), ref, 0.0)
+    exports = _export_matches(model, x, [0.25, 0.5, 1.0], tol=1e-5)
+    for w, p in exports.items():
+        c = p.layers[0].blocks[0].modulation.dim
+        assert c == round(32 * w) and p.layers[0].blocks[0].modulation.f.out_channels == 2 * c + 3
+        stock = FocalNet(embed_dim=c, **kw).eval()
+        stock.load_state_dict(p.state_dict(), strict=True)
+        with slim.width(w), torch.no_grad():
+            _same(stock(x), model(x), 1e-5)
+    # training at 0.5 reaches q's, ctx's active rows and every gate row of f, nothing else
+    model.train()
+    f = mod.f
+    with slim.width(0.5):
+        model(x).sum().backward()
+    rows = f.weight.grad.abs().sum((1, 2, 3)) > 0
+    want = torch.zeros(2 * 32 + 3, dtype=torch.bool)
+    want[:16] = want[32:48] = want[64:] = True
+    assert torch.equal(rows, want)
+    assert (f.weight.grad[:, 16:] == 0).all() and (f.weight.grad[:, :16] != 0).any()
+    # the eval cache sees an in-place write to a child's weight
+    model.eval()
+    seen = []
+    mod.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    with slim.width(0.5), torch.no_grad():
+        model(x)
+        mod.f.weight[16:32].mul_(3)  # q of channels that width 0.5 does not run: no effect
+        model(x)
+        mod.f.weight[:16].mul_(3)  # q of the active channels
+        y = model(x)
+        _same(seen[1][1], seen[0][1], 0.0)
+        assert (seen[2][1] - seen[0][1]).abs().max() > 1e-2
+        p = slim.export(model, 0.5)
+        _same(p.layers[0].blocks[0].modulation(seen[2][0]), seen[2][1], 1e-5)
+        _same(y, p(x), 1e-5)
+
+
+def test_every_registered_counterpart_pickles_by_name(tmp_path):
+    """``torch.save(model)`` pickles each layer's class by its module and qualified name: a counterpart defined
+    inside a registering function (it needs its framework imported) was not found (torchvision Swin / MaxViT, timm
+    Swin window attention)."""
+    import pickle
+
+    pytest.importorskip("timm")
+    tv = pytest.importorskip("torchvision")
+    import slim_plugins.integrations.timm  # noqa: F401
+    import slim_plugins.integrations.torchvision  # noqa: F401
+    from slim_plugins import registry
+
+    classes = set(registry.converters().values())
+    assert len(classes) > 20
+    for cls in classes:
+        assert pickle.loads(pickle.dumps(cls)) is cls, cls.__qualname__
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer([4, 4], 32, [1, 1], [2, 4], [4, 4], num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    slim.convert(model, RANGE, example_input=x)
+    torch.save(model, tmp_path / "swin.pt")
+    back = torch.load(tmp_path / "swin.pt", weights_only=False)
+    with slim.width(0.5), torch.no_grad():
+        _same(back(x), model(x), 0.0)

@@ -9,6 +9,7 @@ heads of q, k and v; ``proj`` the columns of the kept heads; a relative position
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from timm.layers import (Attention, BlurPool2d, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
                          ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
@@ -19,7 +20,7 @@ from torch import nn
 
 from slim_plugins.errors import UnsupportedModuleError
 from slim_plugins.nn.attention import SlimHeadsAttention
-from slim_plugins.nn.layers import SlimConv2d, plain_copy
+from slim_plugins.nn.layers import SlimConv2d, cached, plain_copy
 from slim_plugins.nn.norm import (BNGeo, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel, SlimRMSNorm,
                                   SlimRMSNorm2d)
 from slim_plugins.registry import register
@@ -221,11 +222,159 @@ def _register_window_attention():
             p.qkv, p.proj = qkv, proj
             return p
 
+    SlimWindowAttention.__qualname__ = 'SlimWindowAttention'  # pickled by the module-level name below
     return SlimWindowAttention
 
 
 SlimWindowAttention = _register_window_attention()
 
-__all__ = ["SlimAttention", "SlimWindowAttention", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
+
+# ---- focal modulation ---------------------------------------------------------------------------------------
+def _conv_at(conv: nn.Conv2d, w, b, groups: int = 1) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` with ``conv``'s geometry holding ``w`` / ``b`` (for export)."""
+    p = nn.Conv2d(w.shape[1] * groups, w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  groups, b is not None, conv.padding_mode, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        p.weight.copy_(w)
+        if b is not None:
+            p.bias.copy_(b)
+    return p.train(conv.training)
+
+
+def _register_focal_modulation():
+    from timm.models.focalnet import FocalModulation
+
+    @register(FocalModulation)
+    class SlimFocalModulation(SlimPerChannel, FocalModulation):
+        """FocalNet's focal modulation (Yang et al. 2022) at the active channels of ``(N, C_active, H, W)``.
+
+        Its ``f`` conv packs ``[q (dim), ctx (dim), gates (focal_level + 1)]`` and the forward splits it by those
+        literal sizes, which the channel analysis cannot follow; this counterpart selects them: ``q`` and ``ctx``
+        keep the active channels, the ``focal_level + 1`` gates stay whole (one per level, width-free); the
+        depthwise focal convs, ``h``, ``proj`` and the post-norm keep the active channels. So at a width it equals
+        ``FocalModulation(dim=C_active, ...)`` holding the selected weights, which is what it exports as.
+
+        Raises:
+            UnsupportedModuleError: at convert time, a module whose convs are not plain ``nn.Conv2d`` of the stock
+                layout or whose post-norm is not ``LayerNorm2d``; ``convert`` then traces into it (and refuses the
+                literal split as before).
+        """
+
+        channel_dim = 1
+
+        @classmethod
+        def analysis_role(cls, m) -> dict:
+            d, lv = m.dim, m.focal_level
+            convs = [m.f, m.h, m.proj] + [fl[0] for fl in m.focal_layers if len(fl)]
+            ok = all(type(c) is nn.Conv2d for c in convs) and len(m.focal_layers) == lv \
+                and all(len(fl) == 2 and not list(fl[1].parameters()) for fl in m.focal_layers) \
+                and (m.f.in_channels, m.f.out_channels, m.f.groups) == (d, 2 * d + lv + 1, 1) \
+                and all((c.in_channels, c.out_channels, c.groups) == (d, d, 1) for c in (m.h, m.proj)) \
+                and all((fl[0].in_channels, fl[0].out_channels, fl[0].groups) == (d, d, d) for fl in m.focal_layers) \
+                and (isinstance(m.norm, nn.Identity) or type(m.norm) is LayerNorm2d) \
+                and list(m.input_split) == [d, d, lv + 1]
+            if not ok:
+                raise UnsupportedModuleError(f"{type(m).__name__}(dim={d}, focal_level={lv}): only the stock layout "
+                                             "(plain Conv2d f / h / proj / depthwise focal convs, LayerNorm2d "
+                                             "post-norm) is slimmed")
+            return {"role": "norm", "dim": 1}
+
+        @classmethod
+        def accepts(cls, m) -> bool:
+            try:
+                cls.analysis_role(m)
+            except UnsupportedModuleError:
+                return False
+            return True
+
+        def _srcs(self):
+            mods = [self.f, self.h, self.proj, self.norm] + [fl[0] for fl in self.focal_layers]
+            if any("parametrizations" in m._modules for m in mods):
+                return None  # computed at every read: nothing to cache
+            return tuple(m._parameters.get(n) for m in mods for n in ("weight", "bias"))
+
+        def _select(self, g: BNGeo) -> tuple:
+            """``(f w, f b, h w, h b, proj w, proj b, norm w, norm b, [focal w])`` at the channels ``g``."""
+            d, lv = self.dim, self.focal_level
+            f = self.f
+            sel = torch.arange(g.c) if g.idx is None else torch.as_tensor(g.idx, dtype=torch.long)
+            rows = torch.cat([sel, sel + d, torch.arange(2 * d, 2 * d + lv + 1)]).to(f.weight.device)
+            wf = g.take(f.weight.index_select(0, rows), 1)
+            bf = None if f.bias is None else f.bias.index_select(0, rows)
+            out = [wf, bf]
+            for c in (self.h, self.proj):
+                out += [g.take(g.take(c.weight, 0), 1), g.take(c.bias, 0)]
+            n = self.norm
+            out += [g.take(getattr(n, "weight", None), 0), g.take(getattr(n, "bias", None), 0)]
+            out.append([g.take(fl[0].weight, 0) for fl in self.focal_layers])
+            return tuple(out)
+
+        def focal_params(self, x) -> tuple:
+            """``(geometry, selected weights)`` of a call on ``x``; without autograd reused per width while the
+            parameters are unchanged (``stamps``, DESIGN rule 7)."""
+            g = self.active_geometry(x)
+            srcs = None if torch.is_grad_enabled() else self._srcs()
+            if srcs is None:
+                return g, self._select(g)
+            return g, cached(self, "_focal_cache", (g,), srcs, lambda: tuple(
+                [t.contiguous() for t in v] if type(v) is list else None if v is None else v.contiguous()
+                for v in self._select(g)), size=8)
+
+        def forward(self, x):
+            g, (wf, bf, wh, bh, wp, bp, wn, bn, wk) = self.focal_params(x)
+            c, lv, f = g.c, self.focal_level, self.f
+            x = F.conv2d(x, wf, bf, f.stride, f.padding, f.dilation)
+            q, ctx, gates = torch.split(x, [c, c, lv + 1], 1)
+            ctx_all = 0
+            for k, fl in enumerate(self.focal_layers):
+                conv = fl[0]
+                ctx = fl[1](F.conv2d(ctx, wk[k], None if conv.bias is None else g.take(conv.bias, 0), conv.stride,
+                                     conv.padding, conv.dilation, c))
+                ctx_all = ctx_all + ctx * gates[:, k:k + 1]
+            ctx_global = self.act(ctx.mean((2, 3), keepdim=True))
+            ctx_all = ctx_all + ctx_global * gates[:, lv:]
+            if self.normalize_modulator:
+                ctx_all = ctx_all / (lv + 1)
+            h = self.h
+            x_out = q * F.conv2d(ctx_all, wh, bh, h.stride, h.padding, h.dilation)
+            if not isinstance(self.norm, nn.Identity):
+                x_out = F.layer_norm(x_out.permute(0, 2, 3, 1), (c,), wn, bn, self.norm.eps).permute(0, 3, 1, 2)
+            p = self.proj
+            return self.proj_drop(F.conv2d(x_out, wp, bp, p.stride, p.padding, p.dilation))
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            c, lv = g.c, self.focal_level
+            with torch.no_grad():
+                wf, bf, wh, bh, wp, bp, wn, bn, wk = (
+                    [t.detach().clone() for t in v] if type(v) is list else None if v is None else v.detach().clone()
+                    for v in self._select(g))
+            p = self.plain_copy({}, dim=c, input_split=[c, c, lv + 1])
+            p.f, p.h, p.proj = _conv_at(self.f, wf, bf), _conv_at(self.h, wh, bh), _conv_at(self.proj, wp, bp)
+            for k, fl in enumerate(p.focal_layers):
+                b = self.focal_layers[k][0].bias
+                fl[0] = _conv_at(self.focal_layers[k][0], wk[k], None if b is None else g.take(b, 0).detach().clone(),
+                                 groups=c)
+            if not isinstance(self.norm, nn.Identity):
+                n = self.norm
+                p.norm = LayerNorm2d(c, eps=n.eps, affine=wn is not None, bias=bn is not None,
+                                     device=wf.device, dtype=wf.dtype).train(n.training)
+                with torch.no_grad():
+                    for name, t in (("weight", wn), ("bias", bn)):
+                        if t is not None:
+                            getattr(p.norm, name).copy_(t)
+            return p
+
+        def __getstate__(self):  # copies drop the weight cache
+            d = dict(super().__getstate__())
+            d.pop("_focal_cache", None)
+            return d
+
+    SlimFocalModulation.__qualname__ = 'SlimFocalModulation'  # pickled by the module-level name below
+    return SlimFocalModulation
+
+
+SlimFocalModulation = _register_focal_modulation()
+
+__all__ = ["SlimAttention", "SlimWindowAttention", "SlimFocalModulation", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
            "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act", "SlimRmsNormAct",
            "SlimRmsNormAct2d"]
