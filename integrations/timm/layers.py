@@ -172,11 +172,7 @@ class SlimAttention(SlimHeadsAttention, Attention):
         return self.proj_drop(F.linear(y, wp, bp))
 
     def to_plain(self, g: BNGeo, a=None) -> nn.Module:
-        h = self.heads(g)
-        qkv, proj = self.plain_qkv_proj(g, h)
-        p = self.plain_copy({}, num_heads=h, attn_dim=h * self.head_dim)
-        p.qkv, p.proj = qkv, proj
-        return p
+        return self.plain_heads(g, attn_dim=self.heads(g) * self.head_dim)
 
 
 def _register_window_attention():
@@ -215,12 +211,8 @@ def _register_window_attention():
             return self.proj_drop(F.linear(y, wp, bp))
 
         def to_plain(self, g: BNGeo, a=None) -> nn.Module:
-            h = self.heads(g)
-            qkv, proj = self.plain_qkv_proj(g, h)
-            p = self.plain_copy({"relative_position_bias_table": self.relative_position_bias_table[:, :h]},
-                                num_heads=h, dim=g.c)
-            p.qkv, p.proj = qkv, proj
-            return p
+            return self.plain_heads(g, lambda h: {"relative_position_bias_table":
+                                                  self.relative_position_bias_table[:, :h]}, dim=g.c)
 
     SlimWindowAttention.__qualname__ = 'SlimWindowAttention'  # pickled by the module-level name below
     return SlimWindowAttention

@@ -142,12 +142,12 @@ class SlimHeadsAttention(SlimPerChannel):
                     lin.bias.copy_(b)
         return qkv, proj
 
-    def plain_heads(self, g: BNGeo, tensors_at) -> nn.Module:
-        """The layer's own class at the heads of ``g`` (for export): the head count, plain qkv / proj and the
-        per-head tensors ``tensors_at(h)`` (``{name: tensor}`` sliced to the first ``h`` heads)."""
+    def plain_heads(self, g: BNGeo, tensors_at=None, **attrs) -> nn.Module:
+        """The layer's own class at the heads of ``g`` (for export): the head count, plain qkv / proj, the
+        per-head tensors ``tensors_at(h)`` (``{name: tensor}`` sliced to the first ``h`` heads) and ``attrs``."""
         h = self.heads(g)
         qkv, proj = self.plain_qkv_proj(g, h)
-        p = self.plain_copy(tensors_at(h), **{self._heads: h})
+        p = self.plain_copy({} if tensors_at is None else tensors_at(h), **{self._heads: h}, **attrs)
         setattr(p, self._qkv, qkv)
         setattr(p, self._proj, proj)
         return p
