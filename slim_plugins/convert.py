@@ -24,7 +24,7 @@ from .errors import (ChannelGroupError, ExampleInputError, NotExactError, NotSli
 from .graph import ChannelGraph, _Builder, restore_modules, snapshot_modules, trace
 from .nn.layers import (GROUP_MODES, SlimConvNd, SlimConvTranspose2d, SlimMixin, SlimWeightNormConv2d,
                         is_weight_normed, track_data_writes)
-from .nn.params import ParamHost, ParamSlot, host, host_root, unhost
+from .nn.params import ParamHost, ParamSlot, forward_methods, host, host_root, unhost
 from .width import WidthSpec, as_spec
 
 class SlimWarning(UserWarning):
@@ -204,7 +204,9 @@ class HeadGuard:
     ``model.reset_classifier(n)`` or torchvision's ``model.fc = nn.Linear(model.fc.in_features, n)``. It is
     converted in its place before the forward runs (:func:`_adopt`), or refused; a module of another type is left
     to run as it is. One dict read per child per call; ``export`` drops the hook. It runs when that module is
-    called: a head called directly by an ancestor's forward is adopted by the verbs (``find_state(adopt=True)``)."""
+    called or one of its ``forward_*`` methods (timm's ``forward_head``; the module gets the hosted class of
+    :mod:`slim_plugins.nn.params` for that): a head called directly by an ancestor's forward is adopted by the verbs
+    (``find_state(adopt=True)``)."""
 
     slim_head_guard = True  # (found by find_state(adopt=True))
 
@@ -233,6 +235,8 @@ def _guard_fixed_layers(model, state: SlimState) -> None:
         m = model.get_submodule(parent) if parent else model
         if all(isinstance(m._modules.get(k), SlimMixin) for k in children):
             m.register_forward_pre_hook(HeadGuard(state, children))
+            if forward_methods(type(m)) and not isinstance(m, ParamHost):
+                host_root(m, state)  # its forward_* methods (timm's forward_head) run the guard too
 
 
 def _adopt(parent: nn.Module, leaf: str, slot: int, state: SlimState) -> bool:

@@ -219,3 +219,29 @@ def test_timm_reset_classifier_on_a_converted_convnext(mad):
     assert y.shape == (2, 5)
     with torch.no_grad():
         assert mad(slim.export(net, 0.25)(x), y) <= 1e-5
+
+
+@pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", dict(img_size=32, patch_size=8)), ("resnet18", {}),
+                                     ("convnext_atto", {})])
+def test_timm_forward_features_and_forward_head_run_at_the_width(name, kw, mad):
+    """timm's own feature API (``forward_features``, ``forward_head``, ``forward_intermediates``), called without
+    ``model(x)``: ViT's class token and position embedding (tied parameters) were read whole there (a shape error
+    at every width below 1.0), and a head put in by ``reset_classifier`` was adopted only by ``model(x)``."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model(name, num_classes=10, **kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+    slim.calibrate_bn(net, [x], widths=[0.5], num_samples=2)
+    net.eval().reset_classifier(5)
+    with torch.no_grad(), slim.width(0.5):
+        feats = net.forward_features(x)  # before any net(x): the new head is not adopted yet
+        y = net.forward_head(feats)
+        last = net.forward_intermediates(x, intermediates_only=True)[-1]
+        assert y.shape == (2, 5)
+        assert mad(net(x), y) == 0
+    with torch.no_grad():
+        plain = slim.export(net, 0.5)
+        assert mad(plain.forward_head(plain.forward_features(x)), y) <= 1e-5
+        assert mad(plain.forward_intermediates(x, intermediates_only=True)[-1], last) <= 1e-5
+    assert net.cls_token.shape[-1] == 192 if name.startswith("vit") else True  # whole outside a forward

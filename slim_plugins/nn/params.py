@@ -4,13 +4,15 @@ channel analysis finds tied elementwise to a channel tensor (DESIGN rule 9).
 
 ``convert`` gives each such parameter a *slot* (:class:`ParamSlot`) in the channel plan and switches the module
 that holds it to a subclass of its own class (:func:`host`) whose attribute read ``module.<name>`` inside a
-forward returns the parameter restricted to the active channels at the current width, so the module's own forward
-runs unchanged. The stored parameter stays whole (state dict keys and shapes, ``get_parameter``, optimizers and
+forward (``__call__`` or a ``forward_*`` method) returns the parameter restricted to the active channels at the
+current width, so the module's own forward runs unchanged. The stored parameter stays whole (state dict keys and shapes, ``get_parameter``, optimizers and
 EMA copies see the full tensor); only reads inside the forward are sliced, and gradients flow to the selected
 entries.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from contextvars import ContextVar
 
@@ -48,16 +50,14 @@ _MISSING = object()
 
 
 class ParamHost(TracksParameters):
-    """Mixin put in front of a module's own class: inside its forward (``__call__``), reads of its tied parameters
-    return the active channels; elsewhere the parameter itself."""
+    """Mixin put in front of a module's own class: inside its forward (``__call__``, or one of its class's
+    ``forward_*`` methods called directly: timm's ``forward_features`` / ``forward_head``), reads of its tied
+    parameters return the active channels; elsewhere the parameter itself."""
 
     _tracks_subtree = False  # its own (tied) parameters: the slim children track theirs
 
     def __call__(self, *args, **kwargs):
-        caches = self.__dict__.get("_slim_caches")
-        if caches:
-            for k in caches:  # tensors cached at another width (register_forward_cache)
-                self.__dict__[k].clear()
+        _clear_forward_caches(self)
         call = type(self)._slim_plain_class.__call__
         if _in_forward.get():  # called inside another hosted module's forward (the model's): already marked
             return call(self, *args, **kwargs)
@@ -173,6 +173,46 @@ class _Hosted:
         return obj._slim_read(self.name)
 
 
+def _clear_forward_caches(module) -> None:
+    caches = module.__dict__.get("_slim_caches")
+    if caches:
+        for k in caches:  # tensors cached at another width (register_forward_cache)
+            module.__dict__[k].clear()
+
+
+def _marking(fn):
+    """``fn`` (a ``forward_*`` method of a hosted class) run as the module's forward: its reads of tied parameters
+    are the active channels, its forward caches start empty and its head guards run first, as in ``__call__``."""
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        if _in_forward.get():  # called from the forward (or another forward_* method): already marked
+            return fn(self, *args, **kwargs)
+        _clear_forward_caches(self)
+        for hook in tuple(self._forward_pre_hooks.values()):
+            if getattr(hook, "slim_head_guard", False):  # a new classifier: adopted as a forward would
+                hook(self, args)
+        token = _in_forward.set(True)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            _in_forward.reset(token)
+
+    method.__slim_marking__ = True
+    return method
+
+
+def forward_methods(cls: type) -> dict:
+    """``{name: function}`` of the public ``forward_*`` methods of ``cls`` (timm's ``forward_features``,
+    ``forward_head``, ``forward_intermediates``): entry points a user calls instead of ``__call__``."""
+    out = {}
+    for name in dir(cls):
+        if name.startswith("forward_") and not hasattr(nn.Module, name):
+            fn = inspect.getattr_static(cls, name, None)
+            if inspect.isfunction(fn) and not getattr(fn, "__slim_marking__", False):
+                out[name] = fn
+    return out
+
+
 def _plain_read(obj, name):
     """``obj.<name>`` as the module's own class answers it (a class attribute, else ``nn.Module.__getattr__``)."""
     cls = type(obj)
@@ -231,8 +271,9 @@ def hosted_class(cls: type) -> type:
     sub = _HOSTED.get(cls)
     if sub is None:
         name = _class_name(cls)
-        sub = type(cls.__name__, (ParamHost, cls), {"__module__": __name__, "__qualname__": name,
-                                                     "_slim_plain_class": cls})
+        body = {"__module__": __name__, "__qualname__": name, "_slim_plain_class": cls}
+        body.update({k: _marking(fn) for k, fn in forward_methods(cls).items()})
+        sub = type(cls.__name__, (ParamHost, cls), body)
         _HOSTED[cls] = sub
         setattr(sys.modules[__name__], name, sub)
     return sub
