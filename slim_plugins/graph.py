@@ -482,8 +482,10 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: in
         where = tracer.failed_in or "<top level forward>"
         raise ChannelGroupError(
             f"torch.fx cannot trace {type(model).__name__} (failed inside layer {where!r}: {type(e).__name__}: "
-            f"{e}). Declare channel groups instead: slim.convert(model, spec, groups={{'name': ['layer', ...]}}) "
-            "(exactness of concatenations and splits is then not checked)") from e
+            f"{e}). Convert only submodules that trace (scope=...: torchvision's detectors convert exactly with "
+            "scope='backbone', the FPN's outputs keeping their channels), or declare channel groups: "
+            "slim.convert(model, spec, groups={'name': ['layer', ...]}) (exactness of concatenations and splits is "
+            "then not checked)") from e
     # The graph module's attributes come from the restored model (a dict root: the model gets nothing new).
     root = {n.target: consts[n.target] if n.target in consts else _resolve(model, n.target)
             for n in graph.nodes if n.op in ("get_attr", "call_module")}

@@ -245,3 +245,37 @@ def test_timm_forward_features_and_forward_head_run_at_the_width(name, kw, mad):
         assert mad(plain.forward_head(plain.forward_features(x)), y) <= 1e-5
         assert mad(plain.forward_intermediates(x, intermediates_only=True)[-1], last) <= 1e-5
     assert net.cls_token.shape[-1] == 192 if name.startswith("vit") else True  # whole outside a forward
+
+
+def test_torchvision_detector_converts_its_backbone_by_scope(mad):
+    """A torchvision detector does not trace whole (its transform branches on the images); the refusal names
+    ``scope``, and ``scope='backbone'`` slims the backbone + FPN exactly with the FPN outputs whole, so the RPN and
+    box heads run unchanged at every width."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models import detection
+
+    from slim_plugins.errors import ChannelGroupError
+
+    torch.manual_seed(0)
+    net = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=5,
+                                                         box_score_thresh=0.0).eval()
+    images = [torch.rand(3, 160, 160)]
+    with pytest.raises(ChannelGroupError, match="scope='backbone'"):
+        slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=(images,))
+    assert not any(type(m).__module__.startswith("slim_plugins") for m in net.modules())
+    x = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        ref = net(images)[0]
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), scope="backbone", example_input=x)
+    slim.calibrate_bn(net.backbone, [x], widths=[0.5], num_samples=2)
+    net.eval()
+    with torch.no_grad():
+        full = net(images)[0]
+        assert len(full["boxes"]) > 0 and mad(full["boxes"], ref["boxes"]) == 0
+        with slim.width(0.5):
+            feats, out = net.backbone(x), net(images)[0]
+        plain = slim.export(net, 0.5, example_input=x)
+        assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in net.parameters())
+        for k, f in plain.backbone(x).items():
+            assert f.shape[1] == net.backbone.out_channels and mad(f, feats[k]) <= 1e-5
+        assert mad(plain(images)[0]["boxes"], out["boxes"]) <= 1e-3
