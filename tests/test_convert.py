@@ -251,7 +251,7 @@ def test_torchvision_detector_converts_its_backbone_by_scope(mad):
     """A torchvision detector does not trace whole (its transform branches on the images); the refusal names
     ``scope``, and ``scope='backbone'`` slims the backbone + FPN exactly with the FPN outputs whole, so the RPN and
     box heads run unchanged at every width."""
-    tv = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     from torchvision.models import detection
 
     from slim_plugins.errors import ChannelGroupError

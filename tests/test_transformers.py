@@ -1137,7 +1137,7 @@ def test_every_registered_counterpart_pickles_by_name(tmp_path):
     import pickle
 
     pytest.importorskip("timm")
-    tv = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     import slim_plugins.integrations.timm  # noqa: F401
     import slim_plugins.integrations.torchvision  # noqa: F401
     from slim_plugins import registry
