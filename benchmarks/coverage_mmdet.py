@@ -32,7 +32,7 @@ from _coverage import record_failure, write_table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 
-#: (family, stock config under mmdet's .mim/configs, masks)
+#: (family, stock config under mmdet's .mim/configs, masks[, extra slimmable settings])
 FAMILIES = [
     ("Faster R-CNN", "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", False),
     ("Mask R-CNN", "mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py", True),
@@ -48,6 +48,11 @@ FAMILIES = [
     ("RetinaNet + NAS-FPN", "nas_fpn/retinanet_r50_nasfpn_crop640-50e_coco.py", False),
     ("DETR", "detr/detr_r50_8xb2-150e_coco.py", False),
     ("Deformable DETR", "deformable_detr/deformable-detr_r50_16xb2-50e_coco.py", False),
+    # other backbones than ResNet-50 (added 2026-12-06)
+    ("RTMDet-tiny (CSPNeXt)", "rtmdet/rtmdet_tiny_8xb32-300e_coco.py", False),
+    ("YOLOX-tiny (CSPDarknet)", "yolox/yolox_tiny_8xb8-300e_coco.py", False),
+    ("YOLOv3 (MobileNetV2)", "yolo/yolov3_mobilenetv2_8xb24-320-300e_coco.py", False),
+    ("SSD300 (VGG16)", "ssd/ssd300_coco.py", False),
 ]
 
 
@@ -61,7 +66,7 @@ def _pipelines(masks: bool, scale=(160, 128)):
     return train, test
 
 
-def family_config(stock: str, masks: bool, work: Path, data: str):
+def family_config(stock: str, masks: bool, work: Path, data: str, extra: dict | None = None):
     """The stock config + the documented lines, written as a file (what a user writes), then shrunk for a CPU."""
     import mmdet
     from mmengine.config import Config
@@ -70,11 +75,18 @@ def family_config(stock: str, masks: bool, work: Path, data: str):
     detector = Config.fromfile(str(base)).model.type
     text = (f"_base_ = {str(base)!r}\n"
             "custom_imports = dict(imports=['slim_plugins.integrations.mmdet'], allow_failed_imports=False)\n"
-            f"model = dict(type='SlimDetector', detector={detector!r}, slimmable=dict(widths={WIDTHS}))\n"
+            f"model = dict(type='SlimDetector', detector={detector!r}, "
+            f"slimmable=dict(widths={WIDTHS}{''.join(f', {k}={v!r}' for k, v in (extra or {}).items())}))\n"
             "runner_type = 'SlimRunner'\n")
     (work / "user_config.py").write_text(text)
     cfg = Config.fromfile(str(work / "user_config.py"))
-    cfg.model.backbone.update(norm_eval=False, frozen_stages=-1, init_cfg=None)
+    import inspect
+
+    from mmdet.registry import MODELS
+
+    accepts = inspect.signature(MODELS.get(cfg.model.backbone.type.split(".")[-1]).__init__).parameters
+    cfg.model.backbone.update({k: v for k, v in dict(norm_eval=False, frozen_stages=-1, init_cfg=None).items()
+                               if k in accepts})  # (SSD's VGG has no norm_eval / frozen_stages)
     train_p, test_p = _pipelines(masks)
     root = os.path.join(data, "coco128") + "/"
     for key, n, split, pipe in (("train_dataloader", 4, "train2017", train_p), ("val_dataloader", 2, "val2017", test_p),
@@ -108,7 +120,7 @@ def family_config(stock: str, masks: bool, work: Path, data: str):
     return cfg
 
 
-def measure(family: str, stock: str, masks: bool, data: str) -> dict:
+def measure(family: str, stock: str, masks: bool, extra: dict | None = None, *, data: str) -> dict:
     import torch
     from mmdet.apis import inference_detector, init_detector
     from mmengine.registry import RUNNERS
@@ -116,13 +128,14 @@ def measure(family: str, stock: str, masks: bool, data: str) -> dict:
     import slim_plugins as slim
     from slim_plugins.integrations.mmdet import export_detector
 
-    row = {"family": family, "config": stock, "verdict": "", "train_widths": "", "ap_keys": "", "export_max_diff": "",
+    row = {"family": family, "config": stock + "".join(f" ({k}={v})" for k, v in (extra or {}).items()),
+           "verdict": "", "train_widths": "", "ap_keys": "", "export_max_diff": "",
            "init_detector": "", "seconds": 0.0, "detail": ""}
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="cov-mmdet-") as tmp:
         work = Path(tmp)
         try:
-            cfg = family_config(stock, masks, work, data)
+            cfg = family_config(stock, masks, work, data, extra)
             runner = RUNNERS.build(cfg)
             runner.train()
             scalars = sorted((work / "run").glob("*/vis_data/scalars.json"))
@@ -176,6 +189,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="+", help="families whose name contains one of these (case-insensitive)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "coverage_mmdet.csv"))
+    p.add_argument("--merge", action="store_true", help="with --only: update / add those rows of --out")
     args = p.parse_args(argv)
     data = os.environ.get("SLIM_DATA", str(REPO.parent / "shared" / "data"))
     fams = [f for f in FAMILIES if not args.only or any(o.lower() in f[0].lower() for o in args.only)]
@@ -186,6 +200,14 @@ def main(argv=None) -> int:
         rows.append(r)
     if not args.only:
         write_table(args.out, rows)
+    elif args.merge:
+        import csv
+
+        with open(args.out, newline="") as f:
+            old = list(csv.DictReader(f))
+        fresh = {r["family"]: {k: str(v) for k, v in r.items()} for r in rows}
+        merged = [fresh.pop(r["family"], r) for r in old] + list(fresh.values())
+        write_table(args.out, merged)
     return 0
 
 

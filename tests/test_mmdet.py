@@ -561,3 +561,25 @@ def test_every_width_learns_to_detect_its_training_images(tmp_path):
         torch.set_num_threads(int(os.environ.get("SLIM_TEST_THREADS", "1")))
     for w in SWITCHES:
         assert metrics[f"w{w:g}/coco/bbox_mAP"] > 0.1, metrics
+
+
+def test_export_of_a_non_resnet_backbone_is_checked_by_building_its_config(tmp_path):
+    """Found by ``coverage_mmdet.py``: RTMDet (CSPNeXt backbone, CSPNeXtPAFPN neck) trains and tests at every width,
+    but its export read ``backbone.conv1`` (a ResNet's) and failed with an untyped ``AttributeError``. Now the
+    backbone's own config argument (``widen_factor``) is used and the written config is built and compared with the
+    export first: here its PAFPN builds its inner layers from ``in_channels``, so the export is refused, typed,
+    naming the parts, with nothing written."""
+    import mmdet
+
+    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / "rtmdet" /
+                              "rtmdet_tiny_8xb32-300e_coco.py"))
+    cfg.model.backbone.init_cfg = None
+    det = smd.make_slimmable(_build(cfg), dict(widths=[0.25, 0.5, 1.0])).eval()
+    with pytest.raises(InvalidArgumentError, match=r"backbone: \d+, neck: \d+.*widen_factor.*CSPNeXtPAFPN"):
+        smd.export_detector(det, cfg, 0.25, str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
+    with slim.width(0.25), torch.no_grad():  # the slimmable detector itself runs at the width
+        feats = det.extract_feat(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [96, 96, 96]
+    out = smd.export_detector(det, cfg, 1.0, str(tmp_path / "full"))  # width 1.0 is the stock config
+    assert out["channels"]["widen_factor"] == cfg.model.backbone.widen_factor

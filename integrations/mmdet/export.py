@@ -1,13 +1,15 @@
 """Export one width of a slimmable detector as a plain mmdet config + checkpoint (DESIGN rule 6).
 
 The result is what an individually trained detector of that width looks like: mmdet's own ``ResNet`` with
-``base_channels`` / ``stem_channels`` of that width, an ``FPN`` whose ``in_channels`` follow it, the shared heads,
-and the switch's (or the calibrated width's) BN statistics. ``mmdet.apis.init_detector`` loads it with no
-slim_plugins import.
+``base_channels`` / ``stem_channels`` of that width (a backbone scaled by ``widen_factor``: that factor x width),
+a neck whose ``in_channels`` follow it, the shared heads, and the switch's (or the calibrated width's) BN
+statistics. ``mmdet.apis.init_detector`` loads it with no slim_plugins import. The config is built and compared
+with the exported model before anything is written; a width no config of the backbone / neck holds is refused.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 
@@ -119,8 +121,67 @@ def _plain_datasets(cfg: Config, out_dir: str) -> dict:
     return files
 
 
-def plain_config(cfg: Config, channels: dict, out_indices, out_dir: str | None = None) -> tuple[Config, dict]:
+def _backbone_args(backbone: nn.Module, bb_cfg: dict, w: float) -> dict:
+    """The backbone config arguments that build the exported (plain) ``backbone``: mmdet's ResNet
+    ``stem_channels`` / ``base_channels`` (and its stage channels, for the record), or ``widen_factor`` x ``w`` for
+    a backbone scaled by one (CSPNeXt of RTMDet, CSPDarknet of YOLOX, MobileNetV2); :func:`_check_buildable`
+    checks the result.
+
+    Raises:
+        InvalidArgumentError: a backbone with neither (its channels have no config argument).
+    """
+    if hasattr(backbone, "res_layers"):
+        return _resnet_channels(backbone, w)
+    params = inspect.signature(type(backbone).__init__).parameters
+    if "widen_factor" in params:
+        return {"widen_factor": float(bb_cfg.get("widen_factor", params["widen_factor"].default)) * w}
+    raise InvalidArgumentError(
+        f"width {w:g}: the exported {type(backbone).__name__} has no config argument for its channels (mmdet's "
+        "ResNet takes base_channels / stem_channels, CSPNeXt / CSPDarknet / MobileNetV2 a widen_factor); it cannot "
+        "be written as a plain mmdet config. slim.export(detector, w) gives the plain model itself")
+
+
+def _check_buildable(new_cfg: Config, plain: nn.Module, w: float) -> None:
+    """Build ``new_cfg.model`` with mmdet's registry and load ``plain``'s state dict into it strictly: the written
+    config must give the exported detector (same parameters and shapes), or nothing is written.
+
+    Raises:
+        InvalidArgumentError: a parameter of another shape (e.g. a ``widen_factor`` whose ``int(c * f)`` rounding
+            differs from the width's ``make_divisible``), or a missing / unexpected key.
+    """
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    init_default_scope(new_cfg.get("default_scope", "mmdet"))
+    ref = MODELS.build(copy.deepcopy(new_cfg.model))
+    want = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    bad = [f"{k}: {got.get(k)} in the config, {want.get(k)} exported" for k in sorted(set(want) | set(got))
+           if want.get(k) != got.get(k)]
+    if bad:
+        parts: dict = {}
+        for b in bad:
+            parts[b.split(".")[0]] = parts.get(b.split(".")[0], 0) + 1
+        hints = []
+        if "backbone" in parts and "widen_factor" in new_cfg.model.backbone:
+            hints.append("the backbone's widen_factor rounds int(c * factor): a slimmable config with divisor=1 "
+                         "rounds the same way at widths where c * width is whole")
+        if "neck" in parts:
+            hints.append(f"the {new_cfg.model.neck.get('type')} neck builds its inner layers from in_channels, while "
+                         "the slimmable detector keeps the neck's layers whole (fixed=['neck.*']), so no config of "
+                         "that neck gives this export")
+        raise InvalidArgumentError(
+            f"width {w:g} cannot be written as a plain mmdet config: the config's detector differs from the export "
+            f"at {len(bad)} tensors ({', '.join(f'{k}: {n}' for k, n in parts.items())}), e.g. {bad[:2]}"
+            + ("; " + "; ".join(hints) if hints else "") + ". slim.export(detector, w) gives the plain model itself")
+
+
+def plain_config(cfg: Config, channels: dict, out_indices=None, out_dir: str | None = None) -> tuple[Config, dict]:
     """``cfg`` with the slimmable parts replaced by mmdet's plain ones at the exported channel counts.
+
+    ``channels``: the backbone arguments (``stem_channels`` / ``base_channels`` of a ResNet, or ``widen_factor``)
+    and ``neck_in_channels`` (the channels of the backbone outputs the neck reads); ``out_indices`` is unused (kept
+    for callers of the earlier signature).
 
     Returns ``(config, files)``: ``files`` (``{name: COCO JSON}``) are the annotation copies the config names in
     ``out_dir``: a ``CocoDatasetUniqueIds`` dataset becomes mmdet's ``CocoDataset`` on its JSON with the repeated
@@ -134,10 +195,12 @@ def plain_config(cfg: Config, channels: dict, out_indices, out_dir: str | None =
         bb.pop(k, None)
     if bb.get("type") in ("SlimResNet", "USResNet", "mmdet.SlimResNet", "mmdet.USResNet"):
         bb["type"] = "ResNet"
-    bb["stem_channels"] = channels["stem_channels"]
-    bb["base_channels"] = channels["base_channels"]
+    for k in ("stem_channels", "base_channels", "widen_factor"):
+        if k in channels:
+            bb[k] = channels[k]
     bb["init_cfg"] = None
-    new.model.neck["in_channels"] = [channels["stage_channels"][i] for i in out_indices]
+    if new.model.get("neck") is not None and "neck_in_channels" in channels:
+        new.model.neck["in_channels"] = list(channels["neck_in_channels"])
     for k in ("slimmable", "runner_type"):
         new.pop(k, None)
     hooks = new.get("custom_hooks")
@@ -179,15 +242,21 @@ def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, d
         (:func:`plain_config`), so ``config.py`` is a plain mmdet config.
 
     Raises:
-        WidthError: ``width`` not allowed. InvalidArgumentError: the width's channels are not a ResNet config.
+        WidthError: ``width`` not allowed. InvalidArgumentError: the width's channels are not those of any config
+            of the backbone (mmdet's ResNet ``base_channels``, a ``widen_factor``; checked by building it).
         UncalibratedWidthError: a US width without BN statistics.
     Both files are written atomically; nothing is written when an error is raised.
     """
     module = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
     w = slim_settings(module).spec.validate(width)
     plain = slim.export(module, w, example_input=_example_input(module))
-    channels = _resnet_channels(plain.backbone, w)
-    new_cfg, files = plain_config(cfg, channels, plain.backbone.out_indices, out_dir)
+    channels = _backbone_args(plain.backbone, architecture_of(cfg.model).get("backbone", {}), w)
+    p = next(plain.parameters())
+    with torch.no_grad():  # what the neck reads: the backbone's outputs (a ResNet's out_indices stages)
+        channels["neck_in_channels"] = [int(t.shape[1]) for t in plain.backbone(
+            torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype))]
+    new_cfg, files = plain_config(cfg, channels, out_dir=out_dir)
+    _check_buildable(new_cfg, plain, w)
     meta = {"dataset_meta": dataset_meta or getattr(module, "dataset_meta", None) or {},
             "slim_export": {"width": w, "spec": slim.width_spec(module).to_dict(), **channels}}
     # a new folder is written whole in a temporary sibling and renamed into place: a failed write leaves no folder
