@@ -262,6 +262,11 @@ class _Tracer(torch.fx.Tracer):
             return not any(n.startswith(qualname + ".") for n in self.leaf_names)
         return super().is_leaf_module(m, qualname)
 
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        if kind == "placeholder" and args and not _fx_constant(args[0]):
+            args = ()  # a default fx cannot store (mmdet's YOLOV3Neck: ``feats=Tuple[Tensor]``); inputs are passed
+        return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         if self.stack:
@@ -293,6 +298,14 @@ class _Tracer(torch.fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+def _fx_constant(v) -> bool:
+    """Whether fx can store ``v`` as a placeholder's default (a number, string, ``None``, tensor, or a tuple / list
+    of those)."""
+    if v is None or isinstance(v, (bool, int, float, str, torch.Tensor, torch.dtype, torch.device)):
+        return True
+    return type(v) in (tuple, list) and all(_fx_constant(x) for x in v)
 
 
 def _nested_inputs(model: nn.Module, inputs, n_inputs: int | None) -> dict:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import io
+from typing import Tuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import slim_plugins as slim
@@ -279,3 +281,29 @@ def test_torchvision_detector_converts_its_backbone_by_scope(mad):
         for k, f in plain.backbone(x).items():
             assert f.shape[1] == net.backbone.out_channels and mad(f, feats[k]) <= 1e-5
         assert mad(plain(images)[0]["boxes"], out["boxes"]) <= 1e-3
+
+
+class _TypeDefaultNeck(nn.Module):
+    """mmdet's YOLOV3Neck writes ``def forward(self, feats=Tuple[Tensor])``: a type as the default, which fx
+    refused to store as the placeholder's default (``NotImplementedError: argument of type ...``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lat = nn.ModuleList(nn.Conv2d(c, 8, 1) for c in (8, 16))
+
+    def forward(self, feats=Tuple[torch.Tensor]):
+        return tuple(conv(f) for conv, f in zip(self.lat, feats))
+
+
+def test_a_forward_parameter_with_a_type_as_default_traces(mad):
+    net = nn.ModuleDict({"backbone": nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), "neck": _TypeDefaultNeck()})
+    feats = (torch.randn(2, 8, 6, 6), torch.randn(2, 16, 3, 3))
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), scope=["neck"], example_input={"neck": (feats,)},
+                 fixed=["neck.*"])
+    narrow = (feats[0][:, :4], feats[1][:, :8])
+    with torch.no_grad(), slim.width(0.5):
+        out = net["neck"](narrow)
+    assert [o.shape[1] for o in out] == [8, 8]
+    with torch.no_grad():
+        ref = [F.conv2d(f, conv.weight[:, :f.shape[1]], conv.bias) for conv, f in zip(net["neck"].lat, narrow)]
+    assert max(mad(a, b) for a, b in zip(out, ref)) <= 1e-6
