@@ -32,7 +32,7 @@ from _coverage import record_failure, write_table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 
-#: (family, stock config under mmdet's .mim/configs, masks[, extra slimmable settings])
+#: (family, stock config under mmdet's .mim/configs, masks[, extra slimmable settings; "scale": image size])
 FAMILIES = [
     ("Faster R-CNN", "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", False),
     ("Mask R-CNN", "mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py", True),
@@ -52,7 +52,7 @@ FAMILIES = [
     ("RTMDet-tiny (CSPNeXt)", "rtmdet/rtmdet_tiny_8xb32-300e_coco.py", False),
     ("YOLOX-tiny (CSPDarknet)", "yolox/yolox_tiny_8xb8-300e_coco.py", False),
     ("YOLOv3 (MobileNetV2)", "yolo/yolov3_mobilenetv2_8xb24-320-300e_coco.py", False),
-    ("SSD300 (VGG16)", "ssd/ssd300_coco.py", False),
+    ("SSD300 (VGG16)", "ssd/ssd300_coco.py", False, {"scale": (320, 320)}),  # its extra layers need >= 300
 ]
 
 
@@ -73,6 +73,8 @@ def family_config(stock: str, masks: bool, work: Path, data: str, extra: dict | 
 
     base = Path(mmdet.__file__).parent / ".mim" / "configs" / stock
     detector = Config.fromfile(str(base)).model.type
+    extra = dict(extra or {})
+    scale = extra.pop("scale", (160, 128))
     text = (f"_base_ = {str(base)!r}\n"
             "custom_imports = dict(imports=['slim_plugins.integrations.mmdet'], allow_failed_imports=False)\n"
             f"model = dict(type='SlimDetector', detector={detector!r}, "
@@ -87,7 +89,7 @@ def family_config(stock: str, masks: bool, work: Path, data: str, extra: dict | 
     accepts = inspect.signature(MODELS.get(cfg.model.backbone.type.split(".")[-1]).__init__).parameters
     cfg.model.backbone.update({k: v for k, v in dict(norm_eval=False, frozen_stages=-1, init_cfg=None).items()
                                if k in accepts})  # (SSD's VGG has no norm_eval / frozen_stages)
-    train_p, test_p = _pipelines(masks)
+    train_p, test_p = _pipelines(masks, scale)
     root = os.path.join(data, "coco128") + "/"
     for key, n, split, pipe in (("train_dataloader", 4, "train2017", train_p), ("val_dataloader", 2, "val2017", test_p),
                                 ("test_dataloader", 2, "val2017", test_p)):

@@ -35,11 +35,16 @@ _STOCK_LOOPS = {"SlimEpochBasedTrainLoop": "EpochBasedTrainLoop", "SlimIterBased
                 "SlimValLoop": "ValLoop", "SlimTestLoop": "TestLoop"}
 
 
-def _example_input(module: nn.Module, size: int = 64) -> dict:
-    """Keyword arguments of one ``mode='tensor'`` forward of a detector on a blank ``(1, 3, size, size)`` image."""
+def _example_input(module: nn.Module, size: int | None = None) -> dict:
+    """Keyword arguments of one ``mode='tensor'`` forward of a detector on a blank ``(1, 3, size, size)`` image
+    (default: the smallest analysis size its backbone and neck run on, :func:`analysis_size`)."""
     from mmdet.structures import DetDataSample
 
+    from .model import analysis_size
+
     p = next(module.parameters())
+    if size is None:
+        size = analysis_size(module.extract_feat, p.device, module)
     meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
                 batch_input_shape=(size, size), scale_factor=(1.0, 1.0))
     return {"inputs": torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype),
@@ -249,12 +254,14 @@ def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, d
     """
     module = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
     w = slim_settings(module).spec.validate(width)
-    plain = slim.export(module, w, example_input=_example_input(module))
+    example = _example_input(module)
+    plain = slim.export(module, w, example_input=example)
     channels = _backbone_args(plain.backbone, architecture_of(cfg.model).get("backbone", {}), w)
     p = next(plain.parameters())
+    size = example["inputs"].shape[-1]
     with torch.no_grad():  # what the neck reads: the backbone's outputs (a ResNet's out_indices stages)
         channels["neck_in_channels"] = [int(t.shape[1]) for t in plain.backbone(
-            torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype))]
+            torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))]
     new_cfg, files = plain_config(cfg, channels, out_dir=out_dir)
     _check_buildable(new_cfg, plain, w)
     meta = {"dataset_meta": dataset_meta or getattr(module, "dataset_meta", None) or {},

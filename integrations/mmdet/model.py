@@ -178,16 +178,19 @@ def make_slimmable(detector: nn.Module, slimmable: Mapping | SlimSettings | bool
         raise InvalidArgumentError(f"{type(detector).__name__} is already slimmable")
     backbone = getattr(detector, "backbone", None)
     frozen = bool(getattr(backbone, "norm_eval", False))
-    x = torch.zeros(2, 3, 64, 64, device=_device(detector))  # stride 32: 2x2 at the last stage
-    example = {"backbone": x}
     scope = [r for r in settings.scope if r != "neck" or getattr(detector, "neck", None) is not None]
     fixed = [p for p in settings.fixed if "neck" in scope or not p.startswith("neck")]
-    if "neck" in scope:  # the neck is analysed on what the backbone gives it
+    # a SlimResNet refuses to run unconverted; its ResNet forward is what the neck sees
+    fwd = super(_DeclaresWidths, backbone).forward if isinstance(backbone, _DeclaresWidths) else backbone
+    neck = detector.neck if "neck" in scope else None
+    size = analysis_size(lambda x: neck(tuple(fwd(x))) if neck is not None else fwd(x), _device(detector),
+                         detector)
+    x = torch.zeros(2, 3, size, size, device=_device(detector))
+    example = {"backbone": x}
+    if neck is not None:  # the neck is analysed on what the backbone gives it
         was = backbone.training
         backbone.eval()
         try:
-            # a SlimResNet refuses to run unconverted; its ResNet forward is what the neck sees
-            fwd = super(_DeclaresWidths, backbone).forward if isinstance(backbone, _DeclaresWidths) else backbone
             with torch.no_grad():
                 example["neck"] = (tuple(fwd(x)),)
         finally:
@@ -195,6 +198,37 @@ def make_slimmable(detector: nn.Module, slimmable: Mapping | SlimSettings | bool
     slim.convert(detector, settings.spec, scope=scope, fixed=fixed, example_input=example, frozen_bn=frozen)
     detector.slim_settings = settings
     return detector
+
+
+#: Square input sizes tried for the analysis forward, smallest first: 64 gives a 2x2 map at stride 32; SSD's extra
+#: layers (unpadded 3x3 convs after stride 64) need 320.
+ANALYSIS_SIZES = (64, 128, 320, 512)
+
+
+def analysis_size(run, device, module: nn.Module) -> int:
+    """The smallest of :data:`ANALYSIS_SIZES` for which ``run(zeros(2, 3, s, s))`` (the backbone and neck) runs,
+    in eval mode without autograd.
+
+    Raises:
+        ExampleInputError: none of them (the last error named).
+    """
+    from slim_plugins.errors import ExampleInputError
+
+    was = module.training
+    module.eval()
+    err = None
+    try:
+        for s in ANALYSIS_SIZES:
+            try:
+                with torch.no_grad():
+                    run(torch.zeros(2, 3, s, s, device=device))
+                return s
+            except (RuntimeError, ValueError, IndexError) as e:  # too small for a conv / pool / an anchor level
+                err = e
+    finally:
+        module.train(was)
+    raise ExampleInputError(f"the backbone and neck of {type(module).__name__} fail on every analysis input "
+                            f"{[(s, s) for s in ANALYSIS_SIZES]}: {type(err).__name__}: {err}")
 
 
 #: The model type of a detector that is slimmable from the moment it is built. Merged into a base config's model::
