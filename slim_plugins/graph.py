@@ -263,9 +263,13 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
-        if kind == "placeholder" and args and not _fx_constant(args[0]):
-            args = ()  # a default fx cannot store (mmdet's YOLOV3Neck: ``feats=Tuple[Tensor]``); inputs are passed
-        return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        try:
+            return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        except NotImplementedError:
+            if kind != "placeholder" or not args:
+                raise
+            # a default fx cannot store (mmdet's YOLOV3Neck: ``feats=Tuple[Tensor]``); the analysis passes inputs
+            return super().create_proxy(kind, target, (), kwargs, *rest, **kw)
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
@@ -298,14 +302,6 @@ class _Tracer(torch.fx.Tracer):
             raise
         finally:
             self.stack.pop()
-
-
-def _fx_constant(v) -> bool:
-    """Whether fx can store ``v`` as a placeholder's default (a number, string, ``None``, tensor, or a tuple / list
-    of those)."""
-    if v is None or isinstance(v, (bool, int, float, str, torch.Tensor, torch.dtype, torch.device)):
-        return True
-    return type(v) in (tuple, list) and all(_fx_constant(x) for x in v)
 
 
 def _nested_inputs(model: nn.Module, inputs, n_inputs: int | None) -> dict:
@@ -495,8 +491,8 @@ def trace(model: nn.Module, leaf_names, leaf_types=(), autowrap=(), n_inputs: in
         where = tracer.failed_in or "<top level forward>"
         raise ChannelGroupError(
             f"torch.fx cannot trace {type(model).__name__} (failed inside layer {where!r}: {type(e).__name__}: "
-            f"{e}). Convert only submodules that trace (scope=...: torchvision's detectors convert exactly with "
-            "scope='backbone', the FPN's outputs keeping their channels), or declare channel groups: "
+            f"{e}). Convert only submodules that trace (scope=[...], e.g. a detector's backbone), or declare channel "
+            "groups: "
             "slim.convert(model, spec, groups={'name': ['layer', ...]}) (exactness of concatenations and splits is "
             "then not checked)") from e
     # The graph module's attributes come from the restored model (a dict root: the model gets nothing new).

@@ -1097,6 +1097,7 @@ def test_focal_modulation_keeps_its_gates_and_exports_into_the_stock_focalnet(po
         _same(model(x), ref, 0.0)
     exports = _export_matches(model, x, [0.25, 0.5, 1.0], tol=1e-5)
     for w, p in exports.items():
+        assert not [k for k in p.layers[0].blocks[0].modulation.__dict__ if "cache" in k]  # no selections carried
         c = p.layers[0].blocks[0].modulation.dim
         assert c == round(32 * w) and p.layers[0].blocks[0].modulation.f.out_channels == 2 * c + 3
         stock = FocalNet(embed_dim=c, **kw).eval()

@@ -146,19 +146,44 @@ def _backbone_args(backbone: nn.Module, bb_cfg: dict, w: float) -> dict:
         "be written as a plain mmdet config. slim.export(detector, w) gives the plain model itself")
 
 
+def _neck_in_channels(cfg_in, narrow: list, w: float):
+    """The neck's ``in_channels`` at the width, in the config's order and type: the config lists the backbone's
+    outputs (``narrow`` at the width, shallow to deep) in their order (an FPN), deepest first (YOLOv3's neck), or
+    as one int for equal ones. (:func:`_check_buildable` then checks the whole config against the export.)
+
+    Raises:
+        InvalidArgumentError: a config entry list of another length or order.
+    """
+    if isinstance(cfg_in, int):
+        if len(set(narrow)) == 1:
+            return narrow[0]
+    elif len(cfg_in) == len(narrow) and len(cfg_in) > 0:
+        cfg_in = [int(c) for c in cfg_in]
+        if cfg_in == sorted(cfg_in) or len(cfg_in) == 1:
+            return narrow
+        if cfg_in == sorted(cfg_in, reverse=True):
+            return narrow[::-1]
+    raise InvalidArgumentError(f"width {w:g}: the neck's in_channels {cfg_in} cannot be matched to the backbone's "
+                               f"outputs ({narrow} channels at the width) in order or reversed")
+
+
 def _check_buildable(new_cfg: Config, plain: nn.Module, w: float) -> None:
-    """Build ``new_cfg.model`` with mmdet's registry and load ``plain``'s state dict into it strictly: the written
-    config must give the exported detector (same parameters and shapes), or nothing is written.
+    """Build ``new_cfg.model`` with mmdet's registry and compare its state dict with ``plain``'s (names and
+    shapes): the written config must give the exported detector, or nothing is written.
 
     Raises:
         InvalidArgumentError: a parameter of another shape (e.g. a ``widen_factor`` whose ``int(c * f)`` rounding
             differs from the width's ``make_divisible``), or a missing / unexpected key.
     """
     from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
+    from mmengine.registry import DefaultScope
 
-    init_default_scope(new_cfg.get("default_scope", "mmdet"))
-    ref = MODELS.build(copy.deepcopy(new_cfg.model))
+    try:
+        with DefaultScope.overwrite_default_scope(new_cfg.get("default_scope", "mmdet")):
+            ref = MODELS.build(copy.deepcopy(new_cfg.model))
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as e:
+        raise InvalidArgumentError(f"width {w:g} cannot be written as a plain mmdet config: building it failed "
+                                   f"({type(e).__name__}: {e})") from None
     want = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     bad = [f"{k}: {got.get(k)} in the config, {want.get(k)} exported" for k in sorted(set(want) | set(got))
@@ -171,7 +196,7 @@ def _check_buildable(new_cfg: Config, plain: nn.Module, w: float) -> None:
         if "backbone" in parts and "widen_factor" in new_cfg.model.backbone:
             hints.append("the backbone's widen_factor rounds int(c * factor): a slimmable config with divisor=1 "
                          "rounds the same way at widths where c * width is whole")
-        if "neck" in parts:
+        if "neck" in parts and isinstance(new_cfg.model.get("neck"), dict):
             hints.append(f"the {new_cfg.model.neck.get('type')} neck builds its inner layers from in_channels, while "
                          "the slimmable detector keeps the neck's layers whole (fixed=['neck.*']), so no config of "
                          "that neck gives this export")
@@ -185,8 +210,8 @@ def plain_config(cfg: Config, channels: dict, out_indices=None, out_dir: str | N
     """``cfg`` with the slimmable parts replaced by mmdet's plain ones at the exported channel counts.
 
     ``channels``: the backbone arguments (``stem_channels`` / ``base_channels`` of a ResNet, or ``widen_factor``)
-    and ``neck_in_channels`` (the channels of the backbone outputs the neck reads); ``out_indices`` is unused (kept
-    for callers of the earlier signature).
+    and ``neck_in_channels`` (the neck's ``in_channels`` at the width, in the config's order and type); without it,
+    ``stage_channels`` at ``out_indices`` (the earlier signature).
 
     Returns ``(config, files)``: ``files`` (``{name: COCO JSON}``) are the annotation copies the config names in
     ``out_dir``: a ``CocoDatasetUniqueIds`` dataset becomes mmdet's ``CocoDataset`` on its JSON with the repeated
@@ -204,8 +229,11 @@ def plain_config(cfg: Config, channels: dict, out_indices=None, out_dir: str | N
         if k in channels:
             bb[k] = channels[k]
     bb["init_cfg"] = None
-    if new.model.get("neck") is not None and "neck_in_channels" in channels:
-        new.model.neck["in_channels"] = list(channels["neck_in_channels"])
+    neck_in = channels.get("neck_in_channels")
+    if neck_in is None and "stage_channels" in channels and out_indices is not None:  # the earlier signature
+        neck_in = [channels["stage_channels"][i] for i in out_indices]
+    if new.model.get("neck") is not None and neck_in is not None:
+        new.model.neck["in_channels"] = neck_in
     for k in ("slimmable", "runner_type"):
         new.pop(k, None)
     hooks = new.get("custom_hooks")
@@ -259,9 +287,15 @@ def export_detector(model: nn.Module, cfg: Config, width: float, out_dir: str, d
     channels = _backbone_args(plain.backbone, architecture_of(cfg.model).get("backbone", {}), w)
     p = next(plain.parameters())
     size = example["inputs"].shape[-1]
-    with torch.no_grad():  # what the neck reads: the backbone's outputs (a ResNet's out_indices stages)
-        channels["neck_in_channels"] = [int(t.shape[1]) for t in plain.backbone(
-            torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))]
+    x = torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)
+    neck_cfg = architecture_of(cfg.model).get("neck")
+    if neck_cfg is not None:
+        if not isinstance(neck_cfg, dict) or "in_channels" not in neck_cfg:
+            raise InvalidArgumentError(f"width {w:g}: a neck config of {type(neck_cfg).__name__} "
+                                       f"{str(neck_cfg)[:80]} has no in_channels to write (a list of necks, ...)")
+        with torch.no_grad():  # what the neck reads: the backbone's outputs at w (the export's own backbone)
+            narrow = [int(t.shape[1]) for t in plain.backbone(x)]
+        channels["neck_in_channels"] = _neck_in_channels(neck_cfg["in_channels"], narrow, w)
     new_cfg, files = plain_config(cfg, channels, out_dir=out_dir)
     _check_buildable(new_cfg, plain, w)
     meta = {"dataset_meta": dataset_meta or getattr(module, "dataset_meta", None) or {},

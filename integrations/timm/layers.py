@@ -258,7 +258,8 @@ def _register_focal_modulation():
         def analysis_role(cls, m) -> dict:
             d, lv = m.dim, m.focal_level
             convs = [m.f, m.h, m.proj] + [fl[0] for fl in m.focal_layers if len(fl)]
-            ok = all(type(c) is nn.Conv2d for c in convs) and len(m.focal_layers) == lv \
+            ok = all(type(c) is nn.Conv2d and c.padding_mode == "zeros" for c in convs) \
+                and len(m.focal_layers) == lv \
                 and all(len(fl) == 2 and not list(fl[1].parameters()) for fl in m.focal_layers) \
                 and (m.f.in_channels, m.f.out_channels, m.f.groups) == (d, 2 * d + lv + 1, 1) \
                 and all((c.in_channels, c.out_channels, c.groups) == (d, d, 1) for c in (m.h, m.proj)) \
@@ -281,16 +282,19 @@ def _register_focal_modulation():
 
         def _srcs(self):
             mods = [self.f, self.h, self.proj, self.norm] + [fl[0] for fl in self.focal_layers]
-            if any("parametrizations" in m._modules for m in mods):
-                return None  # computed at every read: nothing to cache
+            if any("parametrizations" in m._modules or "weight" in m.__dict__ or "bias" in m.__dict__
+                   for m in mods):
+                # computed at every read, or held as plain attributes (a DataParallel replica): not cached
+                return None
             return tuple(m._parameters.get(n) for m in mods for n in ("weight", "bias"))
 
         def _select(self, g: BNGeo) -> tuple:
             """``(f w, f b, h w, h b, proj w, proj b, norm w, norm b, [focal w])`` at the channels ``g``."""
             d, lv = self.dim, self.focal_level
             f = self.f
-            sel = torch.arange(g.c) if g.idx is None else torch.as_tensor(g.idx, dtype=torch.long)
-            rows = torch.cat([sel, sel + d, torch.arange(2 * d, 2 * d + lv + 1)]).to(f.weight.device)
+            dev = f.weight.device
+            sel = torch.arange(g.c, device=dev) if g.idx is None else g.index(dev)
+            rows = torch.cat([sel, sel + d, torch.arange(2 * d, 2 * d + lv + 1, device=dev)])
             wf = g.take(f.weight.index_select(0, rows), 1)
             bf = None if f.bias is None else f.bias.index_select(0, rows)
             out = [wf, bf]
@@ -308,7 +312,7 @@ def _register_focal_modulation():
             srcs = None if torch.is_grad_enabled() else self._srcs()
             if srcs is None:
                 return g, self._select(g)
-            return g, cached(self, "_focal_cache", (g,), srcs, lambda: tuple(
+            return g, cached(self, "_slim_focal_cache", (g,), srcs, lambda: tuple(
                 [t.contiguous() for t in v] if type(v) is list else None if v is None else v.contiguous()
                 for v in self._select(g)), size=8)
 
@@ -358,7 +362,7 @@ def _register_focal_modulation():
 
         def __getstate__(self):  # copies drop the weight cache
             d = dict(super().__getstate__())
-            d.pop("_focal_cache", None)
+            d.pop("_slim_focal_cache", None)
             return d
 
     SlimFocalModulation.__qualname__ = 'SlimFocalModulation'  # pickled by the module-level name below

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..context import _call_width
+from ..errors import UnsupportedModuleError
 from .layers import TracksParameters, stamps, unbased
 from .norm import BNGeo
 
@@ -188,17 +189,24 @@ def _marking(fn):
     are the active channels, its forward caches start empty and its head guards run first, as in ``__call__``."""
     @functools.wraps(fn)
     def method(self, *args, **kwargs):
-        if _in_forward.get():  # called from the forward (or another forward_* method): already marked
-            return fn(self, *args, **kwargs)
         _clear_forward_caches(self)
+        refused = None
         for hook in tuple(self._forward_pre_hooks.values()):
             if getattr(hook, "slim_head_guard", False):  # a new classifier: adopted as a forward would
-                hook(self, args)
-        token = _in_forward.set(True)
+                try:
+                    hook(self, args)
+                except UnsupportedModuleError as e:  # raised only if this method fails (it may not use the head)
+                    refused = e
+        token = None if _in_forward.get() else _in_forward.set(True)  # (nested: already marked)
         try:
             return fn(self, *args, **kwargs)
+        except Exception as e:
+            if refused is not None:
+                raise refused from e
+            raise
         finally:
-            _in_forward.reset(token)
+            if token is not None:
+                _in_forward.reset(token)
 
     method.__slim_marking__ = True
     return method
