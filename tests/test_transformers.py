@@ -1157,3 +1157,32 @@ def test_every_registered_counterpart_pickles_by_name(tmp_path):
     back = torch.load(tmp_path / "swin.pt", weights_only=False)
     with slim.width(0.5), torch.no_grad():
         _same(back(x), model(x), 0.0)
+
+
+@pytest.mark.parametrize("name", ["vit", "focalnet"])
+def test_widening_a_model_with_attention_or_focal_modulation_is_refused(name):
+    """Above width 1.0 a counterpart that selects from its own child layers (qkv / proj, FocalNet's f / h / proj)
+    would read past their rows (an untyped IndexError / shape error at the first wide forward); convert refuses
+    it, typed, and leaves the model as it was."""
+    timm = pytest.importorskip("timm")
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    from slim_plugins.errors import WidthError
+
+    torch.manual_seed(0)
+    if name == "vit":
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32, patch_size=8,
+                                  class_token=False, pos_embed="none", global_pool="avg").eval()
+    else:
+        from timm.models.focalnet import FocalNet
+
+        model = FocalNet(depths=(1, 1, 1, 1), embed_dim=32, focal_levels=(2,) * 4, focal_windows=(3,) * 4,
+                         num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.raises(WidthError, match="above 1.0.*select from their own child layers"):
+        slim.convert(model, slim.WidthSpec.range(0.5, 1.5), example_input=x)
+    assert not any(type(m).__module__.startswith("slim_plugins") for m in model.modules())
+    with torch.no_grad():
+        _same(model(x), ref, 0.0)
