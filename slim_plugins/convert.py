@@ -24,7 +24,7 @@ from .errors import (ChannelGroupError, ExampleInputError, NotExactError, NotSli
 from .graph import ChannelGraph, _Builder, restore_modules, snapshot_modules, trace
 from .nn.layers import (GROUP_MODES, SlimConvNd, SlimConvTranspose2d, SlimMixin, SlimWeightNormConv2d,
                         is_weight_normed, track_data_writes)
-from .nn.norm import SlimPerChannel
+from .nn.norm import SlimComposite
 from .nn.params import ParamHost, ParamSlot, forward_methods, host, host_root, unhost
 from .width import WidthSpec, as_spec
 
@@ -600,8 +600,7 @@ def _widen_all(model, state: SlimState, new_mods):
         raise WidthError(f"widths above 1.0 are not supported for ConvTranspose2d layers ({transposed[:3]}); use a "
                          "spec with max 1.0")
     # an attention / FocalNet modulation counterpart selects from its own child layers, which widening does not grow
-    composite = [f"{n} ({type(m).__name__})" for n, m in new_mods.items() if isinstance(m, SlimPerChannel) and
-                 any(True for c in m.children() for _ in c.parameters())]
+    composite = [f"{n} ({type(m).__name__})" for n, m in new_mods.items() if isinstance(m, SlimComposite)]
     if composite:
         raise WidthError(f"widths above 1.0 are not supported for layers that select from their own child layers "
                          f"({composite[:3]}: attention heads, FocalNet's modulation); use a spec with max 1.0")

@@ -183,18 +183,17 @@ def make_slimmable(detector: nn.Module, slimmable: Mapping | SlimSettings | bool
     # a SlimResNet refuses to run unconverted; its ResNet forward is what the neck sees
     fwd = super(_DeclaresWidths, backbone).forward if isinstance(backbone, _DeclaresWidths) else backbone
     neck = detector.neck if "neck" in scope else None
-    size = analysis_size(lambda x: neck(tuple(fwd(x))) if neck is not None else fwd(x), _device(detector),
-                         detector)
-    x = torch.zeros(2, 3, size, size, device=_device(detector))
-    example = {"backbone": x}
-    if neck is not None:  # the neck is analysed on what the backbone gives it
-        was = backbone.training
-        backbone.eval()
-        try:
-            with torch.no_grad():
-                example["neck"] = (tuple(fwd(x)),)
-        finally:
-            backbone.train(was)
+    feats: list = []
+
+    def run(x):  # the backbone's outputs are what the neck is analysed on
+        feats[:] = [tuple(fwd(x))]
+        if neck is not None:
+            neck(feats[0])
+
+    size = analysis_size(run, _device(detector), detector)
+    example = {"backbone": torch.zeros(2, 3, size, size, device=_device(detector))}
+    if neck is not None:
+        example["neck"] = (feats[0],)
     slim.convert(detector, settings.spec, scope=scope, fixed=fixed, example_input=example, frozen_bn=frozen)
     detector.slim_settings = settings
     return detector

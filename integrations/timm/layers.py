@@ -20,9 +20,9 @@ from torch import nn
 
 from slim_plugins.errors import UnsupportedModuleError
 from slim_plugins.nn.attention import SlimHeadsAttention
-from slim_plugins.nn.layers import SlimConv2d, cached, plain_copy
-from slim_plugins.nn.norm import (BNGeo, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel, SlimRMSNorm,
-                                  SlimRMSNorm2d)
+from slim_plugins.nn.layers import SlimConv2d, _assign, cached, plain_copy
+from slim_plugins.nn.norm import (BNGeo, SlimComposite, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel,
+                                  SlimRMSNorm, SlimRMSNorm2d)
 from slim_plugins.registry import register
 
 register(LayerNorm, SlimLayerNorm)
@@ -226,10 +226,7 @@ def _conv_at(conv: nn.Conv2d, w, b, groups: int = 1) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` with ``conv``'s geometry holding ``w`` / ``b`` (for export)."""
     p = nn.Conv2d(w.shape[1] * groups, w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   groups, b is not None, conv.padding_mode, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        p.weight.copy_(w)
-        if b is not None:
-            p.bias.copy_(b)
+    _assign(p, w, b)
     return p.train(conv.training)
 
 
@@ -237,7 +234,7 @@ def _register_focal_modulation():
     from timm.models.focalnet import FocalModulation
 
     @register(FocalModulation)
-    class SlimFocalModulation(SlimPerChannel, FocalModulation):
+    class SlimFocalModulation(SlimComposite, FocalModulation):
         """FocalNet's focal modulation (Yang et al. 2022) at the active channels of ``(N, C_active, H, W)``.
 
         Its ``f`` conv packs ``[q (dim), ctx (dim), gates (focal_level + 1)]`` and the forward splits it by those
@@ -271,14 +268,6 @@ def _register_focal_modulation():
                                              "(plain Conv2d f / h / proj / depthwise focal convs, LayerNorm2d "
                                              "post-norm) is slimmed")
             return {"role": "norm", "dim": 1}
-
-        @classmethod
-        def accepts(cls, m) -> bool:
-            try:
-                cls.analysis_role(m)
-            except UnsupportedModuleError:
-                return False
-            return True
 
         def _srcs(self):
             mods = [self.f, self.h, self.proj, self.norm] + [fl[0] for fl in self.focal_layers]

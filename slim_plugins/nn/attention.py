@@ -22,10 +22,10 @@ from torch import nn
 from ..errors import NotExactError, UnsupportedModuleError
 from ..registry import register
 from .layers import cached
-from .norm import BNGeo, SlimPerChannel
+from .norm import BNGeo, SlimComposite
 
 
-class SlimHeadsAttention(SlimPerChannel):
+class SlimHeadsAttention(SlimComposite):
     """Base of the attention counterparts: children ``qkv`` and ``proj`` (``nn.Linear``) and ``num_heads`` (other
     names through ``_qkv`` / ``_proj`` / ``_heads``: torchvision's MaxViT has ``to_qkv`` / ``merge`` / ``n_heads``).
 
@@ -53,16 +53,6 @@ class SlimHeadsAttention(SlimPerChannel):
                 f"->{proj.out_features}): only attention with dim = heads x (dim / heads) in and out is slimmed "
                 "by heads")
         return dim, heads, attn_dim // heads
-
-    @classmethod
-    def accepts(cls, m) -> bool:
-        """Whether this counterpart covers module ``m``; ``convert`` traces into one it does not (its own forward
-        then runs at the active head count, :mod:`slim_plugins.graph`)."""
-        try:
-            cls.analysis_role(m)
-        except UnsupportedModuleError:
-            return False
-        return True
 
     @classmethod
     def analysis_role(cls, m) -> dict:

@@ -541,6 +541,25 @@ class SlimPerChannel(EvalFast, CarriesWidth, nn.Module):
         return BNGeo(s.n, None if s.prefix else s.idx)
 
 
+class SlimComposite(SlimPerChannel):
+    """Base of the counterparts whose forward selects from their own child layers (an attention's qkv / proj,
+    FocalNet's modulation convs): a module configuration the counterpart does not cover is traced into instead
+    (:meth:`accepts`), and widths above 1.0 are refused (widening does not grow the children)."""
+
+    @classmethod
+    def accepts(cls, m) -> bool:
+        """Whether this counterpart covers module ``m`` (its :meth:`analysis_role` raises no
+        ``UnsupportedModuleError``); ``convert`` traces into one it does not (its own forward then runs at the
+        active channels, :mod:`slim_plugins.graph`)."""
+        from ..errors import UnsupportedModuleError
+
+        try:
+            cls.analysis_role(m)
+        except UnsupportedModuleError:
+            return False
+        return True
+
+
 @register(nn.PReLU)
 class SlimPReLU(SlimPerChannel, nn.PReLU):
     """Per-channel ``nn.PReLU(num_parameters=C)``: the slopes of the active channels. (``num_parameters=1`` is
@@ -709,5 +728,5 @@ def _batch_stats(x: torch.Tensor):
 # Largest sum(x^2) / sum((x - mean)^2) of a channel for float32 sums (variance error <= ~3e-6 relative).
 _MAX_COND = 64.0
 
-__all__ = ["SlimBatchNorm2d", "SlimBatchNorm1d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "SlimLayerNorm",
+__all__ = ["SlimBatchNorm2d", "SlimBatchNorm1d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "SlimComposite", "SlimLayerNorm",
            "SlimLayerNorm2d", "SlimGroupNorm", "SlimRMSNorm", "SlimRMSNorm2d", "BNGeo", "load_bn", "Geo"]

@@ -44,8 +44,8 @@ class ParamSlot:
         return BNGeo(s.n, None if s.prefix else s.idx)
 
 
-# True while a host module's forward runs (per thread / task): reads are sliced there only, so
-# ``model.get_parameter(name)``, optimizers and EMA code outside the forward see the parameter itself.
+# The outermost hosted module whose forward runs, False outside one (per thread / task): reads are sliced there
+# only, so ``model.get_parameter(name)``, optimizers and EMA code outside the forward see the parameter itself.
 _in_forward: ContextVar = ContextVar("slim_plugins_host_forward", default=False)
 _MISSING = object()
 
@@ -65,7 +65,7 @@ class ParamHost(TracksParameters):
         call = type(self)._slim_plain_class.__call__
         if _in_forward.get():  # called inside another hosted module's forward (the model's): already marked
             return call(self, *args, **kwargs)
-        token = _in_forward.set(True)
+        token = _in_forward.set(self)  # (truthy; the module, so its forward_* methods see their own call)
         try:
             return call(self, *args, **kwargs)
         finally:
@@ -189,6 +189,9 @@ def _marking(fn):
     are the active channels, its forward caches start empty and its head guards run first, as in ``__call__``."""
     @functools.wraps(fn)
     def method(self, *args, **kwargs):
+        running = _in_forward.get()
+        if running is self:  # called from its own __call__ (model(x) -> forward_features): done there already
+            return fn(self, *args, **kwargs)
         _clear_forward_caches(self)
         refused = None
         for hook in tuple(self._forward_pre_hooks.values()):
@@ -197,7 +200,7 @@ def _marking(fn):
                     hook(self, args)
                 except UnsupportedModuleError as e:  # raised only if this method fails (it may not use the head)
                     refused = e
-        token = None if _in_forward.get() else _in_forward.set(True)  # (nested: already marked)
+        token = None if running else _in_forward.set(self)  # (nested in another forward: already marked)
         try:
             return fn(self, *args, **kwargs)
         except Exception as e:
