@@ -124,7 +124,10 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
             parts.append((root, _analyse(model, root, planned, example_input, hosts)))
         except ChannelGroupError as e:
             untraced.append((root, e))
-    _check_hosts(model, hosts, parts, untraced)
+    # a module a counterpart holds is the counterpart's to read, also where it is reached first by another name
+    # (SAM's rotary embedding: a child of the root and of every attention)
+    owned = {id(c) for _, m, _ in plan for c in m.modules() if c is not m}
+    _check_hosts(model, hosts, parts, untraced, owned)
     # An untraceable part holding one conv/linear (mmcv's ConvModule: conv, norm, act) is a chain: the prefix rule
     # is exact there, and its layer is an output layer unless a norm follows it (the graph's rule).
     chains = [(r, e) for r, e in untraced if len([n for n in weighted if _under(n, r)]) == 1]
@@ -448,18 +451,19 @@ def _analyse(model, root, planned, example_input, hosts):
     return b
 
 
-def _check_hosts(model, hosts: dict, parts, untraced=()) -> None:
+def _check_hosts(model, hosts: dict, parts, untraced=(), owned=frozenset()) -> None:
     """Every parameter of a module without a width-switchable counterpart must be read by a traced forward (the
-    analysis then ties it to channels or proves it width-free); else the module is refused (with the trace
-    failure of its part, where fx could not trace it)."""
+    analysis then ties it to channels or proves it width-free) or by the counterpart holding it (``owned``: ids);
+    else the module is refused (with the trace failure of its part, where fx could not trace it)."""
     seen = {_join(root, t) for root, b in parts for t in b.seen_attrs}
     for name, m in hosts.items():
         failed = next((e for r, e in untraced if _under(name, r)), None)
         if failed is not None and any(t is not None and t.is_floating_point() and t.numel() > 1
                                       for t in [*m._parameters.values(), *m._buffers.values()]):
             raise failed
-        missing = [k for k, t in [*m._parameters.items(), *m._buffers.items()]
-                   if t is not None and t.is_floating_point() and t.numel() > 1 and _join(name, k) not in seen]
+        missing = [] if id(m) in owned else [
+            k for k, t in [*m._parameters.items(), *m._buffers.items()]
+            if t is not None and t.is_floating_point() and t.numel() > 1 and _join(name, k) not in seen]
         if missing:
             memo = [k for k, v in m.__dict__.items() if type(v) is dict and k not in registry.forward_caches()
                     and any(torch.is_tensor(x) for x in v.values())]

@@ -1186,3 +1186,43 @@ def test_widening_a_model_with_attention_or_focal_modulation_is_refused(name):
     assert not any(type(m).__module__.startswith("slim_plugins") for m in model.modules())
     with torch.no_grad():
         _same(model(x), ref, 0.0)
+
+
+# Found by benchmarks/coverage.py: the SAM image encoder's attention (channels-last windows, decomposed relative
+# position tables per head dim) was refused at its head reshape.
+@pytest.mark.parametrize("kw,fused", [(dict(use_rel_pos=True, qk_norm=True), True),
+                                      (dict(use_rel_pos=True), False),
+                                      (dict(use_rope=True), True)])
+def test_sam_attention_is_slimmed_by_heads_and_exports_into_the_stock_encoder(kw, fused):
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    arch = dict(img_size=64, patch_size=8, depth=3, window_size=4, global_attn_indexes=(1,), num_classes=7, **kw)
+    torch.manual_seed(0)
+    model = VisionTransformerSAM(embed_dim=64, num_heads=4, neck_chans=32, **arch).eval()
+    with torch.no_grad():  # away from timm's init (zero relative tables, near-zero outputs)
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    x = torch.randn(2, 3, 64, 64)
+    _convert_keeps_width_one(model, x)
+    attn = model.blocks[1].attn
+    assert type(attn).__name__ == "SlimSamAttention"
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75], tol=1e-5)
+    for w, p in exports.items():
+        heads = round(4 * w)
+        a = p.blocks[1].attn
+        assert (a.num_heads, a.head_dim, a.qkv.in_features) == (heads, 16, 16 * heads)
+        if kw.get("use_rel_pos"):  # per head dim, shared by the heads: whole
+            assert torch.equal(a.rel_pos_h, attn.rel_pos_h.detach())
+        stock = VisionTransformerSAM(embed_dim=16 * heads, num_heads=heads, neck_chans=round(32 * w), **arch).eval()
+        for m in stock.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = fused
+        stock.load_state_dict(p.state_dict(), strict=True)
+        with slim.width(w), torch.no_grad():
+            _same(stock(x), model(x), 1e-5)

@@ -221,6 +221,52 @@ def _register_window_attention():
 SlimWindowAttention = _register_window_attention()
 
 
+def _register_sam_attention():
+    from timm.models.vision_transformer_sam import Attention as SamAttention
+    from timm.models.vision_transformer_sam import apply_rot_embed_cat, get_decomposed_rel_pos_bias
+
+    @register(SamAttention)
+    class SlimSamAttention(SlimHeadsAttention, SamAttention):
+        """The attention of timm's SAM image encoder (``VisionTransformerSAM``, Kirillov et al. 2023) slimmed by
+        heads: input and output channels-last ``(N, H, W, C_active)``. Its decomposed relative position tables
+        (``rel_pos_h`` / ``rel_pos_w``: ``(2 S - 1, head_dim)``), the rotary embedding and the q / k norms are per
+        head dim, shared by all heads, so they stay whole. Exports as ``Attention(dim=C_active, num_heads=H')``."""
+
+        def forward(self, x):
+            B, H, W, _ = x.shape
+            N = H * W
+            _, h, wq, bq, wp, bp = self.head_params(x)
+            qkv = F.linear(x.reshape(B, N, -1), wq, bq).view(B, N, 3, h, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.reshape(3, B * h, N, -1).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            attn_bias = None
+            if self.use_rel_pos:
+                attn_bias = get_decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+            elif self.rope is not None:
+                rope = self.rope.get_embed()
+                q = apply_rot_embed_cat(q, rope).type_as(v)
+                k = apply_rot_embed_cat(k, rope).type_as(v)
+            if self.fused_attn:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+                                                   dropout_p=self.attn_drop.p if self.training else 0.)
+            else:
+                attn = (q * self.scale) @ k.transpose(-2, -1)
+                if attn_bias is not None:
+                    attn = attn + attn_bias
+                y = self.attn_drop(attn.softmax(dim=-1)) @ v
+            y = y.view(B, h, N, -1).transpose(1, 2).reshape(B, N, -1)
+            return self.proj_drop(F.linear(y, wp, bp)).view(B, H, W, -1)
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            return self.plain_heads(g)
+
+    SlimSamAttention.__qualname__ = 'SlimSamAttention'  # pickled by the module-level name below
+    return SlimSamAttention
+
+
+SlimSamAttention = _register_sam_attention()
+
+
 # ---- focal modulation ---------------------------------------------------------------------------------------
 def _conv_at(conv: nn.Conv2d, w, b, groups: int = 1) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` with ``conv``'s geometry holding ``w`` / ``b`` (for export)."""
@@ -360,6 +406,6 @@ def _register_focal_modulation():
 
 SlimFocalModulation = _register_focal_modulation()
 
-__all__ = ["SlimAttention", "SlimWindowAttention", "SlimFocalModulation", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
+__all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimFocalModulation", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
            "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act", "SlimRmsNormAct",
            "SlimRmsNormAct2d"]
