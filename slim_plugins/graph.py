@@ -2082,6 +2082,11 @@ class ChannelGraph:
                 need(op.ins[0], u)
             elif op.kind == SPLIT:  # q / k / v runs of whole heads: the fused projection has r x (heads x d)
                 need(op.ins[0], u * op.arg)
+            elif op.kind in (FLATTEN, TILE):  # n x arg channels out: n a multiple of u / gcd(u, arg)
+                need(op.ins[0], u // math.gcd(u, op.arg))
+            elif op.kind == GROUPMAP:  # n / gi groups of go out (heads merged back into a stream tied to another)
+                gi, go = op.arg
+                need(op.ins[0], gi * (u // math.gcd(u, go)))
         return unit
 
     # -- planning ----------------------------------------------------------------------------------------------

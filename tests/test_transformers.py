@@ -1226,3 +1226,99 @@ def test_sam_attention_is_slimmed_by_heads_and_exports_into_the_stock_encoder(kw
         stock.load_state_dict(p.state_dict(), strict=True)
         with slim.width(w), torch.no_grad():
             _same(stock(x), model(x), 1e-5)
+
+
+# Found trying timm's rotary ViTs / EVA-02 beyond the smallest model per family: EvaAttention adds its qkv bias
+# through F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias)), which kept every head of every block whole.
+@pytest.mark.parametrize("kw,fused", [(dict(use_rot_pos_emb=True), True),
+                                      (dict(use_rot_pos_emb=True, scale_attn_inner=True, qk_norm=True), False),
+                                      (dict(use_rot_pos_emb=False, class_token=False, global_pool="avg",
+                                            qkv_bias=False), True),
+                                      (dict(use_rot_pos_emb=True, attn_type="rope", init_values=1e-1), False),
+                                      (dict(use_rot_pos_emb=True, attn_type="rope", scale_attn_inner=True), True)])
+def test_eva_attention_is_slimmed_by_heads_and_exports_into_the_stock_model(kw, fused):
+    pytest.importorskip("timm")
+    from timm.models.eva import Eva
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    arch = dict(img_size=32, patch_size=8, depth=2, num_classes=5, swiglu_mlp=True, ref_feat_shape=(4, 4), **kw)
+    torch.manual_seed(0)
+    model = Eva(embed_dim=64, num_heads=4, **arch).eval()
+    with torch.no_grad():  # away from timm's init (zero biases)
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    x = torch.randn(2, 3, 32, 32)
+    _convert_keeps_width_one(model, x)
+    attn = model.blocks[0].attn
+    assert type(attn).__name__ == ("SlimAttentionRope" if kw.get("attn_type") == "rope" else "SlimEvaAttention")
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75], tol=1e-5)
+    for w, p in exports.items():
+        heads = round(4 * w)
+        a = p.blocks[0].attn
+        assert (a.num_heads, a.head_dim, a.qkv.in_features, a.qkv.out_features) == (heads, 16, 16 * heads, 48 * heads)
+        stock = Eva(embed_dim=16 * heads, num_heads=heads, **arch).eval()
+        for m in stock.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = fused
+        stock.load_state_dict(p.state_dict(), strict=True)
+        with slim.width(w), torch.no_grad():
+            _same(stock(x), model(x), 1e-5)
+    # the eval cache sees an in-place write to a kept head's v bias
+    v_bias = getattr(attn, "v_bias", None)
+    if v_bias is None and attn.qkv.bias is not None:  # AttentionRope: qkv's own bias
+        v_bias = attn.qkv.bias[128:]
+    if v_bias is not None:
+        with slim.width(0.5), torch.no_grad():
+            y0 = model(x)
+            v_bias[16:].add_(torch.randn(48))  # heads 1..3: width 0.5 runs heads 0 and 1
+            y1 = model(x)
+            _same(y1, slim.export(model, 0.5)(x), 1e-5)
+            assert (y1 - y0).abs().max() > 1e-3
+
+
+def test_grouped_query_rope_attention_is_refused_typed():
+    """``AttentionRope`` with grouped-query k / v (separate projections) has no counterpart yet: convert traces
+    into it as before and refuses the ``repeat_interleave`` of the kv heads, typed, leaving the model as it was."""
+    pytest.importorskip("timm")
+    from timm.models.eva import Eva
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    torch.manual_seed(0)
+    model = Eva(img_size=32, patch_size=8, depth=1, num_classes=5, embed_dim=64, num_heads=4, num_kv_heads=2,
+                qkv_fused=False, attn_type="rope", ref_feat_shape=(4, 4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.raises(slim.NotExactError, match="repeat_interleave"):
+        slim.convert(model, RANGE, example_input=x)
+    assert type(model.blocks[0].attn).__name__ == "AttentionRope"
+    with torch.no_grad():
+        _same(model(x), ref, 0.0)
+
+
+@pytest.mark.parametrize("dim,heads,pool_heads,stream_050", [(64, 4, 8, 32), (48, 3, 2, 48)])
+def test_attention_pool_heads_and_block_heads_share_the_stream_units(dim, heads, pool_heads, stream_050):
+    """An attention pool (``global_pool='map'``) merges its heads back into the token stream that the blocks'
+    attention reads in whole heads: both head sizes are units of the stream. Found on Perception Encoder (pool
+    heads of 24, block heads of 64): the units did not pass back through the merge of heads, so the plan gave
+    the stream 48 channels, not whole block heads, and the forward raised at width 0.25."""
+    pytest.importorskip("timm")
+    from timm.models.eva import Eva
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    torch.manual_seed(0)
+    model = Eva(img_size=32, patch_size=8, depth=1, num_classes=5, embed_dim=dim, num_heads=heads,
+                global_pool="map", attn_pool_num_heads=pool_heads, class_token=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    _convert_keeps_width_one(model, x)
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75], tol=1e-5)
+    assert exports[0.5].blocks[0].attn.qkv.in_features == stream_050
+    for p in exports.values():
+        assert p.blocks[0].attn.qkv.in_features % (dim // heads) == 0
+        assert p.blocks[0].attn.qkv.in_features % (dim // pool_heads) == 0
