@@ -21,7 +21,7 @@ import slim_plugins as slim
 from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from slim_plugins.nn.norm import load_bn
 from slim_plugins.registry import (register, register_forward_cache, register_fx_autowrap, register_fx_leaf,
-                                   register_layout_fn)
+                                   register_layout_fn, register_passthrough)
 from slim_plugins.width import WidthSpec
 
 __all__ = ["SlimBatchNormAct2d", "SlimConv2dSame", "create_slim_model", "spec_from_args", "fixed_layers",
@@ -108,6 +108,21 @@ _LAYOUT_FN_NAMES = {"window_partition", "window_reverse", "grid_partition", "gri
 
 
 _register_fx_notrace()
+
+
+def _register_rope() -> None:
+    """timm's rotary position embeddings act on one head's dims (``dim`` = ``head_dim``, buffers of frequencies and
+    positions), which attention slimmed by heads never changes (DESIGN rule 9): width-free. Not
+    ``RotaryEmbeddingMixed``, whose learned frequencies are per head."""
+    from timm.layers import pos_embed_sincos as pe
+
+    for n in ("RotaryEmbedding", "RotaryEmbeddingCat", "RotaryEmbeddingDinoV3"):
+        t = getattr(pe, n, None)
+        if t is not None:
+            register_passthrough(t)
+
+
+_register_rope()
 # LeViT / EfficientFormer / TinyViT attention: eval-mode cache of the indexed bias table (a pure cache; emptied
 # before each forward once the table follows the width)
 register_forward_cache("attention_bias_cache")

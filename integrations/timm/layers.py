@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import (Attention, BlurPool2d, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
-                         ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
+from timm.layers import (Attention, AttentionRope, BlurPool2d, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm,
+                         RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
 from timm.layers.padding import pad_same
 from timm.layers.norm_act import (GroupNorm1Act, GroupNormAct, LayerNormAct, LayerNormAct2d, RmsNormAct,
                                   RmsNormAct2d)
@@ -267,6 +267,139 @@ def _register_sam_attention():
 SlimSamAttention = _register_sam_attention()
 
 
+class _RopeHeadsAttention(SlimHeadsAttention):
+    """timm's ``EvaAttention`` (``timm.models.eva``: EVA-02, DINOv3, Perception Encoder, the rotary ViTs) and
+    ``AttentionRope`` (``timm.layers``) slimmed by heads: input and output ``(N, L, C_active)``. EVA's ``qkv`` bias
+    is ``cat(q_bias, k_bias, v_bias)`` (``k_bias`` a zero buffer) and keeps the kept heads' entries; the rotary
+    embedding (passed in, per head dim) and ``q_norm`` / ``k_norm`` (per head dim) stay whole; the optional
+    ``scale_norm`` (a ``LayerNorm`` over the heads' output) runs over the kept heads' channels. Exports as the
+    module's class with ``num_heads=H'`` (``AttentionRope``: ``attn_dim = kv_dim = H' x head_dim``).
+
+    Raises:
+        UnsupportedModuleError: at convert time, separate q / k / v projections (also grouped-query attention), a
+            gate, or a scale norm that is not ``nn.LayerNorm``; ``convert`` then traces into the module as before.
+    """
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        if m.qkv is None or m.gate is not None or not isinstance(m.norm, (nn.Identity, nn.LayerNorm)):
+            raise UnsupportedModuleError(
+                f"{type(m).__name__} with separate q/k/v projections ({m.qkv is None}), gate ({m.gate is not None}) "
+                f"or scale norm {type(m.norm).__name__} is not slimmed by heads yet")
+        return super().analysis_role(m)
+
+    def _biases(self):
+        """EVA's ``(q_bias, k_bias, v_bias)``; ``(None, None, None)`` where ``qkv`` holds its own bias."""
+        return self._parameters.get("q_bias"), self._buffers.get("k_bias"), self._parameters.get("v_bias")
+
+    def _head_srcs(self):
+        srcs = super()._head_srcs()
+        n = self._modules["norm"]
+        if srcs is None or "parametrizations" in self._modules or "parametrizations" in n._modules:
+            return None
+        return (*srcs, *self._biases(), n._parameters.get("weight"), n._parameters.get("bias"))
+
+    def _select(self, g: BNGeo, h: int):
+        """``(qkv weight, qkv bias, proj weight, proj bias)`` of the first ``h`` heads."""
+        wq, bq, wp, bp = super()._select(g, h)
+        qb, kb, vb = self._biases()
+        if qb is not None:
+            k = h * self.head_dim
+            bq = torch.cat((qb[:k], kb[:k], vb[:k]))
+        return wq, bq, wp, bp
+
+    def _norm_select(self, h: int):
+        """``(weight, bias)`` of the scale norm at the first ``h`` heads (``None`` without one)."""
+        n, k = self._modules["norm"], h * self.head_dim
+        if not isinstance(n, nn.LayerNorm):
+            return None, None
+        return (None if n.weight is None else n.weight[:k]), (None if n.bias is None else n.bias[:k])
+
+    def head_weights(self, g: BNGeo, h: int):
+        srcs = None if torch.is_grad_enabled() else self._head_srcs()
+        if srcs is None:
+            return (*self._select(g, h), *self._norm_select(h))
+        return cached(self, "_head_cache", (g, h), srcs, lambda: tuple(
+            None if t is None else t.contiguous() for t in (*self._select(g, h), *self._norm_select(h))), size=8)
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
+        B, N, _ = x.shape
+        _, h, wq, bq, wp, bp, wn, bn = self.head_params(x)
+        if bq is not None and self.__dict__.get("qkv_bias_separate") and "q_bias" in self._parameters:
+            qkv = F.linear(x, wq)
+            qkv += bq
+        else:
+            qkv = F.linear(x, wq, bq)
+        q, k, v = qkv.reshape(B, N, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            from timm.layers import apply_rot_embed_cat
+
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+        if self.fused_attn:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
+        else:
+            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            y = self.attn_drop(attn.softmax(dim=-1)) @ v
+        y = y.transpose(1, 2).reshape(B, N, h * self.head_dim)
+        n = self._modules["norm"]
+        if isinstance(n, nn.LayerNorm):
+            y = F.layer_norm(y, (y.shape[-1],), wn, bn, n.eps)
+        return self.proj_drop(F.linear(y, wp, bp))
+
+    def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+        h = self.heads(g)
+        wq, bq, _, _ = self._select(g, h)
+        wn, bn = self._norm_select(h)
+        k = h * self.head_dim
+        tensors, attrs = {}, {}
+        eva_bias = self._parameters.get("q_bias") is not None
+        if eva_bias:
+            tensors = {"q_bias": bq[:k], "k_bias": bq[k:2 * k], "v_bias": bq[2 * k:]}
+        if "attn_dim" in self.__dict__:  # AttentionRope
+            attrs = {"attn_dim": k, "kv_dim": k, "num_kv_heads": h}
+        p = self.plain_heads(g, lambda _h: tensors, **attrs)
+        if eva_bias:  # the stock qkv has no bias of its own (q_bias / k_bias / v_bias hold it)
+            lin = nn.Linear(p.qkv.in_features, p.qkv.out_features, bias=False, device=wq.device, dtype=wq.dtype)
+            lin.weight = p.qkv.weight
+            p.qkv = lin.train(self.qkv.training)
+        n = self._modules["norm"]
+        if isinstance(n, nn.LayerNorm):
+            p.norm = nn.LayerNorm(k, eps=n.eps, elementwise_affine=n.elementwise_affine, bias=bn is not None,
+                                  device=wq.device, dtype=wq.dtype).train(n.training)
+            with torch.no_grad():
+                if wn is not None:
+                    p.norm.weight.copy_(wn)
+                if bn is not None:
+                    p.norm.bias.copy_(bn)
+        return p
+
+
+@register(AttentionRope)
+class SlimAttentionRope(_RopeHeadsAttention, AttentionRope):
+    """timm's ``AttentionRope`` slimmed by heads (:class:`_RopeHeadsAttention`)."""
+
+
+def _register_eva_attention():
+    from timm.models.eva import EvaAttention
+
+    @register(EvaAttention)
+    class SlimEvaAttention(_RopeHeadsAttention, EvaAttention):
+        """timm's ``EvaAttention`` slimmed by heads (:class:`_RopeHeadsAttention`)."""
+
+    SlimEvaAttention.__qualname__ = 'SlimEvaAttention'  # pickled by the module-level name below
+    return SlimEvaAttention
+
+
+SlimEvaAttention = _register_eva_attention()
+
+
 # ---- focal modulation ---------------------------------------------------------------------------------------
 def _conv_at(conv: nn.Conv2d, w, b, groups: int = 1) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` with ``conv``'s geometry holding ``w`` / ``b`` (for export)."""
@@ -406,6 +539,6 @@ def _register_focal_modulation():
 
 SlimFocalModulation = _register_focal_modulation()
 
-__all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimFocalModulation", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
+__all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimEvaAttention", "SlimAttentionRope", "SlimFocalModulation", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
            "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act", "SlimRmsNormAct",
            "SlimRmsNormAct2d"]
