@@ -20,6 +20,7 @@ Usage::
     python benchmarks/coverage.py                  # both sets -> benchmarks/coverage_{timm,torchvision}.csv
     python benchmarks/coverage.py --set timm --only vit convnext          # -> coverage_timm_partial.csv
     python benchmarks/coverage.py --set timm --only levit --merge        # update those rows of coverage_timm.csv
+    python benchmarks/coverage.py --set timm-variants          # the popular models of VARIANTS
     python benchmarks/coverage.py --one timm:convnext_atto    # one model, JSON to stdout
 """
 from __future__ import annotations
@@ -59,6 +60,35 @@ def timm_picks() -> list[tuple[str, str, float]]:
                 best = (name, n)
         if best is not None:
             out.append((mod, best[0], best[1]))
+    return out
+
+
+# Popular timm models beyond the smallest of each module (``--set timm-variants``): variants users fine-tune today
+# (DINOv2 / v3, SigLIP, CLIP, EVA-02, rotary ViTs, register tokens, NaFlexViT) and current CNN / hybrid baselines.
+VARIANTS = [
+    "vit_small_patch16_224", "deit3_small_patch16_224", "flexivit_small", "vit_medium_patch16_gap_256",
+    "vit_little_patch16_reg4_gap_256", "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+    "vit_small_patch16_dinov3", "vit_base_patch16_siglip_224", "vit_base_patch16_siglip_gap_224",
+    "vit_base_patch16_clip_224", "eva02_tiny_patch14_224", "vit_small_patch16_rope_224",
+    "vit_betwixt_patch16_rope_reg4_gap_256", "vit_pe_core_tiny_patch16_384", "naflexvit_base_patch16_gap",
+    "convnextv2_atto", "fastvit_t8", "levit_128s", "efficientvit_b0", "mobilenetv4_conv_small", "hiera_tiny_224",
+    "caformer_s18", "tiny_vit_5m_224", "repvit_m1", "efficientformerv2_s0", "regnety_002", "mambaout_femto",
+    "resnet50d", "efficientnet_b0", "mobilevitv2_050", "coatnet_0_rw_224", "maxvit_tiny_rw_224", "nest_tiny",
+    "ghostnetv3_050", "inception_next_tiny", "rdnet_tiny", "starnet_s1",
+]
+
+
+def variant_picks() -> list[tuple[str, str, float]]:
+    """``(module, model, params)`` of :data:`VARIANTS` (parameters counted on the meta device)."""
+    import timm
+    import torch
+
+    out = []
+    for name in VARIANTS:
+        with torch.device("meta"):
+            m = timm.create_model(name, pretrained=False)
+        mod = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+        out.append((mod, name, float(sum(p.numel() for p in m.parameters()))))
     return out
 
 
@@ -219,7 +249,8 @@ def run(picks, out_csv: Path, timeout: int, merge: bool = False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", choices=["timm", "torchvision", "both"], default="both")
+    ap.add_argument("--set", choices=["timm", "torchvision", "both", "timm-variants"], default="both",
+                    help="timm-variants: the popular models of VARIANTS -> coverage_timm-variants.csv")
     ap.add_argument("--only", nargs="*", help="timm modules / torchvision models to run (default: all)")
     ap.add_argument("--one", help="source:model, run in this process, JSON to stdout")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per model")
@@ -231,7 +262,7 @@ def main(argv=None):
         return
     sets = ["timm", "torchvision"] if args.set == "both" else [args.set]
     for s in sets:
-        picks = timm_picks() if s == "timm" else torchvision_picks()
+        picks = {"timm": timm_picks, "torchvision": torchvision_picks, "timm-variants": variant_picks}[s]()
         if args.only:
             picks = [p for p in picks if p[0] in args.only or p[1] in args.only]
         suffix = "" if not args.only or args.merge else "_partial"
