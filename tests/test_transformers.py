@@ -1188,6 +1188,20 @@ def test_widening_a_model_with_attention_or_focal_modulation_is_refused(name):
         _same(model(x), ref, 0.0)
 
 
+def _set_fused(model, fused: bool):
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+
+
+def _away_from_init(model, fused: bool):
+    """Random weights of scale 0.2 (timm's init leaves biases / tables at 0) and the attention path ``fused``."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    _set_fused(model, fused)
+
+
 # Found by benchmarks/coverage.py: the SAM image encoder's attention (channels-last windows, decomposed relative
 # position tables per head dim) was refused at its head reshape.
 @pytest.mark.parametrize("kw,fused", [(dict(use_rel_pos=True, qk_norm=True), True),
@@ -1202,12 +1216,7 @@ def test_sam_attention_is_slimmed_by_heads_and_exports_into_the_stock_encoder(kw
     arch = dict(img_size=64, patch_size=8, depth=3, window_size=4, global_attn_indexes=(1,), num_classes=7, **kw)
     torch.manual_seed(0)
     model = VisionTransformerSAM(embed_dim=64, num_heads=4, neck_chans=32, **arch).eval()
-    with torch.no_grad():  # away from timm's init (zero relative tables, near-zero outputs)
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
+    _away_from_init(model, fused)  # (timm's init: zero relative tables, near-zero outputs)
     x = torch.randn(2, 3, 64, 64)
     _convert_keeps_width_one(model, x)
     attn = model.blocks[1].attn
@@ -1220,9 +1229,7 @@ def test_sam_attention_is_slimmed_by_heads_and_exports_into_the_stock_encoder(kw
         if kw.get("use_rel_pos"):  # per head dim, shared by the heads: whole
             assert torch.equal(a.rel_pos_h, attn.rel_pos_h.detach())
         stock = VisionTransformerSAM(embed_dim=16 * heads, num_heads=heads, neck_chans=round(32 * w), **arch).eval()
-        for m in stock.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = fused
+        _set_fused(stock, fused)
         stock.load_state_dict(p.state_dict(), strict=True)
         with slim.width(w), torch.no_grad():
             _same(stock(x), model(x), 1e-5)
@@ -1245,12 +1252,7 @@ def test_eva_attention_is_slimmed_by_heads_and_exports_into_the_stock_model(kw, 
     arch = dict(img_size=32, patch_size=8, depth=2, num_classes=5, swiglu_mlp=True, ref_feat_shape=(4, 4), **kw)
     torch.manual_seed(0)
     model = Eva(embed_dim=64, num_heads=4, **arch).eval()
-    with torch.no_grad():  # away from timm's init (zero biases)
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
+    _away_from_init(model, fused)  # (timm's init: zero biases)
     x = torch.randn(2, 3, 32, 32)
     _convert_keeps_width_one(model, x)
     attn = model.blocks[0].attn
@@ -1261,9 +1263,7 @@ def test_eva_attention_is_slimmed_by_heads_and_exports_into_the_stock_model(kw, 
         a = p.blocks[0].attn
         assert (a.num_heads, a.head_dim, a.qkv.in_features, a.qkv.out_features) == (heads, 16, 16 * heads, 48 * heads)
         stock = Eva(embed_dim=16 * heads, num_heads=heads, **arch).eval()
-        for m in stock.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = fused
+        _set_fused(stock, fused)
         stock.load_state_dict(p.state_dict(), strict=True)
         with slim.width(w), torch.no_grad():
             _same(stock(x), model(x), 1e-5)

@@ -141,6 +141,18 @@ class SlimBlurPool2d(SlimPerChannel, BlurPool2d):
 
 
 # ---- attention ----------------------------------------------------------------------------------------------
+def _attend(m, q, k, v, n: int, attn_mask, is_causal: bool):
+    """timm's attention core on ``(B, H', N, head_dim)`` q / k / v, fused or not as module ``m`` is set up."""
+    if m.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                              dropout_p=m.attn_drop.p if m.training else 0., is_causal=is_causal)
+    from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+    attn = (q * m.scale) @ k.transpose(-2, -1)
+    attn = maybe_add_mask(attn, resolve_self_attn_mask(n, attn, attn_mask, is_causal))
+    return m.attn_drop(attn.softmax(dim=-1)) @ v
+
+
 @register(Attention)
 class SlimAttention(SlimHeadsAttention, Attention):
     """timm's ``Attention`` (ViT, DeiT, and the families built on it) slimmed by heads (module docstring):
@@ -159,15 +171,7 @@ class SlimAttention(SlimHeadsAttention, Attention):
         hd = self.head_dim
         q, k, v = F.linear(x, wq, bq).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                               dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
-        else:
-            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            y = self.attn_drop(attn.softmax(dim=-1)) @ v
+        y = _attend(self, q, k, v, N, attn_mask, is_causal)
         y = y.transpose(1, 2).reshape(B, N, h * hd)
         return self.proj_drop(F.linear(y, wp, bp))
 
@@ -338,15 +342,7 @@ class _RopeHeadsAttention(SlimHeadsAttention):
             npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
             q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
-        if self.fused_attn:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                               dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
-        else:
-            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            y = self.attn_drop(attn.softmax(dim=-1)) @ v
+        y = _attend(self, q, k, v, N, attn_mask, is_causal)
         y = y.transpose(1, 2).reshape(B, N, h * self.head_dim)
         n = self._modules["norm"]
         if isinstance(n, nn.LayerNorm):
