@@ -1105,6 +1105,18 @@ class _Builder:
             return self.alias(node, src)
         name = _fname(node.target)
         dims = self._dims_arg(node)
+        if shape is None and name in ("max", "min", "median", "mode", "sort") and sshape is not None and \
+                self._is_tuple_result(node) and isinstance(dims, int):  # (values, indices) over another dim
+            d, members = dims % len(sshape), []
+            for s in self._tuple_shapes(node):
+                nk = k - (d < k) if s is not None and len(s) == len(sshape) - 1 else k
+                members.append((s, nk))
+            if d != k and all(s is not None and len(s) >= len(sshape) - 1 and 0 < nk < len(s) and s[nk] == sshape[k]
+                              for s, nk in members):
+                self.val[node] = ("tuple", [self.new(s, nk) for s, nk in members])
+                for t in self.val[node][1]:
+                    self.emit(PASS, (src,), (t,), node.name)
+                return
         if name in _DIM_OPS and shape is not None and sshape is not None and dims is not None and \
                 not isinstance(dims, torch.fx.Node):
             dl = [d % len(sshape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])

@@ -441,3 +441,35 @@ def test_view_of_a_whole_attention_output_keeps_the_embedding_whole(mad):
     chans = slim.active_channels(model, 0.5)
     assert len(chans["stem"][1]) == 16 and len(chans["fc1"][1]) == 16  # the embedding whole, the hidden halved
     _check(model, ref, x, 0.5, _load_sliced(SingleHead(16, 16), ref, {}), mad)
+
+
+# ---- max / min over tokens returns (values, indices) --------------------------------------------------------------
+class TokenLabelHead(nn.Module):
+    """VOLO's token-labeling head: ``out = head(cls) + 0.5 * aux_head(tokens).max(1)[0]``; ``max(dim)`` returns
+    (values, indices), each with the channels where they were. ``over_channels`` takes the max over the channel dim
+    instead (channels mixed: refused)."""
+
+    def __init__(self, dim, over_channels=False):
+        super().__init__()
+        self.embed = nn.Linear(3, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+        self.aux_head = nn.Linear(dim, 5)
+        self.over_channels = over_channels
+
+    def forward(self, x):
+        x = self.mix(self.embed(x)).relu()
+        if self.over_channels:
+            return self.head(x[:, 0]) + x.max(-1)[0][:, :1]
+        return self.head(x[:, 0]) + 0.5 * self.aux_head(x[:, 1:]).max(1)[0] + 0.1 * x.min(dim=1).values.sum(-1, True)
+
+
+def test_max_over_tokens_keeps_the_channels_and_the_aux_head_whole(mad):
+    x = torch.randn(2, 6, 3)
+    model, ref = _convert(TokenLabelHead(32), x)
+    c = len(slim.active_channels(model, 0.5)["mix"][1])
+    assert c < 32 and model.aux_head.out_features == 5
+    narrow = _load_sliced(TokenLabelHead(c), ref, {})
+    _check(model, ref, x, 0.5, narrow, mad)
+    with pytest.raises(NotExactError, match="max"):
+        slim.convert(TokenLabelHead(32, over_channels=True), SPEC, example_input=x)
