@@ -1131,6 +1131,176 @@ def test_focal_modulation_keeps_its_gates_and_exports_into_the_stock_focalnet(po
         _same(y, p(x), 1e-5)
 
 
+# Found by benchmarks/coverage.py --set timm-variants: MobileViT v2's LinearSelfAttention splits its packed qkv_proj
+# by the literal sizes [1, dim, dim]; its counterpart keeps the query row and selects key / value.
+def test_linear_self_attention_keeps_its_query_row_and_exports_into_the_stock_layer():
+    timm = pytest.importorskip("timm")
+    from timm.models.mobilevit import LinearSelfAttention
+
+    import slim_plugins.integrations.timm  # noqa: F401
+    from slim_plugins.errors import InvalidArgumentError
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevitv2_050", num_classes=7).eval()
+    with torch.no_grad():  # away from timm's init, so a wrong row or column shows
+        for p in model.parameters():
+            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    slim.convert(model, RANGE, example_input=x)
+    mod = model.stages[2][1].transformer[0].attn
+    assert type(mod).__name__ == "SlimLinearSelfAttention" and mod.embed_dim == 64
+    with torch.no_grad():
+        _same(model(x), ref, 0.0)
+    slim.calibrate_bn(model, [torch.randn(4, 3, 64, 64)], widths=[0.25, 0.5])
+    exports = _export_matches(model, x, [0.25, 0.5, 1.0], tol=1e-5)
+    seen = []
+    mod.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    for w, p in exports.items():
+        with slim.width(w), torch.no_grad():
+            model(x)
+        xin, out = seen[-1]
+        a = p.stages[2][1].transformer[0].attn
+        c = xin.shape[1]
+        assert type(a) is LinearSelfAttention and a.embed_dim == c and a.qkv_proj.out_channels == 2 * c + 1
+        assert c < 64 or w == 1.0
+        stock = LinearSelfAttention(embed_dim=c).eval()
+        stock.load_state_dict(a.state_dict(), strict=True)
+        with torch.no_grad():
+            _same(stock(xin), out, 1e-5)
+    # training at 0.5 reaches the query row and active key / value rows of qkv_proj (a channel whose ReLU(value)
+    # is 0 everywhere passes no gradient to its key), nothing else
+    model.train()
+    with slim.width(0.5):
+        model(x).sum().backward()
+    c = seen[1][0].shape[1]
+    rows = mod.qkv_proj.weight.grad.abs().sum((1, 2, 3)) > 0
+    want = torch.zeros(2 * 64 + 1, dtype=torch.bool)
+    want[:1 + c] = want[65:65 + c] = True
+    assert not (rows & ~want).any() and rows[0] and rows[1:1 + c].any() and rows[65:65 + c].any()
+    assert (mod.qkv_proj.weight.grad[:, c:] == 0).all() and (mod.out_proj.weight.grad[c:] == 0).all()
+    with pytest.raises(InvalidArgumentError, match="x_prev"):
+        mod(seen[0][0], seen[0][0])
+
+
+# Found by benchmarks/coverage.py: VOLO's outlook attention unfolds its value map (C x k^2 rows per window) and its
+# class attention reshapes by the literal head count; both counterparts run the kept heads.
+def test_volo_outlook_and_class_attention_run_whole_heads_and_export_into_the_stock_layers():
+    timm = pytest.importorskip("timm")
+    from timm.models.volo import ClassAttention, OutlookAttention
+
+    import slim_plugins.integrations.timm  # noqa: F401
+    from slim_plugins.errors import NotExactError
+
+    torch.manual_seed(0)
+    model = timm.create_model("volo_d1_224", num_classes=7, img_size=64).eval()
+    with torch.no_grad():  # away from timm's init, so a wrong row or column shows
+        for p in model.parameters():
+            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    slim.convert(model, RANGE, example_input=x)
+    outlook, cls_attn = model.network[0][0].attn, model.post_network[0].attn
+    assert (type(outlook).__name__, type(cls_attn).__name__) == ("SlimOutlookAttention", "SlimVoloClassAttention")
+    with torch.no_grad():
+        _same(model(x), ref, 0.0)
+    slim.calibrate_bn(model, [torch.randn(4, 3, 64, 64)], widths=[0.25, 0.5])
+    exports = _export_matches(model, x, [0.25, 0.5, 1.0], tol=1e-5)
+    seen = {}
+    for name, mod in (("outlook", outlook), ("cls", cls_attn)):
+        mod.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, []).append((i[0], o)))
+    heads = []
+    for w, p in exports.items():
+        with slim.width(w), torch.no_grad():
+            model(x)
+        for name, stock_cls, plain in (("outlook", OutlookAttention, p.network[0][0].attn),
+                                       ("cls", ClassAttention, p.post_network[0].attn)):
+            xin, out = seen[name][-1]
+            c = xin.shape[-1]
+            assert type(plain) is stock_cls and plain.num_heads * 32 == c  # head_dim 32 kept
+            kw = dict(kernel_size=plain.kernel_size, padding=plain.padding, stride=plain.stride,
+                      qkv_bias=plain.v.bias is not None) if name == "outlook" else dict(qkv_bias=plain.q.bias is not None)
+            stock = stock_cls(c, num_heads=c // 32, **kw).eval()
+            stock.load_state_dict(plain.state_dict(), strict=True)
+            with torch.no_grad():
+                _same(stock(xin), out, 1e-5)
+            heads.append(plain.num_heads)
+    assert heads == [2, 3, 3, 6, 6, 12]  # 0.25 / 0.5 / 1.0 of 6 and 12 heads, rounded up to whole heads
+    # training at 0.5 reaches the rows of the kept heads only: 3 of 6 heads x 3^4 aggregation weights; k and v of
+    # 6 of 12 heads
+    model.train()
+    with slim.width(0.5):
+        model(x).sum().backward()
+    rows = outlook.attn.weight.grad.abs().sum(1) > 0
+    assert rows[:3 * 81].all() and not rows[3 * 81:].any()
+    rows = cls_attn.kv.weight.grad.abs().sum(1) > 0
+    want = torch.zeros(2 * 384, dtype=torch.bool)
+    want[:192] = want[384:576] = True
+    assert not (rows & ~want).any() and rows[:192].any() and rows[384:576].any()
+    model.eval()
+    with pytest.raises(NotExactError, match="whole heads of 32"):
+        outlook(torch.randn(1, 8, 8, 48))  # 48 channels at full width: 1.5 heads
+
+
+# Found by benchmarks/coverage.py: HaloNet's HaloAttn merges its heads into the batch dim by the literal head count.
+@pytest.mark.parametrize("stride", [1, 2])
+def test_halo_attention_runs_whole_heads_and_exports_into_the_stock_layer(stride):
+    pytest.importorskip("timm")
+    from timm.layers.halo_attn import HaloAttn
+
+    import slim_plugins.integrations.timm  # noqa: F401
+    from slim_plugins.errors import NotExactError
+
+    class Halolet(nn.Module):
+        def __init__(self, c=32):
+            super().__init__()
+            self.stem = nn.Conv2d(3, c, 3, padding=1)
+            # head dims qk 4 / v 8: each head's [k, v] rows interleave in kv
+            self.attn = HaloAttn(c, num_heads=4, dim_head=4, block_size=4, halo_size=1, stride=stride,
+                                 qkv_bias=True)
+            self.head = nn.Linear(c, 5)
+
+        def forward(self, x):
+            return self.head(self.attn(self.stem(x).relu()).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Halolet().eval()
+    with torch.no_grad():  # away from the init, so a wrong row or column shows
+        for p in model.parameters():
+            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    slim.convert(model, RANGE, example_input=x)
+    assert type(model.attn).__name__ == "SlimHaloAttn"
+    with torch.no_grad():
+        _same(model(x), ref, 0.0)
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0], tol=1e-5)
+    seen = []
+    model.attn.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    for w, p in exports.items():
+        with slim.width(w), torch.no_grad():
+            model(x)
+        xin, out = seen[-1]
+        h = xin.shape[1] // 8
+        assert type(p.attn) is HaloAttn and p.attn.num_heads == h == round(4 * w) and out.shape[1] == 8 * h
+        stock = HaloAttn(8 * h, num_heads=h, dim_head=4, block_size=4, halo_size=1, stride=stride,
+                         qkv_bias=True).eval()
+        stock.load_state_dict(p.attn.state_dict(), strict=True)
+        with torch.no_grad():
+            _same(stock(xin), out, 1e-5)
+    # training at 0.5 reaches the rows of the first 2 of 4 heads: q rows 0-7, kv rows 0-23 ([k 4, v 8] per head)
+    model.train()
+    with slim.width(0.5):
+        model(x).sum().backward()
+    assert (model.attn.q.weight.grad.abs().sum((1, 2, 3)) > 0).tolist() == [True] * 8 + [False] * 8
+    assert (model.attn.kv.weight.grad.abs().sum((1, 2, 3)) > 0).tolist() == [True] * 24 + [False] * 24
+    with pytest.raises(NotExactError, match="whole blocks of 4"):
+        model.attn(torch.randn(1, 32, 6, 6))
+
+
 def test_every_registered_counterpart_pickles_by_name(tmp_path):
     """``torch.save(model)`` pickles each layer's class by its module and qualified name: a counterpart defined
     inside a registering function (it needs its framework imported) was not found (torchvision Swin / MaxViT, timm

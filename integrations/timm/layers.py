@@ -396,7 +396,57 @@ def _register_eva_attention():
 SlimEvaAttention = _register_eva_attention()
 
 
-# ---- focal modulation ---------------------------------------------------------------------------------------
+# ---- counterparts that select from their child convs (focal modulation, linear self-attention) ---------------
+def _copy(v):
+    return [t.detach().clone() for t in v] if type(v) is list else None if v is None else v.detach().clone()
+
+
+def _contiguous(v):
+    return [t.contiguous() for t in v] if type(v) is list else None if v is None else v.contiguous()
+
+
+class _SelectsFromChildren:
+    """Selection of a counterpart's child-layer weights at the active channels: ``_select(g)`` (a subclass's)
+    gives a tuple of tensors / ``None`` / lists of tensors; without autograd it is reused per width while the
+    parameters are unchanged (``stamps``, DESIGN rule 7)."""
+
+    def _children(self) -> list:
+        raise NotImplementedError
+
+    def _srcs(self):
+        mods = self._children()
+        if any("parametrizations" in m._modules or "weight" in m.__dict__ or "bias" in m.__dict__ for m in mods):
+            # computed at every read, or held as plain attributes (a DataParallel replica): not cached
+            return None
+        return tuple(m._parameters.get(n) for m in mods for n in ("weight", "bias"))
+
+    def selected(self, x) -> tuple:
+        """``(geometry, selected weights)`` of a call on ``x``."""
+        g = self.active_geometry(x)
+        srcs = None if torch.is_grad_enabled() else self._srcs()
+        if srcs is None:
+            return g, self._select(g)
+        return g, cached(self, "_slim_sel_cache", (g,), srcs, lambda: tuple(_contiguous(v) for v in self._select(g)),
+                         size=8)
+
+    def selected_copy(self, g: BNGeo) -> tuple:
+        """Detached copies of ``_select(g)`` (for export)."""
+        with torch.no_grad():
+            return tuple(_copy(v) for v in self._select(g))
+
+    def __getstate__(self):  # copies drop the weight cache
+        d = dict(super().__getstate__())
+        d.pop("_slim_sel_cache", None)
+        return d
+
+
+def _linear_at(lin: nn.Linear, w, b) -> nn.Linear:
+    """A plain ``nn.Linear`` in ``lin``'s mode holding ``w`` / ``b`` (for export)."""
+    p = nn.Linear(w.shape[1], w.shape[0], b is not None, device=w.device, dtype=w.dtype)
+    _assign(p, w, b)
+    return p.train(lin.training)
+
+
 def _conv_at(conv: nn.Conv2d, w, b, groups: int = 1) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` with ``conv``'s geometry holding ``w`` / ``b`` (for export)."""
     p = nn.Conv2d(w.shape[1] * groups, w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
@@ -409,7 +459,7 @@ def _register_focal_modulation():
     from timm.models.focalnet import FocalModulation
 
     @register(FocalModulation)
-    class SlimFocalModulation(SlimComposite, FocalModulation):
+    class SlimFocalModulation(_SelectsFromChildren, SlimComposite, FocalModulation):
         """FocalNet's focal modulation (Yang et al. 2022) at the active channels of ``(N, C_active, H, W)``.
 
         Its ``f`` conv packs ``[q (dim), ctx (dim), gates (focal_level + 1)]`` and the forward splits it by those
@@ -444,13 +494,8 @@ def _register_focal_modulation():
                                              "post-norm) is slimmed")
             return {"role": "norm", "dim": 1}
 
-        def _srcs(self):
-            mods = [self.f, self.h, self.proj, self.norm] + [fl[0] for fl in self.focal_layers]
-            if any("parametrizations" in m._modules or "weight" in m.__dict__ or "bias" in m.__dict__
-                   for m in mods):
-                # computed at every read, or held as plain attributes (a DataParallel replica): not cached
-                return None
-            return tuple(m._parameters.get(n) for m in mods for n in ("weight", "bias"))
+        def _children(self) -> list:
+            return [self.f, self.h, self.proj, self.norm] + [fl[0] for fl in self.focal_layers]
 
         def _select(self, g: BNGeo) -> tuple:
             """``(f w, f b, h w, h b, proj w, proj b, norm w, norm b, [focal w])`` at the channels ``g``."""
@@ -469,19 +514,8 @@ def _register_focal_modulation():
             out.append([g.take(fl[0].weight, 0) for fl in self.focal_layers])
             return tuple(out)
 
-        def focal_params(self, x) -> tuple:
-            """``(geometry, selected weights)`` of a call on ``x``; without autograd reused per width while the
-            parameters are unchanged (``stamps``, DESIGN rule 7)."""
-            g = self.active_geometry(x)
-            srcs = None if torch.is_grad_enabled() else self._srcs()
-            if srcs is None:
-                return g, self._select(g)
-            return g, cached(self, "_slim_focal_cache", (g,), srcs, lambda: tuple(
-                [t.contiguous() for t in v] if type(v) is list else None if v is None else v.contiguous()
-                for v in self._select(g)), size=8)
-
         def forward(self, x):
-            g, (wf, bf, wh, bh, wp, bp, wn, bn, wk) = self.focal_params(x)
+            g, (wf, bf, wh, bh, wp, bp, wn, bn, wk) = self.selected(x)
             c, lv, f = g.c, self.focal_level, self.f
             x = F.conv2d(x, wf, bf, f.stride, f.padding, f.dilation)
             q, ctx, gates = torch.split(x, [c, c, lv + 1], 1)
@@ -504,10 +538,7 @@ def _register_focal_modulation():
 
         def to_plain(self, g: BNGeo, a=None) -> nn.Module:
             c, lv = g.c, self.focal_level
-            with torch.no_grad():
-                wf, bf, wh, bh, wp, bp, wn, bn, wk = (
-                    [t.detach().clone() for t in v] if type(v) is list else None if v is None else v.detach().clone()
-                    for v in self._select(g))
+            wf, bf, wh, bh, wp, bp, wn, bn, wk = self.selected_copy(g)
             p = self.plain_copy({}, dim=c, input_split=[c, c, lv + 1])
             p.f, p.h, p.proj = _conv_at(self.f, wf, bf), _conv_at(self.h, wh, bh), _conv_at(self.proj, wp, bp)
             for k, fl in enumerate(p.focal_layers):
@@ -524,17 +555,328 @@ def _register_focal_modulation():
                             getattr(p.norm, name).copy_(t)
             return p
 
-        def __getstate__(self):  # copies drop the weight cache
-            d = dict(super().__getstate__())
-            d.pop("_slim_focal_cache", None)
-            return d
-
     SlimFocalModulation.__qualname__ = 'SlimFocalModulation'  # pickled by the module-level name below
     return SlimFocalModulation
 
 
 SlimFocalModulation = _register_focal_modulation()
 
-__all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimEvaAttention", "SlimAttentionRope", "SlimFocalModulation", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
+
+def _register_linear_self_attention():
+    from timm.models.mobilevit import LinearSelfAttention
+
+    from slim_plugins.errors import InvalidArgumentError
+
+    @register(LinearSelfAttention)
+    class SlimLinearSelfAttention(_SelectsFromChildren, SlimComposite, LinearSelfAttention):
+        """MobileViT v2's separable linear self-attention (Mehta & Rastegari 2022, §3) on ``(N, C_active, P, M)``.
+
+        Its ``qkv_proj`` packs ``[query (1), key (dim), value (dim)]`` and the forward splits it by those literal
+        sizes, which the channel analysis cannot follow; this counterpart selects them: the one query row (the
+        context scores, width-free) stays whole, ``key`` and ``value`` keep the active channels, ``out_proj`` keeps
+        the active channels in and out. So at a width it equals ``LinearSelfAttention(embed_dim=C_active)`` holding
+        the selected weights, which is what it exports as.
+
+        Raises:
+            UnsupportedModuleError: at convert time, a module whose projections are not the stock plain 1×1
+                ``nn.Conv2d``; ``convert`` then traces into it (and refuses the literal split as before).
+            InvalidArgumentError: a call with ``x_prev`` (cross-attention; timm's own path fails on it too).
+        """
+
+        channel_dim = 1
+
+        @classmethod
+        def analysis_role(cls, m) -> dict:
+            d, q, o = m.embed_dim, m.qkv_proj, m.out_proj
+            ok = all(type(c) is nn.Conv2d and c.padding_mode == "zeros" and c.groups == 1 for c in (q, o)) \
+                and (q.in_channels, q.out_channels, o.in_channels, o.out_channels) == (d, 2 * d + 1, d, d)
+            if not ok:
+                raise UnsupportedModuleError(f"{type(m).__name__}(embed_dim={d}): only the stock layout (plain "
+                                             "Conv2d qkv_proj of 2 * embed_dim + 1 outputs, out_proj) is slimmed")
+            return {"role": "norm", "dim": 1}
+
+        def _children(self) -> list:
+            return [self.qkv_proj, self.out_proj]
+
+        def _select(self, g: BNGeo) -> tuple:
+            """``(qkv w, qkv b, out w, out b)`` at the channels ``g``."""
+            d, q, o = self.embed_dim, self.qkv_proj, self.out_proj
+            dev = q.weight.device
+            sel = torch.arange(g.c, device=dev) if g.idx is None else g.index(dev)
+            rows = torch.cat([torch.zeros(1, dtype=sel.dtype, device=dev), sel + 1, sel + 1 + d])
+            return (g.take(q.weight.index_select(0, rows), 1), None if q.bias is None else q.bias.index_select(0, rows),
+                    g.take(g.take(o.weight, 0), 1), g.take(o.bias, 0))
+
+        def forward(self, x, x_prev=None):
+            if x_prev is not None:
+                raise InvalidArgumentError("x_prev: the slimmable LinearSelfAttention runs self-attention only "
+                                           "(x_prev=None); timm's cross-attention path indexes one qkv row as a "
+                                           "conv weight and fails as well")
+            g, (wq, bq, wo, bo) = self.selected(x)
+            q, o = self.qkv_proj, self.out_proj
+            query, key, value = F.conv2d(x, wq, bq, q.stride, q.padding, q.dilation).split([1, g.c, g.c], dim=1)
+            scores = self.attn_drop(F.softmax(query, dim=-1))
+            context = (key * scores).sum(dim=-1, keepdim=True)
+            out = F.relu(value) * context.expand_as(value)
+            return self.out_drop(F.conv2d(out, wo, bo, o.stride, o.padding, o.dilation))
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            wq, bq, wo, bo = self.selected_copy(g)
+            p = self.plain_copy({}, embed_dim=g.c)
+            p.qkv_proj, p.out_proj = _conv_at(self.qkv_proj, wq, bq), _conv_at(self.out_proj, wo, bo)
+            return p
+
+    SlimLinearSelfAttention.__qualname__ = 'SlimLinearSelfAttention'  # pickled by the module-level name below
+    return SlimLinearSelfAttention
+
+
+SlimLinearSelfAttention = _register_linear_self_attention()
+
+
+def _register_volo_attention():
+    import math
+
+    from timm.models.volo import ClassAttention as VoloClassAttention
+    from timm.models.volo import OutlookAttention
+
+    from slim_plugins.errors import NotExactError
+
+    @register(OutlookAttention)
+    class SlimOutlookAttention(_SelectsFromChildren, SlimComposite, OutlookAttention):
+        """VOLO's outlook attention (Yuan et al. 2022, §2.1) slimmed by heads, ``head_dim`` fixed (module
+        docstring): input and output channels-last ``(N, H, W, C_active)``, ``H' = C_active / head_dim`` heads.
+
+        ``v`` and ``proj`` keep the active channels in and out; ``attn`` (``C -> heads x k^4``, the per-head
+        ``k^2 x k^2`` aggregation weights of each window) keeps the rows of the kept heads and the active columns.
+        The ``unfold`` / ``fold`` that the channel analysis cannot follow run on the active channels, head-major as
+        in the stock forward. So at a width it equals ``OutlookAttention(dim=C_active, num_heads=H')`` holding the
+        selected weights, which is what it exports as.
+
+        Raises:
+            UnsupportedModuleError: at convert time, a module whose ``v`` / ``attn`` / ``proj`` are not plain
+                ``nn.Linear`` of the stock sizes; ``convert`` then traces into it (and refuses ``unfold``).
+            NotExactError: an active width that is not whole heads.
+        """
+
+        channel_dim = -1
+
+        @classmethod
+        def analysis_role(cls, m) -> dict:
+            v, at, pr, nh, k = m.v, m.attn, m.proj, m.num_heads, m.kernel_size
+            d = v.in_features
+            ok = all(type(lin) is nn.Linear for lin in (v, at, pr)) and d % nh == 0 \
+                and (v.out_features, at.in_features, at.out_features, pr.in_features, pr.out_features) \
+                == (d, d, k ** 4 * nh, d, d) and math.isclose(m.scale, (d // nh) ** -0.5)
+            if not ok:
+                raise UnsupportedModuleError(f"{type(m).__name__}(dim={d}, num_heads={nh}): only the stock layout "
+                                             "(plain Linear v / attn / proj, scale head_dim ** -0.5) is slimmed")
+            return {"role": "norm", "dim": -1, "unit": d // nh}
+
+        def _children(self) -> list:
+            return [self.v, self.attn, self.proj]
+
+        def _heads(self, g: BNGeo) -> int:
+            hd = self.v.in_features // self.num_heads
+            if g.c % hd:
+                raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {hd}")
+            return g.c // hd
+
+        def _select(self, g: BNGeo) -> tuple:
+            """``(v w, v b, attn w, attn b, proj w, proj b)`` at the channels ``g`` and their heads."""
+            rows = self._heads(g) * self.kernel_size ** 4
+            at = self.attn
+            out = []
+            for lin in (self.v, self.proj):
+                out += [g.take(g.take(lin.weight, 0), 1), g.take(lin.bias, 0)]
+            return (*out[:2], g.take(at.weight[:rows], 1), None if at.bias is None else at.bias[:rows], *out[2:])
+
+        def forward(self, x):
+            B, H, W, C = x.shape
+            g, (wv, bv, wa, ba, wp, bp) = self.selected(x)
+            nh, k, kk = self._heads(g), self.kernel_size, self.kernel_size ** 2
+            v = F.linear(x, wv, bv).permute(0, 3, 1, 2)
+            h, w = math.ceil(H / self.stride), math.ceil(W / self.stride)
+            v = self.unfold(v).reshape(B, nh, C // nh, kk, h * w).permute(0, 1, 4, 3, 2)
+            attn = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            attn = F.linear(attn, wa, ba).reshape(B, h * w, nh, kk, kk).permute(0, 2, 1, 3, 4)
+            attn = self.attn_drop((attn * self.scale).softmax(dim=-1))
+            x = (attn @ v).permute(0, 1, 4, 3, 2).reshape(B, C * kk, h * w)
+            x = F.fold(x, output_size=(H, W), kernel_size=k, padding=self.padding, stride=self.stride)
+            return self.proj_drop(F.linear(x.permute(0, 2, 3, 1), wp, bp))
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            t = self.selected_copy(g)
+            p = self.plain_copy({}, num_heads=self._heads(g))
+            p.v, p.attn, p.proj = (_linear_at(m, *t[i:i + 2]) for m, i in ((self.v, 0), (self.attn, 2),
+                                                                             (self.proj, 4)))
+            return p
+
+    SlimOutlookAttention.__qualname__ = 'SlimOutlookAttention'  # pickled by the module-level names below
+
+    @register(VoloClassAttention)
+    class SlimVoloClassAttention(_SelectsFromChildren, SlimComposite, VoloClassAttention):
+        """VOLO's class attention (the class token attends to every token; Touvron et al. 2021, CaiT §3) slimmed
+        by heads, ``head_dim`` fixed: input ``(N, L, C_active)``, output ``(N, 1, C_active)``, ``H' = C_active /
+        head_dim`` heads. ``q`` keeps the rows of the kept heads, ``kv`` those of the kept heads of k and of v,
+        both the active columns; ``proj`` the columns of the kept heads and the active rows. Exports as
+        ``ClassAttention(dim=C_active, num_heads=H')``.
+
+        Raises:
+            UnsupportedModuleError: at convert time, a module whose ``dim`` is not ``num_heads x head_dim`` or
+                whose ``q`` / ``kv`` / ``proj`` are not plain ``nn.Linear``.
+            NotExactError: an active width that is not whole heads.
+        """
+
+        channel_dim = -1
+
+        @classmethod
+        def analysis_role(cls, m) -> dict:
+            q, kv, pr, nh, hd = m.q, m.kv, m.proj, m.num_heads, m.head_dim
+            d, a = q.in_features, nh * hd
+            ok = all(type(lin) is nn.Linear for lin in (q, kv, pr)) and a == d and math.isclose(m.scale, hd ** -0.5) \
+                and (q.out_features, kv.in_features, kv.out_features, pr.in_features, pr.out_features) \
+                == (a, d, 2 * a, a, d)
+            if not ok:
+                raise UnsupportedModuleError(f"{type(m).__name__}(dim={d}, num_heads={nh}, head_dim={hd}): only the "
+                                             "stock layout with dim = num_heads x head_dim is slimmed by heads")
+            return {"role": "norm", "dim": -1, "unit": hd}
+
+        def _children(self) -> list:
+            return [self.q, self.kv, self.proj]
+
+        def _heads(self, g: BNGeo) -> int:
+            if g.c % self.head_dim:
+                raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {self.head_dim}")
+            return g.c // self.head_dim
+
+        def _select(self, g: BNGeo) -> tuple:
+            """``(q w, q b, kv w, kv b, proj w, proj b)`` of the kept heads at the channels ``g``."""
+            n, a = self._heads(g) * self.head_dim, self.num_heads * self.head_dim
+            q, kv, pr = self.q, self.kv, self.proj
+
+            def kv_rows(t):
+                return None if t is None else t.view(2, a, *t.shape[1:])[:, :n].reshape(2 * n, *t.shape[1:])
+
+            return (g.take(q.weight[:n], 1), None if q.bias is None else q.bias[:n],
+                    g.take(kv_rows(kv.weight), 1), kv_rows(kv.bias),
+                    g.take(pr.weight, 0)[:, :n], g.take(pr.bias, 0))
+
+        def forward(self, x):
+            B, N, C = x.shape
+            g, (wq, bq, wkv, bkv, wp, bp) = self.selected(x)
+            nh, hd = self._heads(g), self.head_dim
+            k, v = F.linear(x, wkv, bkv).reshape(B, N, 2, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q = F.linear(x[:, :1, :], wq, bq).reshape(B, nh, 1, hd) * self.scale
+            attn = self.attn_drop((q @ k.transpose(-2, -1)).softmax(dim=-1))
+            y = (attn @ v).transpose(1, 2).reshape(B, 1, hd * nh)
+            return self.proj_drop(F.linear(y, wp, bp))
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            t = self.selected_copy(g)
+            p = self.plain_copy({}, num_heads=self._heads(g))
+            p.q, p.kv, p.proj = (_linear_at(m, *t[i:i + 2]) for m, i in ((self.q, 0), (self.kv, 2), (self.proj, 4)))
+            return p
+
+    SlimVoloClassAttention.__qualname__ = 'SlimVoloClassAttention'
+    return SlimOutlookAttention, SlimVoloClassAttention
+
+
+SlimOutlookAttention, SlimVoloClassAttention = _register_volo_attention()
+
+
+def _register_halo_attention():
+    from timm.layers.halo_attn import HaloAttn
+
+    from slim_plugins.errors import NotExactError
+
+    @register(HaloAttn)
+    class SlimHaloAttn(_SelectsFromChildren, SlimComposite, HaloAttn):
+        """HaloNet's blocked local self-attention (Vaswani et al. 2021, §2) slimmed by heads on ``(N, C_active, H,
+        W)``, for the stock layout with ``dim_out == dim`` (HaloNet's blocks): ``H' = C_active / dim_head_v`` heads,
+        each with its ``dim_head_qk`` / ``dim_head_v`` kept (so the scale and the relative position embedding, per
+        head dim, are those of the full model); output ``(N, H' x dim_head_v, H / stride, W / stride)``, the first
+        ``H'`` heads, so the active channels in and out are the same prefix. ``q`` keeps the rows of the kept heads,
+        ``kv`` (head-major ``[k, v]`` per head) those of the kept heads, both the active columns. Exports as
+        ``HaloAttn`` with ``num_heads=H'``.
+
+        Raises:
+            UnsupportedModuleError: at convert time, another layout (``dim_out != dim``, ``q`` / ``kv`` not plain
+                1×1 ``nn.Conv2d``); ``convert`` then traces into it (and refuses the head merge as before).
+            NotExactError: an active width that is not whole heads, or active channels that are not a prefix.
+        """
+
+        channel_dim = 1
+
+        @classmethod
+        def analysis_role(cls, m) -> dict:
+            q, kv, nh = m.q, m.kv, m.num_heads
+            ok = all(type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.groups == 1 and c.padding == (0, 0)
+                     and c.padding_mode == "zeros" for c in (q, kv)) and kv.stride == (1, 1) \
+                and (q.in_channels, kv.in_channels, m.dim_out_v, q.out_channels, kv.out_channels) \
+                == (q.in_channels, q.in_channels, q.in_channels, m.dim_out_qk, m.dim_out_qk + m.dim_out_v) \
+                and (m.dim_out_qk, m.dim_out_v) == (nh * m.dim_head_qk, nh * m.dim_head_v)
+            if not ok:
+                raise UnsupportedModuleError(f"{type(m).__name__}(dim={q.in_channels}, dim_out={m.dim_out_v}, "
+                                             f"num_heads={nh}): only the stock layout with dim_out == dim (plain "
+                                             "1x1 Conv2d q / kv) is slimmed by heads")
+            return {"role": "norm", "dim": 1, "unit": m.dim_head_v}
+
+        def _children(self) -> list:
+            return [self.q, self.kv]
+
+        def _heads(self, g: BNGeo) -> int:
+            if g.idx is not None or g.c % self.dim_head_v:
+                raise NotExactError(f"{self.slim_name}: {g.c} active channels are not a prefix of whole heads of "
+                                    f"{self.dim_head_v}")
+            return g.c // self.dim_head_v
+
+        def _select(self, g: BNGeo) -> tuple:
+            """``(q w, q b, kv w, kv b)`` of the kept heads at the input channels ``g``."""
+            n, per = self._heads(g), self.dim_head_qk + self.dim_head_v
+            q, kv = self.q, self.kv
+            rq, rkv = n * self.dim_head_qk, n * per
+            return (g.take(q.weight[:rq], 1), None if q.bias is None else q.bias[:rq],
+                    g.take(kv.weight[:rkv], 1), None if kv.bias is None else kv.bias[:rkv])
+
+        def forward(self, x):
+            B, C, H, W = x.shape
+            g, (wq, bq, wkv, bkv) = self.selected(x)
+            nh, dqk, dv, bs, bsd, hs = (self._heads(g), self.dim_head_qk, self.dim_head_v, self.block_size,
+                                        self.block_size_ds, self.halo_size)
+            if H % bs or W % bs:
+                raise NotExactError(f"{self.slim_name}: input {H}x{W} is not whole blocks of {bs}")
+            nbh, nbw = H // bs, W // bs
+            nb = nbh * nbw
+            q = F.conv2d(x, wq, bq, self.q.stride)
+            q = q.reshape(-1, dqk, nbh, bsd, nbw, bsd).permute(0, 1, 3, 5, 2, 4)
+            q = q.reshape(B * nh, dqk, -1, nb).transpose(1, 3)
+            kv = F.pad(F.conv2d(x, wkv, bkv), [hs, hs, hs, hs])
+            kv = kv.unfold(2, self.win_size, bs).unfold(3, self.win_size, bs).reshape(
+                B * nh, dqk + dv, nb, -1).permute(0, 2, 3, 1)
+            k, v = torch.split(kv, [dqk, dv], dim=-1)
+            if self.scale_pos_embed:
+                attn = (q @ k.transpose(-1, -2) + self.pos_embed(q)) * self.scale
+            else:
+                attn = (q @ k.transpose(-1, -2)) * self.scale + self.pos_embed(q)
+            out = (attn.softmax(dim=-1) @ v).transpose(1, 3)
+            out = out.reshape(-1, bsd, bsd, nbh, nbw).permute(0, 3, 1, 4, 2).contiguous().view(
+                B, nh * dv, H // self.block_stride, W // self.block_stride)
+            return self.pool(out)
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            wq, bq, wkv, bkv = self.selected_copy(g)
+            nh = self._heads(g)
+            p = self.plain_copy({}, num_heads=nh, dim_out_qk=nh * self.dim_head_qk, dim_out_v=nh * self.dim_head_v)
+            p.q, p.kv = _conv_at(self.q, wq, bq), _conv_at(self.kv, wkv, bkv)
+            return p
+
+    SlimHaloAttn.__qualname__ = 'SlimHaloAttn'  # pickled by the module-level name below
+    return SlimHaloAttn
+
+
+SlimHaloAttn = _register_halo_attention()
+
+__all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimEvaAttention", "SlimAttentionRope", "SlimFocalModulation", "SlimLinearSelfAttention", "SlimOutlookAttention",
+           "SlimVoloClassAttention", "SlimHaloAttn",            "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
            "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act", "SlimRmsNormAct",
            "SlimRmsNormAct2d"]

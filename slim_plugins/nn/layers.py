@@ -766,7 +766,7 @@ def track_data_writes(module: nn.Module) -> None:
 
 # Per-module caches of selections made from the module's tensors (eval fast paths, DESIGN rule 7).
 _EVAL_CACHES = ("_slim_fast", "_pick_cache", "_head_cache", "_slim_head_fast", "_slim_param_cache",
-                "_slim_focal_cache")
+                "_slim_sel_cache")
 
 
 def drop_caches(module: nn.Module) -> None:
