@@ -1071,6 +1071,14 @@ def test_torchvision_maxvit_attention_keeps_whole_heads_and_the_full_logit_scale
     assert attn.scale_factor == 64 ** -0.5
 
 
+def _fan_in_init(model):
+    """Weights of scale 1 / sqrt(fan-in), vectors of scale 0.1: away from timm's init (std 0.02, zero biases, which
+    leaves some outputs near 0), so a wrong row or column shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+
+
 # Found by benchmarks/coverage.py: FocalNet's modulation splits its packed f conv by the literal sizes
 # [dim, dim, focal_level + 1], which the channel analysis refuses; its counterpart selects the three parts.
 @pytest.mark.parametrize("post_norm", [False, True])
@@ -1084,9 +1092,7 @@ def test_focal_modulation_keeps_its_gates_and_exports_into_the_stock_focalnet(po
               use_post_norm_in_modulation=post_norm, normalize_modulator=post_norm)
     torch.manual_seed(0)
     model = FocalNet(embed_dim=32, **kw).eval()
-    with torch.no_grad():  # timm's init (std 0.02, zero biases) leaves the modulation output near 0
-        for p in model.parameters():
-            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+    _fan_in_init(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
@@ -1142,9 +1148,7 @@ def test_linear_self_attention_keeps_its_query_row_and_exports_into_the_stock_la
 
     torch.manual_seed(0)
     model = timm.create_model("mobilevitv2_050", num_classes=7).eval()
-    with torch.no_grad():  # away from timm's init, so a wrong row or column shows
-        for p in model.parameters():
-            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+    _fan_in_init(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
@@ -1195,9 +1199,7 @@ def test_volo_outlook_and_class_attention_run_whole_heads_and_export_into_the_st
 
     torch.manual_seed(0)
     model = timm.create_model("volo_d1_224", num_classes=7, img_size=64).eval()
-    with torch.no_grad():  # away from timm's init, so a wrong row or column shows
-        for p in model.parameters():
-            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+    _fan_in_init(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
@@ -1267,9 +1269,7 @@ def test_halo_attention_runs_whole_heads_and_exports_into_the_stock_layer(stride
 
     torch.manual_seed(0)
     model = Halolet().eval()
-    with torch.no_grad():  # away from the init, so a wrong row or column shows
-        for p in model.parameters():
-            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p.normal_(0, 0.1)
+    _fan_in_init(model)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         ref = model(x)
