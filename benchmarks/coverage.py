@@ -74,7 +74,8 @@ VARIANTS = [
     "convnextv2_atto", "fastvit_t8", "levit_128s", "efficientvit_b0", "mobilenetv4_conv_small", "hiera_tiny_224",
     "caformer_s18", "tiny_vit_5m_224", "repvit_m1", "efficientformerv2_s0", "regnety_002", "mambaout_femto",
     "resnet50d", "efficientnet_b0", "mobilevitv2_050", "coatnet_0_rw_224", "maxvit_tiny_rw_224", "nest_tiny",
-    "ghostnetv3_050", "inception_next_tiny", "rdnet_tiny", "starnet_s1",
+    "ghostnetv3_050", "inception_next_tiny", "rdnet_tiny", "starnet_s1", "botnet26t_256", "halonet26t",
+    "lambda_resnet26t",
 ]
 
 

@@ -1246,35 +1246,43 @@ def test_volo_outlook_and_class_attention_run_whole_heads_and_export_into_the_st
         outlook(torch.randn(1, 8, 8, 48))  # 48 channels at full width: 1.5 heads
 
 
-# Found by benchmarks/coverage.py: HaloNet's HaloAttn merges its heads into the batch dim by the literal head count.
-@pytest.mark.parametrize("stride", [1, 2])
-def test_halo_attention_runs_whole_heads_and_exports_into_the_stock_layer(stride):
+# Found by benchmarks/coverage.py: HaloNet's HaloAttn and BoTNet's BottleneckAttn merge their heads into the batch
+# dim by the literal head count.
+@pytest.mark.parametrize("kind,stride", [("halo", 1), ("halo", 2), ("bottleneck", 1), ("bottleneck", 2)])
+def test_conv_heads_attention_runs_whole_heads_and_exports_into_the_stock_layer(kind, stride):
     pytest.importorskip("timm")
+    from timm.layers.bottleneck_attn import BottleneckAttn
     from timm.layers.halo_attn import HaloAttn
 
     import slim_plugins.integrations.timm  # noqa: F401
     from slim_plugins.errors import NotExactError
 
-    class Halolet(nn.Module):
+    # head dims qk 4 / v 8, so a head's q, k and v rows differ in number
+    if kind == "halo":
+        def make(c, heads):
+            return HaloAttn(c, num_heads=heads, dim_head=4, block_size=4, halo_size=1, stride=stride, qkv_bias=True)
+    else:
+        def make(c, heads):
+            return BottleneckAttn(c, feat_size=(16, 16), num_heads=heads, dim_head=4, stride=stride, qkv_bias=True)
+
+    class Attnlet(nn.Module):
         def __init__(self, c=32):
             super().__init__()
             self.stem = nn.Conv2d(3, c, 3, padding=1)
-            # head dims qk 4 / v 8: each head's [k, v] rows interleave in kv
-            self.attn = HaloAttn(c, num_heads=4, dim_head=4, block_size=4, halo_size=1, stride=stride,
-                                 qkv_bias=True)
+            self.attn = make(c, 4)
             self.head = nn.Linear(c, 5)
 
         def forward(self, x):
             return self.head(self.attn(self.stem(x).relu()).mean((2, 3)))
 
     torch.manual_seed(0)
-    model = Halolet().eval()
+    model = Attnlet().eval()
     _fan_in_init(model)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         ref = model(x)
     slim.convert(model, RANGE, example_input=x)
-    assert type(model.attn).__name__ == "SlimHaloAttn"
+    assert type(model.attn).__name__ == {"halo": "SlimHaloAttn", "bottleneck": "SlimBottleneckAttn"}[kind]
     with torch.no_grad():
         _same(model(x), ref, 0.0)
     exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0], tol=1e-5)
@@ -1285,19 +1293,22 @@ def test_halo_attention_runs_whole_heads_and_exports_into_the_stock_layer(stride
             model(x)
         xin, out = seen[-1]
         h = xin.shape[1] // 8
-        assert type(p.attn) is HaloAttn and p.attn.num_heads == h == round(4 * w) and out.shape[1] == 8 * h
-        stock = HaloAttn(8 * h, num_heads=h, dim_head=4, block_size=4, halo_size=1, stride=stride,
-                         qkv_bias=True).eval()
+        assert type(p.attn) is type(make(8, 1)) and p.attn.num_heads == h == round(4 * w) and out.shape[1] == 8 * h
+        stock = make(8 * h, h).eval()
         stock.load_state_dict(p.attn.state_dict(), strict=True)
         with torch.no_grad():
             _same(stock(xin), out, 1e-5)
-    # training at 0.5 reaches the rows of the first 2 of 4 heads: q rows 0-7, kv rows 0-23 ([k 4, v 8] per head)
+    # training at 0.5 reaches the rows of the first 2 of 4 heads
     model.train()
     with slim.width(0.5):
         model(x).sum().backward()
-    assert (model.attn.q.weight.grad.abs().sum((1, 2, 3)) > 0).tolist() == [True] * 8 + [False] * 8
-    assert (model.attn.kv.weight.grad.abs().sum((1, 2, 3)) > 0).tolist() == [True] * 24 + [False] * 24
-    with pytest.raises(NotExactError, match="whole blocks of 4"):
+    if kind == "halo":  # q rows 0-7; kv rows 0-23 ([k 4, v 8] per head)
+        rows = {"q": [True] * 8 + [False] * 8, "kv": [True] * 24 + [False] * 24}
+    else:  # qkv = [q 16 | k 16 | v 32]: q 0-7, k 16-23, v 32-47
+        rows = {"qkv": ([True] * 8 + [False] * 8) * 2 + [True] * 16 + [False] * 16}
+    for name, want in rows.items():
+        assert (getattr(model.attn, name).weight.grad.abs().sum((1, 2, 3)) > 0).tolist() == want, name
+    with pytest.raises(NotExactError, match="whole blocks of 4" if kind == "halo" else "position embedding"):
         model.attn(torch.randn(1, 32, 6, 6))
 
 

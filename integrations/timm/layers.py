@@ -784,64 +784,100 @@ def _register_volo_attention():
 SlimOutlookAttention, SlimVoloClassAttention = _register_volo_attention()
 
 
-def _register_halo_attention():
+class _ConvHeadsAttention(_SelectsFromChildren, SlimComposite):
+    """Base of the conv-projection attentions of timm's ``byoanet`` family (``HaloAttn``, ``BottleneckAttn``)
+    slimmed by heads on ``(N, C_active, H, W)``, for the stock layout with ``dim_out == dim`` (their blocks):
+    ``H' = C_active / dim_head_v`` heads, each with its ``dim_head_qk`` / ``dim_head_v`` kept (so the scale and the
+    relative position embedding, per head dim, are those of the full model); the output is the first ``H'`` heads,
+    so the active channels in and out are the same prefix. Exports as the stock class with ``num_heads=H'``.
+
+    Raises:
+        UnsupportedModuleError: at convert time, another layout (``dim_out != dim``, projections not plain 1×1
+            ``nn.Conv2d``); ``convert`` then traces into it (and refuses the head merge as before).
+        NotExactError: an active width that is not whole heads, or active channels that are not a prefix.
+    """
+
+    channel_dim = 1
+    _convs: tuple = ()  # the projection convs, with their out channels per head as (qk heads, v heads)
+    _per_head: tuple = ()
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        convs, nh, d = [getattr(m, n) for n in cls._convs], m.num_heads, m.dim_out_v
+        ok = all(type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.groups == 1 and c.padding == (0, 0)
+                 and c.padding_mode == "zeros" and c.in_channels == d for c in convs) \
+            and (m.dim_out_qk, m.dim_out_v) == (nh * m.dim_head_qk, nh * m.dim_head_v) \
+            and all(c.out_channels == nh * (a * m.dim_head_qk + b * m.dim_head_v) for c, (a, b) in
+                    zip(convs, cls._per_head))
+        if not ok:
+            raise UnsupportedModuleError(f"{type(m).__name__}(dim={convs[0].in_channels}, dim_out={d}, num_heads={nh}):"
+                                         f" only the stock layout with dim_out == dim (plain 1x1 Conv2d "
+                                         f"{' / '.join(cls._convs)}) is slimmed by heads")
+        return {"role": "norm", "dim": 1, "unit": m.dim_head_v}
+
+    def _children(self) -> list:
+        return [getattr(self, n) for n in self._convs]
+
+    def heads(self, g: BNGeo) -> int:
+        """The heads run at the active channels ``g``."""
+        from slim_plugins.errors import NotExactError
+
+        if g.idx is not None or g.c % self.dim_head_v:
+            raise NotExactError(f"{self.slim_name}: {g.c} active channels are not a prefix of whole heads of "
+                                f"{self.dim_head_v}")
+        return g.c // self.dim_head_v
+
+    def _rows(self, n: int) -> list:
+        """Rows of each projection conv that the first ``n`` heads read."""
+        raise NotImplementedError
+
+    def _select(self, g: BNGeo) -> tuple:
+        """``(w, b)`` of each projection conv: the rows of the kept heads, the active input channels."""
+        out = []
+        for c, rows in zip(self._children(), self._rows(self.heads(g))):
+            rows = rows.to(c.weight.device) if torch.is_tensor(rows) else rows
+            out += [g.take(c.weight[rows], 1), None if c.bias is None else c.bias[rows]]
+        return tuple(out)
+
+    def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+        t, nh = self.selected_copy(g), self.heads(g)
+        p = self.plain_copy({}, num_heads=nh, dim_out_qk=nh * self.dim_head_qk, dim_out_v=nh * self.dim_head_v)
+        for i, name in enumerate(self._convs):
+            setattr(p, name, _conv_at(getattr(self, name), t[2 * i], t[2 * i + 1]))
+        return p
+
+
+def _register_byoanet_attention():
+    from timm.layers.bottleneck_attn import BottleneckAttn
     from timm.layers.halo_attn import HaloAttn
 
     from slim_plugins.errors import NotExactError
 
     @register(HaloAttn)
-    class SlimHaloAttn(_SelectsFromChildren, SlimComposite, HaloAttn):
-        """HaloNet's blocked local self-attention (Vaswani et al. 2021, §2) slimmed by heads on ``(N, C_active, H,
-        W)``, for the stock layout with ``dim_out == dim`` (HaloNet's blocks): ``H' = C_active / dim_head_v`` heads,
-        each with its ``dim_head_qk`` / ``dim_head_v`` kept (so the scale and the relative position embedding, per
-        head dim, are those of the full model); output ``(N, H' x dim_head_v, H / stride, W / stride)``, the first
-        ``H'`` heads, so the active channels in and out are the same prefix. ``q`` keeps the rows of the kept heads,
-        ``kv`` (head-major ``[k, v]`` per head) those of the kept heads, both the active columns. Exports as
-        ``HaloAttn`` with ``num_heads=H'``.
+    class SlimHaloAttn(_ConvHeadsAttention, HaloAttn):
+        """HaloNet's blocked local self-attention (Vaswani et al. 2021, §2) slimmed by heads
+        (:class:`_ConvHeadsAttention`): output ``(N, H' x dim_head_v, H / stride, W / stride)``; ``q`` keeps the
+        rows of the kept heads, ``kv`` (head-major ``[k, v]`` per head) those of the kept heads.
 
         Raises:
-            UnsupportedModuleError: at convert time, another layout (``dim_out != dim``, ``q`` / ``kv`` not plain
-                1×1 ``nn.Conv2d``); ``convert`` then traces into it (and refuses the head merge as before).
-            NotExactError: an active width that is not whole heads, or active channels that are not a prefix.
+            NotExactError: also an input whose sides are not whole blocks (timm asserts the same).
         """
 
-        channel_dim = 1
+        _convs, _per_head = ("q", "kv"), ((1, 0), (1, 1))
 
         @classmethod
         def analysis_role(cls, m) -> dict:
-            q, kv, nh = m.q, m.kv, m.num_heads
-            ok = all(type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.groups == 1 and c.padding == (0, 0)
-                     and c.padding_mode == "zeros" for c in (q, kv)) and kv.stride == (1, 1) \
-                and (q.in_channels, kv.in_channels, m.dim_out_v, q.out_channels, kv.out_channels) \
-                == (q.in_channels, q.in_channels, q.in_channels, m.dim_out_qk, m.dim_out_qk + m.dim_out_v) \
-                and (m.dim_out_qk, m.dim_out_v) == (nh * m.dim_head_qk, nh * m.dim_head_v)
-            if not ok:
-                raise UnsupportedModuleError(f"{type(m).__name__}(dim={q.in_channels}, dim_out={m.dim_out_v}, "
-                                             f"num_heads={nh}): only the stock layout with dim_out == dim (plain "
-                                             "1x1 Conv2d q / kv) is slimmed by heads")
-            return {"role": "norm", "dim": 1, "unit": m.dim_head_v}
+            if m.kv.stride != (1, 1):
+                raise UnsupportedModuleError(f"HaloAttn with a strided kv conv ({m.kv.stride}) is not slimmed")
+            return super().analysis_role(m)
 
-        def _children(self) -> list:
-            return [self.q, self.kv]
-
-        def _heads(self, g: BNGeo) -> int:
-            if g.idx is not None or g.c % self.dim_head_v:
-                raise NotExactError(f"{self.slim_name}: {g.c} active channels are not a prefix of whole heads of "
-                                    f"{self.dim_head_v}")
-            return g.c // self.dim_head_v
-
-        def _select(self, g: BNGeo) -> tuple:
-            """``(q w, q b, kv w, kv b)`` of the kept heads at the input channels ``g``."""
-            n, per = self._heads(g), self.dim_head_qk + self.dim_head_v
-            q, kv = self.q, self.kv
-            rq, rkv = n * self.dim_head_qk, n * per
-            return (g.take(q.weight[:rq], 1), None if q.bias is None else q.bias[:rq],
-                    g.take(kv.weight[:rkv], 1), None if kv.bias is None else kv.bias[:rkv])
+        def _rows(self, n: int) -> list:
+            return [slice(0, n * self.dim_head_qk), slice(0, n * (self.dim_head_qk + self.dim_head_v))]
 
         def forward(self, x):
             B, C, H, W = x.shape
             g, (wq, bq, wkv, bkv) = self.selected(x)
-            nh, dqk, dv, bs, bsd, hs = (self._heads(g), self.dim_head_qk, self.dim_head_v, self.block_size,
+            nh, dqk, dv, bs, bsd, hs = (self.heads(g), self.dim_head_qk, self.dim_head_v, self.block_size,
                                         self.block_size_ds, self.halo_size)
             if H % bs or W % bs:
                 raise NotExactError(f"{self.slim_name}: input {H}x{W} is not whole blocks of {bs}")
@@ -863,20 +899,49 @@ def _register_halo_attention():
                 B, nh * dv, H // self.block_stride, W // self.block_stride)
             return self.pool(out)
 
-        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
-            wq, bq, wkv, bkv = self.selected_copy(g)
-            nh = self._heads(g)
-            p = self.plain_copy({}, num_heads=nh, dim_out_qk=nh * self.dim_head_qk, dim_out_v=nh * self.dim_head_v)
-            p.q, p.kv = _conv_at(self.q, wq, bq), _conv_at(self.kv, wkv, bkv)
-            return p
+    @register(BottleneckAttn)
+    class SlimBottleneckAttn(_ConvHeadsAttention, BottleneckAttn):
+        """BoTNet's global self-attention with 2-D relative positions (Srinivas et al. 2021, §3) slimmed by heads
+        (:class:`_ConvHeadsAttention`): the packed ``qkv`` conv (``[q heads, k heads, v heads]``) keeps the rows of
+        the kept heads of each part.
 
-    SlimHaloAttn.__qualname__ = 'SlimHaloAttn'  # pickled by the module-level name below
-    return SlimHaloAttn
+        Raises:
+            NotExactError: also an input of another size than the position embedding's (timm asserts the same).
+        """
+
+        _convs, _per_head = ("qkv",), ((2, 1),)
+
+        def _rows(self, n: int) -> list:
+            a, nq, nv = self.dim_out_qk, n * self.dim_head_qk, n * self.dim_head_v
+            return [torch.cat([torch.arange(nq), a + torch.arange(nq), 2 * a + torch.arange(nv)])]
+
+        def forward(self, x):
+            B, C, H, W = x.shape
+            if (H, W) != (self.pos_embed.height, self.pos_embed.width):
+                raise NotExactError(f"{self.slim_name}: input {H}x{W}, position embedding "
+                                    f"{self.pos_embed.height}x{self.pos_embed.width}")
+            g, (w, b) = self.selected(x)
+            nh, dqk, dv = self.heads(g), self.dim_head_qk, self.dim_head_v
+            q, k, v = torch.split(F.conv2d(x, w, b), [nh * dqk, nh * dqk, nh * dv], dim=1)
+            q = q.reshape(B * nh, dqk, -1).transpose(-1, -2)
+            k = k.reshape(B * nh, dqk, -1)
+            v = v.reshape(B * nh, dv, -1).transpose(-1, -2)
+            if self.scale_pos_embed:
+                attn = (q @ k + self.pos_embed(q)) * self.scale
+            else:
+                attn = (q @ k) * self.scale + self.pos_embed(q)
+            out = (attn.softmax(dim=-1) @ v).transpose(-1, -2).reshape(B, nh * dv, H, W)
+            return self.pool(out)
+
+    for cls in (SlimHaloAttn, SlimBottleneckAttn):
+        cls.__qualname__ = cls.__name__  # pickled by the module-level names below
+    return SlimHaloAttn, SlimBottleneckAttn
 
 
-SlimHaloAttn = _register_halo_attention()
+SlimHaloAttn, SlimBottleneckAttn = _register_byoanet_attention()
 
-__all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimEvaAttention", "SlimAttentionRope", "SlimFocalModulation", "SlimLinearSelfAttention", "SlimOutlookAttention",
-           "SlimVoloClassAttention", "SlimHaloAttn",            "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
+__all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimEvaAttention", "SlimAttentionRope",
+           "SlimFocalModulation", "SlimLinearSelfAttention", "SlimOutlookAttention", "SlimVoloClassAttention",
+           "SlimHaloAttn", "SlimBottleneckAttn", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
            "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act", "SlimRmsNormAct",
            "SlimRmsNormAct2d"]
