@@ -1071,6 +1071,21 @@ def test_torchvision_maxvit_attention_keeps_whole_heads_and_the_full_logit_scale
     assert attn.scale_factor == 64 ** -0.5
 
 
+def _calls_at(model, layer, x, widths) -> dict:
+    """``{w: (input, output)}`` of ``layer``'s call in ``model(x)`` at each width (no autograd)."""
+    seen = []
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    out = {}
+    try:
+        for w in widths:
+            with slim.width(w), torch.no_grad():
+                model(x)
+            out[w] = seen[-1]
+    finally:
+        hook.remove()
+    return out
+
+
 def _fan_in_init(model):
     """Weights of scale 1 / sqrt(fan-in), vectors of scale 0.1: away from timm's init (std 0.02, zero biases, which
     leaves some outputs near 0), so a wrong row or column shows."""
@@ -1150,21 +1165,14 @@ def test_linear_self_attention_keeps_its_query_row_and_exports_into_the_stock_la
     model = timm.create_model("mobilevitv2_050", num_classes=7).eval()
     _fan_in_init(model)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-    slim.convert(model, RANGE, example_input=x)
+    _convert_keeps_width_one(model, x)
     mod = model.stages[2][1].transformer[0].attn
     assert type(mod).__name__ == "SlimLinearSelfAttention" and mod.embed_dim == 64
-    with torch.no_grad():
-        _same(model(x), ref, 0.0)
     slim.calibrate_bn(model, [torch.randn(4, 3, 64, 64)], widths=[0.25, 0.5])
     exports = _export_matches(model, x, [0.25, 0.5, 1.0], tol=1e-5)
-    seen = []
-    mod.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    calls = _calls_at(model, mod, x, exports)
     for w, p in exports.items():
-        with slim.width(w), torch.no_grad():
-            model(x)
-        xin, out = seen[-1]
+        xin, out = calls[w]
         a = p.stages[2][1].transformer[0].attn
         c = xin.shape[1]
         assert type(a) is LinearSelfAttention and a.embed_dim == c and a.qkv_proj.out_channels == 2 * c + 1
@@ -1178,14 +1186,14 @@ def test_linear_self_attention_keeps_its_query_row_and_exports_into_the_stock_la
     model.train()
     with slim.width(0.5):
         model(x).sum().backward()
-    c = seen[1][0].shape[1]
+    c = calls[0.5][0].shape[1]
     rows = mod.qkv_proj.weight.grad.abs().sum((1, 2, 3)) > 0
     want = torch.zeros(2 * 64 + 1, dtype=torch.bool)
     want[:1 + c] = want[65:65 + c] = True
     assert not (rows & ~want).any() and rows[0] and rows[1:1 + c].any() and rows[65:65 + c].any()
     assert (mod.qkv_proj.weight.grad[:, c:] == 0).all() and (mod.out_proj.weight.grad[c:] == 0).all()
     with pytest.raises(InvalidArgumentError, match="x_prev"):
-        mod(seen[0][0], seen[0][0])
+        mod(calls[0.25][0], calls[0.25][0])
 
 
 # Found by benchmarks/coverage.py: VOLO's outlook attention unfolds its value map (C x k^2 rows per window) and its
@@ -1201,25 +1209,17 @@ def test_volo_outlook_and_class_attention_run_whole_heads_and_export_into_the_st
     model = timm.create_model("volo_d1_224", num_classes=7, img_size=64).eval()
     _fan_in_init(model)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-    slim.convert(model, RANGE, example_input=x)
+    _convert_keeps_width_one(model, x)
     outlook, cls_attn = model.network[0][0].attn, model.post_network[0].attn
     assert (type(outlook).__name__, type(cls_attn).__name__) == ("SlimOutlookAttention", "SlimVoloClassAttention")
-    with torch.no_grad():
-        _same(model(x), ref, 0.0)
     slim.calibrate_bn(model, [torch.randn(4, 3, 64, 64)], widths=[0.25, 0.5])
     exports = _export_matches(model, x, [0.25, 0.5, 1.0], tol=1e-5)
-    seen = {}
-    for name, mod in (("outlook", outlook), ("cls", cls_attn)):
-        mod.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, []).append((i[0], o)))
+    calls = {"outlook": _calls_at(model, outlook, x, exports), "cls": _calls_at(model, cls_attn, x, exports)}
     heads = []
     for w, p in exports.items():
-        with slim.width(w), torch.no_grad():
-            model(x)
         for name, stock_cls, plain in (("outlook", OutlookAttention, p.network[0][0].attn),
                                        ("cls", ClassAttention, p.post_network[0].attn)):
-            xin, out = seen[name][-1]
+            xin, out = calls[name][w]
             c = xin.shape[-1]
             assert type(plain) is stock_cls and plain.num_heads * 32 == c  # head_dim 32 kept
             kw = dict(kernel_size=plain.kernel_size, padding=plain.padding, stride=plain.stride,
@@ -1279,19 +1279,12 @@ def test_conv_heads_attention_runs_whole_heads_and_exports_into_the_stock_layer(
     model = Attnlet().eval()
     _fan_in_init(model)
     x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        ref = model(x)
-    slim.convert(model, RANGE, example_input=x)
+    _convert_keeps_width_one(model, x)
     assert type(model.attn).__name__ == {"halo": "SlimHaloAttn", "bottleneck": "SlimBottleneckAttn"}[kind]
-    with torch.no_grad():
-        _same(model(x), ref, 0.0)
     exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0], tol=1e-5)
-    seen = []
-    model.attn.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    calls = _calls_at(model, model.attn, x, exports)
     for w, p in exports.items():
-        with slim.width(w), torch.no_grad():
-            model(x)
-        xin, out = seen[-1]
+        xin, out = calls[w]
         h = xin.shape[1] // 8
         assert type(p.attn) is type(make(8, 1)) and p.attn.num_heads == h == round(4 * w) and out.shape[1] == 8 * h
         stock = make(8 * h, h).eval()
@@ -1310,6 +1303,54 @@ def test_conv_heads_attention_runs_whole_heads_and_exports_into_the_stock_layer(
         assert (getattr(model.attn, name).weight.grad.abs().sum((1, 2, 3)) > 0).tolist() == want, name
     with pytest.raises(NotExactError, match="whole blocks of 4" if kind == "halo" else "position embedding"):
         model.attn(torch.randn(1, 32, 6, 6))
+
+
+# Found by benchmarks/coverage.py: Sequencer's LSTM2d holds nn.LSTMs, which had no counterpart.
+@pytest.mark.parametrize("union,bidirectional", [("cat", True), ("add", True), ("cat", False), ("vertical", True)])
+def test_lstm2d_runs_the_hidden_units_of_its_width_and_exports_into_the_stock_layer(union, bidirectional):
+    pytest.importorskip("timm")
+    from timm.models.sequencer import LSTM2d
+
+    import slim_plugins.integrations.timm  # noqa: F401
+    from slim_plugins.errors import NotExactError
+
+    class Seqlet(nn.Module):
+        def __init__(self, c=32):
+            super().__init__()
+            self.stem = nn.Linear(3, c)
+            self.rnn = LSTM2d(c, c // 4, union=union, bidirectional=bidirectional)
+            self.head = nn.Linear(c, 5)
+
+        def forward(self, x):  # x: (N, H, W, 3)
+            x = self.stem(x).relu()
+            return self.head((x + self.rnn(x)).mean((1, 2)))
+
+    torch.manual_seed(0)
+    model = Seqlet().eval()
+    _fan_in_init(model)
+    x = torch.randn(2, 5, 6, 3)
+    _convert_keeps_width_one(model, x)
+    assert type(model.rnn).__name__ == "SlimLSTM2d"
+    exports = _export_matches(model, x, [0.25, 0.5, 0.75, 1.0], tol=1e-5)
+    calls = _calls_at(model, model.rnn, x, exports)
+    for w, p in exports.items():
+        xin, out = calls[w]
+        c = xin.shape[-1]
+        assert c == round(32 * w) and type(p.rnn) is LSTM2d and p.rnn.hidden_size == c // 4
+        stock = LSTM2d(c, c // 4, union=union, bidirectional=bidirectional).eval()
+        stock.load_state_dict(p.rnn.state_dict(), strict=True)
+        with torch.no_grad():
+            _same(stock(xin), out, 1e-5)
+    # training at 0.5 (16 channels, 4 of 8 hidden units) reaches the first 4 units of each gate
+    model.train()
+    with slim.width(0.5):
+        model(x).sum().backward()
+    want = ([True] * 4 + [False] * 4) * 4  # gates i, f, g, o
+    for name in ("weight_ih_l0", "weight_hh_l0") + (("weight_ih_l0_reverse",) if bidirectional else ()):
+        assert (getattr(model.rnn.rnn_v, name).grad.abs().sum(1) > 0).tolist() == want, name
+    assert (model.rnn.rnn_v.weight_ih_l0.grad[:, 16:] == 0).all()
+    with pytest.raises(NotExactError, match="multiple of 4"):
+        model.rnn(torch.randn(1, 2, 2, 30))
 
 
 def test_every_registered_counterpart_pickles_by_name(tmp_path):

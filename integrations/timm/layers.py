@@ -940,8 +940,125 @@ def _register_byoanet_attention():
 
 SlimHaloAttn, SlimBottleneckAttn = _register_byoanet_attention()
 
+
+def _register_lstm2d():
+    from timm.models.sequencer import LSTM2d
+
+    from slim_plugins.errors import NotExactError
+
+    @register(LSTM2d)
+    class SlimLSTM2d(_SelectsFromChildren, SlimComposite, LSTM2d):
+        """Sequencer's 2-D BiLSTM (Tatsunami & Taki 2022, §3.1) on channels-last ``(N, H, W, C_active)``: the
+        vertical and horizontal LSTMs run ``hidden' = C_active x hidden_size / C`` hidden units (the hidden width
+        follows the width, as a transformer's MLP does), each gate keeping the rows of its first ``hidden'`` units
+        and the active input columns; ``fc`` reads the kept units of each direction and writes the active channels.
+        So at a width it equals ``LSTM2d(C_active, hidden')`` holding the selected weights, which is what it exports
+        as.
+
+        Raises:
+            UnsupportedModuleError: at convert time, a module without ``fc``, with stacked or projected LSTMs, or
+                whose ``C`` is not a multiple of ``hidden_size``; ``convert`` then refuses the LSTM as before.
+            NotExactError: active channels that are not whole multiples of ``C / hidden_size``.
+        """
+
+        channel_dim = -1
+
+        @classmethod
+        def analysis_role(cls, m) -> dict:
+            c, hid = m.input_size, m.hidden_size
+            rnns = cls._rnns(m)
+            ok = type(m.fc) is nn.Linear and bool(rnns) and c % hid == 0 and all(
+                type(r) is nn.LSTM and r.num_layers == 1 and r.batch_first and r.proj_size == 0
+                and (r.input_size, r.hidden_size) == (c, hid) for r in rnns) \
+                and (m.fc.in_features, m.fc.out_features) == ((2 if m.union == "cat" and len(rnns) == 2 else 1)
+                                                              * m.output_size, c)
+            if not ok:
+                raise UnsupportedModuleError(f"{type(m).__name__}(input_size={c}, hidden_size={hid}, union="
+                                             f"{m.union!r}): only single-layer batch-first LSTMs with an fc and "
+                                             "input_size a multiple of hidden_size are slimmed")
+            return {"role": "norm", "dim": -1, "unit": c // hid}
+
+        @staticmethod
+        def _rnns(m) -> list:
+            return [r for r, on in ((m.rnn_v, m.with_vertical), (m.rnn_h, m.with_horizontal)) if on]
+
+        def _children(self) -> list:
+            return self._rnns(self) + [self.fc]
+
+        def _srcs(self):
+            mods = self._children()
+            if any("parametrizations" in m._modules or any(n in m.__dict__ for n in m._parameters) for m in mods):
+                return None
+            return tuple(p for m in mods for p in m._parameters.values())
+
+        def _hidden(self, g: BNGeo) -> int:
+            ratio = self.input_size // self.hidden_size
+            if g.c % ratio:
+                raise NotExactError(f"{self.slim_name}: {g.c} active channels are not a multiple of {ratio} "
+                                    "(channels per LSTM hidden unit)")
+            return g.c // ratio
+
+        def _select(self, g: BNGeo) -> tuple:
+            """``([flat LSTM weights of each direction] per LSTM, fc w, fc b)`` at the channels ``g``."""
+            hid, hp = self.hidden_size, self._hidden(g)
+            dev = self.fc.weight.device
+            units = torch.arange(hp, device=dev)
+            rows = torch.cat([k * hid + units for k in range(4)])  # gates i, f, g, o
+            out = []
+            for r in self._rnns(self):
+                ws = []
+                for sfx in ("_l0", "_l0_reverse")[:2 if r.bidirectional else 1]:
+                    ws += [g.take(getattr(r, "weight_ih" + sfx)[rows], 1), getattr(r, "weight_hh" + sfx)[rows, :hp]]
+                    if r.bias:
+                        ws += [getattr(r, "bias_ih" + sfx)[rows], getattr(r, "bias_hh" + sfx)[rows]]
+                out.append(ws)
+            cols = torch.cat([b * hid + units for b in range(self.fc.in_features // hid)])
+            return (*out, g.take(self.fc.weight[:, cols], 0), g.take(self.fc.bias, 0))
+
+        def forward(self, x):
+            B, H, W, C = x.shape
+            g, sel = self.selected(x)
+            hp = self._hidden(g)
+            ws = iter(sel[:-2])
+
+            def run(r, seq):  # nn.LSTM's own kernel call (torch._VF.lstm), on the selected weights
+                h0 = seq.new_zeros(2 if r.bidirectional else 1, seq.shape[0], hp)
+                return torch._VF.lstm(seq, (h0, h0), next(ws), r.bias, 1, float(r.dropout), self.training,
+                                      r.bidirectional, True)[0]
+
+            v = h = None
+            if self.with_vertical:
+                v = run(self.rnn_v, x.permute(0, 2, 1, 3).reshape(-1, H, C)).reshape(B, W, H, -1).permute(0, 2, 1, 3)
+            if self.with_horizontal:
+                h = run(self.rnn_h, x.reshape(-1, W, C)).reshape(B, H, W, -1)
+            if v is not None and h is not None:
+                x = torch.cat([v, h], dim=-1) if self.union == "cat" else v + h
+            else:
+                x = v if v is not None else h
+            return F.linear(x, sel[-2], sel[-1])
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            sel, hp = self.selected_copy(g), self._hidden(g)
+            p = self.plain_copy({}, input_size=g.c, hidden_size=hp, output_size=self.output_size // self.hidden_size * hp)
+            names = [n for n, on in (("rnn_v", self.with_vertical), ("rnn_h", self.with_horizontal)) if on]
+            for name, r, ws in zip(names, self._rnns(self), sel[:-2]):
+                q = nn.LSTM(g.c, hp, 1, bias=r.bias, batch_first=True, bidirectional=r.bidirectional,
+                            device=ws[0].device, dtype=ws[0].dtype).train(r.training)
+                with torch.no_grad():
+                    for t, w in zip(q._flat_weights, ws):
+                        t.copy_(w)
+                setattr(p, name, q)
+            p.fc = _linear_at(self.fc, sel[-2], sel[-1])
+            return p
+
+    SlimLSTM2d.__qualname__ = 'SlimLSTM2d'  # pickled by the module-level name below
+    return SlimLSTM2d
+
+
+SlimLSTM2d = _register_lstm2d()
+
 __all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimEvaAttention", "SlimAttentionRope",
            "SlimFocalModulation", "SlimLinearSelfAttention", "SlimOutlookAttention", "SlimVoloClassAttention",
-           "SlimHaloAttn", "SlimBottleneckAttn", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
+           "SlimHaloAttn", "SlimBottleneckAttn", "SlimLSTM2d", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
            "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act", "SlimRmsNormAct",
            "SlimRmsNormAct2d"]
