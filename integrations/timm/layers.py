@@ -19,9 +19,9 @@ from timm.layers.norm_act import (GroupNorm1Act, GroupNormAct, LayerNormAct, Lay
 from torch import nn
 
 from slim_plugins.errors import UnsupportedModuleError
-from slim_plugins.nn.attention import SlimHeadsAttention
+from slim_plugins.nn.attention import SlimHeadsAttention, whole_heads
 from slim_plugins.nn.layers import SlimConv2d, _assign, cached, plain_copy
-from slim_plugins.nn.norm import (BNGeo, SlimComposite, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel,
+from slim_plugins.nn.norm import (BNGeo, SelectsFromChildren, SlimComposite, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel,
                                   SlimRMSNorm, SlimRMSNorm2d)
 from slim_plugins.registry import register
 
@@ -397,49 +397,6 @@ SlimEvaAttention = _register_eva_attention()
 
 
 # ---- counterparts that select from their child convs (focal modulation, linear self-attention) ---------------
-def _copy(v):
-    return [t.detach().clone() for t in v] if type(v) is list else None if v is None else v.detach().clone()
-
-
-def _contiguous(v):
-    return [t.contiguous() for t in v] if type(v) is list else None if v is None else v.contiguous()
-
-
-class _SelectsFromChildren:
-    """Selection of a counterpart's child-layer weights at the active channels: ``_select(g)`` (a subclass's)
-    gives a tuple of tensors / ``None`` / lists of tensors; without autograd it is reused per width while the
-    parameters are unchanged (``stamps``, DESIGN rule 7)."""
-
-    def _children(self) -> list:
-        raise NotImplementedError
-
-    def _srcs(self):
-        mods = self._children()
-        if any("parametrizations" in m._modules or "weight" in m.__dict__ or "bias" in m.__dict__ for m in mods):
-            # computed at every read, or held as plain attributes (a DataParallel replica): not cached
-            return None
-        return tuple(m._parameters.get(n) for m in mods for n in ("weight", "bias"))
-
-    def selected(self, x) -> tuple:
-        """``(geometry, selected weights)`` of a call on ``x``."""
-        g = self.active_geometry(x)
-        srcs = None if torch.is_grad_enabled() else self._srcs()
-        if srcs is None:
-            return g, self._select(g)
-        return g, cached(self, "_slim_sel_cache", (g,), srcs, lambda: tuple(_contiguous(v) for v in self._select(g)),
-                         size=8)
-
-    def selected_copy(self, g: BNGeo) -> tuple:
-        """Detached copies of ``_select(g)`` (for export)."""
-        with torch.no_grad():
-            return tuple(_copy(v) for v in self._select(g))
-
-    def __getstate__(self):  # copies drop the weight cache
-        d = dict(super().__getstate__())
-        d.pop("_slim_sel_cache", None)
-        return d
-
-
 def _linear_at(lin: nn.Linear, w, b) -> nn.Linear:
     """A plain ``nn.Linear`` in ``lin``'s mode holding ``w`` / ``b`` (for export)."""
     p = nn.Linear(w.shape[1], w.shape[0], b is not None, device=w.device, dtype=w.dtype)
@@ -459,7 +416,7 @@ def _register_focal_modulation():
     from timm.models.focalnet import FocalModulation
 
     @register(FocalModulation)
-    class SlimFocalModulation(_SelectsFromChildren, SlimComposite, FocalModulation):
+    class SlimFocalModulation(SelectsFromChildren, SlimComposite, FocalModulation):
         """FocalNet's focal modulation (Yang et al. 2022) at the active channels of ``(N, C_active, H, W)``.
 
         Its ``f`` conv packs ``[q (dim), ctx (dim), gates (focal_level + 1)]`` and the forward splits it by those
@@ -568,7 +525,7 @@ def _register_linear_self_attention():
     from slim_plugins.errors import InvalidArgumentError
 
     @register(LinearSelfAttention)
-    class SlimLinearSelfAttention(_SelectsFromChildren, SlimComposite, LinearSelfAttention):
+    class SlimLinearSelfAttention(SelectsFromChildren, SlimComposite, LinearSelfAttention):
         """MobileViT v2's separable linear self-attention (Mehta & Rastegari 2022, §3) on ``(N, C_active, P, M)``.
 
         Its ``qkv_proj`` packs ``[query (1), key (dim), value (dim)]`` and the forward splits it by those literal
@@ -639,10 +596,8 @@ def _register_volo_attention():
     from timm.models.volo import ClassAttention as VoloClassAttention
     from timm.models.volo import OutlookAttention
 
-    from slim_plugins.errors import NotExactError
-
     @register(OutlookAttention)
-    class SlimOutlookAttention(_SelectsFromChildren, SlimComposite, OutlookAttention):
+    class SlimOutlookAttention(SelectsFromChildren, SlimComposite, OutlookAttention):
         """VOLO's outlook attention (Yuan et al. 2022, §2.1) slimmed by heads, ``head_dim`` fixed (module
         docstring): input and output channels-last ``(N, H, W, C_active)``, ``H' = C_active / head_dim`` heads.
 
@@ -676,10 +631,7 @@ def _register_volo_attention():
             return [self.v, self.attn, self.proj]
 
         def _heads(self, g: BNGeo) -> int:
-            hd = self.v.in_features // self.num_heads
-            if g.c % hd:
-                raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {hd}")
-            return g.c // hd
+            return whole_heads(self.slim_name, g.c, self.v.in_features // self.num_heads)
 
         def _select(self, g: BNGeo) -> tuple:
             """``(v w, v b, attn w, attn b, proj w, proj b)`` at the channels ``g`` and their heads."""
@@ -714,7 +666,7 @@ def _register_volo_attention():
     SlimOutlookAttention.__qualname__ = 'SlimOutlookAttention'  # pickled by the module-level names below
 
     @register(VoloClassAttention)
-    class SlimVoloClassAttention(_SelectsFromChildren, SlimComposite, VoloClassAttention):
+    class SlimVoloClassAttention(SelectsFromChildren, SlimComposite, VoloClassAttention):
         """VOLO's class attention (the class token attends to every token; Touvron et al. 2021, CaiT §3) slimmed
         by heads, ``head_dim`` fixed: input ``(N, L, C_active)``, output ``(N, 1, C_active)``, ``H' = C_active /
         head_dim`` heads. ``q`` keeps the rows of the kept heads, ``kv`` those of the kept heads of k and of v,
@@ -745,9 +697,7 @@ def _register_volo_attention():
             return [self.q, self.kv, self.proj]
 
         def _heads(self, g: BNGeo) -> int:
-            if g.c % self.head_dim:
-                raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {self.head_dim}")
-            return g.c // self.head_dim
+            return whole_heads(self.slim_name, g.c, self.head_dim)
 
         def _select(self, g: BNGeo) -> tuple:
             """``(q w, q b, kv w, kv b, proj w, proj b)`` of the kept heads at the channels ``g``."""
@@ -784,7 +734,7 @@ def _register_volo_attention():
 SlimOutlookAttention, SlimVoloClassAttention = _register_volo_attention()
 
 
-class _ConvHeadsAttention(_SelectsFromChildren, SlimComposite):
+class _ConvHeadsAttention(SelectsFromChildren, SlimComposite):
     """Base of the conv-projection attentions of timm's ``byoanet`` family (``HaloAttn``, ``BottleneckAttn``)
     slimmed by heads on ``(N, C_active, H, W)``, for the stock layout with ``dim_out == dim`` (their blocks):
     ``H' = C_active / dim_head_v`` heads, each with its ``dim_head_qk`` / ``dim_head_v`` kept (so the scale and the
@@ -822,10 +772,9 @@ class _ConvHeadsAttention(_SelectsFromChildren, SlimComposite):
         """The heads run at the active channels ``g``."""
         from slim_plugins.errors import NotExactError
 
-        if g.idx is not None or g.c % self.dim_head_v:
-            raise NotExactError(f"{self.slim_name}: {g.c} active channels are not a prefix of whole heads of "
-                                f"{self.dim_head_v}")
-        return g.c // self.dim_head_v
+        if g.idx is not None:  # the output is the first heads: the same channels only where they are a prefix
+            raise NotExactError(f"{self.slim_name}: its {g.c} active channels are not a prefix")
+        return whole_heads(self.slim_name, g.c, self.dim_head_v)
 
     def _rows(self, n: int) -> list:
         """Rows of each projection conv that the first ``n`` heads read."""
@@ -947,7 +896,7 @@ def _register_lstm2d():
     from slim_plugins.errors import NotExactError
 
     @register(LSTM2d)
-    class SlimLSTM2d(_SelectsFromChildren, SlimComposite, LSTM2d):
+    class SlimLSTM2d(SelectsFromChildren, SlimComposite, LSTM2d):
         """Sequencer's 2-D BiLSTM (Tatsunami & Taki 2022, §3.1) on channels-last ``(N, H, W, C_active)``: the
         vertical and horizontal LSTMs run ``hidden' = C_active x hidden_size / C`` hidden units (the hidden width
         follows the width, as a transformer's MLP does), each gate keeping the rows of its first ``hidden'`` units
@@ -984,12 +933,6 @@ def _register_lstm2d():
 
         def _children(self) -> list:
             return self._rnns(self) + [self.fc]
-
-        def _srcs(self):
-            mods = self._children()
-            if any("parametrizations" in m._modules or any(n in m.__dict__ for n in m._parameters) for m in mods):
-                return None
-            return tuple(p for m in mods for p in m._parameters.values())
 
         def _hidden(self, g: BNGeo) -> int:
             ratio = self.input_size // self.hidden_size

@@ -25,6 +25,17 @@ from .layers import cached
 from .norm import BNGeo, SlimComposite
 
 
+def whole_heads(name: str, c: int, head_dim: int) -> int:
+    """The number of heads of ``head_dim`` channels in ``c`` active channels.
+
+    Raises:
+        NotExactError: ``c`` is not whole heads (layer ``name``).
+    """
+    if c % head_dim:
+        raise NotExactError(f"{name}: {c} active channels are not whole heads of {head_dim}")
+    return c // head_dim
+
+
 class SlimHeadsAttention(SlimComposite):
     """Base of the attention counterparts: children ``qkv`` and ``proj`` (``nn.Linear``) and ``num_heads`` (other
     names through ``_qkv`` / ``_proj`` / ``_heads``: torchvision's MaxViT has ``to_qkv`` / ``merge`` / ``n_heads``).
@@ -68,10 +79,7 @@ class SlimHeadsAttention(SlimComposite):
     def heads(self, g: BNGeo) -> int:
         """The heads run at the active channels ``g``."""
         dim, heads, _ = self._dims()
-        unit = dim // heads
-        if g.c % unit:
-            raise NotExactError(f"{self.slim_name}: {g.c} active channels are not whole heads of {unit}")
-        return g.c // unit
+        return whole_heads(self.slim_name, g.c, dim // heads)
 
     def _select(self, g: BNGeo, h: int):
         _, heads, hd = self._dims()

@@ -560,6 +560,52 @@ class SlimComposite(SlimPerChannel):
         return True
 
 
+def _copy(v):
+    return [t.detach().clone() for t in v] if type(v) is list else None if v is None else v.detach().clone()
+
+
+def _contiguous(v):
+    return [t.contiguous() for t in v] if type(v) is list else None if v is None else v.contiguous()
+
+
+class SelectsFromChildren:
+    """Mixin of the :class:`SlimComposite` counterparts that select their child layers' weights at the active
+    channels themselves (FocalNet's modulation, VOLO's outlook attention, Sequencer's LSTM2d): a subclass gives
+    ``_children()`` and ``_select(g)`` (a tuple of tensors / ``None`` / lists of tensors); without autograd the
+    selection is reused per width while every parameter of the children is the same, unchanged object
+    (``stamps``, DESIGN rule 7)."""
+
+    def _children(self) -> list:
+        raise NotImplementedError
+
+    def _srcs(self):
+        mods = self._children()
+        if any("parametrizations" in m._modules or m.__dict__.get("_is_replica") or "weight" in m.__dict__
+               or "bias" in m.__dict__ for m in mods):
+            # computed at every read, or held as plain attributes (a DataParallel replica): not cached
+            return None
+        return tuple(t for m in mods for t in m._parameters.values())
+
+    def selected(self, x) -> tuple:
+        """``(geometry, selected weights)`` of a call on ``x``."""
+        g = self.active_geometry(x)
+        srcs = None if torch.is_grad_enabled() else self._srcs()
+        if srcs is None:
+            return g, self._select(g)
+        return g, cached(self, "_slim_sel_cache", (g,), srcs, lambda: tuple(_contiguous(v) for v in self._select(g)),
+                         size=8)
+
+    def selected_copy(self, g: BNGeo) -> tuple:
+        """Detached copies of ``_select(g)`` (for export)."""
+        with torch.no_grad():
+            return tuple(_copy(v) for v in self._select(g))
+
+    def __getstate__(self):  # copies drop the weight cache
+        d = dict(super().__getstate__())
+        d.pop("_slim_sel_cache", None)
+        return d
+
+
 @register(nn.PReLU)
 class SlimPReLU(SlimPerChannel, nn.PReLU):
     """Per-channel ``nn.PReLU(num_parameters=C)``: the slopes of the active channels. (``num_parameters=1`` is
@@ -728,5 +774,5 @@ def _batch_stats(x: torch.Tensor):
 # Largest sum(x^2) / sum((x - mean)^2) of a channel for float32 sums (variance error <= ~3e-6 relative).
 _MAX_COND = 64.0
 
-__all__ = ["SlimBatchNorm2d", "SlimBatchNorm1d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "SlimComposite", "SlimLayerNorm",
+__all__ = ["SlimBatchNorm2d", "SlimBatchNorm1d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "SlimComposite", "SelectsFromChildren", "SlimLayerNorm",
            "SlimLayerNorm2d", "SlimGroupNorm", "SlimRMSNorm", "SlimRMSNorm2d", "BNGeo", "load_bn", "Geo"]
