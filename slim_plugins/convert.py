@@ -24,7 +24,7 @@ from .errors import (ChannelGroupError, ExampleInputError, NotExactError, NotSli
 from .graph import ChannelGraph, _Builder, restore_modules, snapshot_modules, trace
 from .nn.layers import (GROUP_MODES, SlimConvNd, SlimConvTranspose2d, SlimMixin, SlimWeightNormConv2d,
                         is_weight_normed, track_data_writes)
-from .nn.norm import SlimComposite
+from .nn.norm import SelectsFromChildren, SlimComposite
 from .nn.params import ParamHost, ParamSlot, forward_methods, host, host_root, unhost
 from .width import WidthSpec, as_spec
 
@@ -506,6 +506,7 @@ def _attach_graphs(model, state: SlimState, parts, new_mods):
             call.mult = role.get("mult", 1)
             call.gw = role.get("gw", (1, 1))
             call.unit = role.get("unit", 1)
+            call.unit_out = role.get("unit_out", 1)
         g = ChannelGraph(builder.ops, builder.calls, builder.full, builder.rank, root)
         state.graphs.append(g)
         for call in builder.calls:
@@ -604,7 +605,8 @@ def _widen_all(model, state: SlimState, new_mods):
         raise WidthError(f"widths above 1.0 are not supported for ConvTranspose2d layers ({transposed[:3]}); use a "
                          "spec with max 1.0")
     # an attention / FocalNet modulation counterpart selects from its own child layers, which widening does not grow
-    composite = [f"{n} ({type(m).__name__})" for n, m in new_mods.items() if isinstance(m, SlimComposite)]
+    composite = [f"{n} ({type(m).__name__})" for n, m in new_mods.items()
+                 if isinstance(m, (SlimComposite, SelectsFromChildren))]
     if composite:
         raise WidthError(f"widths above 1.0 are not supported for layers that select from their own child layers "
                          f"({composite[:3]}: attention heads, FocalNet's modulation); use a spec with max 1.0")

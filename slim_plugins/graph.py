@@ -78,6 +78,7 @@ class LayerCall:
     unit: int = 1                 # the active count must be a multiple of it (attention: the head dim)
     pdim: int = 0                 # param: the dim of the parameter that holds the channels
     scale: tuple = (1, 1)         # module int: the channels it sizes are attribute * scale[0] // scale[1]
+    unit_out: int = 1             # decider: the output count must be a multiple of it (an attention that widens)
 
 
 class Sel:
@@ -1210,7 +1211,7 @@ class _Builder:
             self._tids.add(node)
             self.val[node] = t_out
         call = LayerCall(target, role["role"], t_in, t_out, role.get("groups", 1), role.get("mult", 1),
-                         role.get("gw", (1, 1)), role.get("unit", 1))
+                         role.get("gw", (1, 1)), role.get("unit", 1), unit_out=role.get("unit_out", 1))
         self.calls.append(call)
         self.emit(LAYER, (t_in,), (t_out,), target, len(self.calls) - 1)
 
@@ -2075,6 +2076,8 @@ class ChannelGraph:
                     need(c.t_in, c.groups)
                 if c.unit > 1:
                     need(c.t_in, c.unit)
+                if c.unit_out > 1:
+                    need(c.t_out, c.unit_out)
             elif op.kind in (SHUFFLE, SPLIT):
                 need(op.ins[0], op.arg)
             elif op.kind == GROUPMAP:

@@ -5,6 +5,7 @@ used by export)."""
 from __future__ import annotations
 
 import copy
+import functools
 import subprocess
 import sys
 
@@ -1379,6 +1380,58 @@ def test_every_registered_counterpart_pickles_by_name(tmp_path):
     back = torch.load(tmp_path / "swin.pt", weights_only=False)
     with slim.width(0.5), torch.no_grad():
         _same(back(x), model(x), 0.0)
+
+
+# Found by benchmarks/coverage.py: MViTv2's pooling attention folds its heads into the batch dim for the pooling
+# convs (reshape_pre_pool by the literal head count), and at a stage's first block it widens (dim -> dim_out).
+@pytest.mark.parametrize("cls_token,mode", [(False, "conv"), (True, "conv"), (False, "max")])
+def test_mvit_pooling_attention_widens_in_whole_heads_and_exports_into_the_stock_layer(cls_token, mode):
+    pytest.importorskip("timm")
+    from timm.models.mvitv2 import MultiScaleAttention, MultiScaleVit, MultiScaleVitCfg
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    torch.manual_seed(0)
+    cfg = MultiScaleVitCfg(depths=(1, 2, 2), embed_dim=32, num_heads=2, use_cls_token=cls_token, mode=mode)
+    model = MultiScaleVit(cfg, img_size=32, num_classes=5).eval()  # head_dim 16 in every stage
+    _fan_in_init(model)
+    x = torch.randn(2, 3, 32, 32)
+    _convert_keeps_width_one(model, x)
+    attn = model.stages[1].blocks[0].attn  # 32 -> 64 channels, 4 heads at full width
+    assert type(attn).__name__ == "SlimMultiScaleAttention"
+    exports = _export_matches(model, x, [0.25, 0.5, 1.0], tol=1e-5)
+    seen = []
+    hook = attn.register_forward_hook(lambda m, i, o: seen.append((i[0], o[0])))
+    dims = []
+    try:
+        for w, p in exports.items():
+            with slim.width(w), torch.no_grad():
+                model(x)
+            xin, out = seen[-1]
+            plain = p.stages[1].blocks[0].attn
+            c_in, c_out = xin.shape[-1], out.shape[-1]
+            assert type(plain) is MultiScaleAttention and plain.num_heads * 16 == c_out  # head_dim kept
+            q, k = plain.pool_q, plain.pool_k
+            stock = MultiScaleAttention(c_in, c_out, (8, 8), num_heads=c_out // 16, mode=mode,
+                                        kernel_q=tuple(q.kernel_size), kernel_kv=tuple(k.kernel_size),
+                                        stride_q=tuple(q.stride), stride_kv=tuple(k.stride),
+                                        has_cls_token=cls_token,
+                                        norm_layer=functools.partial(nn.LayerNorm, eps=cfg.norm_eps)).eval()
+            stock.load_state_dict(plain.state_dict(), strict=True)
+            with torch.no_grad():
+                y, size = stock(xin, [8, 8])
+            _same(y, out, 1e-5)
+            assert size == [4, 4]
+            dims.append((c_in, c_out))
+    finally:
+        hook.remove()
+    assert dims == [(16, 16), (16, 32), (32, 64)]  # 1 / 2 / 4 heads; stage 0 keeps one whole head of 16
+    # training at 0.5 reaches the rows of the 2 kept heads of q, k and v only, and the columns of stage 0's 16
+    model.train()
+    with slim.width(0.5):
+        model(x).sum().backward()
+    g = attn.qkv.weight.grad.view(3, 64, 32).abs()
+    assert (g[:, :32, :16].sum(-1) > 0).all() and g[:, 32:].sum() == 0 and g[:, :, 16:].sum() == 0
 
 
 @pytest.mark.parametrize("name", ["vit", "focalnet"])

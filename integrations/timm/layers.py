@@ -20,7 +20,7 @@ from torch import nn
 
 from slim_plugins.errors import UnsupportedModuleError
 from slim_plugins.nn.attention import SlimHeadsAttention, whole_heads
-from slim_plugins.nn.layers import SlimConv2d, _assign, cached, plain_copy
+from slim_plugins.nn.layers import Geo, SlimConv2d, SlimMixin, _assign, _share, cached, plain_copy
 from slim_plugins.nn.norm import (BNGeo, SelectsFromChildren, SlimComposite, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel,
                                   SlimRMSNorm, SlimRMSNorm2d)
 from slim_plugins.registry import register
@@ -1000,8 +1000,115 @@ def _register_lstm2d():
 
 SlimLSTM2d = _register_lstm2d()
 
+
+def _register_mvit_attention():
+    from timm.models.mvitv2 import MultiScaleAttention, cal_rel_pos_type, reshape_post_pool, reshape_pre_pool
+
+    @register(MultiScaleAttention)
+    class SlimMultiScaleAttention(SelectsFromChildren, SlimMixin, MultiScaleAttention):
+        """MViTv2's pooling attention (Li et al. 2022, Sec. 3.1) slimmed by heads, ``head_dim`` fixed: input
+        ``(N, L, C_in_active)``, output ``((N, L', C_out_active), [H', W'])`` with ``heads' = C_out_active /
+        head_dim``. Unlike the residual attentions it widens at a stage's first block (``dim -> dim_out``), so it
+        decides its output channels as a ``Linear`` does, in whole heads (the plan rounds its output stream to
+        multiples of ``head_dim``). ``qkv`` keeps the rows of the kept heads of q, k and v and the active input
+        columns; ``proj`` the columns of the kept heads and the active output rows. The pooling convs and norms
+        (per head dim, shared by all heads) and the decomposed relative position tables (``(2 S - 1, head_dim)``)
+        stay whole. Exports as ``MultiScaleAttention(dim=C_in_active, dim_out=C_out_active, num_heads=heads')``.
+
+        Raises:
+            UnsupportedModuleError: at convert time, ``mode='conv_unshared'`` or a layout other than ``dim_out =
+                num_heads x head_dim`` with plain ``nn.Linear`` ``qkv`` / ``proj``.
+            NotExactError: an active output width that is not whole heads.
+        """
+
+        channel_dim = -1
+
+        @classmethod
+        def analysis_role(cls, m) -> dict:
+            q, pr, nh, hd, d = m.qkv, m.proj, m.num_heads, m.head_dim, m.dim_out
+            ok = type(q) is nn.Linear and type(pr) is nn.Linear and m.mode != "conv_unshared" and nh * hd == d \
+                and (q.out_features, pr.in_features, pr.out_features) == (3 * d, d, d)
+            if not ok:
+                raise UnsupportedModuleError(
+                    f"{type(m).__name__}(dim_out={d}, num_heads={nh}, mode={m.mode!r}): only the shared-pooling layout "
+                    "with dim_out = num_heads x head_dim and plain qkv / proj is slimmed by heads")
+            return {"role": "decider", "dim": -1, "unit_out": hd, "outputs": 2}
+
+        def channel_role(self) -> dict:
+            return type(self).analysis_role(self)
+
+        @classmethod
+        def from_module(cls, m, name, state, fixed_out=False):
+            new = cls.__new__(cls)
+            _share(new, m)
+            new._init_slim(name, state, fixed_out, m.dim_out)
+            new._plain_cls = type(m)
+            return new
+
+        def _full_shape(self) -> tuple[int, int]:
+            return self.dim_out, self.qkv.in_features
+
+        def _legacy_geometry(self, a, in_c: int) -> Geo:
+            out_c = self.active_out(a, self.dim_out)
+            return Geo(out_c, in_c, 1, out_c == self.dim_out and in_c == self.qkv.in_features)
+
+        def active_geometry(self, x) -> Geo:
+            return self.geometry(self._slim_state.active(self._dp_width), x.shape[-1])
+
+        def _children(self) -> list:
+            return [self.qkv, self.proj]
+
+        def _select(self, g: Geo) -> tuple:
+            """``(qkv w, qkv b, proj w, proj b)`` of the kept heads at the channels ``g``."""
+            n, a = whole_heads(self.slim_name, g.out_c, self.head_dim) * self.head_dim, self.dim_out
+            wq, bq, wp = self.qkv.weight, self.qkv.bias, self.proj.weight
+            if n != a:
+                wq = wq.view(3, a, -1)[:, :n].reshape(3 * n, -1)
+                bq = None if bq is None else bq.view(3, a)[:, :n].reshape(-1)
+            ii = g.index("in", wq.device)
+            wq = (wq if g.in_c == wq.shape[1] else wq[:, :g.in_c]) if ii is None else wq.index_select(1, ii)
+            return wq, bq, g.out_rows(wp)[:, :n], g.out_rows(self.proj.bias)
+
+        def _pooled(self, t, pool, norm, h: int, feat_size):
+            if pool is not None:
+                t, tok = reshape_pre_pool(t, feat_size, self.has_cls_token)
+                t, feat_size = reshape_post_pool(pool(t), h, tok)
+            return (t if norm is None else norm(t)), feat_size
+
+        def forward(self, x, feat_size):
+            B, N, _ = x.shape
+            g, (wq, bq, wp, bp) = self.selected(x)
+            h = g.out_c // self.head_dim  # (whole: _select checked it)
+            q, k, v = F.linear(x, wq, bq).reshape(B, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, q_size = self._pooled(q, self.pool_q, self.norm_q, h, feat_size)
+            k, k_size = self._pooled(k, self.pool_k, self.norm_k, h, feat_size)
+            v, _ = self._pooled(v, self.pool_v, self.norm_v, h, feat_size)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if self.rel_pos_type == "spatial":
+                attn = cal_rel_pos_type(attn, q, self.has_cls_token, q_size, k_size, self.rel_pos_h, self.rel_pos_w)
+            y = attn.softmax(dim=-1) @ v
+            if self.residual_pooling:
+                y = y + q
+            y = y.transpose(1, 2).reshape(B, -1, h * self.head_dim)
+            return F.linear(y, wp, bp), q_size
+
+        def to_plain(self, g: Geo, a=None) -> nn.Module:
+            wq, bq, wp, bp = self.selected_copy(g)
+            p = self.plain_copy({}, num_heads=wp.shape[1] // self.head_dim, dim_out=g.out_c)
+            p.qkv, p.proj = _linear_at(self.qkv, wq, bq), _linear_at(self.proj, wp, bp)
+            return p
+
+        def plain_copy(self, tensors: dict, **attrs) -> nn.Module:
+            return plain_copy(self, tensors, **attrs)
+
+    SlimMultiScaleAttention.__qualname__ = 'SlimMultiScaleAttention'  # pickled by the module-level name below
+    return SlimMultiScaleAttention
+
+
+SlimMultiScaleAttention = _register_mvit_attention()
+
 __all__ = ["SlimAttention", "SlimWindowAttention", "SlimSamAttention", "SlimEvaAttention", "SlimAttentionRope",
            "SlimFocalModulation", "SlimLinearSelfAttention", "SlimOutlookAttention", "SlimVoloClassAttention",
-           "SlimHaloAttn", "SlimBottleneckAttn", "SlimLSTM2d", "SlimBlurPool2d", "SlimStdConv2d", "SlimScaledStdConv2d",
-           "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct", "SlimGroupNorm1Act", "SlimRmsNormAct",
-           "SlimRmsNormAct2d"]
+           "SlimHaloAttn", "SlimBottleneckAttn", "SlimLSTM2d", "SlimMultiScaleAttention", "SlimBlurPool2d",
+           "SlimStdConv2d", "SlimScaledStdConv2d", "SlimLayerNormAct", "SlimLayerNormAct2d", "SlimGroupNormAct",
+           "SlimGroupNorm1Act", "SlimRmsNormAct", "SlimRmsNormAct2d"]
