@@ -27,6 +27,10 @@ R = _module(REPO / "experiments" / "cifar10" / "reproduce.py", "reproduce")
 REPORT = _module(REPO / "experiments" / "report.py", "report")
 
 
+# The smoke runs of every experiment take ~3 min on 2 cores: run in CI's slow suite, not the README's test command.
+SMOKE = pytest.mark.slow
+
+
 def read(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -44,6 +48,7 @@ def smoke(tmp_path_factory, slim_data):
     return tmp, results, runs
 
 
+@SMOKE
 def test_every_experiment_writes_its_csv(smoke):
     _, results, _ = smoke
     for exp, (_, runs) in R.EXPERIMENTS.items():
@@ -59,6 +64,7 @@ def test_every_experiment_writes_its_csv(smoke):
             assert 0 <= float(r["top1"]) <= 100
 
 
+@SMOKE
 def test_same_width_same_architecture_across_methods(smoke):
     """Individual nets, S-Net switches, US-Net widths and converted nets have the same FLOPs at one width."""
     _, results, _ = smoke
@@ -71,6 +77,7 @@ def test_same_width_same_architecture_across_methods(smoke):
     assert min(by_width[0.35]) < min(by_width[1.0])
 
 
+@SMOKE
 def test_fig11_protocol_covers_untrained_widths(smoke):
     _, results, _ = smoke
     rows = read(results / "exp3.csv")
@@ -81,6 +88,7 @@ def test_fig11_protocol_covers_untrained_widths(smoke):
     assert flags[("inet_100", 0.6)] == "False" and flags[("inet_100", 1.0)] == "True"
 
 
+@SMOKE
 def test_exp1_curves_and_exp5_protocols(smoke):
     _, results, _ = smoke
     curves = read(results / "exp1_curves.csv")
@@ -94,6 +102,7 @@ def test_exp1_curves_and_exp5_protocols(smoke):
     assert {int(r["calib_samples"]) for r in rows if "all" in r["protocol"]} == {256}  # the whole (smoke) train set
 
 
+@SMOKE
 def test_finished_runs_are_reused(smoke, capsys):
     _, results, runs = smoke
     before = (runs / "snet4" / "done.json").stat().st_mtime
@@ -102,6 +111,7 @@ def test_finished_runs_are_reused(smoke, capsys):
     assert "reusing the finished run" in capsys.readouterr().out
 
 
+@SMOKE
 def test_converted_widest_net_equals_the_trained_one(smoke):
     """as_universal (export + convert) keeps the widest net's function exactly before any calibration."""
     _, _, runs = smoke
@@ -118,6 +128,7 @@ def test_converted_widest_net_equals_the_trained_one(smoke):
             us(x)
 
 
+@SMOKE
 def test_report_renders_every_section(smoke):
     tmp, results, _ = smoke
     out = tmp / "docs" / "reproduction.md"
