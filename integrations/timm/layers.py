@@ -20,7 +20,8 @@ from torch import nn
 
 from slim_plugins.errors import UnsupportedModuleError
 from slim_plugins.nn.attention import SlimHeadsAttention, whole_heads
-from slim_plugins.nn.layers import Geo, SlimConv2d, SlimMixin, _assign, _share, cached, plain_copy
+from slim_plugins.nn.layers import (Geo, SlimConv2d, SlimMixin, _assign, _share, cached, plain_copy,
+                                    plain_linear)
 from slim_plugins.nn.norm import (BNGeo, SelectsFromChildren, SlimComposite, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel,
                                   SlimRMSNorm, SlimRMSNorm2d)
 from slim_plugins.registry import register
@@ -399,9 +400,7 @@ SlimEvaAttention = _register_eva_attention()
 # ---- counterparts that select from their child convs (focal modulation, linear self-attention) ---------------
 def _linear_at(lin: nn.Linear, w, b) -> nn.Linear:
     """A plain ``nn.Linear`` in ``lin``'s mode holding ``w`` / ``b`` (for export)."""
-    p = nn.Linear(w.shape[1], w.shape[0], b is not None, device=w.device, dtype=w.dtype)
-    _assign(p, w, b)
-    return p.train(lin.training)
+    return plain_linear(w, b, lin.training)
 
 
 def _conv_at(conv: nn.Conv2d, w, b, groups: int = 1) -> nn.Conv2d:

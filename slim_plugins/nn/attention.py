@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import NotExactError, UnsupportedModuleError
 from ..registry import register
-from .layers import cached
+from .layers import cached, plain_linear
 from .norm import BNGeo, SlimComposite
 
 
@@ -131,14 +131,9 @@ class SlimHeadsAttention(SlimComposite):
     def plain_qkv_proj(self, g: BNGeo, h: int):
         """Plain ``nn.Linear`` qkv / proj holding the selected weights (for export)."""
         with torch.no_grad():
-            wq, bq, wp, bp = (None if t is None else t.detach().clone() for t in self._select(g, h))
-            qkv = nn.Linear(wq.shape[1], wq.shape[0], bq is not None, device=wq.device, dtype=wq.dtype)
-            proj = nn.Linear(wp.shape[1], wp.shape[0], bp is not None, device=wp.device, dtype=wp.dtype)
-            for lin, w, b in ((qkv, wq, bq), (proj, wp, bp)):
-                lin.weight.copy_(w)
-                if b is not None:
-                    lin.bias.copy_(b)
-        return qkv, proj
+            wq, bq, wp, bp = self._select(g, h)
+        q, p = self._modules[self._qkv], self._modules[self._proj]
+        return plain_linear(wq, bq, q.training), plain_linear(wp, bp, p.training)
 
     def plain_heads(self, g: BNGeo, tensors_at=None, **attrs) -> nn.Module:
         """The layer's own class at the heads of ``g`` (for export): the head count, plain qkv / proj, the

@@ -790,6 +790,14 @@ def is_weight_normed(m: nn.Module) -> bool:
     return parametrize.is_parametrized(m, "weight")
 
 
+def plain_linear(w: torch.Tensor, b: torch.Tensor | None, training: bool) -> nn.Linear:
+    """A plain ``nn.Linear`` holding copies of ``w`` ``(out, in)`` and ``b`` ``(out,)`` (or no bias), in train mode
+    ``training``: the selected weights of a counterpart's child layer, for export."""
+    p = nn.Linear(w.shape[1], w.shape[0], b is not None, device=w.device, dtype=w.dtype)
+    _assign(p, w, b)
+    return p.train(training)
+
+
 def _assign(p: nn.Module, w, b):
     with torch.no_grad():
         p.weight.copy_(w)
@@ -797,6 +805,6 @@ def _assign(p: nn.Module, w, b):
             p.bias.copy_(b)
 
 
-__all__ = ["Geo", "EvalFast", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
+__all__ = ["Geo", "EvalFast", "plain_linear", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
            "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES", "track_data_writes", "TracksParameters", "drop_caches",
            "is_weight_normed", "cached", "plain_copy", "stamps", "unbased"]
