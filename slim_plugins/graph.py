@@ -385,6 +385,9 @@ def _escape(name):
             if name != "__floordiv__":
                 g = math.gcd(m * k, d)
                 return AttrInt(self.v * k, AttrTag(tag.path, tag.attr, tag.root, (m * k // g, d // g)))
+        if live and name == "__sub__" and len(args) == 1 and type(args[0]) is AttrInt and \
+                self.tag.scale == (1, 1) and args[0].tag.scale == (1, 1) and 0 < args[0].v < self.v:
+            return AttrDiff(self.v - args[0].v, self, args[0])  # self.dim - self.pdim: a split's other piece
         if live:
             tag.root.escaped = True
         return base(self, *args)
@@ -416,6 +419,48 @@ for _n in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", 
            "__gt__", "__ge__", "__eq__", "__ne__", "__index__", "__int__", "__float__", "__bool__", "__lshift__",
            "__rshift__", "__and__", "__or__", "__divmod__"):
     setattr(AttrInt, _n, _escape(_n))
+
+
+class AttrDiff(int):
+    """``a - b`` of two module int attributes read while tracing (SHViT's ``split(x, [self.pdim, self.dim -
+    self.pdim])``): a split's remainder piece. Only a split that also sizes its input by ``a`` and another piece by
+    ``b`` claims it (both attributes then follow the width, and the module computes the remainder from them); any
+    other use counts as a use of both attributes that sizes no channels, so they stay whole."""
+
+    def __new__(cls, v, left: AttrInt, right: AttrInt):
+        obj = super().__new__(cls, v)
+        obj.left, obj.right, obj.v = left, right, v
+        return obj
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+    def __deepcopy__(self, memo):
+        return int(self)
+
+    __hash__ = int.__hash__
+
+
+def _diff_escape(name):
+    base = getattr(int, name)
+
+    def f(self, *args):
+        if any(isinstance(a, torch.fx.Proxy) for a in args):
+            return NotImplemented
+        for t in (self.left.tag, self.right.tag):
+            if t.root.live:
+                t.root.escaped = True
+        return base(self.v, *args)  # (int(self) would come back here)
+
+    f.__name__ = name
+    return f
+
+
+for _n in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__",
+           "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__lt__", "__le__",
+           "__gt__", "__ge__", "__eq__", "__ne__", "__index__", "__int__", "__float__", "__bool__", "__lshift__",
+           "__rshift__", "__and__", "__or__", "__divmod__"):
+    setattr(AttrDiff, _n, _diff_escape(_n))
 
 
 def _tag_ints(root: nn.Module) -> list[AttrTag]:
@@ -790,6 +835,8 @@ class _Builder:
         def walk(a):
             if isinstance(a, AttrInt):
                 uses[a.tag.key] = uses.get(a.tag.key, 0) + 1
+            elif isinstance(a, AttrDiff):
+                walk((a.left, a.right))
             elif isinstance(a, (list, tuple)):
                 for x in a:
                     walk(x)
@@ -1396,13 +1443,19 @@ class _Builder:
                 self.val[node] = ("tuple", outs)
                 return
             if name == "split" and isinstance(arg, (list, tuple)) and len(arg) == len(shapes) and \
-                    all(isinstance(a, AttrInt) for a in arg) and sum(sizes) == self.full[sid]:
-                # sizes the module holds (FasterNet's [self.dim_conv3, self.dim_untouched]): they follow the width
+                    all(isinstance(a, AttrInt) or self._remainder_of(a, arg, sid) for a in arg) and \
+                    sum(sizes) == self.full[sid]:
+                # sizes the module holds (FasterNet's [self.dim_conv3, self.dim_untouched]; SHViT's [self.pdim,
+                # self.dim - self.pdim], the input sized by self.dim): they follow the width
                 outs = [self.new(sh, k) for sh in shapes]
                 self.emit(SPLITV, (sid,), outs, self.where(node), tuple(int(x) for x in sizes))
                 self.val[node] = ("tuple", outs)
                 for a, t in zip(arg, outs):
-                    self.claim_int(a, t)
+                    if isinstance(a, AttrInt):
+                        self.claim_int(a, t)
+                    else:  # the remainder: its attributes size the input and the other piece
+                        self.claim_int(a.left, sid)
+                        self.claim_int(a.right, outs[self._remainder_of(a, arg, sid) - 1])
                 return
             return self.opaque(node, f"{name} with literal sizes {arg!r} (only chunk(k) or split(x.size(1)//k) "
                                      "follow the width)")
@@ -1411,6 +1464,14 @@ class _Builder:
         self.val[node] = ("tuple", outs)
         if isinstance(arg, AttrInt):  # x.split(self.c // 2): the module reads the attribute at the piece size
             self.claim_int(arg, outs[0])
+
+    def _remainder_of(self, a, arg, sid: int) -> int:
+        """``1 + j`` when ``a`` is ``b - c`` (:class:`AttrDiff`) of a split of tensor ``sid`` into ``arg`` with ``b``
+        its full channel count and ``c`` the attribute sizing piece ``j``; else 0."""
+        if not isinstance(a, AttrDiff) or a.left.v != self.full[sid]:
+            return 0
+        j = next((i for i, x in enumerate(arg) if isinstance(x, AttrInt) and x.tag.key == a.right.tag.key), None)
+        return 0 if j is None else j + 1
 
     def visit_tie(self, node, ins):
         """An elementwise op (residual add, gating, a scale): its tensors' channels are one set. Broadcasting
@@ -1746,8 +1807,13 @@ class _Builder:
             return self.opaque(node, "matmul mixes channels")
         if batch:
             return self.visit_tie(node, batch)
-        # channels summed over (a's columns, b's rows), or on b's columns next to a's rows (EfficientViM's state
-        # product x @ (a * b)^T, then h @ c): a channel set the result cannot carry stays whole at every width
+        # channels summed over, a's columns against b's rows (SHViT's q^T @ k): one channel set paired by position,
+        # which the narrow net sums over as a Linear sums over its active inputs
+        if len(contracted) == 2:
+            self.tie_counts(contracted[0], contracted[1], self.where(node))
+            contracted = []
+        # channels summed over against an operand without channels, or on b's columns next to a's rows
+        # (EfficientViM's state product x @ (a * b)^T, then h @ c): a set the result cannot carry stays whole
         for t in contracted + [t for t, side in kept[1:]]:
             self.keep_whole(t, self.where(node))
         if kept:
