@@ -396,14 +396,8 @@ def _escape(name):
     return f
 
 
-class AttrInt(int):
-    """An ``int`` attribute of a module, read while tracing: it lands in the graph's arguments with its origin
-    (``tag``), so a literal head count in ``reshape(B, N, 3, self.num_heads, d)`` is known to be ``num_heads``."""
-
-    def __new__(cls, v, tag: AttrTag):
-        obj = super().__new__(cls, v)
-        obj.tag, obj.v = tag, int.__int__(v) if isinstance(v, AttrInt) else v  # v: the plain value
-        return obj
+class _TracedInt(int):
+    """An ``int`` that carries where it came from while tracing; copies and pickles are plain ints."""
 
     def __reduce__(self):
         return (int, (int(self),))
@@ -414,14 +408,28 @@ class AttrInt(int):
     __hash__ = int.__hash__
 
 
-for _n in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__",
-           "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__lt__", "__le__",
-           "__gt__", "__ge__", "__eq__", "__ne__", "__index__", "__int__", "__float__", "__bool__", "__lshift__",
-           "__rshift__", "__and__", "__or__", "__divmod__"):
+# the int operations a traced int intercepts (a use the analysis cannot see marks its attributes escaped)
+_INT_OPS = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__",
+            "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__lt__",
+            "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__index__", "__int__", "__float__", "__bool__",
+            "__lshift__", "__rshift__", "__and__", "__or__", "__divmod__")
+
+
+class AttrInt(_TracedInt):
+    """An ``int`` attribute of a module, read while tracing: it lands in the graph's arguments with its origin
+    (``tag``), so a literal head count in ``reshape(B, N, 3, self.num_heads, d)`` is known to be ``num_heads``."""
+
+    def __new__(cls, v, tag: AttrTag):
+        obj = super().__new__(cls, v)
+        obj.tag, obj.v = tag, int.__int__(v) if isinstance(v, AttrInt) else v  # v: the plain value
+        return obj
+
+
+for _n in _INT_OPS:
     setattr(AttrInt, _n, _escape(_n))
 
 
-class AttrDiff(int):
+class AttrDiff(_TracedInt):
     """``a - b`` of two module int attributes read while tracing (SHViT's ``split(x, [self.pdim, self.dim -
     self.pdim])``): a split's remainder piece. Only a split that also sizes its input by ``a`` and another piece by
     ``b`` claims it (both attributes then follow the width, and the module computes the remainder from them); any
@@ -431,14 +439,6 @@ class AttrDiff(int):
         obj = super().__new__(cls, v)
         obj.left, obj.right, obj.v = left, right, v
         return obj
-
-    def __reduce__(self):
-        return (int, (int(self),))
-
-    def __deepcopy__(self, memo):
-        return int(self)
-
-    __hash__ = int.__hash__
 
 
 def _diff_escape(name):
@@ -456,10 +456,7 @@ def _diff_escape(name):
     return f
 
 
-for _n in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__",
-           "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__lt__", "__le__",
-           "__gt__", "__ge__", "__eq__", "__ne__", "__index__", "__int__", "__float__", "__bool__", "__lshift__",
-           "__rshift__", "__and__", "__or__", "__divmod__"):
+for _n in _INT_OPS:
     setattr(AttrDiff, _n, _diff_escape(_n))
 
 
