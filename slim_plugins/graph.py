@@ -1804,13 +1804,9 @@ class _Builder:
             return self.opaque(node, "matmul mixes channels")
         if batch:
             return self.visit_tie(node, batch)
-        # channels summed over, a's columns against b's rows (SHViT's q^T @ k): one channel set paired by position,
-        # which the narrow net sums over as a Linear sums over its active inputs
-        if len(contracted) == 2:
-            self.tie_counts(contracted[0], contracted[1], self.where(node))
-            contracted = []
-        # channels summed over against an operand without channels, or on b's columns next to a's rows
-        # (EfficientViM's state product x @ (a * b)^T, then h @ c): a set the result cannot carry stays whole
+        # channels summed over (a's columns, b's rows: an attention's q^T @ k over its head dim, DESIGN rule 9), or
+        # on b's columns next to a's rows (EfficientViM's state product x @ (a * b)^T, then h @ c): a channel set
+        # the result cannot carry stays whole at every width
         for t in contracted + [t for t, side in kept[1:]]:
             self.keep_whole(t, self.where(node))
         if kept:
