@@ -19,7 +19,7 @@ from timm.layers.norm_act import (GroupNorm1Act, GroupNormAct, LayerNormAct, Lay
 from torch import nn
 
 from slim_plugins.errors import UnsupportedModuleError
-from slim_plugins.nn.attention import SlimHeadsAttention, whole_heads
+from slim_plugins.nn.attention import SlimHeadsAttention, packed_head_rows, whole_heads
 from slim_plugins.nn.layers import (Geo, SlimConv2d, SlimMixin, _assign, _share, cached, plain_copy,
                                     plain_linear)
 from slim_plugins.nn.norm import (BNGeo, SelectsFromChildren, SlimComposite, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel,
@@ -704,7 +704,7 @@ def _register_volo_attention():
             q, kv, pr = self.q, self.kv, self.proj
 
             def kv_rows(t):
-                return None if t is None else t.view(2, a, *t.shape[1:])[:, :n].reshape(2 * n, *t.shape[1:])
+                return packed_head_rows(t, 2, a, n)
 
             return (g.take(q.weight[:n], 1), None if q.bias is None else q.bias[:n],
                     g.take(kv_rows(kv.weight), 1), kv_rows(kv.bias),
@@ -1061,9 +1061,7 @@ def _register_mvit_attention():
             """``(qkv w, qkv b, proj w, proj b)`` of the kept heads at the channels ``g``."""
             n, a = whole_heads(self.slim_name, g.out_c, self.head_dim) * self.head_dim, self.dim_out
             wq, bq, wp = self.qkv.weight, self.qkv.bias, self.proj.weight
-            if n != a:
-                wq = wq.view(3, a, -1)[:, :n].reshape(3 * n, -1)
-                bq = None if bq is None else bq.view(3, a)[:, :n].reshape(-1)
+            wq, bq = packed_head_rows(wq, 3, a, n), packed_head_rows(bq, 3, a, n)
             ii = g.index("in", wq.device)
             wq = (wq if g.in_c == wq.shape[1] else wq[:, :g.in_c]) if ii is None else wq.index_select(1, ii)
             return wq, bq, g.out_rows(wp)[:, :n], g.out_rows(self.proj.bias)
@@ -1093,12 +1091,9 @@ def _register_mvit_attention():
 
         def to_plain(self, g: Geo, a=None) -> nn.Module:
             wq, bq, wp, bp = self.selected_copy(g)
-            p = self.plain_copy({}, num_heads=wp.shape[1] // self.head_dim, dim_out=g.out_c)
+            p = plain_copy(self, {}, num_heads=wp.shape[1] // self.head_dim, dim_out=g.out_c)
             p.qkv, p.proj = _linear_at(self.qkv, wq, bq), _linear_at(self.proj, wp, bp)
             return p
-
-        def plain_copy(self, tensors: dict, **attrs) -> nn.Module:
-            return plain_copy(self, tensors, **attrs)
 
     SlimMultiScaleAttention.__qualname__ = 'SlimMultiScaleAttention'  # pickled by the module-level name below
     return SlimMultiScaleAttention

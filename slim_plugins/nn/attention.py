@@ -36,6 +36,15 @@ def whole_heads(name: str, c: int, head_dim: int) -> int:
     return c // head_dim
 
 
+def packed_head_rows(t, parts: int, full: int, n: int):
+    """The rows (dim 0) of the first ``n`` of ``full`` channels in each of the ``parts`` packed blocks of ``t`` (a
+    packed projection ``[q | k | v]``: ``parts=3``, ``full = heads x head_dim``, ``n`` the kept heads' channels);
+    ``t`` itself when all are kept, ``None`` for ``None``."""
+    if t is None or n == full:
+        return t
+    return t.view(parts, full, *t.shape[1:])[:, :n].reshape(parts * n, *t.shape[1:])
+
+
 class SlimHeadsAttention(SlimComposite):
     """Base of the attention counterparts: children ``qkv`` and ``proj`` (``nn.Linear``) and ``num_heads`` (other
     names through ``_qkv`` / ``_proj`` / ``_heads``: torchvision's MaxViT has ``to_qkv`` / ``merge`` / ``n_heads``).
@@ -85,10 +94,7 @@ class SlimHeadsAttention(SlimComposite):
         _, heads, hd = self._dims()
         qkv, proj = self._modules[self._qkv], self._modules[self._proj]
         w, b = qkv.weight, qkv.bias
-        if h != heads:
-            a = heads * hd
-            w = w.view(3, a, -1)[:, :h * hd].reshape(3 * h * hd, -1)
-            b = None if b is None else b.view(3, a)[:, :h * hd].reshape(-1)
+        w, b = (packed_head_rows(t, 3, heads * hd, h * hd) for t in (w, b))
         return g.pick(w), b, g.take(proj.weight, 0)[:, :h * hd], g.pick(proj.bias)
 
     def head_params(self, x) -> tuple:
@@ -181,9 +187,7 @@ class SlimMultiheadAttention(SlimHeadsAttention, nn.MultiheadAttention):
     def _select(self, g: BNGeo, h: int):
         dim, heads, hd = self._dims()
         w, b = self.in_proj_weight, self.in_proj_bias
-        if h != heads:
-            w = w.view(3, dim, -1)[:, :h * hd].reshape(3 * h * hd, -1)
-            b = None if b is None else b.view(3, dim)[:, :h * hd].reshape(-1)
+        w, b = (packed_head_rows(t, 3, dim, h * hd) for t in (w, b))
         return g.pick(w), b, g.take(self.out_proj.weight, 0)[:, :h * hd], g.pick(self.out_proj.bias)
 
     def head_weights(self, g: BNGeo, h: int):
@@ -228,4 +232,4 @@ class SlimMultiheadAttention(SlimHeadsAttention, nn.MultiheadAttention):
         return p.train(self.training)
 
 
-__all__ = ["SlimHeadsAttention", "SlimMultiheadAttention"]
+__all__ = ["SlimHeadsAttention", "SlimMultiheadAttention", "packed_head_rows", "whole_heads"]
