@@ -1,4 +1,5 @@
-"""Which models convert exactly: one model per timm model module plus every torchvision classification model.
+"""Which models convert exactly: one model per timm model module plus every torchvision classification model
+(and, as a separate set, every torchvision video classification model).
 
 Per model (random weights, eval mode, input = the model's pretrained-cfg size, batch 2):
 ``slim.convert(model, WidthSpec.range(0.25, 1.0), example_input=x)`` (a ``SlimWarning`` counts as a silent
@@ -21,6 +22,7 @@ Usage::
     python benchmarks/coverage.py --set timm --only vit convnext          # -> coverage_timm_partial.csv
     python benchmarks/coverage.py --set timm --only levit --merge        # update those rows of coverage_timm.csv
     python benchmarks/coverage.py --set timm-variants          # the popular models of VARIANTS
+    python benchmarks/coverage.py --set torchvision-video      # torchvision's video models (Conv3d, 3-d Swin, MViT)
     python benchmarks/coverage.py --one timm:convnext_atto    # one model, JSON to stdout
 """
 from __future__ import annotations
@@ -114,11 +116,26 @@ def torchvision_picks() -> list[tuple[str, str, float]]:
     return out
 
 
+def video_picks() -> list[tuple[str, str, float]]:
+    """Every torchvision video classification model (``torchvision.models.video``), with its parameter count."""
+    import torch
+    import torchvision
+
+    out = []
+    for n in sorted(torchvision.models.list_models(module=torchvision.models.video)):
+        with torch.device("meta"):
+            m = torchvision.models.get_model(n, weights=None)
+        out.append(("torchvision-video", n, float(sum(p.numel() for p in m.parameters()))))
+    return out
+
+
 def _input(model, source: str):
     import torch
 
     size = (3, 224, 224)
-    if source == "timm":
+    if source == "torchvision-video":  # clips of 16 frames: the 3-d ResNets at 112 px, the others at 224 px
+        size = (3, 16, 112, 112) if type(model).__name__ == "VideoResNet" else (3, 16, 224, 224)
+    elif source == "timm":
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = tuple(cfg.get("input_size", size))
     elif "inception" in type(model).__name__.lower():
@@ -149,7 +166,7 @@ def check_one(spec: str) -> dict:
             import torchvision
 
             kw = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
-            model = torchvision.models.get_model(name, weights=None, **kw)
+            model = torchvision.models.get_model(name, weights=None, **kw)  # (image and video models)
     except Exception as e:
         row.update(verdict="skipped", reason=f"cannot build: {type(e).__name__}: {e}"[:300])
         return row
@@ -211,7 +228,7 @@ def run(picks, out_csv: Path, timeout: int, merge: bool = False):
                          "reason": f"smallest model of the family has {n / 1e6:.0f} M parameters (> 150 M)",
                          "params_m": f"{n / 1e6:.2f}", "max_rel_diff": ""})
             continue
-        src = "torchvision" if mod == "torchvision" else "timm"
+        src = mod if mod in ("torchvision", "torchvision-video") else "timm"
         t0 = time.time()
         try:
             p = subprocess.run([sys.executable, __file__, "--one", f"{src}:{name}"], capture_output=True, text=True,
@@ -250,8 +267,9 @@ def run(picks, out_csv: Path, timeout: int, merge: bool = False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", choices=["timm", "torchvision", "both", "timm-variants"], default="both",
-                    help="timm-variants: the popular models of VARIANTS -> coverage_timm-variants.csv")
+    ap.add_argument("--set", choices=["timm", "torchvision", "both", "timm-variants", "torchvision-video"],
+                    default="both", help="timm-variants: the popular models of VARIANTS -> coverage_timm-variants.csv; "
+                    "torchvision-video: torchvision's video models -> coverage_torchvision-video.csv")
     ap.add_argument("--only", nargs="*", help="timm modules / torchvision models to run (default: all)")
     ap.add_argument("--one", help="source:model, run in this process, JSON to stdout")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per model")
@@ -263,7 +281,8 @@ def main(argv=None):
         return
     sets = ["timm", "torchvision"] if args.set == "both" else [args.set]
     for s in sets:
-        picks = {"timm": timm_picks, "torchvision": torchvision_picks, "timm-variants": variant_picks}[s]()
+        picks = {"timm": timm_picks, "torchvision": torchvision_picks, "timm-variants": variant_picks,
+                 "torchvision-video": video_picks}[s]()
         if args.only:
             picks = [p for p in picks if p[0] in args.only or p[1] in args.only]
         suffix = "" if not args.only or args.merge else "_partial"

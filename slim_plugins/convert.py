@@ -1,7 +1,7 @@
 """Convert an existing model into a slimmable one by module replacement.
 
-``convert(model, spec)`` swaps every registered module type (Conv1d, Conv2d, ConvTranspose2d, Linear, BatchNorm2d,
-SyncBatchNorm, PReLU, weight-normed convs and adapter types) for its width-switchable counterpart, sharing the
+``convert(model, spec)`` swaps every registered module type (Conv1d/2d/3d, ConvTranspose2d, Linear, BatchNorm1d/2d/3d,
+SyncBatchNorm, the norms, PReLU, weight-normed convs and adapter types) for its width-switchable counterpart, sharing the
 original parameters, so a stock checkpoint loads and width 1.0 computes exactly what the original did. It then
 analyses the channels of the converted part(s) with torch.fx (:mod:`slim_plugins.graph`), which decides the output
 layers (DESIGN rule 2), the channel groups of nonuniform widths and, at every width, which channels each tensor
@@ -104,8 +104,8 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
             hosts[name] = m  # its parameters must be seen by the channel analysis (tied to channels) or it is refused
     weighted = [n for n, m, _ in plan if isinstance(m, _WEIGHTED)]
     if not weighted:
-        raise NotSlimmableError(f"{type(model).__name__} has no Conv1d/Conv2d/ConvTranspose2d/Linear layer to slim"
-                                + (f" in scope {roots}" if scope is not None else ""))
+        raise NotSlimmableError(f"{type(model).__name__} has no Conv1d/Conv2d/Conv3d/ConvTranspose2d/Linear layer to "
+                                "slim" + (f" in scope {roots}" if scope is not None else ""))
     fixed = list(fixed)
     for pat in fixed:
         if not any(fnmatch.fnmatchcase(n, pat) for n in weighted):
@@ -379,7 +379,20 @@ def _parts(model, roots, planned):
 
 
 # The layer types whose output channels the width chooses (the ``weighted`` layers of a plan).
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+_WEIGHTED = (*_CONVS, nn.Linear)
+# spatial size of the default analysis input per conv type (a Conv3d gets a short clip: memory)
+_DEFAULT_SPATIAL = {nn.Conv1d: (64,), nn.Conv3d: (8, 32, 32)}
+
+
+def default_input_shape(m: nn.Module, batch: int) -> tuple:
+    """The input shape the analysis assumes for a model whose first layer is ``m`` (a conv or linear): ``(batch,
+    C, 64)`` for a Conv1d, ``(batch, C, 8, 32, 32)`` for a Conv3d, ``(batch, C, 64, 64)`` for a 2-d conv,
+    ``(batch, F)`` for a Linear."""
+    if isinstance(m, _CONVS):
+        spatial = next((v for t, v in _DEFAULT_SPATIAL.items() if isinstance(m, t)), (64, 64))
+        return (batch, m.in_channels, *spatial)
+    return (batch, m.in_features)
 
 
 def _default_input(part: nn.Module, planned_rel):
@@ -388,13 +401,27 @@ def _default_input(part: nn.Module, planned_rel):
             p = next(iter(m.parameters()), None)
             if p is None:
                 p = next(m.parametrizations.weight.parameters())
-            kw = dict(device=p.device, dtype=p.dtype)
-            if isinstance(m, nn.Conv1d):
-                return (torch.zeros(2, m.in_channels, 64, **kw),)
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                return (torch.zeros(2, m.in_channels, 64, 64, **kw),)
-            return (torch.zeros(2, m.in_features, **kw),)
+            return (torch.zeros(default_input_shape(m, 2), device=p.device, dtype=p.dtype),)
     return None
+
+
+class _ShapeProp(ShapeProp):
+    """fx's ShapeProp handing each call plain lists and dicts: fx passes a node's list / dict arguments as immutable
+    containers, and a wrapped function that fills its list argument in place (torchvision's video Swin,
+    ``_get_window_and_shift_size``) fails there although the model's own forward runs."""
+
+    def fetch_args_kwargs_from_env(self, n):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
+
+
+def _mutable(v):
+    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):  # (named tuples, torch.Size: as they are)
+        out = [_mutable(a) for a in v]
+        return out if isinstance(v, list) else type(v)(out) if type(v) is tuple else v
+    if isinstance(v, dict):
+        return {k: _mutable(a) for k, a in v.items()}
+    return v
 
 
 def _analyse(model, root, planned, example_input, hosts):
@@ -430,11 +457,11 @@ def _analyse(model, root, planned, example_input, hosts):
                    caches=registry.forward_caches(), inputs=args if x is not None else None)
         if x is None:
             raise ExampleInputError(f"no example input for part {root or type(model).__name__!r}: its first "
-                                    "layer is not a Conv1d / Conv2d / ConvTranspose2d / Linear; pass example_input=")
+                                    "layer is not a Conv1d / Conv2d / Conv3d / ConvTranspose2d / Linear; pass example_input=")
         part.eval()
         try:
             with torch.no_grad():
-                ShapeProp(gm).propagate(*args)
+                _ShapeProp(gm).propagate(*args)
         except Exception as e:
             shapes = [tuple(a.shape) for a in args if torch.is_tensor(a)]
             hint = ("pass example_input= with an input the model accepts" if given else
@@ -478,7 +505,7 @@ def _check_hosts(model, hosts: dict, parts, untraced=(), owned=frozenset()) -> N
 
 def _role_of(m) -> dict:
     """Channel role of an original module (before replacement)."""
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
+    if isinstance(m, _CONVS):
         return SlimConvNd.analysis_role(m)
     if isinstance(m, nn.Linear):
         return {"role": "decider", "dim": -1}
@@ -657,7 +684,7 @@ def _resize(m, full_in: int, full_out: int):
             m._buffers[name] = big
 
     kaiming = lambda t: nn.init.kaiming_normal_(t, mode="fan_out")  # noqa: E731
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if m.depthwise:
             m.groups = full_in
             fan_in = 1

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .context import find_state, width as width_ctx
-from .convert import slim_layers
+from .convert import _WEIGHTED, default_input_shape, slim_layers
 from .errors import InvalidArgumentError
 from .nn.layers import Geo, SlimMixin
 from .nn.norm import BNGeo, SlimBatchNorm2d
@@ -21,19 +21,13 @@ from .nn.params import ParamHost, export_hosted
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """Zeros of the size ``convert`` analysed the model at (its ``example_input``, batch 1); for a model converted
-    in parts, ``(1, C, 64, 64)`` (conv input), ``(1, C, 64)`` (Conv1d input) or ``(1, F)`` (linear input) for the
-    first layer."""
+    in parts, :func:`slim_plugins.convert.default_input_shape` of its first layer at batch 1."""
     p = next(model.parameters())
     shape = getattr(find_state(model), "example_shape", None)
     if shape is not None:
         return torch.zeros(shape, device=p.device, dtype=p.dtype)
-    first = next(m for _, m in slim_layers(model) if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d,
-                                                                        nn.Linear)))
-    if isinstance(first, nn.Conv1d):
-        return torch.zeros(1, first.in_channels, 64, device=p.device, dtype=p.dtype)
-    if isinstance(first, (nn.Conv2d, nn.ConvTranspose2d)):
-        return torch.zeros(1, first.in_channels, 64, 64, device=p.device, dtype=p.dtype)
-    return torch.zeros(1, first.in_features, device=p.device, dtype=p.dtype)
+    first = next(m for _, m in slim_layers(model) if isinstance(m, _WEIGHTED))
+    return torch.zeros(default_input_shape(first, 1), device=p.device, dtype=p.dtype)
 
 
 def channel_dim(mod) -> int:

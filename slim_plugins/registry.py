@@ -1,7 +1,7 @@
 """Adapter registry: which module types ``convert`` replaces, and by which width-switchable class.
 
-The core registers ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.Linear`` and ``nn.BatchNorm2d``; an
-adapter registers the module types its framework adds (timm's ``BatchNormAct2d`` and ``Conv2dSame``, ...). Like
+The core registers ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``, ``nn.ConvTranspose2d``, ``nn.Linear``, the batch norms and
+the other norms; an adapter registers the module types its framework adds (timm's ``BatchNormAct2d`` and ``Conv2dSame``, ...). Like
 timm's model registry this is a registry of classes filled at import time, not run-time state.
 """
 from __future__ import annotations

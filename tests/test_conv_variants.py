@@ -1,4 +1,5 @@
-"""Width-switchable ``nn.Conv1d`` and ``nn.ConvTranspose2d`` (issue 21: CoaT, EfficientViM, LowFormer).
+"""Width-switchable ``nn.Conv1d``, ``nn.Conv3d`` / ``nn.BatchNorm3d`` and ``nn.ConvTranspose2d`` (issue 21: CoaT,
+EfficientViM, LowFormer, torchvision's video models).
 
 Each layer test compares the converted layer with the original at width 1.0 (bit for bit) and, at a narrower width,
 with a plain layer built by hand from the sliced weights; the model tests convert, run and export small models using
@@ -15,7 +16,8 @@ from torch import nn
 import slim_plugins as slim
 from slim_plugins import make_divisible
 from slim_plugins.errors import NotExactError, WidthError
-from slim_plugins.nn.layers import SlimConv1d, SlimConvTranspose2d
+from slim_plugins.nn.layers import SlimConv1d, SlimConv3d, SlimConvTranspose2d
+from slim_plugins.nn.norm import SlimBatchNorm3d
 
 SPEC = slim.WidthSpec.range(0.25, 1.0)
 
@@ -281,3 +283,99 @@ def test_eca_conv_along_channels_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 32, 3), Eca(), nn.Conv2d(32, 4, 1))
     with pytest.raises(NotExactError, match="1.conv"):
         slim.convert(model, SPEC, example_input=torch.randn(1, 3, 8, 8))
+
+
+# ---- Conv3d / BatchNorm3d (video models) -------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(), dict(stride=(1, 2, 2), padding=1), dict(dilation=2, padding=2, bias=False)])
+@pytest.mark.parametrize("w", [0.25, 0.5])
+def test_conv3d_and_bn3d_equal_the_stock_layers_of_that_width(kw, w, mad):
+    """Conv3d(3->32) -> BatchNorm3d -> ReLU -> Conv3d(32->24) -> Conv3d(24->4): at a width every layer equals the
+    stock ``nn.Conv3d`` / ``nn.BatchNorm3d`` holding the active channels' weights and statistics."""
+    x = torch.randn(2, 3, 5, 9, 9)
+    net = nn.Sequential(nn.Conv3d(3, 32, 3, padding=1), nn.BatchNorm3d(32), nn.ReLU(),
+                        nn.Conv3d(32, 24, 3, **kw), nn.Conv3d(24, 4, 1))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+        net[1].weight.uniform_(0.5, 1.5)
+    model = slim.convert(net, slim.WidthSpec.range(0.25, 1.0), bn="naive", example_input=x).eval()
+    ref = copy.deepcopy(model)
+    assert isinstance(model[0], SlimConv3d) and isinstance(model[1], SlimBatchNorm3d)
+    with torch.no_grad(), slim.width(w):
+        h = model[2](model[1](model[0](x)))
+        y = model[3](h)
+    c0, c1 = h.shape[1], y.shape[1]
+    assert (c0, c1) == (make_divisible(32 * w), make_divisible(24 * w))
+    m0, m1, m3 = ref[0], ref[1], ref[3]
+    p0 = _plain(nn.Conv3d, m0.weight[:c0], m0.bias[:c0], 3, c0, 3, padding=1)
+    bn = nn.BatchNorm3d(c0).eval()
+    with torch.no_grad():
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, k).copy_(getattr(m1, k)[:c0])
+    kw_ = {k: v for k, v in kw.items() if k != "bias"}
+    p3 = _plain(nn.Conv3d, m3.weight[:c1, :c0], None if m3.bias is None else m3.bias[:c1], c0, c1, 3, **kw_)
+    with torch.no_grad():
+        assert mad(p3(torch.relu(bn(p0(x)))), y) < 1e-5
+        exported = slim.export(model, w)
+        assert type(exported[0]) is nn.Conv3d and type(exported[1]) is nn.BatchNorm3d
+        with slim.width(w):
+            assert mad(exported(x), model(x)) == 0
+
+
+def test_torchvision_video_resnets_convert_calibrate_and_export(mad):
+    """torchvision's R(2+1)D (Conv3d + BatchNorm3d, the (2+1)D factorised convs) converts on a short clip, is the
+    original at width 1.0, and its export at each calibrated width equals the dynamic model."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.video.r2plus1d_18(num_classes=5).eval()
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+    slim.calibrate_bn(net, [torch.randn(2, 3, 4, 32, 32) for _ in range(2)], widths=[0.25, 0.5])
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), ref)
+        for w in (0.25, 0.5):
+            with slim.width(w):
+                y = net(x)
+            p = slim.export(net, w).eval()
+            assert not any(type(m).__module__.startswith("slim_plugins") for m in p.modules())
+            assert mad(p(x), y) < 1e-5
+            assert sum(t.numel() for t in p.parameters()) < sum(t.numel() for t in net.parameters()) / 2
+
+
+def test_analysis_hands_wrapped_functions_mutable_lists(mad):
+    """A ``torch.fx.wrap``-ed function that fills its list argument in place (torchvision's video Swin does) ran on
+    fx's immutable lists in the analysis forward and failed with ``ExampleInputError`` although the model runs;
+    the analysis now hands it a plain list, so the model converts."""
+    net = _ListFiller()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = net(x)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+    with torch.no_grad():
+        assert torch.equal(net(x), ref)
+        with slim.width(0.5):
+            y = net(x)
+        assert y.shape == ref.shape
+        assert mad(slim.export(net, 0.5)(x), y) == 0
+
+
+def _fill_sizes(sizes: list, x):
+    for i in range(len(sizes)):  # fills its argument in place, as torchvision's _get_window_and_shift_size does
+        sizes[i] = min(sizes[i], x.shape[2 + i])
+    return sizes
+
+
+torch.fx.wrap("_fill_sizes")
+
+
+class _ListFiller(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        k = _fill_sizes([4, 4], x)
+        return self.b(nn.functional.avg_pool2d(self.a(x), k[0], stride=1, padding=k[0] // 2))

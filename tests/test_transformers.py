@@ -425,6 +425,33 @@ def test_torchvision_swin_v2_exports_load_into_the_stock_model():
         _same(stock(x), net(x))
 
 
+def test_torchvision_video_swin_exports_load_into_the_stock_model():
+    """torchvision's video Swin (``ShiftedWindowAttention3d``: windows over frames x height x width, a relative
+    bias table of ``(2Wd-1)(2Wh-1)(2Ww-1)`` rows, one column per head) keeps whole heads of 32; at width 0.5 the
+    export loads strictly into ``SwinTransformer3d(embed_dim=32, num_heads=[1, 2])`` and gives its outputs. It was
+    refused (the functional attention reads ``qkv.weight``), and before that its analysis forward failed (fx hands
+    ``_get_window_and_shift_size`` an immutable list, which it fills in place)."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.video import swin_transformer as tvswin3d
+
+    def build(dim, heads):
+        return tvswin3d.SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=dim, depths=[2, 2], num_heads=heads,
+                                          window_size=[2, 4, 4], stochastic_depth_prob=0.0, num_classes=5).eval()
+
+    torch.manual_seed(0)
+    net = build(64, [2, 4])
+    x = torch.randn(1, 3, 4, 32, 32)
+    _convert_keeps_width_one(net, x)
+    exports = _export_matches(net, x, [0.25, 0.5, 1.0])
+    attn = exports[0.5].features[0][0].attn
+    assert type(attn) is tvswin3d.ShiftedWindowAttention3d
+    assert (attn.num_heads, attn.qkv.in_features, attn.relative_position_bias_table.shape[1]) == (1, 32, 1)
+    stock = build(32, [1, 2])
+    stock.load_state_dict(exports[0.5].state_dict())
+    with torch.no_grad(), slim.width(0.5):
+        _same(stock(x), net(x))
+
+
 @pytest.mark.parametrize("layer", ["StdConv2d", "StdConv2dSame", "ScaledStdConv2d"])
 def test_weight_standardised_conv_equals_stock_conv_of_that_width(layer):
     layers = pytest.importorskip("timm.layers")

@@ -2,8 +2,8 @@
 
 ``torchvision.ops.FrozenBatchNorm2d`` (the frozen BN of torchvision's detection backbones) holds its statistics and
 affine parameters as buffers; converted, it selects them with the layer's active channels. ConvNeXt's
-``LayerNorm2d`` is the core channels-first LayerNorm; Swin's ``ShiftedWindowAttention`` (V1 and V2) is slimmed by heads
-and its patch merging is four blocks of the channels. Imported by ``slim_plugins.registry`` the first time ``convert``
+``LayerNorm2d`` is the core channels-first LayerNorm; Swin's ``ShiftedWindowAttention`` (V1, V2 and the video Swin's
+``ShiftedWindowAttention3d``) is slimmed by heads and its patch merging is four blocks of the channels. Imported by ``slim_plugins.registry`` the first time ``convert``
 meets a torchvision module type.
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ def _publish(cls: type) -> None:
 
 
 def _register_swin() -> None:
-    """torchvision's Swin: window attention slimmed by heads, patch merging as four channel blocks."""
+    """torchvision's Swin (image and video): window attention slimmed by heads, patch merging as four channel
+    blocks."""
     from torchvision.models import swin_transformer as tvswin
 
     from slim_plugins.nn.attention import SlimHeadsAttention
@@ -102,7 +103,31 @@ def _register_swin() -> None:
                     p.cpb_mlp[-1].bias.copy_(last.bias[:h])
             return p
 
-    for c in (SlimShiftedWindowAttention, SlimShiftedWindowAttentionV2):
+    from torchvision.models.video import swin_transformer as tvswin3d
+
+    @register(tvswin3d.ShiftedWindowAttention3d)
+    class SlimShiftedWindowAttention3d(SlimHeadsAttention, tvswin3d.ShiftedWindowAttention3d):
+        """torchvision's video Swin ``ShiftedWindowAttention3d`` slimmed by heads: torchvision's own
+        ``shifted_window_attention_3d`` run with the kept heads' weights and relative-bias columns, the window
+        fitted to the input as torchvision fits it; input and output ``(N, T, H, W, C_active)``. Exports as
+        ``ShiftedWindowAttention3d(dim=C_active, num_heads=H')``."""
+
+        def forward(self, x):
+            _, h, wq, bq, wp, bp = self.head_params(x)
+            _, t, hh, ww, _ = x.shape
+            window, shift = tvswin3d._get_window_and_shift_size(list(self.shift_size), [t, hh, ww],
+                                                                 list(self.window_size))
+            bias = tvswin3d._get_relative_position_bias(self.relative_position_bias_table[:, :h],
+                                                        self.relative_position_index, window)
+            return tvswin3d.shifted_window_attention_3d(
+                x, wq, wp, bias, window, h, shift_size=shift, attention_dropout=self.attention_dropout,
+                dropout=self.dropout, qkv_bias=bq, proj_bias=bp, training=self.training)
+
+        def to_plain(self, g: BNGeo, a=None) -> nn.Module:
+            return self.plain_heads(g, lambda h: {"relative_position_bias_table":
+                                                  self.relative_position_bias_table[:, :h]})
+
+    for c in (SlimShiftedWindowAttention, SlimShiftedWindowAttentionV2, SlimShiftedWindowAttention3d):
         _publish(c)
 
 

@@ -1,4 +1,4 @@
-"""Width-switchable Conv1d / Conv2d / ConvTranspose2d / Linear.
+"""Width-switchable Conv1d / Conv2d / Conv3d / ConvTranspose2d / Linear.
 
 Rule (DESIGN.md, rule 1): at a width every tensor carries a known selection of its full-width channels and a
 layer uses exactly the weights connecting its input selection to its output selection. For traced models the
@@ -514,6 +514,21 @@ class SlimConv1d(SlimConvNd, nn.Conv1d):
     _fconv = staticmethod(F.conv1d)
 
 
+@register(nn.Conv3d)
+class SlimConv3d(SlimConvNd, nn.Conv3d):
+    """Width-switchable ``nn.Conv3d`` (video and volumetric models: torchvision's R3D / MC3 / R(2+1)D / S3D).
+
+    Input ``(N, C_in_active, D, H, W)`` -> output ``(N, C_out_active, D', H', W')``; groups, depthwise
+    convolutions, stride, dilation and padding modes as :class:`SlimConv2d`. Exports as ``nn.Conv3d``.
+
+    Raises:
+        WidthError: active channels of a grouped conv not divisible by its groups (untraced models).
+    """
+
+    _plain_type = nn.Conv3d
+    _fconv = staticmethod(F.conv3d)
+
+
 @register(nn.ConvTranspose2d)
 class SlimConvTranspose2d(SlimConvNd, nn.ConvTranspose2d):
     """Width-switchable ``nn.ConvTranspose2d`` (decoders, LowFormer's upsampling): normal, group and depthwise.
@@ -805,6 +820,6 @@ def _assign(p: nn.Module, w, b):
             p.bias.copy_(b)
 
 
-__all__ = ["Geo", "EvalFast", "plain_linear", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConvTranspose2d", "SlimLinear",
+__all__ = ["Geo", "EvalFast", "plain_linear", "SlimMixin", "SlimConvNd", "SlimConv2d", "SlimConv1d", "SlimConv3d", "SlimConvTranspose2d", "SlimLinear",
            "SlimWeightNormConv2d", "SlimParameter", "GROUP_MODES", "track_data_writes", "TracksParameters", "drop_caches",
            "is_weight_normed", "cached", "plain_copy", "stamps", "unbased"]

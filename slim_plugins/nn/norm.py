@@ -631,6 +631,14 @@ class SlimBatchNorm1d(SlimBatchNorm2d):
     plain_class = nn.BatchNorm1d
 
 
+@register(nn.BatchNorm3d)
+class SlimBatchNorm3d(SlimBatchNorm2d):
+    """Width-switchable ``nn.BatchNorm3d``: input and output ``(N, C_active, D, H, W)``, every BN mode of
+    :class:`SlimBatchNorm2d` (switchable, US post-statistics, naive, frozen). Exports as ``nn.BatchNorm3d``."""
+
+    plain_class = nn.BatchNorm3d
+
+
 def _norm_dims(m, name) -> int:
     shape = tuple(m.normalized_shape) if hasattr(m, "normalized_shape") else ()
     if len(shape) != 1:
@@ -774,5 +782,5 @@ def _batch_stats(x: torch.Tensor):
 # Largest sum(x^2) / sum((x - mean)^2) of a channel for float32 sums (variance error <= ~3e-6 relative).
 _MAX_COND = 64.0
 
-__all__ = ["SlimBatchNorm2d", "SlimBatchNorm1d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "SlimComposite", "SelectsFromChildren", "SlimLayerNorm",
+__all__ = ["SlimBatchNorm2d", "SlimBatchNorm1d", "SlimBatchNorm3d", "SlimSyncBatchNorm", "SlimPReLU", "SlimPerChannel", "SlimComposite", "SelectsFromChildren", "SlimLayerNorm",
            "SlimLayerNorm2d", "SlimGroupNorm", "SlimRMSNorm", "SlimRMSNorm2d", "BNGeo", "load_bn", "Geo"]
