@@ -672,6 +672,28 @@ _LAYOUT = {"view", "reshape", "view_as", "reshape_as", "flatten", "transpose", "
            "repeat"}
 
 
+def _shape_index(a) -> tuple:
+    """``(x, j)`` when graph value ``a`` reads dim ``j`` of node ``x``'s size: ``x.shape[j]``, ``x.size(j)``,
+    ``x.size()[j]``, or an item of a slice of them (torchvision MViT's ``B, N, C = x.shape[:3]``); else
+    ``(None, None)``."""
+    if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
+        return a.args[0], a.args[1]
+    if not (a.op == "call_function" and _fname(a.target) == "getitem" and isinstance(a.args[0], torch.fx.Node)):
+        return None, None
+    base, j = a.args
+    if isinstance(j, int) and base.op == "call_function" and _fname(base.target) == "getitem" and \
+            isinstance(base.args[0], torch.fx.Node) and isinstance(base.args[1], slice):
+        sl = base.args[1]
+        if j < 0 or sl.step not in (None, 1) or not isinstance(sl.start, (int, type(None))) or (sl.start or 0) < 0:
+            return None, None
+        base, j = base.args[0], (sl.start or 0) + j
+    if base.op == "call_function" and _fname(base.target) == "getattr" and base.args[1] == "shape":
+        return base.args[0], j
+    if base.op == "call_method" and base.target == "size" and len(base.args) == 1:
+        return base.args[0], j
+    return None, None
+
+
 class _Builder:
     """Walks an fx graph (with ``tensor_meta`` from ShapeProp) and emits channel IR ops.
 
@@ -789,15 +811,7 @@ class _Builder:
                 isinstance(a.args[1], int) and a.args[1] > 0:
             inner = self.chan_size(a.args[0])
             return (inner[0], a.args[1]) if inner is not None and inner[1] == 1 else None
-        x = j = None
-        if a.op == "call_function" and _fname(a.target) == "getitem" and isinstance(a.args[0], torch.fx.Node):
-            base, j = a.args
-            if base.op == "call_function" and _fname(base.target) == "getattr" and base.args[1] == "shape":
-                x = base.args[0]
-            elif base.op == "call_method" and base.target == "size" and len(base.args) == 1:
-                x = base.args[0]
-        elif a.op == "call_method" and a.target == "size" and len(a.args) == 2:
-            x, j = a.args
+        x, j = _shape_index(a)
         if isinstance(x, torch.fx.Node) and x in self._tids and isinstance(j, int):
             t = self.val[x]
             if self.cdim[t] is not None and self.rank[t] and j % self.rank[t] == self.cdim[t]:
@@ -1082,6 +1096,16 @@ class _Builder:
             nk = len(shape) - 1 if k == self.rank[src] - 1 else k
             if shape[nk] == self.full[src]:
                 return self.alias(node, src, nk)
+        if node.target in self.layout_fns and self._is_tuple_result(node):
+            # (tensor, numbers...): torchvision MViT's _unsqueeze returns the input's rank with the tensor
+            shapes, src, k = self._tuple_shapes(node), ins[0], self.cdim[ins[0]]
+            if shapes and shapes[0] is not None and all(s is None for s in shapes[1:]):
+                nk = len(shapes[0]) - 1 if k == self.rank[src] - 1 else k
+                if shapes[0][nk] == self.full[src]:
+                    t = self.new(shapes[0], nk)
+                    self.emit(PASS, (src,), (t,), node.name)
+                    self.val[node] = ("tuple", [t] + [None] * (len(shapes) - 1))
+                    return
         return self.visit_unary(node, ins[0])
 
     _POINTWISE = {"exp", "sigmoid", "tanh", "abs", "neg", "sqrt", "rsqrt", "reciprocal", "log", "softplus", "relu",
@@ -1607,15 +1631,7 @@ class _Builder:
     def _fixed_size(self, a) -> bool:
         """Graph value ``a`` is ``x.shape[j]`` / ``x.size(j)`` of a tensor ``x`` whose dim ``j`` holds no
         channels (a head dim, a token count)."""
-        x = j = None
-        if a.op == "call_function" and _fname(a.target) == "getitem" and isinstance(a.args[0], torch.fx.Node):
-            base, j = a.args
-            if base.op == "call_function" and _fname(base.target) == "getattr" and base.args[1] == "shape":
-                x = base.args[0]
-            elif base.op == "call_method" and base.target == "size" and len(base.args) == 1:
-                x = base.args[0]
-        elif a.op == "call_method" and a.target == "size" and len(a.args) == 2:
-            x, j = a.args
+        x, j = _shape_index(a)
         if not (isinstance(x, torch.fx.Node) and x in self._tids and isinstance(j, int)):
             return False
         t = self.val[x]

@@ -57,7 +57,8 @@ def register_fx_autowrap(fn) -> None:
 def register_layout_fn(fn) -> None:
     """Declare a function that acts on tokens or pixels only, each channel on its own (Swin's ``window_partition``
     / ``window_reverse``, timm's ``resample_abs_pos_embed``): its channel dim keeps its size and stays first
-    (``(N, C, ...)``) or last (``(..., C)``). It is also recorded as one fx call."""
+    (``(N, C, ...)``) or last (``(..., C)``). It may return a tuple of that tensor and numbers (torchvision MViT's
+    ``_unsqueeze``). It is also recorded as one fx call."""
     _LAYOUT_FNS.add(fn)
     _FX_AUTOWRAP.add(fn)
 

@@ -452,6 +452,48 @@ def test_torchvision_video_swin_exports_load_into_the_stock_model():
         _same(stock(x), net(x))
 
 
+@pytest.mark.parametrize("v2", [False, True])
+def test_torchvision_video_mvit_exports_load_into_the_stock_model(v2):
+    """torchvision's video MViT (v1: absolute position embeddings; v2: decomposed relative positions, residual
+    pooling, projection after attention): its ``MultiscaleAttention`` widens ``dim -> dim_out`` at a stage's first
+    block and pools per-head tensors; slimmed by heads (``head_dim`` 32 kept), the residual stream's max-pool skip
+    followed through ``_unsqueeze`` / ``B, N, C = x.shape[:3]`` / ``reshape(B, N, C, -1)``, every width equals its
+    export, and at 0.5 the export loads strictly into ``MViT`` built with half the channels and heads. It was
+    refused (``_unsqueeze`` in ``attn.pool_k``); with the attention counterpart alone its stream stayed whole."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.video import mvit as tvmvit
+
+    def build(c, heads):
+        cfg = [tvmvit.MSBlockConfig(heads[0], c, c, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 2, 2]),
+               tvmvit.MSBlockConfig(heads[1], c, 2 * c, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 1, 1]),
+               tvmvit.MSBlockConfig(heads[1], 2 * c, 2 * c, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 1, 1])]
+        return tvmvit.MViT((32, 32), 4, cfg, residual_pool=v2, residual_with_cls_embed=False, rel_pos_embed=v2,
+                           proj_after_attn=v2, dropout=0.0, num_classes=5).eval()
+
+    torch.manual_seed(0)
+    net = build(64, [2, 4])
+    with torch.no_grad():  # away from the zero init of the position tables / class token
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(2, 3, 4, 32, 32)
+    _convert_keeps_width_one(net, x)
+    exports = _export_matches(net, x, [0.25, 0.5, 1.0])
+    last = exports[0.5].blocks[2].attn
+    assert type(last) is tvmvit.MultiscaleAttention
+    assert (last.num_heads, last.output_dim, last.head_dim) == (2, 64, 32)  # the second stage: half its heads
+    if not v2:
+        # v1's absolute position embedding (``repeat_interleave`` of its temporal table, concatenated with the class
+        # position) is read whole by the analysis, so the first stage's stream stays whole (exact, less slimmed)
+        assert exports[0.5].blocks[0].attn.output_dim == 64
+        return
+    attn = exports[0.5].blocks[1].attn
+    assert (attn.num_heads, attn.output_dim, attn.qkv.in_features) == (2, 64, 32)
+    stock = build(32, [1, 2])
+    stock.load_state_dict(exports[0.5].state_dict())
+    with torch.no_grad(), slim.width(0.5):
+        _same(stock(x), net(x))
+
+
 @pytest.mark.parametrize("layer", ["StdConv2d", "StdConv2dSame", "ScaledStdConv2d"])
 def test_weight_standardised_conv_equals_stock_conv_of_that_width(layer):
     layers = pytest.importorskip("timm.layers")

@@ -19,9 +19,8 @@ from timm.layers.norm_act import (GroupNorm1Act, GroupNormAct, LayerNormAct, Lay
 from torch import nn
 
 from slim_plugins.errors import UnsupportedModuleError
-from slim_plugins.nn.attention import SlimHeadsAttention, packed_head_rows, whole_heads
-from slim_plugins.nn.layers import (Geo, SlimConv2d, SlimMixin, _assign, _share, cached, plain_copy,
-                                    plain_linear)
+from slim_plugins.nn.attention import DecidingHeadsAttention, SlimHeadsAttention, packed_head_rows, whole_heads
+from slim_plugins.nn.layers import Geo, SlimConv2d, _assign, cached, plain_copy, plain_linear
 from slim_plugins.nn.norm import (BNGeo, SelectsFromChildren, SlimComposite, SlimGroupNorm, SlimLayerNorm, SlimLayerNorm2d, SlimPerChannel,
                                   SlimRMSNorm, SlimRMSNorm2d)
 from slim_plugins.registry import register
@@ -1004,15 +1003,12 @@ def _register_mvit_attention():
     from timm.models.mvitv2 import MultiScaleAttention, cal_rel_pos_type, reshape_post_pool, reshape_pre_pool
 
     @register(MultiScaleAttention)
-    class SlimMultiScaleAttention(SelectsFromChildren, SlimMixin, MultiScaleAttention):
-        """MViTv2's pooling attention (Li et al. 2022, Sec. 3.1) slimmed by heads, ``head_dim`` fixed: input
-        ``(N, L, C_in_active)``, output ``((N, L', C_out_active), [H', W'])`` with ``heads' = C_out_active /
-        head_dim``. Unlike the residual attentions it widens at a stage's first block (``dim -> dim_out``), so it
-        decides its output channels as a ``Linear`` does, in whole heads (the plan rounds its output stream to
-        multiples of ``head_dim``). ``qkv`` keeps the rows of the kept heads of q, k and v and the active input
-        columns; ``proj`` the columns of the kept heads and the active output rows. The pooling convs and norms
-        (per head dim, shared by all heads) and the decomposed relative position tables (``(2 S - 1, head_dim)``)
-        stay whole. Exports as ``MultiScaleAttention(dim=C_in_active, dim_out=C_out_active, num_heads=heads')``.
+    class SlimMultiScaleAttention(DecidingHeadsAttention, MultiScaleAttention):
+        """MViTv2's pooling attention (Li et al. 2022, Sec. 3.1) slimmed by heads, ``head_dim`` fixed
+        (:class:`slim_plugins.nn.attention.DecidingHeadsAttention`): input ``(N, L, C_in_active)``, output ``((N,
+        L', C_out_active), [H', W'])`` with ``heads' = C_out_active / head_dim``. The pooling convs and norms (per
+        head dim, shared by all heads) and the decomposed relative position tables (``(2 S - 1, head_dim)``) stay
+        whole. Exports as ``MultiScaleAttention(dim=C_in_active, dim_out=C_out_active, num_heads=heads')``.
 
         Raises:
             UnsupportedModuleError: at convert time, ``mode='conv_unshared'`` or a layout other than ``dim_out =
@@ -1020,51 +1016,11 @@ def _register_mvit_attention():
             NotExactError: an active output width that is not whole heads.
         """
 
-        channel_dim = -1
+        _layout_note = " and shared pooling (mode != 'conv_unshared')"
 
         @classmethod
-        def analysis_role(cls, m) -> dict:
-            q, pr, nh, hd, d = m.qkv, m.proj, m.num_heads, m.head_dim, m.dim_out
-            ok = type(q) is nn.Linear and type(pr) is nn.Linear and m.mode != "conv_unshared" and nh * hd == d \
-                and (q.out_features, pr.in_features, pr.out_features) == (3 * d, d, d)
-            if not ok:
-                raise UnsupportedModuleError(
-                    f"{type(m).__name__}(dim_out={d}, num_heads={nh}, mode={m.mode!r}): only the shared-pooling layout "
-                    "with dim_out = num_heads x head_dim and plain qkv / proj is slimmed by heads")
-            return {"role": "decider", "dim": -1, "unit_out": hd, "outputs": 2}
-
-        def channel_role(self) -> dict:
-            return type(self).analysis_role(self)
-
-        @classmethod
-        def from_module(cls, m, name, state, fixed_out=False):
-            new = cls.__new__(cls)
-            _share(new, m)
-            new._init_slim(name, state, fixed_out, m.dim_out)
-            new._plain_cls = type(m)
-            return new
-
-        def _full_shape(self) -> tuple[int, int]:
-            return self.dim_out, self.qkv.in_features
-
-        def _legacy_geometry(self, a, in_c: int) -> Geo:
-            out_c = self.active_out(a, self.dim_out)
-            return Geo(out_c, in_c, 1, out_c == self.dim_out and in_c == self.qkv.in_features)
-
-        def active_geometry(self, x) -> Geo:
-            return self.geometry(self._slim_state.active(self._dp_width), x.shape[-1])
-
-        def _children(self) -> list:
-            return [self.qkv, self.proj]
-
-        def _select(self, g: Geo) -> tuple:
-            """``(qkv w, qkv b, proj w, proj b)`` of the kept heads at the channels ``g``."""
-            n, a = whole_heads(self.slim_name, g.out_c, self.head_dim) * self.head_dim, self.dim_out
-            wq, bq, wp = self.qkv.weight, self.qkv.bias, self.proj.weight
-            wq, bq = packed_head_rows(wq, 3, a, n), packed_head_rows(bq, 3, a, n)
-            ii = g.index("in", wq.device)
-            wq = (wq if g.in_c == wq.shape[1] else wq[:, :g.in_c]) if ii is None else wq.index_select(1, ii)
-            return wq, bq, g.out_rows(wp)[:, :n], g.out_rows(self.proj.bias)
+        def _layout_ok(cls, m) -> bool:
+            return m.mode != "conv_unshared"
 
         def _pooled(self, t, pool, norm, h: int, feat_size):
             if pool is not None:
@@ -1090,10 +1046,7 @@ def _register_mvit_attention():
             return F.linear(y, wp, bp), q_size
 
         def to_plain(self, g: Geo, a=None) -> nn.Module:
-            wq, bq, wp, bp = self.selected_copy(g)
-            p = plain_copy(self, {}, num_heads=wp.shape[1] // self.head_dim, dim_out=g.out_c)
-            p.qkv, p.proj = _linear_at(self.qkv, wq, bq), _linear_at(self.proj, wp, bp)
-            return p
+            return self.plain_at(g)
 
     SlimMultiScaleAttention.__qualname__ = 'SlimMultiScaleAttention'  # pickled by the module-level name below
     return SlimMultiScaleAttention

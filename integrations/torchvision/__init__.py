@@ -185,3 +185,59 @@ def _register_maxvit() -> None:
 
 
 _register_maxvit()
+
+
+def _register_mvit() -> None:
+    """torchvision's video MViT (v1 / v2): its pooling ``MultiscaleAttention`` slimmed by heads, and its
+    ``_unsqueeze`` / ``_squeeze`` (a batch dim of heads added in front of the tokens and taken away) as layout
+    functions, so the residual stream's max-pool skip (``pool_skip``) follows its channels."""
+    import torch.nn.functional as F
+    from torchvision.models.video import mvit as tvmvit
+
+    from slim_plugins.nn.attention import DecidingHeadsAttention
+    from slim_plugins.nn.layers import Geo
+    from slim_plugins.registry import register_layout_fn
+
+    register_layout_fn(tvmvit._unsqueeze)
+    register_layout_fn(tvmvit._squeeze)
+    base = tvmvit.MultiscaleAttention
+
+    @register(base)
+    class SlimMultiscaleAttention(DecidingHeadsAttention, base):
+        """torchvision's MViT pooling attention slimmed by heads, ``head_dim`` fixed
+        (:class:`slim_plugins.nn.attention.DecidingHeadsAttention`): input ``(N, L, C_in_active)``, output ``((N,
+        L', C_out_active), thw')`` with ``heads' = C_out_active / head_dim``. The pools (a depthwise ``Conv3d`` of
+        ``head_dim`` channels and its norm, shared by all heads) and the decomposed relative position tables (v2)
+        stay whole. Exports as ``MultiscaleAttention(embed_dim=C_in_active, output_dim=C_out_active,
+        num_heads=heads')``."""
+
+        _proj, _dim_out = "project.0", "output_dim"
+
+        def forward(self, x, thw):
+            B, N, _ = x.shape
+            g, (wq, bq, wp, bp) = self.selected(x)
+            h = g.out_c // self.head_dim  # (whole: _select checked it)
+            q, k, v = F.linear(x, wq, bq).reshape(B, N, 3, h, self.head_dim).transpose(1, 3).unbind(dim=2)
+            k, k_thw = (k, thw) if self.pool_k is None else self.pool_k(k, thw)
+            if self.pool_v is not None:
+                v = self.pool_v(v, thw)[0]
+            if self.pool_q is not None:
+                q, thw = self.pool_q(q, thw)
+            attn = torch.matmul(self.scaler * q, k.transpose(2, 3))
+            if self.rel_pos_h is not None and self.rel_pos_w is not None and self.rel_pos_t is not None:
+                attn = tvmvit._add_rel_pos(attn, q, thw, k_thw, self.rel_pos_h, self.rel_pos_w, self.rel_pos_t)
+            y = torch.matmul(attn.softmax(dim=-1), v)
+            if self.residual_pool:
+                tvmvit._add_shortcut(y, q, self.residual_with_cls_embed)
+            y = F.linear(y.transpose(1, 2).reshape(B, -1, h * self.head_dim), wp, bp)
+            for m in list(self.project)[1:]:  # (its dropout)
+                y = m(y)
+            return y, thw
+
+        def to_plain(self, g: Geo, a=None) -> nn.Module:
+            return self.plain_at(g, embed_dim=g.in_c)
+
+    _publish(SlimMultiscaleAttention)
+
+
+_register_mvit()

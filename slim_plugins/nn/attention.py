@@ -21,8 +21,8 @@ from torch import nn
 
 from ..errors import NotExactError, UnsupportedModuleError
 from ..registry import register
-from .layers import cached, plain_linear
-from .norm import BNGeo, SlimComposite
+from .layers import Geo, SlimMixin, _share, cached, plain_copy, plain_linear
+from .norm import BNGeo, SelectsFromChildren, SlimComposite
 
 
 def whole_heads(name: str, c: int, head_dim: int) -> int:
@@ -157,6 +157,89 @@ class SlimHeadsAttention(SlimComposite):
         d.pop("_slim_head_fast", None)
         d.pop("_head_dims", None)
         return d
+
+
+class DecidingHeadsAttention(SelectsFromChildren, SlimMixin):
+    """Base of the attention counterparts that change the stream's width: MViT's pooling attention (Li et al. 2022,
+    Sec. 3.1) widens ``dim -> dim_out`` at a stage's first block, so unlike the residual attentions it *decides* its
+    output channels, as a ``Linear`` does, in whole heads (``unit_out = head_dim``: the channel plan rounds its
+    output stream to whole heads; DESIGN rule 9, ``head_dim`` fixed). Input ``(N, L, C_in_active)``; ``qkv``
+    keeps the rows of the kept heads of q, k and v and the active input columns, the projection the kept heads'
+    columns and the active output rows; everything per head dim (pooling, relative position tables) stays whole.
+
+    A subclass names its children and width attribute (``_qkv``, ``_proj``: dotted paths; ``_dim_out``), adds its
+    own layout conditions (``_layout_ok``, described by ``_layout_note``), and writes the framework's forward for
+    ``heads' = C_out_active / head_dim`` heads from :meth:`selected`; :meth:`plain_at` builds its export.
+
+    Raises:
+        UnsupportedModuleError: at convert time, a layout other than ``dim_out = num_heads x head_dim`` with plain
+            ``nn.Linear`` qkv / projection (or one the subclass refuses).
+        NotExactError: an active output width that is not whole heads.
+    """
+
+    channel_dim = -1
+    _qkv, _proj, _dim_out = "qkv", "proj", "dim_out"
+    _layout_note = ""
+
+    @classmethod
+    def _layout_ok(cls, m) -> bool:
+        return True
+
+    @classmethod
+    def analysis_role(cls, m) -> dict:
+        q, pr, nh, hd = m.get_submodule(cls._qkv), m.get_submodule(cls._proj), m.num_heads, m.head_dim
+        d = getattr(m, cls._dim_out)
+        if not (type(q) is nn.Linear and type(pr) is nn.Linear and nh * hd == d and cls._layout_ok(m)
+                and (q.out_features, pr.in_features, pr.out_features) == (3 * d, d, d)):
+            raise UnsupportedModuleError(
+                f"{type(m).__name__}({cls._dim_out}={d}, num_heads={nh}): only the layout with {cls._dim_out} = "
+                f"num_heads x head_dim and plain Linear {cls._qkv} / {cls._proj}{cls._layout_note} is slimmed by "
+                "heads")
+        return {"role": "decider", "dim": -1, "unit_out": hd, "outputs": 2}
+
+    def channel_role(self) -> dict:
+        return type(self).analysis_role(self)
+
+    @classmethod
+    def from_module(cls, m, name, state, fixed_out=False):
+        new = cls.__new__(cls)
+        _share(new, m)
+        new._init_slim(name, state, fixed_out, getattr(m, cls._dim_out))
+        new._plain_cls = type(m)
+        return new
+
+    def _full_shape(self) -> tuple[int, int]:
+        return getattr(self, self._dim_out), self.get_submodule(self._qkv).in_features
+
+    def _legacy_geometry(self, a, in_c: int) -> Geo:
+        full_out, full_in = self._full_shape()
+        out_c = self.active_out(a, full_out)
+        return Geo(out_c, in_c, 1, out_c == full_out and in_c == full_in)
+
+    def active_geometry(self, x) -> Geo:
+        return self.geometry(self._slim_state.active(self._dp_width), x.shape[-1])
+
+    def _children(self) -> list:
+        return [self.get_submodule(self._qkv), self.get_submodule(self._proj)]
+
+    def _select(self, g: Geo) -> tuple:
+        """``(qkv w, qkv b, proj w, proj b)`` of the kept heads at the channels ``g``."""
+        n, full = whole_heads(self.slim_name, g.out_c, self.head_dim) * self.head_dim, getattr(self, self._dim_out)
+        q, pr = self._children()
+        wq, bq = packed_head_rows(q.weight, 3, full, n), packed_head_rows(q.bias, 3, full, n)
+        ii = g.index("in", wq.device)
+        wq = (wq if g.in_c == wq.shape[1] else wq[:, :g.in_c]) if ii is None else wq.index_select(1, ii)
+        return wq, bq, g.out_rows(pr.weight)[:, :n], g.out_rows(pr.bias)
+
+    def plain_at(self, g: Geo, **attrs) -> nn.Module:
+        """The layer's own class at the channels ``g`` (for export): ``num_heads = C_out_active / head_dim``,
+        ``<_dim_out> = C_out_active``, plain qkv / projection holding the selected weights, and ``attrs``."""
+        wq, bq, wp, bp = self.selected_copy(g)
+        p = plain_copy(self, {}, num_heads=wp.shape[1] // self.head_dim, **{self._dim_out: g.out_c}, **attrs)
+        q, pr = self._children()
+        p.set_submodule(self._qkv, plain_linear(wq, bq, q.training))
+        p.set_submodule(self._proj, plain_linear(wp, bp, pr.training))
+        return p
 
 
 @register(nn.MultiheadAttention)
