@@ -315,4 +315,4 @@ class SlimMultiheadAttention(SlimHeadsAttention, nn.MultiheadAttention):
         return p.train(self.training)
 
 
-__all__ = ["SlimHeadsAttention", "SlimMultiheadAttention", "packed_head_rows", "whole_heads"]
+__all__ = ["DecidingHeadsAttention", "SlimHeadsAttention", "SlimMultiheadAttention", "packed_head_rows", "whole_heads"]
