@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import registry
@@ -416,11 +417,14 @@ class _ShapeProp(ShapeProp):
 
 
 def _mutable(v):
-    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):  # (named tuples, torch.Size: as they are)
-        out = [_mutable(a) for a in v]
-        return out if isinstance(v, list) else type(v)(out) if type(v) is tuple else v
-    if isinstance(v, dict):
+    """``v`` with fx's immutable lists / dicts (the node's own containers) as plain ones; every value a previous
+    node produced (a list a leaf module returned, an ``OrderedDict``, ``torch.Size``) is passed as it is."""
+    if type(v) is immutable_list:
+        return [_mutable(a) for a in v]
+    if type(v) is immutable_dict:
         return {k: _mutable(a) for k, a in v.items()}
+    if type(v) is tuple:
+        return tuple(_mutable(a) for a in v)
     return v
 
 

@@ -15,7 +15,7 @@ from .context import find_state, width as width_ctx
 from .convert import _WEIGHTED, default_input_shape, slim_layers
 from .errors import InvalidArgumentError
 from .nn.layers import Geo, SlimMixin
-from .nn.norm import BNGeo, SlimBatchNorm2d
+from .nn.norm import BNGeo, SlimBatchNorm1d, SlimBatchNorm2d, SlimBatchNorm3d
 from .nn.params import ParamHost, export_hosted
 
 
@@ -149,7 +149,7 @@ def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -
     if fuse_bn:
         for bn, r in recs.items():
             src = r["src"]
-            if isinstance(bn, SlimBatchNorm2d) and isinstance(src, nn.Conv2d) and recs[src]["src_uses"] == 1 \
+            if isinstance(bn, SlimBatchNorm2d) and isinstance(src, _conv_of(bn)) and recs[src]["src_uses"] == 1 \
                     and recs[src]["outside_uses"] == 0:
                 cname, bname = names[id(src)], names[id(bn)]
                 new_mods[cname] = _fuse(new_mods[cname], new_mods[bname])
@@ -178,19 +178,27 @@ def _unused_geo(m, a):
     return Geo(out, full_in, groups, out == full_out)
 
 
-def _fuse(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    bn_mod = bn if isinstance(bn, nn.BatchNorm2d) else bn
-    std = (bn_mod.running_var + bn_mod.eps).sqrt()
-    gamma = bn_mod.weight if bn_mod.affine else torch.ones_like(std)
-    beta = bn_mod.bias if bn_mod.affine else torch.zeros_like(std)
+def _conv_of(bn: SlimBatchNorm2d) -> type:
+    """The conv type a BN of this kind can be folded into (the same number of spatial dims)."""
+    return nn.Conv1d if isinstance(bn, SlimBatchNorm1d) else nn.Conv3d if isinstance(bn, SlimBatchNorm3d) else \
+        nn.Conv2d
+
+
+def _fuse(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """``conv`` (a plain ``Conv1d`` / ``Conv2d`` / ``Conv3d``) with the plain BN ``bn`` that follows it folded into
+    its weight and bias (US-Nets Eq. 7)."""
+    std = (bn.running_var + bn.eps).sqrt()
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
     scale = gamma / std
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, True, conv.padding_mode,
-                      device=conv.weight.device, dtype=conv.weight.dtype)
-    b = conv.bias if conv.bias is not None else torch.zeros_like(bn_mod.running_mean)
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    fused.bias.copy_((b - bn_mod.running_mean) * scale + beta)
-    if type(conv) is not nn.Conv2d:  # framework subclass (e.g. timm Conv2dSame): keep its class
+    base = next(t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(conv, t))
+    fused = base(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                 conv.dilation, conv.groups, True, conv.padding_mode,
+                 device=conv.weight.device, dtype=conv.weight.dtype)
+    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+    fused.bias.copy_((b - bn.running_mean) * scale + beta)
+    if type(conv) is not base:  # framework subclass (e.g. timm Conv2dSame): keep its class
         conv = copy.deepcopy(conv)
         conv.weight, conv.bias = fused.weight, fused.bias
         return conv

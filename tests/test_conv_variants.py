@@ -318,8 +318,11 @@ def test_conv3d_and_bn3d_equal_the_stock_layers_of_that_width(kw, w, mad):
         assert mad(p3(torch.relu(bn(p0(x)))), y) < 1e-5
         exported = slim.export(model, w)
         assert type(exported[0]) is nn.Conv3d and type(exported[1]) is nn.BatchNorm3d
+        fused = slim.export(model, w, fuse_bn=True)  # the BN folded into the Conv3d before it (US-Nets Eq. 7)
+        assert type(fused[0]) is nn.Conv3d and not any(isinstance(m, nn.BatchNorm3d) for m in fused.modules())
         with slim.width(w):
             assert mad(exported(x), model(x)) == 0
+            assert mad(fused(x), model(x)) < 1e-5
 
 
 def test_torchvision_video_resnets_convert_calibrate_and_export(mad):
@@ -348,7 +351,8 @@ def test_torchvision_video_resnets_convert_calibrate_and_export(mad):
 def test_analysis_hands_wrapped_functions_mutable_lists(mad):
     """A ``torch.fx.wrap``-ed function that fills its list argument in place (torchvision's video Swin does) ran on
     fx's immutable lists in the analysis forward and failed with ``ExampleInputError`` although the model runs;
-    the analysis now hands it a plain list, so the model converts."""
+    the analysis now hands it a plain list, so the model converts. The list the call returned is passed on as that
+    list: the later ``append`` to it reaches its reader."""
     net = _ListFiller()
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
@@ -378,4 +382,5 @@ class _ListFiller(nn.Module):
 
     def forward(self, x):
         k = _fill_sizes([4, 4], x)
-        return self.b(nn.functional.avg_pool2d(self.a(x), k[0], stride=1, padding=k[0] // 2))
+        k.append(1)  # (the stride: an IndexError below if the analysis appended to a copy)
+        return self.b(nn.functional.avg_pool2d(self.a(x), k[0], stride=k[2], padding=k[0] // 2))

@@ -468,7 +468,8 @@ def test_torchvision_video_mvit_exports_load_into_the_stock_model(v2):
                tvmvit.MSBlockConfig(heads[1], c, 2 * c, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 1, 1]),
                tvmvit.MSBlockConfig(heads[1], 2 * c, 2 * c, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 1, 1])]
         return tvmvit.MViT((32, 32), 4, cfg, residual_pool=v2, residual_with_cls_embed=False, rel_pos_embed=v2,
-                           proj_after_attn=v2, dropout=0.0, num_classes=5).eval()
+                           proj_after_attn=v2, dropout=0.0, attention_dropout=0.1,
+                           num_classes=5).eval()  # (attention_dropout: project = [Linear, Dropout])
 
     torch.manual_seed(0)
     net = build(64, [2, 4])
@@ -481,6 +482,7 @@ def test_torchvision_video_mvit_exports_load_into_the_stock_model(v2):
     last = exports[0.5].blocks[2].attn
     assert type(last) is tvmvit.MultiscaleAttention
     assert (last.num_heads, last.output_dim, last.head_dim) == (2, 64, 32)  # the second stage: half its heads
+    assert last.embed_dim == last.qkv.in_features and isinstance(last.project[1], nn.Dropout)
     if not v2:
         # v1's absolute position embedding (``repeat_interleave`` of its temporal table, concatenated with the class
         # position) is read whole by the analysis, so the first stage's stream stays whole (exact, less slimmed)
