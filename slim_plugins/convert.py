@@ -382,18 +382,17 @@ def _parts(model, roots, planned):
 # The layer types whose output channels the width chooses (the ``weighted`` layers of a plan).
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 _WEIGHTED = (*_CONVS, nn.Linear)
-# spatial size of the default analysis input per conv type (a Conv3d gets a short clip: memory)
-_DEFAULT_SPATIAL = {nn.Conv1d: (64,), nn.Conv3d: (8, 32, 32)}
 
 
 def default_input_shape(m: nn.Module, batch: int) -> tuple:
     """The input shape the analysis assumes for a model whose first layer is ``m`` (a conv or linear): ``(batch,
     C, 64)`` for a Conv1d, ``(batch, C, 8, 32, 32)`` for a Conv3d, ``(batch, C, 64, 64)`` for a 2-d conv,
     ``(batch, F)`` for a Linear."""
-    if isinstance(m, _CONVS):
-        spatial = next((v for t, v in _DEFAULT_SPATIAL.items() if isinstance(m, t)), (64, 64))
-        return (batch, m.in_channels, *spatial)
-    return (batch, m.in_features)
+    if not isinstance(m, _CONVS):
+        return (batch, m.in_features)
+    # (a Conv3d gets a short clip: memory)
+    spatial = (64,) if isinstance(m, nn.Conv1d) else (8, 32, 32) if isinstance(m, nn.Conv3d) else (64, 64)
+    return (batch, m.in_channels, *spatial)
 
 
 def _default_input(part: nn.Module, planned_rel):

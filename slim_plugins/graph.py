@@ -1091,17 +1091,15 @@ class _Builder:
             if self.cdim[src] == self.rank[src] - 1 and shape[-1] == self.full[src] * self.tile_fns[node.target]:
                 return self.out_tensor(node, TILE, (src,), self.tile_fns[node.target], cdim=len(shape) - 1)
             return self.opaque(node, f"{name} on a tensor whose channels are not on the last dim")
-        if node.target in self.layout_fns and shape is not None:
-            src, k = ins[0], self.cdim[ins[0]]
-            nk = len(shape) - 1 if k == self.rank[src] - 1 else k
-            if shape[nk] == self.full[src]:
-                return self.alias(node, src, nk)
-        if node.target in self.layout_fns and self._is_tuple_result(node):
-            # (tensor, numbers...): torchvision MViT's _unsqueeze returns the input's rank with the tensor
-            shapes, src, k = self._tuple_shapes(node), ins[0], self.cdim[ins[0]]
+        if node.target in self.layout_fns:
+            # a tensor, or (tensor, numbers...): torchvision MViT's _unsqueeze returns the input's rank with it
+            tup = self._is_tuple_result(node)
+            shapes, src, k = self._tuple_shapes(node) if tup else [shape], ins[0], self.cdim[ins[0]]
             if shapes and shapes[0] is not None and all(s is None for s in shapes[1:]):
                 nk = len(shapes[0]) - 1 if k == self.rank[src] - 1 else k
                 if shapes[0][nk] == self.full[src]:
+                    if not tup:
+                        return self.alias(node, src, nk)
                     t = self.new(shapes[0], nk)
                     self.emit(PASS, (src,), (t,), node.name)
                     self.val[node] = ("tuple", [t] + [None] * (len(shapes) - 1))

@@ -186,8 +186,20 @@ class DecidingHeadsAttention(SelectsFromChildren, SlimMixin):
         return True
 
     @classmethod
+    def _qkv_proj(cls, m) -> list:
+        """``m``'s qkv and projection layers (``_qkv`` / ``_proj``: dotted paths; read from ``_modules`` directly,
+        as every eval call checks the children's parameters)."""
+        out = []
+        for path in (cls._qkv, cls._proj):
+            c = m
+            for k in path.split("."):
+                c = c._modules[k]
+            out.append(c)
+        return out
+
+    @classmethod
     def analysis_role(cls, m) -> dict:
-        q, pr, nh, hd = m.get_submodule(cls._qkv), m.get_submodule(cls._proj), m.num_heads, m.head_dim
+        (q, pr), nh, hd = cls._qkv_proj(m), m.num_heads, m.head_dim
         d = getattr(m, cls._dim_out)
         if not (type(q) is nn.Linear and type(pr) is nn.Linear and nh * hd == d and cls._layout_ok(m)
                 and (q.out_features, pr.in_features, pr.out_features) == (3 * d, d, d)):
@@ -209,7 +221,7 @@ class DecidingHeadsAttention(SelectsFromChildren, SlimMixin):
         return new
 
     def _full_shape(self) -> tuple[int, int]:
-        return getattr(self, self._dim_out), self.get_submodule(self._qkv).in_features
+        return getattr(self, self._dim_out), self._qkv_proj(self)[0].in_features
 
     def _legacy_geometry(self, a, in_c: int) -> Geo:
         full_out, full_in = self._full_shape()
@@ -220,15 +232,13 @@ class DecidingHeadsAttention(SelectsFromChildren, SlimMixin):
         return self.geometry(self._slim_state.active(self._dp_width), x.shape[-1])
 
     def _children(self) -> list:
-        return [self.get_submodule(self._qkv), self.get_submodule(self._proj)]
+        return self._qkv_proj(self)
 
     def _select(self, g: Geo) -> tuple:
         """``(qkv w, qkv b, proj w, proj b)`` of the kept heads at the channels ``g``."""
         n, full = whole_heads(self.slim_name, g.out_c, self.head_dim) * self.head_dim, getattr(self, self._dim_out)
         q, pr = self._children()
-        wq, bq = packed_head_rows(q.weight, 3, full, n), packed_head_rows(q.bias, 3, full, n)
-        ii = g.index("in", wq.device)
-        wq = (wq if g.in_c == wq.shape[1] else wq[:, :g.in_c]) if ii is None else wq.index_select(1, ii)
+        wq, bq = g.in_cols(packed_head_rows(q.weight, 3, full, n)), packed_head_rows(q.bias, 3, full, n)
         return wq, bq, g.out_rows(pr.weight)[:, :n], g.out_rows(pr.bias)
 
     def plain_at(self, g: Geo, **attrs) -> nn.Module:

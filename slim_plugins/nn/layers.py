@@ -71,6 +71,20 @@ class Geo:
         oi = self.index("out", t.device)
         return t[:self.out_c] if oi is None else t.index_select(0, oi)
 
+    def in_cols(self, t: torch.Tensor) -> torch.Tensor:
+        """The columns (dim 1) of weight ``t`` (its rows already the active outputs) of the active input channels
+        of each group: a view for a prefix, a gather elsewhere (with a constant group count each output row reads
+        the columns of its own group)."""
+        ii = self.index("in", t.device)
+        if ii is None:
+            per = self.in_c // self.groups
+            return t if per == t.shape[1] else t[:, :per]
+        if ii.dim() == 1:
+            return t.index_select(1, ii)
+        g, per = ii.shape
+        idx = ii.repeat_interleave(t.shape[0] // g, 0).view(t.shape[0], per, *([1] * (t.dim() - 2)))
+        return torch.gather(t, 1, idx.expand(-1, -1, *t.shape[2:]))
+
 
 def stamps(tensors) -> tuple | None:
     """What a selection cached from ``tensors`` is checked against before it is reused (DESIGN rule 7): per tensor
@@ -312,20 +326,7 @@ class SlimMixin(EvalFast, CarriesWidth):
 
     def _select(self, w, b, geo: Geo):
         """The weight rows/columns of ``geo`` (views where prefixes, index gathers elsewhere)."""
-        ws, bs = geo.out_rows(w), geo.out_rows(b)
-        ii = geo.index("in", w.device)
-        if ii is None:
-            per = geo.in_c // geo.groups
-            if per != ws.shape[1]:
-                ws = ws[:, :per]
-        elif ii.dim() == 1:
-            ws = ws.index_select(1, ii)
-        else:  # constant group count: each output row reads the columns of its own group
-            g, per = ii.shape
-            rows = ws.shape[0] // g
-            idx = ii.repeat_interleave(rows, 0).view(ws.shape[0], per, *([1] * (ws.dim() - 2)))
-            ws = torch.gather(ws, 1, idx.expand(-1, -1, *ws.shape[2:]))
-        return ws, bs
+        return geo.in_cols(geo.out_rows(w)), geo.out_rows(b)
 
     def _full_shape(self) -> tuple[int, int]:
         """``(out, in / groups)`` of the weight in the layout ``_select`` reads."""
