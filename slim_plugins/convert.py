@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import registry
 from .context import BN_MODES, SlimState, find_state
-from .errors import (ChannelGroupError, ExampleInputError, NotExactError, NotSlimmableError, UnknownLayerError,
+from .errors import (ChannelGroupError, ExampleInputError, NotSlimmableError, UnknownLayerError,
                      UnsupportedModuleError, WidthError)
 from .graph import ChannelGraph, _Builder, restore_modules, snapshot_modules, trace
 from .nn.layers import (GROUP_MODES, SlimConvNd, SlimConvTranspose2d, SlimMixin, SlimWeightNormConv2d,

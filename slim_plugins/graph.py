@@ -1142,6 +1142,8 @@ class _Builder:
             return node.kwargs.get("dims", node.args[1] if len(node.args) > 1 else None)
         if name == "norm":  # norm(input, p, dim)
             return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+        if name == "topk":  # topk(input, k, dim=-1): args[1] is k, not a dim
+            return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else -1)
         return node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else None))
 
     def _dim_hits_channels(self, node) -> bool:
@@ -1172,7 +1174,7 @@ class _Builder:
             return self.alias(node, src)
         name = _fname(node.target)
         dims = self._dims_arg(node)
-        if shape is None and name in ("max", "min", "median", "mode", "sort") and sshape is not None and \
+        if shape is None and name in ("max", "min", "median", "mode", "sort", "topk") and sshape is not None and \
                 self._is_tuple_result(node) and isinstance(dims, int):  # (values, indices) over another dim
             d, members = dims % len(sshape), []
             for s in self._tuple_shapes(node):
