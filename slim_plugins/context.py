@@ -195,8 +195,12 @@ class SlimState:
                 prev = seen.get(slot)
                 if prev is not None:
                     if not (prev[0] == ls.sel_in and prev[1] == ls.sel_out):
-                        raise NotExactError(f"layer {ls.call.name!r} is called at several places whose channels "
-                                            f"differ at width {a.key}; it cannot be slimmed exactly")
+                        lay = layers[slot]
+                        what = (f"layer {ls.call.name!r} is called" if not hasattr(lay, "attr") else
+                                f"{lay.attr!r} of module {lay.host!r} (a parameter or head count tied to channels) "
+                                "is read")
+                        raise NotExactError(f"{what} at several places whose channels differ at width {a.key}; it "
+                                            "cannot be slimmed exactly")
                     continue
                 seen[slot] = (ls.sel_in, ls.sel_out)
                 if sels is not None:

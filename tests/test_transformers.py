@@ -1647,6 +1647,29 @@ def test_grouped_query_rope_attention_is_refused_typed():
         _same(model(x), ref, 0.0)
 
 
+def test_lambda_layer_head_count_is_refused_naming_it():
+    """timm's ``LambdaLayer`` (LambdaNets) reads ``num_heads`` where q (heads x dim_qk) and the output (heads x
+    dim_v) are sized: two channel sets of different widths at one head count. Refused, typed, naming the head
+    count and its module (the message said "layer 'lam.num_heads' is called at several places"), the model left as
+    it was."""
+    pytest.importorskip("timm")
+    from timm.layers.lambda_layer import LambdaLayer
+
+    import slim_plugins.integrations.timm  # noqa: F401
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1),
+                          LambdaLayer(32, num_heads=4, dim_head=8, r=None, feat_size=(8, 8)), nn.Conv2d(32, 5, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.raises(slim.NotExactError, match=r"'num_heads' of module '1' \(a parameter or head count"):
+        slim.convert(model, RANGE, example_input=x)
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is LambdaLayer and model[1].num_heads == 4
+    with torch.no_grad():
+        _same(model(x), ref, 0.0)
+
+
 @pytest.mark.parametrize("dim,heads,pool_heads,stream_050", [(64, 4, 8, 32), (48, 3, 2, 48)])
 def test_attention_pool_heads_and_block_heads_share_the_stream_units(dim, heads, pool_heads, stream_050):
     """An attention pool (``global_pool='map'``) merges its heads back into the token stream that the blocks'
