@@ -53,8 +53,10 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         scope: names of the submodules to convert (a detector's ``["backbone", "neck.lateral_convs"]``); default
             the whole model. Each named part is analysed on its own; the model holds one width state.
         example_input: input for the one analysis forward (``ShapeProp``), a tensor / tuple, or ``{part: input}``
-            with ``scope``. Default ``(2, C, 64, 64)`` (or ``(2, F)``) from the part's first layer; give the real
-            size for nets with a fixed-size flatten -> linear.
+            with ``scope``. With ``scope``, a tensor / tuple the whole model runs on (a detector's list of images)
+            gives each part the inputs it receives in that forward; one it does not run on is each part's input.
+            Default ``(2, C, 64, 64)`` (or ``(2, F)``) from the part's first layer; give the real size for nets
+            with a fixed-size flatten -> linear.
         group_mode: convention for grouped convs (1 < groups < in_channels): ``"groups"`` (default; constant
             group count, every group slimmed, the official S-ShuffleNet) or ``"width"`` (constant group width,
             RegNet/ResNeXt), or ``{layer pattern: mode}``. A module attribute ``slim_group_mode`` also sets it.
@@ -120,9 +122,12 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
 
     # ---- channel analysis of each part (fx + ShapeProp on the original modules) ------------------------------
     parts, untraced = [], []
-    for root in _parts(model, roots, planned):
+    part_roots = _parts(model, roots, planned)
+    part_inputs = _part_inputs(model, part_roots, example_input)
+    for root in part_roots:
+        x = part_inputs.get(root, example_input)
         try:
-            parts.append((root, _analyse(model, root, planned, example_input, hosts)))
+            parts.append((root, _analyse(model, root, planned, x, hosts)))
         except ChannelGroupError as e:
             untraced.append((root, e))
     # a module a counterpart holds is the counterpart's to read, also where it is reached first by another name
@@ -427,6 +432,39 @@ def _mutable(v):
     return v
 
 
+def _part_inputs(model, roots, example_input) -> dict:
+    """``{part: positional inputs}`` of the parts of a ``scope`` as they are called in one forward of the whole model
+    on ``example_input`` (eval mode, no grad): a user passes the model's own input (a detector's list of images)
+    and each part is analysed on what it really receives (a backbone: the batched, resized images). Empty when
+    there is nothing to capture (no scope, no example input, a ``{part: input}`` mapping) or when the model does
+    not run on it (then ``example_input`` is each part's input, as before); a part not called in that forward, or
+    called with keyword arguments, is not captured. The model is left as it was (:func:`snapshot_modules`)."""
+    if example_input is None or isinstance(example_input, Mapping) or not any(roots):
+        return {}
+    found: dict = {}
+
+    def capture(name):
+        def pre(mod, args, kwargs):
+            if name not in found:
+                found[name] = args if not kwargs else None
+        return pre
+
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    snap = snapshot_modules(model)
+    handles = [model.get_submodule(r).register_forward_pre_hook(capture(r), with_kwargs=True) for r in roots if r]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception:  # not the model's input: the parts' own (the documented form before)
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+        restore_modules(snap)
+    return {r: a for r, a in found.items() if a is not None}
+
+
 def _analyse(model, root, planned, example_input, hosts):
     """Trace part ``root`` and run it once: returns its built :class:`_Builder`.
 
@@ -467,7 +505,8 @@ def _analyse(model, root, planned, example_input, hosts):
                 _ShapeProp(gm).propagate(*args)
         except Exception as e:
             shapes = [tuple(a.shape) for a in args if torch.is_tensor(a)]
-            hint = ("pass example_input= with an input the model accepts" if given else
+            hint = ("pass example_input= with an input the model accepts" + (
+                f" (the whole model's input, or {{{root!r}: its input}})" if root else "") if given else
                     f"the default example input {shapes} does not fit this model (e.g. a fixed-size flatten -> "
                     "linear); pass example_input= with the size the model takes")
             raise ExampleInputError(

@@ -79,7 +79,7 @@ def record_widths(model: nn.Module, w, example_input=None) -> dict:
     try:
         model.eval()
         with width_ctx(w), uses:
-            model(x) if not isinstance(x, dict) else model(**x)
+            model(*x) if isinstance(x, tuple) else model(**x) if isinstance(x, dict) else model(x)
     finally:
         model.train(was)
         for h in handles:
@@ -120,8 +120,9 @@ def export(model: nn.Module, width, fuse_bn: bool = False, example_input=None) -
         model: a converted model.
         width: a width multiplier (or nonuniform dict) allowed by the model's spec.
         fuse_bn: fold each BN that directly follows a conv into the conv's weight and bias (Eq. 7 of US-Nets).
-        example_input: an input the model accepts (default ``(1, C, 64, 64)``); only its channels matter for
-            fully convolutional nets; pass the real size for nets with a flatten->linear.
+        example_input: an input the model accepts (default ``(1, C, 64, 64)``), a tuple of its positional inputs
+            (as in :func:`slim_plugins.convert`) or a dict of keyword inputs; only its channels matter for fully
+            convolutional nets; pass the real size for nets with a flatten->linear.
 
     Returns:
         the plain model in eval mode; its outputs equal ``model`` at ``width`` (<= 1e-5).

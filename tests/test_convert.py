@@ -12,6 +12,7 @@ from torch import nn
 
 import slim_plugins as slim
 from slim_plugins.nn import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from slim_plugins.context import find_state
 
 SPECS = {
     "switchable": slim.WidthSpec.switches([0.25, 0.5, 1.0]),
@@ -268,6 +269,7 @@ def test_torchvision_detector_converts_its_backbone_by_scope(mad):
     x = torch.rand(2, 3, 160, 160)
     with torch.no_grad():
         ref = net(images)[0]
+    by_model_input = copy.deepcopy(net)
     slim.convert(net, slim.WidthSpec.range(0.25, 1.0), scope="backbone", example_input=x)
     slim.calibrate_bn(net.backbone, [x], widths=[0.5], num_samples=2)
     net.eval()
@@ -281,6 +283,54 @@ def test_torchvision_detector_converts_its_backbone_by_scope(mad):
         for k, f in plain.backbone(x).items():
             assert f.shape[1] == net.backbone.out_channels and mad(f, feats[k]) <= 1e-5
         assert mad(plain(images)[0]["boxes"], out["boxes"]) <= 1e-3
+    # the detector's own input (a list of images) with scope: the backbone is analysed on what it receives from
+    # the transform (was: ExampleInputError, the list handed to the backbone); the same plan as from its input
+    slim.convert(by_model_input, slim.WidthSpec.range(0.25, 1.0), scope="backbone", example_input=(images,))
+    slim.calibrate_bn(by_model_input.backbone, [x], widths=[0.5], num_samples=2)
+    by_model_input.eval()
+    assert _chans(by_model_input, 0.5) == _chans(net, 0.5)
+    with torch.no_grad():
+        assert mad(by_model_input(images)[0]["boxes"], ref["boxes"]) == 0
+        with slim.width(0.5):
+            out = by_model_input(images)[0]
+        plain = slim.export(by_model_input, 0.5, example_input=(images,))  # a tuple: positional inputs, as convert
+        assert mad(plain(images)[0]["boxes"], out["boxes"]) <= 1e-3
+
+
+def _chans(model, w) -> dict:
+    return {k: [None if t is None else t.tolist() for t in v] for k, v in slim.active_channels(model, w).items()}
+
+
+class _CountingDetector(nn.Module):
+    """A model whose forward takes a list of images, batches them in Python and counts its calls in an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 16, 3, padding=1))
+        self.head = nn.Conv2d(16, 4, 1)
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        x = torch.stack([F.interpolate(i[None], size=(24, 24))[0] for i in images]) if len(images) else None
+        return self.head(self.backbone(x))
+
+
+def test_scope_parts_get_their_inputs_from_a_forward_of_the_model(mad):
+    """``example_input`` for the whole model with ``scope``: each part is analysed on the inputs it receives in one
+    forward, which leaves the model as it was (attributes, BN statistics, mode); an input the model does not run on
+    is the part's own, as before."""
+    torch.manual_seed(0)
+    net = _CountingDetector().train()
+    stats = net.backbone[1].running_mean.clone()
+    images = [torch.rand(3, 20, 30), torch.rand(3, 28, 28)]
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), scope="backbone", example_input=(images,))
+    assert net.calls == 0 and net.training and torch.equal(net.backbone[1].running_mean, stats)
+    assert find_state(net).graphs and type(net.head) is nn.Conv2d  # traced: the backbone's plan
+    net2 = slim.convert(_CountingDetector(), slim.WidthSpec.range(0.25, 1.0), scope="backbone",
+                        example_input=torch.rand(2, 3, 24, 24))  # the backbone's own input
+    assert _chans(net2, 0.5) == _chans(net, 0.5)
 
 
 class _TypeDefaultNeck(nn.Module):
