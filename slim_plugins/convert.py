@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -123,7 +124,7 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     # ---- channel analysis of each part (fx + ShapeProp on the original modules) ------------------------------
     parts, untraced = [], []
     part_roots = _parts(model, roots, planned)
-    part_inputs = _part_inputs(model, part_roots, example_input)
+    part_inputs, outside = _part_inputs(model, part_roots, example_input)
     for root in part_roots:
         x = part_inputs.get(root, example_input)
         try:
@@ -143,7 +144,7 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     if auto_fix:
         for root, builder in parts:
             fixed_names.update(_join(root, n) for n in ChannelGraph(builder.ops, builder.calls, builder.full,
-                                                                     builder.rank).output_layers())
+                                                                     builder.rank).output_layers(root in outside))
         for root, _ in chains:
             if not any(_under(n, root) and n not in weighted for n in planned):
                 fixed_names.update(n for n in weighted if _under(n, root))
@@ -432,37 +433,53 @@ def _mutable(v):
     return v
 
 
-def _part_inputs(model, roots, example_input) -> dict:
-    """``{part: positional inputs}`` of the parts of a ``scope`` as they are called in one forward of the whole model
-    on ``example_input`` (eval mode, no grad): a user passes the model's own input (a detector's list of images)
-    and each part is analysed on what it really receives (a backbone: the batched, resized images). Empty when
-    there is nothing to capture (no scope, no example input, a ``{part: input}`` mapping) or when the model does
-    not run on it (then ``example_input`` is each part's input, as before); a part not called in that forward, or
-    called with keyword arguments, is not captured. The model is left as it was (:func:`snapshot_modules`)."""
+def _part_inputs(model, roots, example_input) -> tuple[dict, set]:
+    """``({part: positional inputs}, parts feeding the rest)`` from one forward of the whole model on
+    ``example_input`` (eval mode, no grad) with a ``scope``: a user passes the model's own input (a detector's list
+    of images) and each part is analysed on what it really receives (a backbone: the batched, resized images).
+    A part with an output tensor that no other part takes as input feeds modules that are not converted (a
+    detector's heads): its outputs must stay whole at every width (:meth:`ChannelGraph.output_layers` through
+    norms; torchvision's SSDLite backbone ends in conv -> BN -> activation).
+
+    Both empty when there is nothing to capture (no scope, no example input, a ``{part: input}`` mapping) or the
+    model does not run on it (then ``example_input`` is each part's input, as before); a part not called in that
+    forward, or called with keyword arguments, gets no captured input. The model is left as it was
+    (:func:`snapshot_modules`)."""
     if example_input is None or isinstance(example_input, Mapping) or not any(roots):
-        return {}
+        return {}, set()
     found: dict = {}
+    outs: dict = {}
 
     def capture(name):
         def pre(mod, args, kwargs):
             if name not in found:
                 found[name] = args if not kwargs else None
-        return pre
+
+        def post(mod, args, out):
+            outs.setdefault(name, out)
+        return pre, post
 
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     snap = snapshot_modules(model)
-    handles = [model.get_submodule(r).register_forward_pre_hook(capture(r), with_kwargs=True) for r in roots if r]
+    handles = []
+    for r in roots:
+        if r:
+            pre, post = capture(r)
+            part = model.get_submodule(r)
+            handles += [part.register_forward_pre_hook(pre, with_kwargs=True), part.register_forward_hook(post)]
     try:
         model.eval()
         with torch.no_grad():
             model(*args)
     except Exception:  # not the model's input: the parts' own (the documented form before)
-        return {}
+        return {}, set()
     finally:
         for h in handles:
             h.remove()
         restore_modules(snap)
-    return {r: a for r, a in found.items() if a is not None}
+    taken = {id(t) for a in found.values() if a is not None for t in tree_leaves(a) if torch.is_tensor(t)}
+    outside = {r for r, o in outs.items() if any(torch.is_tensor(t) and id(t) not in taken for t in tree_leaves(o))}
+    return {r: a for r, a in found.items() if a is not None}, outside
 
 
 def _analyse(model, root, planned, example_input, hosts):

@@ -2102,12 +2102,13 @@ class ChannelGraph:
                     full[op.outs[0]] = full[op.ins[0]] // gi * go
         self.full = full
 
-    def output_layers(self) -> list[str]:
+    def output_layers(self, through_norms: bool = False) -> list[str]:
         """Layers whose outputs reach a graph output through channel-preserving ops only (DESIGN rule 2).
 
         The walk goes back from each output through aliases, elementwise ties, concatenations, splits and
         shuffles; it stops at a norm layer (a model ending in a norm is a feature extractor: a headless backbone
-        has no output layers) and marks every conv/linear it reaches."""
+        has no output layers) unless ``through_norms`` (a part whose outputs feed modules that are not converted:
+        they must stay whole) and marks every conv/linear it reaches."""
         found, seen = [], set()
         stack = [t for op in self.ops if op.kind == OUTPUT for t in op.ins]
         while stack:
@@ -2121,7 +2122,7 @@ class ChannelGraph:
                 if c.role in ("decider", "gdecider", "fixed"):
                     if c.name not in found:
                         found.append(c.name)
-                elif c.role in ("dw", "gwidth"):
+                elif c.role in ("dw", "gwidth") or through_norms and c.role in ("norm", "gnorm"):
                     stack.append(c.t_in)
                 continue
             if op.kind in (PASS, TIE, CAT, SPLIT, SHUFFLE, SLICE, FLATTEN, GROUPMAP, TILE, SPLITV):

@@ -301,6 +301,37 @@ def _chans(model, w) -> dict:
     return {k: [None if t is None else t.tolist() for t in v] for k, v in slim.active_channels(model, w).items()}
 
 
+def test_scope_part_feeding_unconverted_modules_keeps_its_outputs_whole(mad):
+    """torchvision's SSDLite: its backbone's feature maps come out of conv -> BN -> Hardswish and feed the
+    unconverted heads (depthwise convs of the full channel count). Given the detector's own input, convert sees
+    that the backbone's outputs leave the scope and keeps them whole (was: the maps slimmed with the backbone and
+    an untyped RuntimeError in the head, 'expected input[2, 168, 20, 20] to have 672 channels'). The backbone
+    still slims inside: the export is smaller and equal to the dynamic model at 0.5."""
+    pytest.importorskip("torchvision")
+    from torchvision.models import detection
+
+    torch.manual_seed(0)
+    net = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5).eval()
+    images = [torch.rand(3, 160, 192), torch.rand(3, 192, 160)]
+    with torch.no_grad():
+        ref = net(images)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), scope="backbone", example_input=(images,))
+    slim.calibrate_bn(net, [(images,)], widths=[0.25, 0.5])
+    net.eval()
+    with torch.no_grad():
+        assert all(mad(a["boxes"], b["boxes"]) == 0 for a, b in zip(net(images), ref))
+        x = torch.rand(1, 3, 320, 320)
+        whole = [f.shape[1] for f in net.backbone(x).values()]
+        for w in (0.25, 0.5):
+            with slim.width(w):
+                assert [f.shape[1] for f in net.backbone(x).values()] == whole
+                out = net(images)
+            if w == 0.5:
+                plain = slim.export(net, 0.5, example_input=(images,))
+                assert all(mad(a["scores"], b["scores"]) <= 1e-4 for a, b in zip(plain(images), out))
+    assert sum(p.numel() for p in plain.parameters()) < 0.6 * sum(p.numel() for p in net.parameters())
+
+
 class _CountingDetector(nn.Module):
     """A model whose forward takes a list of images, batches them in Python and counts its calls in an attribute."""
 
