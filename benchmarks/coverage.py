@@ -22,6 +22,7 @@ Usage::
     python benchmarks/coverage.py --set timm --only vit convnext          # -> coverage_timm_partial.csv
     python benchmarks/coverage.py --set timm --only levit --merge        # update those rows of coverage_timm.csv
     python benchmarks/coverage.py --set timm-variants          # the popular models of VARIANTS
+    python benchmarks/coverage.py --set timm-sample            # 45 other timm models, a seeded random sample
     python benchmarks/coverage.py --set torchvision-video      # torchvision's video models (Conv3d, 3-d Swin, MViT)
     python benchmarks/coverage.py --one timm:convnext_atto    # one model, JSON to stdout
 """
@@ -92,6 +93,37 @@ def variant_picks() -> list[tuple[str, str, float]]:
             m = timm.create_model(name, pretrained=False)
         mod = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
         out.append((mod, name, float(sum(p.numel() for p in m.parameters()))))
+    return out
+
+
+SAMPLE_SEED, SAMPLE_SIZE, SAMPLE_MAX_PARAMS = 20261207, 45, 40e6
+
+
+def sample_picks() -> list[tuple[str, str, float]]:
+    """``(module, model, params)`` of a random sample of timm models that neither other timm set holds: the
+    registered models shuffled with seed :data:`SAMPLE_SEED`, the first :data:`SAMPLE_SIZE` with fewer than 40 M
+    parameters (meta device; models that cannot be built there are passed over). Not chosen by us: models the
+    converter was never tuned on."""
+    import random
+
+    import timm
+    import torch
+
+    taken = {name for _, name, _ in timm_picks()} | set(VARIANTS)
+    names = [n for n in timm.list_models() if n not in taken]
+    random.Random(SAMPLE_SEED).shuffle(names)
+    out = []
+    for name in names:
+        try:
+            with torch.device("meta"):
+                m = timm.create_model(name, pretrained=False)
+        except Exception:  # cannot be built on the meta device: not sampled
+            continue
+        n = float(sum(p.numel() for p in m.parameters()))
+        if n < SAMPLE_MAX_PARAMS:
+            out.append((timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1], name, n))
+        if len(out) == SAMPLE_SIZE:
+            break
     return out
 
 
@@ -267,8 +299,10 @@ def run(picks, out_csv: Path, timeout: int, merge: bool = False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", choices=["timm", "torchvision", "both", "timm-variants", "torchvision-video"],
+    ap.add_argument("--set", choices=["timm", "torchvision", "both", "timm-variants", "timm-sample",
+                                      "torchvision-video"],
                     default="both", help="timm-variants: the popular models of VARIANTS -> coverage_timm-variants.csv; "
+                    "timm-sample: a seeded random sample of other timm models -> coverage_timm-sample.csv; "
                     "torchvision-video: torchvision's video models -> coverage_torchvision-video.csv")
     ap.add_argument("--only", nargs="*", help="timm modules / torchvision models to run (default: all)")
     ap.add_argument("--one", help="source:model, run in this process, JSON to stdout")
@@ -282,7 +316,7 @@ def main(argv=None):
     sets = ["timm", "torchvision"] if args.set == "both" else [args.set]
     for s in sets:
         picks = {"timm": timm_picks, "torchvision": torchvision_picks, "timm-variants": variant_picks,
-                 "torchvision-video": video_picks}[s]()
+                 "timm-sample": sample_picks, "torchvision-video": video_picks}[s]()
         if args.only:
             picks = [p for p in picks if p[0] in args.only or p[1] in args.only]
         suffix = "" if not args.only or args.merge else "_partial"
