@@ -55,7 +55,8 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
             the whole model. Each named part is analysed on its own; the model holds one width state.
         example_input: input for the one analysis forward (``ShapeProp``), a tensor / tuple, or ``{part: input}``
             with ``scope``. With ``scope``, a tensor / tuple the whole model runs on (a detector's list of images)
-            gives each part the inputs it receives in that forward; one it does not run on is each part's input.
+            gives each part the inputs it receives in that forward, and a part whose outputs feed modules outside
+            the scope (a detector's heads) keeps them whole; one it does not run on is each part's input.
             Default ``(2, C, 64, 64)`` (or ``(2, F)``) from the part's first layer; give the real size for nets
             with a fixed-size flatten -> linear.
         group_mode: convention for grouped convs (1 < groups < in_channels): ``"groups"`` (default; constant
