@@ -24,6 +24,7 @@ Usage::
     python benchmarks/coverage.py --set timm-variants          # the popular models of VARIANTS
     python benchmarks/coverage.py --set timm-sample            # 45 other timm models, a seeded random sample
     python benchmarks/coverage.py --set torchvision-video      # torchvision's video models (Conv3d, 3-d Swin, MViT)
+    python benchmarks/coverage.py --set torchvision-dense      # its detectors (scope="backbone") and segmentation
     python benchmarks/coverage.py --one timm:convnext_atto    # one model, JSON to stdout
 """
 from __future__ import annotations
@@ -161,7 +162,29 @@ def video_picks() -> list[tuple[str, str, float]]:
     return out
 
 
-def _input(model, source: str):
+def dense_picks() -> list[tuple[str, str, float]]:
+    """Every torchvision detection and semantic segmentation model (``torchvision.models.detection`` /
+    ``.segmentation``), with its parameter count (meta device): the detectors converted by ``scope="backbone"``
+    (their transform does not trace) from their own list of images, the segmentation models whole."""
+    import torch
+    import torchvision
+
+    out = []
+    for module in (torchvision.models.detection, torchvision.models.segmentation):
+        for n in sorted(torchvision.models.list_models(module=module)):
+            with torch.device("meta"):
+                m = torchvision.models.get_model(n, weights=None, weights_backbone=None)
+            out.append(("torchvision-dense", n, float(sum(p.numel() for p in m.parameters()))))
+    return out
+
+
+def _is_detector(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models.detection)
+
+
+def _input(model, source: str, name: str = ""):
     import torch
 
     size = (3, 224, 224)
@@ -173,6 +196,8 @@ def _input(model, source: str):
     elif "inception" in type(model).__name__.lower():
         size = (3, 299, 299)
     g = torch.Generator().manual_seed(0)
+    if source == "torchvision-dense" and _is_detector(name):
+        return ([torch.rand(3, 240, 320, generator=g), torch.rand(3, 320, 240, generator=g)],)  # a list of images
     return torch.randn(2, *size, generator=g)
 
 
@@ -198,40 +223,49 @@ def check_one(spec: str) -> dict:
             import torchvision
 
             kw = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
-            model = torchvision.models.get_model(name, weights=None, **kw)  # (image and video models)
+            if source == "torchvision-dense":
+                kw = {"weights_backbone": None}
+            model = torchvision.models.get_model(name, weights=None, **kw)  # (image, video and dense models)
     except Exception as e:
         row.update(verdict="skipped", reason=f"cannot build: {type(e).__name__}: {e}"[:300])
         return row
     model.eval()
     row["params_m"] = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
-    x = _input(model, source)
+    x = _input(model, source, name)
+    dense = source == "torchvision-dense"
+    # a dense model's output is a dict / list of dicts (boxes, scores, labels, masks, keypoints): every tensor in it
+    # is compared (a detector's list of images is one positional input: x is then the tuple of inputs)
+    args = x if isinstance(x, tuple) else (x,)
+    kw = {"scope": "backbone"} if dense and _is_detector(name) else {}
     with torch.no_grad():
-        ref = model(x)
-    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-    scale = ref.abs().max().item() + 1e-6
+        ref = model(*args)
+    if not dense:
+        ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+    scale = max([t.abs().max().item() for t in _leaves(ref) if t.numel()] + [0.0]) + 1e-6
     worst = 0.0
 
     def diff(a, b):
-        a = a[0] if isinstance(a, (tuple, list)) else a
-        b = b[0] if isinstance(b, (tuple, list)) else b
-        if a.shape != b.shape:
-            raise AssertionError(f"shapes {tuple(a.shape)} vs {tuple(b.shape)}")
-        return (a - b).abs().max().item() / scale
+        if not dense:
+            a = a[0] if isinstance(a, (tuple, list)) else a
+        la, lb = _leaves(a), _leaves(b)
+        if [t.shape for t in la] != [t.shape for t in lb]:
+            raise AssertionError(f"shapes {[tuple(t.shape) for t in la]} vs {[tuple(t.shape) for t in lb]}"[:200])
+        return max([(p - q).abs().max().item() / scale for p, q in zip(la, lb) if p.numel()] + [0.0])
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", SlimWarning)
-            slim.convert(model, slim.WidthSpec.range(0.25, 1.0), example_input=x)
+            slim.convert(model, slim.WidthSpec.range(0.25, 1.0), example_input=x, **kw)
             model.eval()
             slim.calibrate_bn(model, [x], widths=[0.25, 0.5])
             with torch.no_grad():
-                worst = max(worst, diff(model(x), ref))
+                worst = max(worst, diff(model(*args), ref))
                 for w in (0.25, 0.5, 1.0):
                     with slim.width(w):
-                        y = model(x)
+                        y = model(*args)
                     if w == 0.5:
-                        plain = slim.export(model, 0.5)
-                        worst = max(worst, diff(plain(x), y))
+                        plain = slim.export(model, 0.5, example_input=x if dense else None)
+                        worst = max(worst, diff(plain(*args), y))
                         row["params_050_m"] = f"{sum(p.numel() for p in plain.parameters()) / 1e6:.2f}"
     except SlimWarning as e:
         row.update(verdict="fallback", reason=f"SlimWarning: {e}"[:300])
@@ -249,6 +283,13 @@ def check_one(spec: str) -> dict:
     return row
 
 
+def _leaves(out) -> list:
+    """The tensors of an output (a tensor, or a tuple / list / dict of them, nested), as float."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t.float() for t in tree_leaves(out) if hasattr(t, "shape") and hasattr(t, "float")]
+
+
 FIELDS = ["family", "model", "params_m", "params_050_m", "verdict", "max_rel_diff", "seconds", "reason"]
 
 
@@ -260,7 +301,7 @@ def run(picks, out_csv: Path, timeout: int, merge: bool = False):
                          "reason": f"smallest model of the family has {n / 1e6:.0f} M parameters (> 150 M)",
                          "params_m": f"{n / 1e6:.2f}", "max_rel_diff": ""})
             continue
-        src = mod if mod in ("torchvision", "torchvision-video") else "timm"
+        src = mod if mod in ("torchvision", "torchvision-video", "torchvision-dense") else "timm"
         t0 = time.time()
         try:
             p = subprocess.run([sys.executable, __file__, "--one", f"{src}:{name}"], capture_output=True, text=True,
@@ -300,10 +341,11 @@ def run(picks, out_csv: Path, timeout: int, merge: bool = False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", choices=["timm", "torchvision", "both", "timm-variants", "timm-sample",
-                                      "torchvision-video"],
+                                      "torchvision-video", "torchvision-dense"],
                     default="both", help="timm-variants: the popular models of VARIANTS -> coverage_timm-variants.csv; "
                     "timm-sample: a seeded random sample of other timm models -> coverage_timm-sample.csv; "
-                    "torchvision-video: torchvision's video models -> coverage_torchvision-video.csv")
+                    "torchvision-video: torchvision's video models -> coverage_torchvision-video.csv; "
+                    "torchvision-dense: its detection and segmentation models -> coverage_torchvision-dense.csv")
     ap.add_argument("--only", nargs="*", help="timm modules / torchvision models to run (default: all)")
     ap.add_argument("--one", help="source:model, run in this process, JSON to stdout")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per model")
@@ -316,7 +358,8 @@ def main(argv=None):
     sets = ["timm", "torchvision"] if args.set == "both" else [args.set]
     for s in sets:
         picks = {"timm": timm_picks, "torchvision": torchvision_picks, "timm-variants": variant_picks,
-                 "timm-sample": sample_picks, "torchvision-video": video_picks}[s]()
+                 "timm-sample": sample_picks, "torchvision-video": video_picks,
+                 "torchvision-dense": dense_picks}[s]()
         if args.only:
             picks = [p for p in picks if p[0] in args.only or p[1] in args.only]
         suffix = "" if not args.only or args.merge else "_partial"
