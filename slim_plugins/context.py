@@ -197,8 +197,8 @@ class SlimState:
                     if not (prev[0] == ls.sel_in and prev[1] == ls.sel_out):
                         lay = layers[slot]
                         what = (f"layer {ls.call.name!r} is called" if not hasattr(lay, "attr") else
-                                f"{lay.attr!r} of module {lay.host!r} (a parameter or head count tied to channels) "
-                                "is read")
+                                f"{lay.attr!r} of " + (f"module {lay.host!r}" if lay.host else "the model") +
+                                " (a parameter or head count tied to channels) is read")
                         raise NotExactError(f"{what} at several places whose channels differ at width {a.key}; it "
                                             "cannot be slimmed exactly")
                     continue

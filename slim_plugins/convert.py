@@ -46,7 +46,8 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         fixed: names (``fnmatch`` patterns) of layers whose output channels never change, besides the output
             layers found from the graph (``auto_fix``): every conv/linear whose output reaches a model output
             through channel-preserving ops without a norm layer in between (a classifier, each head of a
-            multi-head model; a headless backbone has none). The input layer reads its in-channels from the input.
+            multi-head model; a headless backbone has none; through norms too for a ``scope`` part whose outputs
+            feed unconverted modules, see ``example_input``). The input layer reads its in-channels from the input.
         bn: ``"auto"`` (switchable for switches, ``"us"`` for a range), or one of ``switchable``,
             ``switchable_shared``, ``us``, ``naive``, ``frozen`` (naive layout, frozen).
         output_averaging: scale conv/linear outputs by ``C_in_full / C_in_active`` (US-Nets, "US-MobileNet v1 +").
@@ -55,8 +56,9 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
             the whole model. Each named part is analysed on its own; the model holds one width state.
         example_input: input for the one analysis forward (``ShapeProp``), a tensor / tuple, or ``{part: input}``
             with ``scope``. With ``scope``, a tensor / tuple the whole model runs on (a detector's list of images)
-            gives each part the inputs it receives in that forward, and a part whose outputs feed modules outside
-            the scope (a detector's heads) keeps them whole; one it does not run on is each part's input.
+            gives each part the inputs it receives in that forward, and a part with outputs that no converted
+            module takes (they feed a detector's heads) keeps them whole; one it does not run on is each part's
+            input.
             Default ``(2, C, 64, 64)`` (or ``(2, F)``) from the part's first layer; give the real size for nets
             with a fixed-size flatten -> linear.
         group_mode: convention for grouped convs (1 < groups < in_channels): ``"groups"`` (default; constant
@@ -75,6 +77,8 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
         UnsupportedModuleError: a module with parameters or per-channel buffers of an unregistered type.
         UnknownLayerError: a ``fixed`` / ``scope`` / ``group_mode`` pattern or declared group member matching nothing.
         UnsupportedModuleError: ``model`` is not an ``nn.Module``.
+        ExampleInputError: the analysis forward fails on ``example_input`` (or on the default input), or a
+            forward of the model writes its parameters in place.
     The model is unchanged when an error is raised.
     """
     if not isinstance(model, nn.Module):
@@ -125,7 +129,7 @@ def convert(model: nn.Module, spec: WidthSpec, fixed: Iterable[str] = (), bn: st
     # ---- channel analysis of each part (fx + ShapeProp on the original modules) ------------------------------
     parts, untraced = [], []
     part_roots = _parts(model, roots, planned)
-    part_inputs, outside = _part_inputs(model, part_roots, example_input)
+    part_inputs, outside = _part_inputs(model, part_roots, planned, example_input)
     for root in part_roots:
         x = part_inputs.get(root, example_input)
         try:
@@ -434,26 +438,34 @@ def _mutable(v):
     return v
 
 
-def _part_inputs(model, roots, example_input) -> tuple[dict, set]:
+def _part_inputs(model, roots, planned, example_input) -> tuple[dict, set]:
     """``({part: positional inputs}, parts feeding the rest)`` from one forward of the whole model on
     ``example_input`` (eval mode, no grad) with a ``scope``: a user passes the model's own input (a detector's list
     of images) and each part is analysed on what it really receives (a backbone: the batched, resized images).
-    A part with an output tensor that no other part takes as input feeds modules that are not converted (a
-    detector's heads): its outputs must stay whole at every width (:meth:`ChannelGraph.output_layers` through
-    norms; torchvision's SSDLite backbone ends in conv -> BN -> activation).
+    A part with an output tensor that no converted module outside it takes as input (another part, a converted
+    layer of the scope) feeds modules that are not converted (a detector's heads): its outputs must stay whole at
+    every width (:meth:`ChannelGraph.output_layers` through norms; torchvision's SSDLite backbone ends in conv ->
+    BN -> activation). Uses outside modules (``head(a + part(a))``) are not seen.
 
     Both empty when there is nothing to capture (no scope, no example input, a ``{part: input}`` mapping) or the
-    model does not run on it (then ``example_input`` is each part's input, as before); a part not called in that
-    forward, or called with keyword arguments, gets no captured input. The model is left as it was
-    (:func:`snapshot_modules`)."""
+    model does not run on it (then ``example_input`` is each part's input, as before); a part called with keyword
+    arguments gets no captured input. The model is left as it was (:func:`snapshot_modules`; forward hooks of the
+    user's run as in any forward).
+
+    Raises:
+        ExampleInputError: that forward wrote the model's parameters in place.
+    """
     if example_input is None or isinstance(example_input, Mapping) or not any(roots):
         return {}, set()
-    found: dict = {}
-    outs: dict = {}
+    found: dict = {}   # part -> positional inputs of its first call (None: called with keyword arguments)
+    outs: dict = {}    # part -> output of its first call
+    taken: list = []   # (part holding the taking module, inputs of one call): every call, kept alive for id()
+    owner = {n: next((r for r in roots if _under(n, r)), n) for n in [*roots, *planned]}
 
-    def capture(name):
+    def hooks(name, part):
         def pre(mod, args, kwargs):
-            if name not in found:
+            taken.append((owner[name], (args, kwargs)))
+            if part and name not in found:
                 found[name] = args if not kwargs else None
 
         def post(mod, args, out):
@@ -461,14 +473,17 @@ def _part_inputs(model, roots, example_input) -> tuple[dict, set]:
         return pre, post
 
     args = example_input if isinstance(example_input, tuple) else (example_input,)
+    handles: list = []
     snap = snapshot_modules(model)
-    handles = []
-    for r in roots:
-        if r:
-            pre, post = capture(r)
-            part = model.get_submodule(r)
-            handles += [part.register_forward_pre_hook(pre, with_kwargs=True), part.register_forward_hook(post)]
     try:
+        for name in dict.fromkeys([*roots, *planned]):  # (planned: the converted layers, all in the scope)
+            if not name:
+                continue
+            pre, post = hooks(name, name in roots)
+            m = model.get_submodule(name)
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            if name in roots:
+                handles.append(m.register_forward_hook(post))
         model.eval()
         with torch.no_grad():
             model(*args)
@@ -478,8 +493,11 @@ def _part_inputs(model, roots, example_input) -> tuple[dict, set]:
         for h in handles:
             h.remove()
         restore_modules(snap)
-    taken = {id(t) for a in found.values() if a is not None for t in tree_leaves(a) if torch.is_tensor(t)}
-    outside = {r for r, o in outs.items() if any(torch.is_tensor(t) and id(t) not in taken for t in tree_leaves(o))}
+    outside = set()
+    for r, o in outs.items():
+        by_others = {id(t) for who, a in taken if who != r for t in tree_leaves(a) if torch.is_tensor(t)}
+        if any(torch.is_tensor(t) and id(t) not in by_others for t in tree_leaves(o)):
+            outside.add(r)
     return {r: a for r, a in found.items() if a is not None}, outside
 
 

@@ -582,7 +582,7 @@ def _param_written(p: torch.Tensor, before) -> bool:
 def restore_modules(snap) -> list:
     """Put back what :func:`snapshot_modules` recorded; returns ``(module, attr)`` of the dicts / lists the
     forward filled in place (memo caches such as timm's ``attention_bias_cache``), emptied back."""
-    memos = []
+    memos, written = [], []
     for m, d, inner, bufs, vers, conts in snap:
         m.__dict__.clear()
         m.__dict__.update(d)
@@ -603,9 +603,11 @@ def restore_modules(snap) -> list:
                 if cur is not None and not torch.equal(cur, b):
                     cur.copy_(b)
         changed = [k for k, v in vers.items() if _param_written(m._parameters[k], v)]
-        if changed:
-            raise ExampleInputError(f"the analysis forward wrote parameters {changed} of {type(m).__name__} in "
-                                    "place; convert cannot analyse a model whose forward changes its weights")
+        if changed and not written:  # raised once every module is back
+            written = [changed, type(m).__name__]
+    if written:
+        raise ExampleInputError(f"the analysis forward wrote parameters {written[0]} of {written[1]} in place; "
+                                "convert cannot analyse a model whose forward changes its weights")
     return memos
 
 

@@ -270,7 +270,7 @@ def test_torchvision_detector_converts_its_backbone_by_scope(mad):
     with torch.no_grad():
         ref = net(images)[0]
     by_model_input = copy.deepcopy(net)
-    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), scope="backbone", example_input=x)
+    slim.convert(net, slim.WidthSpec.range(0.25, 1.0), scope="backbone", example_input={"backbone": x})
     slim.calibrate_bn(net.backbone, [x], widths=[0.5], num_samples=2)
     net.eval()
     with torch.no_grad():
@@ -343,9 +343,36 @@ class _CountingDetector(nn.Module):
         self.calls = 0
 
     def forward(self, images):
+        if torch.is_tensor(images):
+            raise TypeError("a list of images")
         self.calls += 1
-        x = torch.stack([F.interpolate(i[None], size=(24, 24))[0] for i in images]) if len(images) else None
+        x = torch.stack([F.interpolate(i[None], size=(24, 24))[0] for i in images])
         return self.head(self.backbone(x))
+
+
+class _TwoLevelBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+
+    def forward(self, x):
+        f1 = self.stem(x)
+        return f1, self.stage(f1)
+
+
+class _LateralDetector(nn.Module):
+    """A backbone's two maps (each after BN + ReLU) read by converted lateral convs, then an unconverted head."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _TwoLevelBackbone()
+        self.lateral = nn.ModuleList([nn.Conv2d(16, 8, 1), nn.Conv2d(32, 8, 1)])
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        f1, f2 = self.backbone(x)
+        return self.head(self.lateral[0](f1)) + self.head(F.interpolate(self.lateral[1](f2), scale_factor=2.0))
 
 
 def test_scope_parts_get_their_inputs_from_a_forward_of_the_model(mad):
@@ -354,14 +381,23 @@ def test_scope_parts_get_their_inputs_from_a_forward_of_the_model(mad):
     is the part's own, as before."""
     torch.manual_seed(0)
     net = _CountingDetector().train()
-    stats = net.backbone[1].running_mean.clone()
     images = [torch.rand(3, 20, 30), torch.rand(3, 28, 28)]
     slim.convert(net, slim.WidthSpec.range(0.25, 1.0), scope="backbone", example_input=(images,))
-    assert net.calls == 0 and net.training and torch.equal(net.backbone[1].running_mean, stats)
+    assert net.calls == 0 and net.training and all(m.training for m in net.modules())
     assert find_state(net).graphs and type(net.head) is nn.Conv2d  # traced: the backbone's plan
     net2 = slim.convert(_CountingDetector(), slim.WidthSpec.range(0.25, 1.0), scope="backbone",
-                        example_input=torch.rand(2, 3, 24, 24))  # the backbone's own input
+                        example_input=torch.rand(2, 3, 24, 24))  # the backbone's own: the model refuses it
     assert _chans(net2, 0.5) == _chans(net, 0.5)
+    # the backbone's maps are taken by converted lateral convs (a scope entry that is a ModuleList of layers):
+    # they slim, as when the backbone's own input is given, while the lateral convs (fixed) feed the head whole
+    x = torch.rand(2, 3, 24, 24)
+    plans = []
+    for example in (x, {"backbone": x}):
+        torch.manual_seed(0)
+        lat = slim.convert(_LateralDetector(), slim.WidthSpec.range(0.25, 1.0), scope=["backbone", "lateral"],
+                           fixed=["lateral.*"], example_input=example)
+        plans.append(_chans(lat, 0.5))
+    assert plans[0] == plans[1] and len(plans[0]["backbone.stage.0"][1]) == 16
 
 
 class _TypeDefaultNeck(nn.Module):

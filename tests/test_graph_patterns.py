@@ -447,7 +447,7 @@ def test_view_of_a_whole_attention_output_keeps_the_embedding_whole(mad):
 class TokenLabelHead(nn.Module):
     """VOLO's token-labeling head: ``out = head(cls) + 0.5 * aux_head(tokens).max(1)[0]``; ``max(dim)`` returns
     (values, indices), each with the channels where they were; so does ``topk(k, dim)`` (whose second argument is
-    ``k``, not a dim). ``over_channels`` takes the max (``"max"``) or the top 2 (``"topk"``, its default dim -1) over
+    ``k``, not a dim). ``over_channels`` takes the max (``"max"``) or the top 1 (``"topk"``, its default dim -1) over
     the channel dim instead (channels mixed: refused)."""
 
     def __init__(self, dim, over_channels=None):
@@ -464,7 +464,7 @@ class TokenLabelHead(nn.Module):
         if self.over_channels == "max":
             return self.head(x[:, 0]) + x.max(-1)[0][:, :1]
         if self.over_channels == "topk":
-            return self.head(x[:, 0]) + x.topk(2)[0][:, :1, 0]
+            return self.head(x[:, 0]) + x.topk(1)[0][:, :1, 0]
         return self.head(x[:, 0]) + 0.5 * self.aux_head(x[:, 1:]).max(1)[0] + 0.1 * x.min(dim=1).values.sum(-1, True) \
             + 0.1 * self.topk_head(x.topk(2, 1).values.mean(1))
 
@@ -476,8 +476,8 @@ def test_max_over_tokens_keeps_the_channels_and_the_aux_head_whole(mad):
     assert c < 32 and model.aux_head.out_features == 5
     narrow = _load_sliced(TokenLabelHead(c), ref, {})
     _check(model, ref, x, 0.5, narrow, mad)
-    for op in ("max", "topk"):
-        with pytest.raises(NotExactError, match=op):
+    for op in ("max", "topk"):  # (topk(1) read 1 as its dim: "changes the channel dim", not this)
+        with pytest.raises(NotExactError, match=f"{op} over the channel dim"):
             slim.convert(TokenLabelHead(32, over_channels=op), SPEC, example_input=x)
 
 
