@@ -223,8 +223,10 @@ def check_one(spec: str) -> dict:
             import torchvision
 
             kw = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
-            if source == "torchvision-dense":
-                kw = {"weights_backbone": None}
+            if source == "torchvision-dense":  # detectors keep every box (random weights score low): none empty
+                thresh = {"fasterrcnn": "box_score_thresh", "maskrcnn": "box_score_thresh",
+                          "keypointrcnn": "box_score_thresh"}.get(name.split("_")[0], "score_thresh")
+                kw = {"weights_backbone": None, **({thresh: 0.0} if _is_detector(name) else {})}
             model = torchvision.models.get_model(name, weights=None, **kw)  # (image, video and dense models)
     except Exception as e:
         row.update(verdict="skipped", reason=f"cannot build: {type(e).__name__}: {e}"[:300])
@@ -236,7 +238,7 @@ def check_one(spec: str) -> dict:
     # a dense model's output is a dict / list of dicts (boxes, scores, labels, masks, keypoints): every tensor in it
     # is compared (a detector's list of images is one positional input: x is then the tuple of inputs)
     args = x if isinstance(x, tuple) else (x,)
-    kw = {"scope": "backbone"} if dense and _is_detector(name) else {}
+    scoped = {"scope": "backbone"} if dense and _is_detector(name) else {}
     with torch.no_grad():
         ref = model(*args)
     if not dense:
@@ -245,17 +247,25 @@ def check_one(spec: str) -> dict:
     worst = 0.0
 
     def diff(a, b):
+        """Max difference of ``a`` from the reference ``b``: relative to the model's output scale, for a dense
+        model per output tensor (boxes in pixels, scores, masks), which must not all be empty."""
         if not dense:
             a = a[0] if isinstance(a, (tuple, list)) else a
+            b = b[0] if isinstance(b, (tuple, list)) else b
         la, lb = _leaves(a), _leaves(b)
         if [t.shape for t in la] != [t.shape for t in lb]:
             raise AssertionError(f"shapes {[tuple(t.shape) for t in la]} vs {[tuple(t.shape) for t in lb]}"[:200])
-        return max([(p - q).abs().max().item() / scale for p, q in zip(la, lb) if p.numel()] + [0.0])
+        if not dense:
+            return max((p - q).abs().max().item() / scale for p, q in zip(la, lb))
+        pairs = [(p, q) for p, q in zip(la, lb) if q.numel()]
+        if not pairs:
+            raise AssertionError("every output tensor is empty: nothing to compare")
+        return max((p - q).abs().max().item() / (q.abs().max().item() + 1e-6) for p, q in pairs)
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", SlimWarning)
-            slim.convert(model, slim.WidthSpec.range(0.25, 1.0), example_input=x, **kw)
+            slim.convert(model, slim.WidthSpec.range(0.25, 1.0), example_input=x, **scoped)
             model.eval()
             slim.calibrate_bn(model, [x], widths=[0.25, 0.5])
             with torch.no_grad():
