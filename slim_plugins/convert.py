@@ -438,6 +438,11 @@ def _mutable(v):
     return v
 
 
+def positional(example_input) -> tuple:
+    """The positional inputs an example input stands for: a tuple is the inputs, anything else the one input."""
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
 def _part_inputs(model, roots, planned, example_input) -> tuple[dict, set]:
     """``({part: positional inputs}, parts feeding the rest)`` from one forward of the whole model on
     ``example_input`` (eval mode, no grad) with a ``scope``: a user passes the model's own input (a detector's list
@@ -472,7 +477,7 @@ def _part_inputs(model, roots, planned, example_input) -> tuple[dict, set]:
             outs.setdefault(name, out)
         return pre, post
 
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    args = positional(example_input)
     handles: list = []
     snap = snapshot_modules(model)
     try:
@@ -527,7 +532,7 @@ def _analyse(model, root, planned, example_input, hosts):
         given = x is not None
         if x is None:
             x = _default_input(part, set(rel))
-        args = x if isinstance(x, tuple) else (x,)
+        args = positional(x)
         # traced in the model's own mode (layers only a training forward reaches, e.g. auxiliary heads, are seen),
         # run once in eval mode (BN statistics untouched)
         gm = trace(part, set(rel), registry.fx_leaves(), registry.fx_autowrap(), n_inputs=len(args), snapshot=snap,

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .context import find_state, width as width_ctx
-from .convert import _WEIGHTED, default_input_shape, slim_layers
+from .convert import _WEIGHTED, default_input_shape, positional, slim_layers
 from .errors import InvalidArgumentError
 from .nn.layers import Geo, SlimMixin
 from .nn.norm import BNGeo, SlimBatchNorm1d, SlimBatchNorm2d, SlimBatchNorm3d
@@ -79,7 +79,7 @@ def record_widths(model: nn.Module, w, example_input=None) -> dict:
     try:
         model.eval()
         with width_ctx(w), uses:
-            model(*x) if isinstance(x, tuple) else model(**x) if isinstance(x, dict) else model(x)
+            model(**x) if isinstance(x, dict) else model(*positional(x))
     finally:
         model.train(was)
         for h in handles:
